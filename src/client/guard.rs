@@ -1,0 +1,160 @@
+//! `LockGuard`: proof of a held lease, renewed in the background while it lives.
+
+use crate::client::renewer::{Command, LeaseState, json};
+use crate::client::transport::{Attempts, Route, Transport};
+use crate::error::Error;
+use crate::protocol::{Id, LeaseRef};
+use http::StatusCode;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// A held lock. While it lives, the client's renewal task keeps its lease alive.
+///
+/// Obtained by awaiting [`DistributedLock::lock`](crate::DistributedLock::lock). The guard is
+/// `'static`, `Send` and `Sync`: move it into tasks, keep it in structs, pass it around.
+///
+/// # Lease loss
+/// A lease can be lost even while the guard lives: the server was unreachable for longer than
+/// the lease, the server restarted, or `auto_renew(false)` was set and the lease ran out.
+/// The guard presumes the lease lost a safety margin *before* the server could expire it and
+/// give the lock to someone else, so [`is_held`](LockGuard::is_held) turning false and
+/// [`lost`](LockGuard::lost) resolving always come first. Pass
+/// [`fencing_token`](LockGuard::fencing_token) to the resource you protect so that it can
+/// reject writes from a holder that was paused past its lease.
+///
+/// # Drop behavior
+/// Dropping the guard stops renewal and releases the lock on the server in the background,
+/// through the runtime that runs the client's renewal task; the next waiter gets the lock
+/// about one round trip later. Drop never blocks and never panics. If no runtime is left to
+/// send the release (for example after the runtime shut down), nothing is sent and the lease
+/// simply expires on the server after at most `expires_in`. Use
+/// [`release`](LockGuard::release) to wait for the release and see its errors.
+#[must_use = "if unused the lock is released immediately"]
+#[clippy::has_significant_drop]
+pub struct LockGuard {
+    pub(crate) name: Arc<str>,
+    pub(crate) lease_id: Id,
+    pub(crate) fencing_token: u64,
+    pub(crate) key: u64,
+    pub(crate) state: LeaseState,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    pub(crate) transport: Arc<Transport>,
+    pub(crate) margin: Duration,
+    pub(crate) released: bool,
+}
+
+impl LockGuard {
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fencing token of this grant: strictly greater than that of every earlier grant of
+    /// the same lock name, across server restarts too.
+    ///
+    /// Send it with every write to the resource the lock protects, and have the resource
+    /// reject any write whose token is lower than the highest it has seen.
+    pub fn fencing_token(&self) -> u64 {
+        self.fencing_token
+    }
+
+    /// True while the lease is held: false once it is known lost, or once its local
+    /// deadline passed without a confirmed renewal.
+    pub fn is_held(&self) -> bool {
+        match *self.state.borrow() {
+            Some(deadline) => Instant::now() < deadline && self.state.has_changed().is_ok(),
+            None => false,
+        }
+    }
+
+    /// Resolves when the lease is lost (at once if it already is). Use it in
+    /// `tokio::select!` to stop work that must not continue without the lock.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future has no effect on the lease.
+    pub async fn lost(&self) {
+        let mut state = self.state.clone();
+        loop {
+            let Some(deadline) = *state.borrow_and_update() else {
+                return;
+            };
+            tokio::select! {
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return; // the renewal task is gone: nobody renews this lease now
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    if *state.borrow() == Some(deadline) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases the lock and waits for the server to confirm.
+    ///
+    /// Returns [`Error::LockLost`] if the lease was already lost (so the lock may have been
+    /// someone else's for a while), or [`Error::Unavailable`] if no server answered before
+    /// the lease would have expired anyway.
+    ///
+    /// # Cancel safety
+    /// The guard is consumed at once. If the future is dropped before the server answered,
+    /// the release may or may not have happened; the lease expires in any case.
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.released = true;
+        let _ = self.commands.send(Command::Forget(self.key));
+        let Some(deadline) = *self.state.borrow() else {
+            return Err(self.lost_error());
+        };
+        let cutoff = deadline + self.margin;
+        let now = Instant::now();
+        if cutoff <= now {
+            return Err(self.lost_error());
+        }
+        let body = json(&LeaseRef {
+            name: self.name.to_string(),
+            lease_id: self.lease_id,
+        });
+        let attempts = Attempts {
+            deadline: cutoff,
+            per_attempt: Duration::from_secs(5),
+        };
+        let reply = self.transport.post(Route::Release, body, attempts).await?;
+        match reply.status {
+            status if status.is_success() => Ok(()),
+            StatusCode::GONE => Err(self.lost_error()),
+            _ => Err(reply.into_error()),
+        }
+    }
+
+    fn lost_error(&self) -> Error {
+        Error::LockLost {
+            name: self.name.to_string(),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.released {
+            // An unbounded send needs no runtime; if the renewal task is gone it fails and
+            // the lease expires on its own.
+            let _ = self.commands.send(Command::Release(self.key));
+        }
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("name", &self.name)
+            .field("fencing_token", &self.fencing_token)
+            .field("held", &self.is_held())
+            .finish_non_exhaustive()
+    }
+}

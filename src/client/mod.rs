@@ -1,0 +1,296 @@
+//! The SDK: `DistributedLock` and its builder.
+
+pub(crate) mod guard;
+pub(crate) mod renewer;
+pub(crate) mod request;
+pub(crate) mod retry;
+pub(crate) mod transport;
+
+use crate::error::Error;
+use request::LockRequest;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use transport::{Connect, Transport, TransportConfig};
+
+/// Endpoint used when neither the builder nor `DISTRIBUTED_LOCK_URL` names one.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7878";
+/// Environment variable read for the endpoint (a URL, or several separated by commas).
+pub const URL_ENV: &str = "DISTRIBUTED_LOCK_URL";
+
+/// A client of the lock servers of one project.
+///
+/// Cheap to clone: clones share one connection pool and one renewal task, so there is no
+/// need to wrap it in an `Arc`. Requests are multiplexed over one HTTP/2 connection per
+/// server, however many acquires wait at once.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), distributed_lock::Error> {
+/// use distributed_lock::DistributedLock;
+/// let dl = DistributedLock::new("project-api-key");
+/// let guard = dl.lock("my-lock").await?;
+/// // ... work while holding the lock ...
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct DistributedLock {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    /// `Err` holds a configuration problem found by [`DistributedLock::new`], reported by
+    /// the first request (`new` itself cannot fail).
+    transport: Result<Arc<Transport>, String>,
+    renewer: Mutex<Option<mpsc::UnboundedSender<renewer::Command>>>,
+    next_key: AtomicU64,
+    unavailable_after: Duration,
+    safety_margin: Option<Duration>,
+}
+
+impl DistributedLock {
+    /// A client for the project of `api_key`, talking to `$DISTRIBUTED_LOCK_URL` or, if that
+    /// is unset, to `http://127.0.0.1:7878`.
+    ///
+    /// Never fails: a malformed `DISTRIBUTED_LOCK_URL` or API key is reported as
+    /// [`Error::InvalidArgument`] by the first request. Use [`DistributedLock::builder`] to
+    /// see such errors at once.
+    pub fn new(api_key: impl Into<String>) -> DistributedLock {
+        let builder = DistributedLock::builder(api_key);
+        let settings = (builder.unavailable_after, builder.safety_margin);
+        builder.build().unwrap_or_else(|error| DistributedLock {
+            inner: Arc::new(Inner {
+                transport: Err(error.to_string()),
+                renewer: Mutex::new(None),
+                next_key: AtomicU64::new(0),
+                unavailable_after: settings.0,
+                safety_margin: settings.1,
+            }),
+        })
+    }
+
+    /// A builder for a client with custom endpoints or settings.
+    pub fn builder(api_key: impl Into<String>) -> DistributedLockBuilder {
+        DistributedLockBuilder {
+            api_key: api_key.into(),
+            endpoints: Vec::new(),
+            connector: None,
+            connect_timeout: Duration::from_secs(3),
+            unavailable_after: Duration::from_secs(30),
+            safety_margin: None,
+            http1_only: false,
+            error: None,
+        }
+    }
+
+    /// Starts a request for the lock `name`; configure it, then `.await` it for a
+    /// [`LockGuard`]. Invalid names are reported at `.await` as [`Error::InvalidArgument`].
+    pub fn lock(&self, name: impl Into<String>) -> LockRequest {
+        LockRequest::new(self.clone(), name.into())
+    }
+
+    /// Takes the lock `name` with default settings, runs `f`, releases the lock and returns
+    /// `f`'s value: the closure style of the original library.
+    ///
+    /// Same as `self.lock(name).with_lock(f)`; see [`LockRequest::with_lock`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), distributed_lock::Error> {
+    /// let dl = distributed_lock::DistributedLock::new("project-api-key");
+    /// let v = dl.with_lock("my-lock", || async { 10 }).await?;
+    /// assert_eq!(v, 10);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Dropping the future stops `f` and releases (or withdraws from) the lock.
+    pub async fn with_lock<F, Fut, T>(&self, name: impl Into<String>, f: F) -> Result<T, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.lock(name).with_lock(f).await
+    }
+}
+
+impl Inner {
+    fn usable(&self) -> Result<(), Error> {
+        match &self.transport {
+            Ok(_) => Ok(()),
+            Err(message) => Err(Error::invalid(message.clone())),
+        }
+    }
+
+    fn transport(&self) -> &Arc<Transport> {
+        self.transport
+            .as_ref()
+            .expect("callers check usable() first")
+    }
+
+    /// The renewal task's mailbox, starting the task on the current runtime if none runs
+    /// (first use, or its runtime shut down).
+    fn renewer(&self) -> mpsc::UnboundedSender<renewer::Command> {
+        let mut slot = self.renewer.lock().unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let tx = renewer::spawn(self.transport().clone());
+                *slot = Some(tx.clone());
+                tx
+            }
+        }
+    }
+
+    fn next_key(&self) -> u64 {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// How long before the server could expire a lease the guard presumes it lost: the
+    /// configured margin, by default a tenth of the lease up to one second.
+    fn margin_for(&self, lease: Duration) -> Duration {
+        match self.safety_margin {
+            Some(margin) => margin.min(lease / 2),
+            None => (lease / 10).min(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl fmt::Debug for DistributedLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("DistributedLock");
+        match &self.inner.transport {
+            Ok(transport) => d.field("transport", transport),
+            Err(error) => d.field("error", error),
+        };
+        d.finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`DistributedLock`]. Setters take and return the builder; the first invalid
+/// setting is reported by [`build`](DistributedLockBuilder::build).
+#[must_use = "a builder does nothing until build() is called"]
+pub struct DistributedLockBuilder {
+    api_key: String,
+    endpoints: Vec<String>,
+    connector: Option<Arc<dyn Connect>>,
+    connect_timeout: Duration,
+    unavailable_after: Duration,
+    safety_margin: Option<Duration>,
+    http1_only: bool,
+    error: Option<Error>,
+}
+
+impl DistributedLockBuilder {
+    /// The server's base URL, such as `http://locks.internal:7878`. Replaces any endpoints
+    /// set before. Default: `$DISTRIBUTED_LOCK_URL`, else `http://127.0.0.1:7878`.
+    pub fn endpoint(self, url: impl Into<String>) -> DistributedLockBuilder {
+        self.endpoints([url.into()])
+    }
+
+    /// Several servers of one deployment. Requests go to one of them and move to the next
+    /// when it cannot be reached.
+    pub fn endpoints<I, S>(mut self, urls: I) -> DistributedLockBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.endpoints = urls.into_iter().map(Into::into).collect();
+        if self.endpoints.is_empty() && self.error.is_none() {
+            self.error = Some(Error::invalid("endpoints() was given an empty list"));
+        }
+        self
+    }
+
+    /// Opens connections with `connector` instead of plain TCP, for example over a
+    /// simulated network in tests.
+    pub fn connector(mut self, connector: impl Connect) -> DistributedLockBuilder {
+        self.connector = Some(Arc::new(connector));
+        self
+    }
+
+    /// Longest time to open one connection (default 3 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> DistributedLockBuilder {
+        if timeout.is_zero() && self.error.is_none() {
+            self.error = Some(Error::invalid("connect_timeout must be longer than zero"));
+        }
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long an acquire without `timeout` keeps retrying unreachable servers before it
+    /// fails with [`Error::Unavailable`] (default 30 s). Acquires with a `timeout` give up
+    /// at that timeout; renewals give up when the lease would end.
+    pub fn unavailable_after(mut self, limit: Duration) -> DistributedLockBuilder {
+        self.unavailable_after = limit;
+        self
+    }
+
+    /// How long before the server could expire a lease the guard presumes it lost (default:
+    /// a tenth of the lease, at most 1 s; never more than half the lease).
+    ///
+    /// The guard counts its lease from when the acquire or renewal was *sent*, which is
+    /// already earlier than the server's clock starts; the margin also absorbs a late timer
+    /// and clock-rate drift. Lowering it is only useful to test fault handling.
+    pub fn safety_margin(mut self, margin: Duration) -> DistributedLockBuilder {
+        self.safety_margin = Some(margin);
+        self
+    }
+
+    /// Speak HTTP/1.1 instead of HTTP/2, for proxies that cannot carry HTTP/2 without TLS.
+    /// Each concurrent request then needs its own connection.
+    pub fn http1_only(mut self) -> DistributedLockBuilder {
+        self.http1_only = true;
+        self
+    }
+
+    /// Builds the client. Fails with [`Error::InvalidArgument`] on a malformed endpoint or
+    /// API key, or the first invalid setting.
+    pub fn build(self) -> Result<DistributedLock, Error> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        let endpoints = if self.endpoints.is_empty() {
+            match std::env::var(URL_ENV) {
+                Ok(urls) if !urls.trim().is_empty() => urls
+                    .split(',')
+                    .map(|u| u.trim().to_owned())
+                    .filter(|u| !u.is_empty())
+                    .collect(),
+                _ => vec![DEFAULT_ENDPOINT.to_owned()],
+            }
+        } else {
+            self.endpoints
+        };
+        let transport = Transport::new(TransportConfig {
+            endpoints,
+            api_key: self.api_key,
+            connector: self.connector,
+            connect_timeout: self.connect_timeout,
+            http1_only: self.http1_only,
+        })?;
+        Ok(DistributedLock {
+            inner: Arc::new(Inner {
+                transport: Ok(Arc::new(transport)),
+                renewer: Mutex::new(None),
+                next_key: AtomicU64::new(0),
+                unavailable_after: self.unavailable_after,
+                safety_margin: self.safety_margin,
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for DistributedLockBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DistributedLockBuilder")
+            .field("endpoints", &self.endpoints)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("unavailable_after", &self.unavailable_after)
+            .field("safety_margin", &self.safety_margin)
+            .field("http1_only", &self.http1_only)
+            .finish_non_exhaustive()
+    }
+}

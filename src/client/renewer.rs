@@ -1,0 +1,329 @@
+//! The one background task per client: renews every due lease in batched requests, releases
+//! dropped guards, withdraws dropped acquires, and declares leases lost.
+//!
+//! The task owns the lease table; guards talk to it over an unbounded channel, so `Drop` never
+//! needs a runtime. It ends when every sender (the client and all guards) is gone.
+
+use crate::client::retry;
+use crate::client::transport::{Attempts, Route, Transport};
+use crate::protocol::{
+    CancelRequest, Id, LeaseRef, MAX_RENEW_BATCH, RenewRequest, RenewResponse, RenewResult,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// What a guard can see of its lease: `Some(deadline)` while held (the local instant after
+/// which it must be presumed lost), `None` once lost.
+pub(crate) type LeaseState = watch::Receiver<Option<Instant>>;
+
+/// Messages to the renewer.
+pub(crate) enum Command {
+    /// Start tracking a lease granted to a request sent at `sent`.
+    Track {
+        key: u64,
+        lease: Lease,
+        sent: Instant,
+    },
+    /// The guard was dropped: stop renewing and release the lease on the server.
+    Release(u64),
+    /// The guard released the lease itself: stop renewing.
+    Forget(u64),
+    /// An acquire was dropped mid-wait: withdraw its waiter (or undo a grant that raced).
+    Cancel { name: Arc<str>, request_id: Id },
+}
+
+/// A lease as the renewer tracks it.
+pub(crate) struct Lease {
+    pub name: Arc<str>,
+    pub lease_id: Id,
+    pub length: Duration,
+    pub margin: Duration,
+    pub auto_renew: bool,
+    /// Local deadline; also published to the guard through `state`.
+    pub deadline: Instant,
+    pub state: watch::Sender<Option<Instant>>,
+}
+
+impl Lease {
+    /// When the next renewal is due, counted from when the last grant or renewal was sent.
+    fn due_after(&self, sent: Instant) -> Instant {
+        sent + self.length / 3
+    }
+
+    /// When the lease must be presumed lost, counted from when a grant or renewal was sent:
+    /// the server started its own clock later than that, so this is always earlier than its.
+    pub fn deadline_after(sent: Instant, length: Duration, margin: Duration) -> Instant {
+        sent + length.saturating_sub(margin)
+    }
+}
+
+struct Tracked {
+    lease: Lease,
+    /// The queue entry of this lease, absent while a renewal is in flight.
+    queued: Option<Instant>,
+}
+
+struct BatchOutcome {
+    sent: Instant,
+    keys: Vec<u64>,
+    results: Option<Vec<RenewResult>>,
+}
+
+pub(crate) struct Renewer {
+    transport: Arc<Transport>,
+    leases: HashMap<u64, Tracked>,
+    /// Next event of each lease: its renewal for auto-renewed leases, its deadline otherwise.
+    queue: BTreeSet<(Instant, u64)>,
+    in_flight: JoinSet<BatchOutcome>,
+    /// Longest renewal interval among tracked leases: how far ahead a tick looks to batch.
+    longest_interval: Duration,
+    failures: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+/// Starts the renewer on the current runtime.
+pub(crate) fn spawn(transport: Arc<Transport>) -> mpsc::UnboundedSender<Command> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let renewer = Renewer {
+        transport,
+        leases: HashMap::new(),
+        queue: BTreeSet::new(),
+        in_flight: JoinSet::new(),
+        longest_interval: Duration::ZERO,
+        failures: Box::new(retry::delays()),
+    };
+    tokio::spawn(renewer.run(rx));
+    tx
+}
+
+impl Renewer {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            let wake = self.queue.first().map(|(at, _)| *at);
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    // Every guard and client is gone: nothing is left to renew.
+                    None => break,
+                },
+                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                    if let Ok(outcome) = done {
+                        self.finish(outcome);
+                    }
+                }
+                _ = sleep_until_opt(wake) => self.tick(),
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Track { key, lease, sent } => {
+                self.longest_interval = self.longest_interval.max(lease.length / 3);
+                let first = if lease.auto_renew {
+                    lease.due_after(sent)
+                } else {
+                    lease.deadline
+                };
+                self.queue.insert((first, key));
+                self.leases.insert(
+                    key,
+                    Tracked {
+                        lease,
+                        queued: Some(first),
+                    },
+                );
+            }
+            Command::Release(key) => {
+                if let Some(lease) = self.forget(key) {
+                    self.release_on_server(lease);
+                }
+            }
+            Command::Forget(key) => {
+                self.forget(key);
+            }
+            Command::Cancel { name, request_id } => {
+                let transport = self.transport.clone();
+                tokio::spawn(async move {
+                    let body = CancelRequest {
+                        name: name.to_string(),
+                        request_id,
+                    };
+                    let attempts = Attempts {
+                        deadline: Instant::now() + Duration::from_secs(5),
+                        per_attempt: Duration::from_secs(2),
+                    };
+                    let _ = transport.post(Route::Cancel, json(&body), attempts).await;
+                });
+            }
+        }
+    }
+
+    fn forget(&mut self, key: u64) -> Option<Lease> {
+        let tracked = self.leases.remove(&key)?;
+        if let Some(at) = tracked.queued {
+            self.queue.remove(&(at, key));
+        }
+        Some(tracked.lease)
+    }
+
+    /// Best-effort release, so that the next waiter need not wait for expiry. Worth trying
+    /// until the earliest moment the server could expire the lease by itself.
+    fn release_on_server(&self, lease: Lease) {
+        let cutoff = lease.deadline + lease.margin;
+        if cutoff <= Instant::now() {
+            return;
+        }
+        let transport = self.transport.clone();
+        tokio::spawn(async move {
+            let body = LeaseRef {
+                name: lease.name.to_string(),
+                lease_id: lease.lease_id,
+            };
+            let attempts = Attempts {
+                deadline: cutoff,
+                per_attempt: Duration::from_secs(2),
+            };
+            let _ = transport.post(Route::Release, json(&body), attempts).await;
+        });
+    }
+
+    fn lose(&mut self, key: u64) {
+        if let Some(lease) = self.forget(key) {
+            tracing::warn!(lock = %lease.name, "lease lost");
+            lease.state.send_replace(None);
+            self.release_on_server(lease);
+        }
+    }
+
+    /// Declares overdue leases lost and sends every renewal that is due, or nearly due, in
+    /// batches: renewing a little early lets leases acquired at different times share requests.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let horizon = now + self.longest_interval / 2;
+        let mut due = Vec::new();
+        while let Some(&(at, key)) = self.queue.first() {
+            if at > horizon {
+                break;
+            }
+            let Some(tracked) = self.leases.get(&key) else {
+                self.queue.pop_first();
+                continue;
+            };
+            let lease = &tracked.lease;
+            if lease.deadline <= now {
+                self.lose(key);
+                continue;
+            }
+            // Only leases within half an interval of their own due time ride along.
+            if !lease.auto_renew || at > now + lease.length / 6 {
+                break;
+            }
+            self.queue.pop_first();
+            if let Some(tracked) = self.leases.get_mut(&key) {
+                tracked.queued = None;
+            }
+            due.push(key);
+        }
+        for batch in due.chunks(MAX_RENEW_BATCH) {
+            self.send_batch(batch.to_vec(), now);
+        }
+    }
+
+    fn send_batch(&mut self, keys: Vec<u64>, sent: Instant) {
+        let mut leases = Vec::with_capacity(keys.len());
+        let mut earliest = None::<Instant>;
+        for key in &keys {
+            let lease = &self.leases[key].lease;
+            leases.push(LeaseRef {
+                name: lease.name.to_string(),
+                lease_id: lease.lease_id,
+            });
+            earliest = Some(earliest.map_or(lease.deadline, |e| e.min(lease.deadline)));
+        }
+        let deadline = earliest.unwrap_or(sent);
+        let body = json(&RenewRequest { leases });
+        let transport = self.transport.clone();
+        self.in_flight.spawn(async move {
+            let attempts = Attempts {
+                deadline,
+                per_attempt: (deadline.saturating_duration_since(sent) / 2)
+                    .max(Duration::from_millis(50)),
+            };
+            let results = match transport.post(Route::Renew, body, attempts).await {
+                Ok(reply) if reply.status.is_success() => reply
+                    .json::<RenewResponse>()
+                    .ok()
+                    .map(|r| r.results)
+                    .filter(|r| r.len() == keys.len()),
+                Ok(reply) => {
+                    tracing::warn!(error = %reply.into_error(), "renewal refused");
+                    None
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "renewal failed");
+                    None
+                }
+            };
+            BatchOutcome {
+                sent,
+                keys,
+                results,
+            }
+        });
+    }
+
+    fn finish(&mut self, outcome: BatchOutcome) {
+        let now = Instant::now();
+        let retry_at = match outcome.results {
+            Some(_) => {
+                self.failures = Box::new(retry::delays());
+                None
+            }
+            None => Some(now + self.failures.next().unwrap_or(Duration::from_millis(500))),
+        };
+        let results = outcome.results.unwrap_or_default();
+        for (i, key) in outcome.keys.into_iter().enumerate() {
+            let Some(tracked) = self.leases.get_mut(&key) else {
+                continue; // released meanwhile
+            };
+            let lease = &mut tracked.lease;
+            // A lease past its deadline stays lost even if a late answer renewed it.
+            if lease.deadline <= now {
+                self.lose(key);
+                continue;
+            }
+            let next = match (results.get(i), retry_at) {
+                (Some(RenewResult::Renewed { lease_ms }), _) => {
+                    let length = Duration::from_millis(*lease_ms);
+                    lease.deadline = Lease::deadline_after(outcome.sent, length, lease.margin);
+                    lease.state.send_replace(Some(lease.deadline));
+                    lease.due_after(outcome.sent)
+                }
+                (Some(RenewResult::Gone), _) => {
+                    self.lose(key);
+                    continue;
+                }
+                (None, retry_at) => retry_at.unwrap_or(now).min(lease.deadline),
+            };
+            tracked.queued = Some(next);
+            self.queue.insert((next, key));
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) fn json<T: serde::Serialize>(value: &T) -> bytes::Bytes {
+    serde_json::to_vec(value)
+        .expect("wire types always serialize")
+        .into()
+}

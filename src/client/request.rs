@@ -1,0 +1,297 @@
+//! `LockRequest`: the builder returned by `lock(name)`, awaited directly.
+
+use crate::client::DistributedLock;
+use crate::client::guard::LockGuard;
+use crate::client::renewer::{Command, Lease, json};
+use crate::client::transport::{Attempts, Route};
+use crate::error::Error;
+use crate::protocol::{self, AcquireRequest, Granted, Id};
+use http::StatusCode;
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Default lease length, as in the original JavaScript library.
+pub const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(10);
+
+/// How long one long poll may be held by the server before the client polls again.
+const POLL: Duration = Duration::from_secs(20);
+/// Extra time past the poll bound before an unanswered poll counts as a transport failure.
+const POLL_SLACK: Duration = Duration::from_secs(5);
+
+/// A request for a lock, configured with setters and started by `.await`.
+///
+/// Created by [`DistributedLock::lock`]. Awaiting it waits for the lock (in FIFO order, the
+/// server doing the waiting) and yields a [`LockGuard`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), distributed_lock::Error> {
+/// use std::time::Duration;
+/// let dl = distributed_lock::DistributedLock::new("project-api-key");
+/// let guard = dl
+///     .lock("reports/nightly")
+///     .expires_in(Duration::from_secs(20))
+///     .timeout(Duration::from_secs(5))
+///     .await?;
+/// # drop(guard); Ok(()) }
+/// ```
+///
+/// # Cancel safety
+/// Dropping the future while it waits withdraws the waiter from the server's queue. If the
+/// lock was granted at the same moment, the grant is released at once, so it never stays
+/// orphaned until its lease expires.
+#[must_use = "lock requests do nothing unless awaited"]
+pub struct LockRequest {
+    client: DistributedLock,
+    name: String,
+    expires_in: Duration,
+    timeout: Option<Duration>,
+    auto_renew: bool,
+}
+
+impl LockRequest {
+    pub(crate) fn new(client: DistributedLock, name: String) -> LockRequest {
+        LockRequest {
+            client,
+            name,
+            expires_in: DEFAULT_EXPIRES_IN,
+            timeout: None,
+            auto_renew: true,
+        }
+    }
+
+    /// Lease length (default 10 s). With auto-renewal the lease is renewed about every third
+    /// of this; it bounds how long the lock stays taken after a holder dies.
+    pub fn expires_in(mut self, lease: Duration) -> LockRequest {
+        self.expires_in = lease;
+        self
+    }
+
+    /// Longest time to wait for the lock (default: no limit). After it the request fails
+    /// with [`Error::Timeout`]. `Duration::ZERO` tries once and never waits.
+    pub fn timeout(mut self, timeout: Duration) -> LockRequest {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Whether the guard renews its lease in the background (default `true`).
+    ///
+    /// With `false` the lock behaves like the original library's plain expiry: it frees
+    /// itself `expires_in` after it was granted, even while the guard lives, and the guard
+    /// reports the loss just before.
+    pub fn auto_renew(mut self, auto_renew: bool) -> LockRequest {
+        self.auto_renew = auto_renew;
+        self
+    }
+
+    /// Takes the lock, runs `f`, releases the lock and returns what `f` returned.
+    ///
+    /// If the lease is lost while `f` runs, `f`'s future is dropped at once and the call
+    /// returns [`Error::LockLost`]: the closure never keeps running without the lock. If the
+    /// server reports on release that the lease was already gone, the result is also
+    /// [`Error::LockLost`]; other release failures are logged and the lease expires.
+    ///
+    /// # Cancel safety
+    /// Dropping the future stops `f` and releases (or withdraws from) the lock.
+    pub async fn with_lock<F, Fut, T>(self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.await?;
+        let value = tokio::select! {
+            biased;
+            _ = guard.lost() => return Err(Error::LockLost { name: guard.name().to_owned() }),
+            value = f() => value,
+        };
+        match guard.release().await {
+            Err(lost @ Error::LockLost { .. }) => Err(lost),
+            Err(error) => {
+                tracing::warn!(%error, "releasing after with_lock failed; the lease will expire");
+                Ok(value)
+            }
+            Ok(()) => Ok(value),
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        protocol::validate_name(&self.name).map_err(Error::invalid)?;
+        if self.expires_in.is_zero() {
+            return Err(Error::invalid("expires_in must be longer than zero"));
+        }
+        if self.expires_in < Duration::from_millis(1)
+            || self.expires_in > Duration::from_millis(protocol::MAX_LEASE_MS)
+        {
+            return Err(Error::invalid(format!(
+                "expires_in is {:?}; it must be between 1 ms and {:?}",
+                self.expires_in,
+                Duration::from_millis(protocol::MAX_LEASE_MS)
+            )));
+        }
+        Ok(())
+    }
+
+    async fn acquire(self) -> Result<LockGuard, Error> {
+        self.validate()?;
+        let client = self.client.inner.clone();
+        client.usable()?;
+        let started = Instant::now();
+        let wait_deadline = self.timeout.map(|t| started + t);
+        let name: Arc<str> = self.name.into();
+        let request_id = Id::random();
+        let commands = client.renewer();
+        let mut withdraw = WithdrawOnDrop {
+            commands: Some(commands.clone()),
+            name: name.clone(),
+            request_id,
+        };
+        let lease_ms = self.expires_in.as_millis() as u64;
+        loop {
+            let sent = Instant::now();
+            let wait_ms =
+                wait_deadline.map(|d| d.saturating_duration_since(sent).as_millis() as u64);
+            let body = json(&AcquireRequest {
+                name: name.to_string(),
+                lease_ms,
+                wait_ms,
+                poll_ms: Some(POLL.as_millis() as u64),
+                request_id,
+            });
+            let attempts = Attempts {
+                // Unreachable servers end the call at the caller's timeout, or after the
+                // client's `unavailable_after` when it waits without limit.
+                deadline: wait_deadline.unwrap_or(sent + client.unavailable_after),
+                per_attempt: POLL + POLL_SLACK,
+            };
+            let reply = client
+                .transport()
+                .post(Route::Acquire, body, attempts)
+                .await?;
+            match reply.status {
+                StatusCode::OK => {
+                    let granted: Granted = reply.json()?;
+                    withdraw.disarm();
+                    return Ok(client.hold(name, granted, sent, self.auto_renew, commands));
+                }
+                StatusCode::ACCEPTED => continue,
+                StatusCode::CONFLICT => {
+                    withdraw.disarm();
+                    return Err(Error::Timeout {
+                        name: name.to_string(),
+                        waited: started.elapsed(),
+                    });
+                }
+                _ => {
+                    withdraw.disarm();
+                    return Err(reply.into_error());
+                }
+            }
+        }
+    }
+}
+
+impl crate::client::Inner {
+    /// Builds the guard for a grant and hands its lease to the renewer.
+    fn hold(
+        self: &Arc<Self>,
+        name: Arc<str>,
+        granted: Granted,
+        sent: Instant,
+        auto_renew: bool,
+        commands: tokio::sync::mpsc::UnboundedSender<Command>,
+    ) -> LockGuard {
+        let length = Duration::from_millis(granted.lease_ms);
+        let margin = self.margin_for(length);
+        let deadline = Lease::deadline_after(sent, length, margin);
+        let (state_tx, state_rx) = watch::channel(Some(deadline));
+        let key = self.next_key();
+        let lease = Lease {
+            name: name.clone(),
+            lease_id: granted.lease_id,
+            length,
+            margin,
+            auto_renew,
+            deadline,
+            state: state_tx,
+        };
+        let _ = commands.send(Command::Track { key, lease, sent });
+        LockGuard {
+            name,
+            lease_id: granted.lease_id,
+            fencing_token: granted.fencing_token,
+            key,
+            state: state_rx,
+            commands,
+            transport: self.transport().clone(),
+            margin,
+            released: false,
+        }
+    }
+}
+
+/// Withdraws the waiter (or undoes a grant that raced) if the acquire future is dropped.
+struct WithdrawOnDrop {
+    commands: Option<tokio::sync::mpsc::UnboundedSender<Command>>,
+    name: Arc<str>,
+    request_id: Id,
+}
+
+impl WithdrawOnDrop {
+    fn disarm(&mut self) {
+        self.commands = None;
+    }
+}
+
+impl Drop for WithdrawOnDrop {
+    fn drop(&mut self) {
+        if let Some(commands) = self.commands.take() {
+            let _ = commands.send(Command::Cancel {
+                name: self.name.clone(),
+                request_id: self.request_id,
+            });
+        }
+    }
+}
+
+impl fmt::Debug for LockRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockRequest")
+            .field("name", &self.name)
+            .field("expires_in", &self.expires_in)
+            .field("timeout", &self.timeout)
+            .field("auto_renew", &self.auto_renew)
+            .finish()
+    }
+}
+
+impl IntoFuture for LockRequest {
+    type Output = Result<LockGuard, Error>;
+    type IntoFuture = LockFuture;
+
+    fn into_future(self) -> LockFuture {
+        LockFuture(Box::pin(self.acquire()))
+    }
+}
+
+/// The future of an awaited [`LockRequest`].
+#[must_use = "futures do nothing unless polled"]
+pub struct LockFuture(Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>);
+
+impl Future for LockFuture {
+    type Output = Result<LockGuard, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for LockFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LockFuture")
+    }
+}

@@ -1,0 +1,451 @@
+//! HTTP to the lock servers: one multiplexed connection pool, retries, endpoint fail-over.
+
+use crate::client::retry;
+use crate::error::Error;
+use crate::protocol::{self, ErrorBody};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+/// Largest response body the SDK reads.
+const MAX_RESPONSE_BYTES: usize = 4 << 20;
+
+/// A byte stream to a lock server, as returned by a custom [`Connect`].
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// The future a [`Connect`] returns.
+pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send>>;
+
+/// Opens byte streams to lock servers; plug one in with
+/// [`DistributedLockBuilder::connector`](crate::DistributedLockBuilder::connector).
+///
+/// The default opens a TCP connection with `TCP_NODELAY`. A custom one lets tests run the SDK
+/// over a simulated network (turmoil, a fault-injecting proxy) or route through a tunnel. The
+/// SDK speaks HTTP over whatever stream it returns.
+pub trait Connect: Send + Sync + 'static {
+    /// Opens a stream to `host:port`, as named in the endpoint URL.
+    fn connect(&self, host: &str, port: u16) -> ConnectFuture;
+}
+
+/// One server base URL, with its request URIs built once.
+struct Endpoint {
+    base: Arc<str>,
+    acquire: Uri,
+    renew: Uri,
+    release: Uri,
+    cancel: Uri,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Endpoint, Error> {
+        let base = url.trim_end_matches('/');
+        let uri: Uri = base
+            .parse()
+            .map_err(|e| Error::invalid(format!("endpoint {url:?} is not a URL: {e}")))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(Error::invalid(format!(
+                    "endpoint {url:?}: https is not supported by this build yet; use http"
+                )));
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "endpoint {url:?} must start with http://"
+                )));
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(Error::invalid(format!("endpoint {url:?} has no host")));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+            return Err(Error::invalid(format!(
+                "endpoint {url:?} must be a base URL without path or query"
+            )));
+        }
+        let join = |path: &str| -> Uri {
+            format!("{base}{path}")
+                .parse()
+                .expect("a valid base URL joined with a fixed path is a valid URL")
+        };
+        Ok(Endpoint {
+            acquire: join(protocol::PATH_ACQUIRE),
+            renew: join(protocol::PATH_RENEW),
+            release: join(protocol::PATH_RELEASE),
+            cancel: join(protocol::PATH_CANCEL),
+            base: base.into(),
+        })
+    }
+
+    fn uri(&self, route: Route) -> Uri {
+        match route {
+            Route::Acquire => self.acquire.clone(),
+            Route::Renew => self.renew.clone(),
+            Route::Release => self.release.clone(),
+            Route::Cancel => self.cancel.clone(),
+        }
+    }
+}
+
+/// What to call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Route {
+    Acquire,
+    Renew,
+    Release,
+    Cancel,
+}
+
+/// How hard to try.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attempts {
+    /// Stop retrying (answer `Unavailable`) after this instant.
+    pub deadline: Instant,
+    /// Longest wait for one answer.
+    pub per_attempt: Duration,
+}
+
+/// A server's answer that the caller interprets.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub endpoint: Arc<str>,
+}
+
+impl Reply {
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_slice(&self.body).map_err(|e| Error::Server {
+            endpoint: self.endpoint.to_string(),
+            status: self.status.as_u16(),
+            message: format!("unreadable answer: {e}"),
+        })
+    }
+
+    /// Maps an answer no caller handles specially to an error.
+    pub fn into_error(self) -> Error {
+        let message = serde_json::from_slice::<ErrorBody>(&self.body)
+            .map(|b| b.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&self.body).into_owned());
+        match self.status {
+            StatusCode::UNAUTHORIZED => Error::Unauthorized {
+                endpoint: self.endpoint.to_string(),
+            },
+            StatusCode::BAD_REQUEST => Error::InvalidArgument { message },
+            status => Error::Server {
+                endpoint: self.endpoint.to_string(),
+                status: status.as_u16(),
+                message,
+            },
+        }
+    }
+}
+
+/// Settings the builder hands over.
+pub(crate) struct TransportConfig {
+    pub endpoints: Vec<String>,
+    pub api_key: String,
+    pub connector: Option<Arc<dyn Connect>>,
+    pub connect_timeout: Duration,
+    pub http1_only: bool,
+}
+
+/// The shared HTTP machinery of one client and its clones.
+pub(crate) struct Transport {
+    endpoints: Box<[Endpoint]>,
+    /// Index of the endpoint in use; moves on when it fails.
+    current: AtomicUsize,
+    http: Client<Connector, Full<Bytes>>,
+    auth: HeaderValue,
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let endpoints: Vec<&str> = self.endpoints.iter().map(|e| &*e.base).collect();
+        f.debug_struct("Transport")
+            .field("endpoints", &endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    pub fn new(config: TransportConfig) -> Result<Transport, Error> {
+        if config.endpoints.is_empty() {
+            return Err(Error::invalid("no endpoint given"));
+        }
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| Endpoint::parse(e))
+            .collect::<Result<Box<[_]>, _>>()?;
+        let mut auth = HeaderValue::try_from(format!("Bearer {}", config.api_key))
+            .map_err(|_| Error::invalid("the API key contains characters not allowed in HTTP"))?;
+        auth.set_sensitive(true);
+        if config.api_key.is_empty() {
+            return Err(Error::invalid("the API key is empty"));
+        }
+        let connector = Connector {
+            custom: config.connector,
+            connect_timeout: config.connect_timeout,
+        };
+        let http = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            // HTTP/2 with prior knowledge: every request of this client, waiting acquires
+            // included, shares one connection per server.
+            .http2_only(!config.http1_only)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .http2_initial_max_send_streams(1024)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(Transport {
+            endpoints,
+            current: AtomicUsize::new(0),
+            http,
+            auth,
+        })
+    }
+
+    /// The endpoint requests go to now (for messages).
+    pub fn endpoint(&self) -> Arc<str> {
+        self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()]
+            .base
+            .clone()
+    }
+
+    /// POSTs `body` to `route`, retrying transport faults and 502/503/504 with backoff and
+    /// moving to the next endpoint after each failure, until `attempts.deadline`.
+    pub async fn post(
+        &self,
+        route: Route,
+        body: Bytes,
+        attempts: Attempts,
+    ) -> Result<Reply, Error> {
+        self.send(Method::POST, |e| Ok(e.uri(route)), body, attempts)
+            .await
+    }
+
+    /// GETs `path` (already percent-encoded), with the same retry policy as [`Transport::post`].
+    pub async fn get(&self, path: &str, attempts: Attempts) -> Result<Reply, Error> {
+        let uri = |e: &Endpoint| {
+            format!("{}{path}", e.base)
+                .parse::<Uri>()
+                .map_err(|err| Error::invalid(format!("bad path {path:?}: {err}")))
+        };
+        self.send(Method::GET, uri, Bytes::new(), attempts).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        uri: impl Fn(&Endpoint) -> Result<Uri, Error>,
+        body: Bytes,
+        attempts: Attempts,
+    ) -> Result<Reply, Error> {
+        let mut delays = retry::delays();
+        loop {
+            let index = self.current.load(Ordering::Relaxed);
+            let endpoint = &self.endpoints[index % self.endpoints.len()];
+            let failure = match self
+                .attempt(
+                    method.clone(),
+                    uri(endpoint)?,
+                    body.clone(),
+                    attempts.per_attempt,
+                )
+                .await
+            {
+                Ok((status, body)) if !retryable(status) => {
+                    return Ok(Reply {
+                        status,
+                        body,
+                        endpoint: endpoint.base.clone(),
+                    });
+                }
+                Ok((status, _)) => format!("answered {status}"),
+                Err(reason) => reason,
+            };
+            tracing::debug!(endpoint = %endpoint.base, %failure, "lock server request failed");
+            // Move on from the failed endpoint unless another caller already did.
+            let _ = self.current.compare_exchange(
+                index,
+                index.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            let delay = delays.next().unwrap_or(Duration::from_millis(500));
+            let now = Instant::now();
+            if now + delay >= attempts.deadline {
+                return Err(Error::Unavailable {
+                    endpoint: endpoint.base.to_string(),
+                    reason: failure,
+                });
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        method: Method,
+        uri: Uri,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, self.auth.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(describe)?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer failed: {e}"))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    }
+}
+
+fn retryable(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// The whole cause chain of a hyper error, which alone says only "client error (Connect)".
+fn describe(error: hyper_util::client::legacy::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Opens connections: the custom [`Connect`] if one was given, else TCP with `TCP_NODELAY`.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    custom: Option<Arc<dyn Connect>>,
+    connect_timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URL without host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let connect = async {
+                match &this.custom {
+                    Some(custom) => custom.connect(&host, port).await,
+                    None => {
+                        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                        // Without it every small HTTP/2 frame waits on Nagle's algorithm
+                        // (about 40 ms per request, measured).
+                        tcp.set_nodelay(true)?;
+                        Ok(Box::new(tcp) as Box<dyn Io>)
+                    }
+                }
+            };
+            let io = tokio::time::timeout(this.connect_timeout, connect)
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connect timed out after {:?}", this.connect_timeout),
+                    )
+                })??;
+            Ok(Conn(TokioIo::new(io)))
+        })
+    }
+}
+
+/// A connection as hyper sees it.
+pub(crate) struct Conn(TokioIo<Box<dyn Io>>);
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}

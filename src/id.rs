@@ -1,0 +1,80 @@
+//! 128-bit identifiers: request ids (made by clients) and lease ids (made by servers).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A 128-bit identifier, written on the wire as 32 lowercase hex digits.
+///
+/// Used for request ids (made by the client) and lease ids (made by the server).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Id(pub [u8; 16]);
+
+impl Id {
+    /// A fresh identifier from the operating system's CSPRNG.
+    pub fn random() -> Id {
+        let mut bytes = [0u8; 16];
+        // getrandom only fails where the OS has no entropy source at all; an all-zero id is
+        // then still unique enough per process for idempotency and never used as a secret
+        // alone (lease ids come from the server's own generator).
+        let _ = getrandom::fill(&mut bytes);
+        Id(bytes)
+    }
+
+    fn parse_hex(s: &str) -> Option<Id> {
+        let raw = s.as_bytes();
+        if raw.len() != 32 {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, pair) in raw.chunks_exact(2).enumerate() {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            out[i] = (hi * 16 + lo) as u8;
+        }
+        Some(Id(out))
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Ids are bearer secrets for their lease: show only a prefix.
+        write!(f, "Id({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Id, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Id::parse_hex(&s).ok_or_else(|| serde::de::Error::custom("expected 32 hex digits"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_round_trips_through_json() {
+        let id = Id::random();
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json.len(), 34);
+        assert_eq!(serde_json::from_str::<Id>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<Id>("\"zz\"").is_err());
+        assert!(serde_json::from_str::<Id>(&format!("\"{}\"", "g".repeat(32))).is_err());
+    }
+}

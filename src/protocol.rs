@@ -1,0 +1,220 @@
+//! Wire types of the HTTP/JSON protocol, shared by the SDK and the server.
+//!
+//! `docs/protocol.md` is the normative description; this module is its Rust form. It depends
+//! on nothing else in the crate, so both sides agree by construction.
+
+pub use crate::id::Id;
+use serde::{Deserialize, Serialize};
+
+/// Longest lock name, in bytes of UTF-8.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest lease any server accepts (24 hours). Servers may configure a lower bound.
+pub const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1000;
+/// Most leases one renew request may carry.
+pub const MAX_RENEW_BATCH: usize = 1000;
+
+/// Path of the acquire endpoint.
+pub const PATH_ACQUIRE: &str = "/v1/acquire";
+/// Path of the batched renew endpoint.
+pub const PATH_RENEW: &str = "/v1/renew";
+/// Path of the release endpoint.
+pub const PATH_RELEASE: &str = "/v1/release";
+/// Path of the cancel endpoint (withdraw a waiter or undo its grant).
+pub const PATH_CANCEL: &str = "/v1/cancel";
+/// Prefix of the inspect endpoint; the percent-encoded lock name follows.
+pub const PATH_LOCKS_PREFIX: &str = "/v1/locks/";
+
+/// Checks a lock name against the protocol's rules; the message says what is wrong.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("lock name is empty".into());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "lock name is {} bytes long; the limit is {MAX_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "lock name contains the control character U+{:04X}",
+            c as u32
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/acquire` request body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireRequest {
+    /// Lock name.
+    pub name: String,
+    /// Lease length asked for, in milliseconds.
+    pub lease_ms: u64,
+    /// Longest time to wait, in milliseconds; `None` waits until granted, `0` never waits.
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+    /// Longest time the server may hold this one request open before answering `202`
+    /// (the server caps it at its own bound); absent means the server's bound.
+    #[serde(default)]
+    pub poll_ms: Option<u64>,
+    /// Client-made id; repeating it resumes the same place in the queue or returns the same
+    /// grant, so a retried acquire never creates a second holder.
+    pub request_id: Id,
+}
+
+/// `200` answer to an acquire: the lock is yours.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Granted {
+    /// Opaque secret naming this lease in renew and release.
+    pub lease_id: Id,
+    /// Strictly increasing per lock name, across server restarts too.
+    pub fencing_token: u64,
+    /// Lease length granted, in milliseconds, counted from when the server answered.
+    pub lease_ms: u64,
+}
+
+/// `202` answer to an acquire: still queued; poll again with the same request id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StillWaiting {
+    /// Waiters ahead of this one when the poll ended.
+    pub position: u64,
+}
+
+/// One lease in a renew or release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRef {
+    /// Lock name.
+    pub name: String,
+    /// Lease id from the grant.
+    pub lease_id: Id,
+}
+
+/// `POST /v1/renew` request body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// Up to [`MAX_RENEW_BATCH`] leases.
+    pub leases: Vec<LeaseRef>,
+}
+
+/// Outcome for one lease of a renew, in request order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum RenewResult {
+    /// Extended: the lease now ends `lease_ms` after the server answered.
+    Renewed {
+        /// Lease length, in milliseconds.
+        lease_ms: u64,
+    },
+    /// Not held under this id (expired, released, or never existed).
+    Gone,
+}
+
+/// `200` answer to a renew.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewResponse {
+    /// One result per requested lease, same order.
+    pub results: Vec<RenewResult>,
+}
+
+/// `POST /v1/cancel` request body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    /// Lock name.
+    pub name: String,
+    /// The acquire's request id.
+    pub request_id: Id,
+}
+
+/// `200` answer to a cancel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelResponse {
+    /// True if a waiter was withdrawn or a grant made to it was released.
+    pub cancelled: bool,
+}
+
+/// `200` answer to a release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseResponse {
+    /// Always true in a `200`; a lease that is not held answers `410`.
+    pub released: bool,
+}
+
+/// `GET /v1/locks/{name}` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// Lock name.
+    pub name: String,
+    /// The current holder, if any.
+    pub holder: Option<HolderInfo>,
+    /// Number of queued waiters.
+    pub waiters: u64,
+}
+
+/// What inspection shows of a holder (never its lease id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HolderInfo {
+    /// The holder's fencing token.
+    pub fencing_token: u64,
+    /// Milliseconds until the lease ends unless renewed.
+    pub expires_in_ms: u64,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable code, see [`codes`].
+    pub error: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// Error codes used in [`ErrorBody::error`].
+pub mod codes {
+    /// 400: bad input; nothing changed.
+    pub const INVALID_ARGUMENT: &str = "invalid_argument";
+    /// 401: missing or unknown API key.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// 404: unknown route.
+    pub const NOT_FOUND: &str = "not_found";
+    /// 405: known route, wrong method.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// 409: the wait ended without the lock.
+    pub const TIMEOUT: &str = "timeout";
+    /// 410: the lease is not held.
+    pub const GONE: &str = "gone";
+    /// 413: body too large.
+    pub const TOO_LARGE: &str = "payload_too_large";
+    /// 429: a per-lock or per-project limit was reached.
+    pub const TOO_MANY: &str = "too_many_requests";
+    /// 503: the server is shutting down or its store is unreachable; retry.
+    pub const UNAVAILABLE: &str = "unavailable";
+    /// 500: a bug.
+    pub const INTERNAL: &str = "internal";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("jobs/nightly report").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a\0b").is_err());
+        assert!(validate_name(&"x".repeat(MAX_NAME_BYTES)).is_ok());
+        assert!(validate_name(&"x".repeat(MAX_NAME_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn renew_results_are_tagged() {
+        let json = serde_json::to_string(&RenewResult::Renewed { lease_ms: 5 }).unwrap();
+        assert_eq!(json, r#"{"status":"renewed","lease_ms":5}"#);
+        let json = serde_json::to_string(&RenewResult::Gone).unwrap();
+        assert_eq!(json, r#"{"status":"gone"}"#);
+    }
+}

@@ -1,0 +1,825 @@
+//! The in-memory backend: sharded lock table, FIFO queue per lock, timers only where waiters
+//! wait.
+//!
+//! * A lock exists in the table only while it has a holder or waiters.
+//! * A holder's expiry needs a timer only when someone waits for it; otherwise an expired
+//!   holder is noticed by the next operation on the lock or by the shard's sweep.
+//! * Waiters wait on a oneshot channel. A waiter whose long poll ended (or whose connection
+//!   dropped) stays in line, detached, for the grace period; a grant made to a detached
+//!   waiter is kept for it for the grace period too.
+
+use super::{
+    AcquireOutcome, AcquireSpec, Grant, LockStore, LockView, ProjectId, StoreError, StoreFuture,
+    StoreStats,
+};
+use crate::id::Id;
+use crate::server::state_file::{Boot, StateFile, wall_epoch};
+use rand::RngCore;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+/// Settings of the memory backend.
+#[derive(Debug, Clone)]
+pub struct MemoryConfig {
+    /// Number of independently locked shards.
+    pub shards: usize,
+    /// How long a detached waiter keeps its place, and a grant made to it is kept for it.
+    pub grace: Duration,
+    /// Most waiters one lock may have.
+    pub max_waiters_per_lock: usize,
+    /// How often each shard drops expired holders and departed waiters nobody waits on.
+    pub sweep_interval: Duration,
+    /// Durable state for safe restarts; `None` keeps nothing (each start is a first start).
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            shards: 16,
+            grace: Duration::from_secs(3),
+            max_waiters_per_lock: 100_000,
+            sweep_interval: Duration::from_secs(1),
+            state_file: None,
+        }
+    }
+}
+
+/// Fencing tokens: `epoch << 21 | counter`, below 2^53 so that every JSON client (even
+/// JavaScript's doubles) reads them exactly. A boot takes a larger epoch than any before it;
+/// when the counter runs out the epoch moves on, recorded in the state file before use.
+#[derive(Debug)]
+struct Tokens {
+    next: AtomicU64,
+    /// Highest epoch known to be in the state file (`u64::MAX` without one).
+    recorded: AtomicU64,
+    record: Mutex<()>,
+}
+
+const COUNTER_BITS: u32 = 21;
+
+impl Tokens {
+    fn new(epoch: u64, recorded_in_file: bool) -> Tokens {
+        Tokens {
+            next: AtomicU64::new(epoch << COUNTER_BITS),
+            recorded: AtomicU64::new(if recorded_in_file { epoch } else { u64::MAX }),
+            record: Mutex::new(()),
+        }
+    }
+
+    fn next(&self, file: Option<&StateFile>) -> u64 {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let epoch = token >> COUNTER_BITS;
+        if epoch > self.recorded.load(Ordering::Acquire)
+            && let Some(file) = file
+        {
+            let _serial = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            if epoch > self.recorded.load(Ordering::Acquire) {
+                if let Err(e) = file.note_epoch(epoch) {
+                    tracing::error!(error = %e, "could not record the token epoch");
+                }
+                self.recorded.store(epoch, Ordering::Release);
+            }
+        }
+        token
+    }
+}
+
+/// The in-memory [`LockStore`].
+#[derive(Debug)]
+pub struct MemoryStore {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    shards: Box<[Shard]>,
+    hasher: std::hash::RandomState,
+    origin: Instant,
+    /// No grant before this (micros since `origin`): leases from before a restart may run.
+    hold_back_until: u64,
+    tokens: Tokens,
+    state_file: Option<StateFile>,
+    max_lease_noted: AtomicU64,
+    expirations: AtomicU64,
+    held: AtomicU64,
+    waiting: AtomicU64,
+    config: MemoryConfig,
+}
+
+#[derive(Debug)]
+struct Shard {
+    state: Mutex<ShardState>,
+    wake: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct ShardState {
+    locks: HashMap<Box<[u8]>, LockState>,
+    /// Expiry timers of held locks that have waiters: (deadline µs, token) -> lock key.
+    timers: BTreeMap<(u64, u64), Box<[u8]>>,
+}
+
+#[derive(Debug, Default)]
+struct LockState {
+    holder: Option<Holder>,
+    queue: Option<Box<Queue>>,
+}
+
+#[derive(Debug)]
+struct Holder {
+    token: u64,
+    /// Lease end, µs since origin.
+    deadline: u64,
+    lease_ms: u32,
+    lease_id: Id,
+    request_id: Id,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    waiters: VecDeque<Waiter>,
+    /// The holder's expiry timer, if scheduled: its key in `ShardState::timers`.
+    timer: Option<(u64, u64)>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    request_id: Id,
+    lease_ms: u32,
+    /// The long poll waiting for this waiter's grant; `None` while detached.
+    notify: Option<oneshot::Sender<Grant>>,
+    /// When it was detached (µs since origin).
+    detached_at: u64,
+}
+
+impl Holder {
+    fn grant(&self) -> Grant {
+        Grant {
+            lease_id: self.lease_id,
+            fencing_token: self.token,
+            lease: Duration::from_millis(u64::from(self.lease_ms)),
+        }
+    }
+}
+
+impl LockState {
+    fn is_empty(&self) -> bool {
+        self.holder.is_none() && self.queue.is_none()
+    }
+
+    fn waiters(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| q.waiters.len())
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+fn lock_key(project: ProjectId, name: &str) -> Box<[u8]> {
+    let mut key = Vec::with_capacity(4 + name.len());
+    key.extend_from_slice(&project.to_be_bytes());
+    key.extend_from_slice(name.as_bytes());
+    key.into_boxed_slice()
+}
+
+impl MemoryStore {
+    /// Opens the store (reading its state file, if configured) and starts its shard tasks on
+    /// the current runtime.
+    pub fn open(config: MemoryConfig) -> std::io::Result<MemoryStore> {
+        let (state_file, boot) = match &config.state_file {
+            Some(path) => {
+                let (file, boot) = StateFile::open(path)?;
+                (Some(file), boot)
+            }
+            None => (
+                None,
+                Boot {
+                    epoch: wall_epoch(SystemTime::now()),
+                    hold_back: Duration::ZERO,
+                },
+            ),
+        };
+        if !boot.hold_back.is_zero() {
+            tracing::warn!(
+                hold_back = ?boot.hold_back,
+                "restarted without knowing which leases are still held: no lock is granted until they have all expired"
+            );
+        }
+        let shards = (0..config.shards.max(1))
+            .map(|_| Shard {
+                state: Mutex::new(ShardState::default()),
+                wake: Arc::new(Notify::new()),
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            shards,
+            hasher: std::hash::RandomState::new(),
+            origin: Instant::now(),
+            hold_back_until: micros(boot.hold_back),
+            tokens: Tokens::new(boot.epoch, state_file.is_some()),
+            state_file,
+            max_lease_noted: AtomicU64::new(0),
+            expirations: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            config,
+        });
+        for index in 0..shared.shards.len() {
+            tokio::spawn(shard_task(
+                Arc::downgrade(&shared),
+                index,
+                shared.shards[index].wake.clone(),
+            ));
+        }
+        Ok(MemoryStore { shared })
+    }
+}
+
+impl Drop for MemoryStore {
+    fn drop(&mut self) {
+        for shard in self.shared.shards.iter() {
+            shard.wake.notify_one();
+        }
+    }
+}
+
+/// Fires expiry timers and sweeps one shard, until the store is dropped.
+async fn shard_task(shared: Weak<Shared>, index: usize, wake: Arc<Notify>) {
+    // Spread the shards' sweeps over the interval.
+    let mut next_sweep = 0u64;
+    loop {
+        let next_wake = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if next_sweep == 0 {
+                let n = shared.shards.len() as u64;
+                next_sweep =
+                    shared.now() + micros(shared.config.sweep_interval) * (index as u64 + 1) / n;
+            }
+            let now = shared.now();
+            let mut state = shared.shard(index);
+            shared.fire_timers(&mut state, now);
+            let hold_back_ending =
+                now < shared.hold_back_until && shared.hold_back_until <= next_sweep;
+            if now >= next_sweep {
+                shared.sweep(&mut state, now);
+                next_sweep = now + micros(shared.config.sweep_interval);
+            }
+            let mut at = next_sweep;
+            if hold_back_ending {
+                at = shared.hold_back_until;
+                next_sweep = at;
+            }
+            if let Some(&(deadline, _)) = state.timers.keys().next() {
+                at = at.min(deadline);
+            }
+            shared.origin + Duration::from_micros(at)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_wake) => {}
+            _ = wake.notified() => {}
+        }
+    }
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        micros(self.origin.elapsed())
+    }
+
+    fn shard_of(&self, key: &[u8]) -> usize {
+        (self.hasher.hash_one(key) % self.shards.len() as u64) as usize
+    }
+
+    /// Locks a shard. When the guard drops, the shard's task is woken if an earlier expiry
+    /// timer was scheduled meanwhile.
+    fn shard(&self, index: usize) -> Locked<'_> {
+        let shard = &self.shards[index];
+        let state = shard.state.lock().unwrap_or_else(|p| p.into_inner());
+        let first = state.timers.keys().next().copied();
+        Locked {
+            state,
+            first,
+            wake: &shard.wake,
+        }
+    }
+
+    fn next_token(&self) -> u64 {
+        self.tokens.next(self.state_file.as_ref())
+    }
+
+    fn new_lease_id() -> Id {
+        let mut bytes = [0u8; 16];
+        rand::rng().fill_bytes(&mut bytes);
+        Id(bytes)
+    }
+
+    /// Makes sure a restart would wait out a lease this long, before it is granted.
+    fn note_lease(&self, lease_ms: u32) -> Result<(), StoreError> {
+        let ms = u64::from(lease_ms);
+        if ms <= self.max_lease_noted.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Some(file) = &self.state_file {
+            file.note_lease(Duration::from_millis(ms)).map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot record lease length in the state file: {e}"
+                ))
+            })?;
+        }
+        self.max_lease_noted.fetch_max(ms, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Brings a lock up to date: expires an overdue holder, grants to waiters while the lock
+    /// is free, and keeps the holder's expiry timer iff someone waits.
+    fn settle(
+        &self,
+        timers: &mut BTreeMap<(u64, u64), Box<[u8]>>,
+        key: &[u8],
+        lock: &mut LockState,
+        now: u64,
+    ) {
+        if lock.holder.as_ref().is_some_and(|h| h.deadline <= now) {
+            self.drop_holder(timers, lock);
+            self.expirations.fetch_add(1, Ordering::Relaxed);
+        }
+        if lock.holder.is_none() && now >= self.hold_back_until {
+            self.grant_next(lock, now);
+        }
+        if lock.waiters() == 0 {
+            if let Some(queue) = lock.queue.take()
+                && let Some(timer) = queue.timer
+            {
+                timers.remove(&timer);
+            }
+        } else if let (Some(holder), Some(queue)) = (&lock.holder, &mut lock.queue)
+            && queue.timer.is_none()
+        {
+            let timer = (holder.deadline, holder.token);
+            timers.insert(timer, key.into());
+            queue.timer = Some(timer);
+        }
+    }
+
+    fn drop_holder(&self, timers: &mut BTreeMap<(u64, u64), Box<[u8]>>, lock: &mut LockState) {
+        if lock.holder.take().is_some() {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(queue) = &mut lock.queue
+            && let Some(timer) = queue.timer.take()
+        {
+            timers.remove(&timer);
+        }
+    }
+
+    /// Gives a free lock to the first waiter in line.
+    fn grant_next(&self, lock: &mut LockState, now: u64) {
+        let Some(queue) = &mut lock.queue else {
+            return;
+        };
+        let Some(waiter) = queue.waiters.pop_front() else {
+            return;
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let holder = self.new_holder(waiter.request_id, waiter.lease_ms, now);
+        let grant = holder.grant();
+        let delivered = waiter.notify.is_some_and(|tx| tx.send(grant).is_ok());
+        let mut holder = holder;
+        if !delivered {
+            // Nobody is listening right now: keep the grant for a returning poll only briefly.
+            holder.deadline = holder.deadline.min(now + micros(self.config.grace));
+        }
+        lock.holder = Some(holder);
+    }
+
+    fn new_holder(&self, request_id: Id, lease_ms: u32, now: u64) -> Holder {
+        self.held.fetch_add(1, Ordering::Relaxed);
+        Holder {
+            token: self.next_token(),
+            deadline: now + u64::from(lease_ms) * 1000,
+            lease_ms,
+            lease_id: Shared::new_lease_id(),
+            request_id,
+        }
+    }
+
+    fn fire_timers(&self, state: &mut ShardState, now: u64) {
+        let ShardState { locks, timers } = state;
+        while let Some(entry) = timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (timer, key) = entry.remove_entry();
+            let Some(lock) = locks.get_mut(&key) else {
+                continue;
+            };
+            if let Some(queue) = &mut lock.queue
+                && queue.timer == Some(timer)
+            {
+                queue.timer = None;
+            }
+            self.settle(timers, &key, lock, now);
+            if lock.is_empty() {
+                locks.remove(&key);
+            }
+        }
+    }
+
+    /// Drops what nobody will come back for: overdue holders without waiters, and detached
+    /// waiters past their grace period.
+    fn sweep(&self, state: &mut ShardState, now: u64) {
+        let grace = micros(self.config.grace);
+        let ShardState { locks, timers } = state;
+        locks.retain(|key, lock| {
+            if let Some(queue) = &mut lock.queue {
+                let before = queue.waiters.len();
+                queue
+                    .waiters
+                    .retain(|w| w.notify.is_some() || now < w.detached_at + grace);
+                let gone = before - queue.waiters.len();
+                self.waiting.fetch_sub(gone as u64, Ordering::Relaxed);
+            }
+            self.settle(timers, key, lock, now);
+            !lock.is_empty()
+        });
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            held: self.held.load(Ordering::Relaxed),
+            waiters: self.waiting.load(Ordering::Relaxed),
+            expirations: self.expirations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct Locked<'a> {
+    state: MutexGuard<'a, ShardState>,
+    first: Option<(u64, u64)>,
+    wake: &'a Notify,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = ShardState;
+    fn deref(&self) -> &ShardState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut ShardState {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let first = self.state.timers.keys().next().copied();
+        if first.is_some() && (self.first.is_none() || first < self.first) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The waiting half of an acquire. Dropping it (client gone) detaches the waiter, and hands
+/// back a grant that was delivered but never answered.
+struct PendingWait<'a> {
+    shared: &'a Shared,
+    shard: usize,
+    key: Box<[u8]>,
+    request_id: Id,
+    rx: Option<oneshot::Receiver<Grant>>,
+}
+
+impl PendingWait<'_> {
+    /// Ends the wait after its time ran out: a grant that raced wins, else the waiter leaves
+    /// the line (`timed_out`) or detaches to wait for the next poll.
+    fn finish(mut self, timed_out: bool) -> AcquireOutcome {
+        self.rx = None;
+        let now = self.shared.now();
+        let mut state = self.shared.shard(self.shard);
+        let ShardState { locks, timers } = &mut *state;
+        let Some(lock) = locks.get_mut(&self.key) else {
+            return AcquireOutcome::TimedOut;
+        };
+        self.shared.settle(timers, &self.key, lock, now);
+        let outcome = if let Some(holder) = lock
+            .holder
+            .as_mut()
+            .filter(|h| h.request_id == self.request_id)
+        {
+            holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+            AcquireOutcome::Granted(holder.grant())
+        } else if let Some(queue) = &mut lock.queue
+            && let Some(pos) = queue
+                .waiters
+                .iter()
+                .position(|w| w.request_id == self.request_id)
+        {
+            if timed_out {
+                queue.waiters.remove(pos);
+                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                AcquireOutcome::TimedOut
+            } else {
+                let waiter = &mut queue.waiters[pos];
+                if waiter.notify.as_ref().is_some_and(|tx| tx.is_closed()) {
+                    waiter.notify = None;
+                    waiter.detached_at = now;
+                }
+                AcquireOutcome::StillWaiting {
+                    position: pos as u64,
+                }
+            }
+        } else {
+            AcquireOutcome::TimedOut
+        };
+        self.shared.settle(timers, &self.key, lock, now);
+        if lock.is_empty() {
+            locks.remove(&self.key);
+        }
+        outcome
+    }
+}
+
+impl Drop for PendingWait<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let delivered = rx.try_recv().ok();
+        drop(rx);
+        let now = self.shared.now();
+        let mut state = self.shared.shard(self.shard);
+        let ShardState { locks, timers } = &mut *state;
+        let Some(lock) = locks.get_mut(&self.key) else {
+            return;
+        };
+        if let Some(grant) = delivered {
+            // Granted, but the answer never left: keep it for a retry only briefly.
+            if let Some(holder) = lock
+                .holder
+                .as_mut()
+                .filter(|h| h.token == grant.fencing_token)
+            {
+                holder.deadline = holder.deadline.min(now + micros(self.shared.config.grace));
+                // Re-arm the expiry timer for the earlier deadline.
+                if let Some(queue) = &mut lock.queue
+                    && let Some(timer) = queue.timer.take()
+                {
+                    timers.remove(&timer);
+                }
+                self.shared.settle(timers, &self.key, lock, now);
+            }
+        } else if let Some(queue) = &mut lock.queue
+            && let Some(waiter) = queue
+                .waiters
+                .iter_mut()
+                .find(|w| w.request_id == self.request_id)
+            && waiter.notify.as_ref().is_some_and(|tx| tx.is_closed())
+        {
+            waiter.notify = None;
+            waiter.detached_at = now;
+        }
+    }
+}
+
+enum Step {
+    Done(AcquireOutcome),
+    Wait(oneshot::Receiver<Grant>),
+}
+
+impl MemoryStore {
+    fn begin_acquire(
+        &self,
+        spec: &AcquireSpec,
+        shard: usize,
+        key: &[u8],
+    ) -> Result<Step, StoreError> {
+        let shared = &*self.shared;
+        let lease_ms = u32::try_from(spec.lease.as_millis())
+            .map_err(|_| StoreError::Full("lease too long".into()))?;
+        shared.note_lease(lease_ms)?;
+        let now = shared.now();
+        let mut state = shared.shard(shard);
+        let ShardState { locks, timers } = &mut *state;
+        let lock = match locks.get_mut(key) {
+            Some(lock) => lock,
+            None => locks.entry(key.into()).or_default(),
+        };
+        shared.settle(timers, key, lock, now);
+
+        // The same request again: its grant, or its place in line.
+        if let Some(holder) = lock
+            .holder
+            .as_mut()
+            .filter(|h| h.request_id == spec.request_id)
+        {
+            holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+            return Ok(Step::Done(AcquireOutcome::Granted(holder.grant())));
+        }
+        let (tx, rx) = oneshot::channel();
+        if let Some(queue) = &mut lock.queue
+            && let Some(waiter) = queue
+                .waiters
+                .iter_mut()
+                .find(|w| w.request_id == spec.request_id)
+        {
+            waiter.notify = Some(tx);
+            return Ok(Step::Wait(rx));
+        }
+
+        if lock.holder.is_none() && lock.queue.is_none() && now >= shared.hold_back_until {
+            let holder = shared.new_holder(spec.request_id, lease_ms, now);
+            let grant = holder.grant();
+            lock.holder = Some(holder);
+            return Ok(Step::Done(AcquireOutcome::Granted(grant)));
+        }
+        if spec.wait == Some(Duration::ZERO) {
+            if lock.is_empty() {
+                locks.remove(key);
+            }
+            return Ok(Step::Done(AcquireOutcome::TimedOut));
+        }
+        let queue = lock.queue.get_or_insert_with(Default::default);
+        if queue.waiters.len() >= shared.config.max_waiters_per_lock {
+            return Err(StoreError::Full(format!(
+                "lock already has {} waiters, the most allowed",
+                queue.waiters.len()
+            )));
+        }
+        queue.waiters.push_back(Waiter {
+            request_id: spec.request_id,
+            lease_ms,
+            notify: Some(tx),
+            detached_at: 0,
+        });
+        shared.waiting.fetch_add(1, Ordering::Relaxed);
+        shared.settle(timers, key, lock, now);
+        Ok(Step::Wait(rx))
+    }
+
+    /// Runs `f` on the lock's state (if it exists), then settles and drops it if empty.
+    fn on_lock<T>(
+        &self,
+        project: ProjectId,
+        name: &str,
+        f: impl FnOnce(&Shared, &mut LockState, &mut BTreeMap<(u64, u64), Box<[u8]>>, u64) -> T,
+    ) -> Option<T> {
+        let shared = &*self.shared;
+        let key = lock_key(project, name);
+        let shard = shared.shard_of(&key);
+        let now = shared.now();
+        let mut state = shared.shard(shard);
+        let ShardState { locks, timers } = &mut *state;
+        let lock = locks.get_mut(&key)?;
+        shared.settle(timers, &key, lock, now);
+        let out = f(shared, lock, timers, now);
+        shared.settle(timers, &key, lock, now);
+        if lock.is_empty() {
+            locks.remove(&key);
+        }
+        Some(out)
+    }
+}
+
+impl LockStore for MemoryStore {
+    fn acquire(&self, spec: AcquireSpec) -> StoreFuture<'_, AcquireOutcome> {
+        Box::pin(async move {
+            let key = lock_key(spec.project, &spec.name);
+            let shard = self.shared.shard_of(&key);
+            let rx = match self.begin_acquire(&spec, shard, &key)? {
+                Step::Done(outcome) => return Ok(outcome),
+                Step::Wait(rx) => rx,
+            };
+            let mut pending = PendingWait {
+                shared: &self.shared,
+                shard,
+                key,
+                request_id: spec.request_id,
+                rx: Some(rx),
+            };
+            let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
+            let timed_out = spec.wait.is_some_and(|w| w <= spec.poll);
+            let rx = pending.rx.as_mut().expect("set above");
+            match tokio::time::timeout(poll, rx).await {
+                Ok(Ok(grant)) => {
+                    pending.rx = None;
+                    Ok(AcquireOutcome::Granted(grant))
+                }
+                // Superseded by a newer poll of the same request: that one answers the grant.
+                Ok(Err(_)) => Ok(pending.finish(false)),
+                Err(_) => Ok(pending.finish(timed_out)),
+            }
+        })
+    }
+
+    fn renew(
+        &self,
+        project: ProjectId,
+        leases: Vec<(String, Id)>,
+    ) -> StoreFuture<'_, Vec<Option<Duration>>> {
+        Box::pin(async move {
+            Ok(leases
+                .iter()
+                .map(|(name, lease_id)| {
+                    self.on_lock(project, name, |_, lock, _, now| {
+                        let holder = lock.holder.as_mut().filter(|h| h.lease_id == *lease_id)?;
+                        holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+                        Some(Duration::from_millis(u64::from(holder.lease_ms)))
+                    })
+                    .flatten()
+                })
+                .collect())
+        })
+    }
+
+    fn release(&self, project: ProjectId, name: &str, lease_id: Id) -> StoreFuture<'_, bool> {
+        let released = self
+            .on_lock(project, name, |shared, lock, timers, _| {
+                if lock.holder.as_ref().is_some_and(|h| h.lease_id == lease_id) {
+                    shared.drop_holder(timers, lock);
+                    true
+                } else {
+                    false
+                }
+            })
+            .unwrap_or(false);
+        Box::pin(async move { Ok(released) })
+    }
+
+    fn cancel(&self, project: ProjectId, name: &str, request_id: Id) -> StoreFuture<'_, bool> {
+        let cancelled = self
+            .on_lock(project, name, |shared, lock, timers, _| {
+                if let Some(queue) = &mut lock.queue
+                    && let Some(pos) = queue
+                        .waiters
+                        .iter()
+                        .position(|w| w.request_id == request_id)
+                {
+                    queue.waiters.remove(pos);
+                    shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                    true
+                } else if lock
+                    .holder
+                    .as_ref()
+                    .is_some_and(|h| h.request_id == request_id)
+                {
+                    shared.drop_holder(timers, lock);
+                    true
+                } else {
+                    false
+                }
+            })
+            .unwrap_or(false);
+        Box::pin(async move { Ok(cancelled) })
+    }
+
+    fn inspect(&self, project: ProjectId, name: &str) -> StoreFuture<'_, LockView> {
+        let view = self
+            .on_lock(project, name, |_, lock, _, now| LockView {
+                holder: lock.holder.as_ref().map(|h| {
+                    (
+                        h.token,
+                        Duration::from_micros(h.deadline.saturating_sub(now)),
+                    )
+                }),
+                waiters: lock.waiters() as u64,
+            })
+            .unwrap_or_default();
+        Box::pin(async move { Ok(view) })
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.shared.stats()
+    }
+
+    fn shutdown(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(file) = &self.shared.state_file else {
+                return Ok(());
+            };
+            let now = self.shared.now();
+            let mut latest = 0u64;
+            for index in 0..self.shared.shards.len() {
+                let state = self.shared.shard(index);
+                for lock in state.locks.values() {
+                    if let Some(h) = &lock.holder {
+                        latest = latest.max(h.deadline.saturating_sub(now));
+                    }
+                }
+            }
+            file.clean_shutdown(SystemTime::now() + Duration::from_micros(latest))
+                .map_err(|e| StoreError::Unavailable(format!("cannot write the state file: {e}")))
+        })
+    }
+}
