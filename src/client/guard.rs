@@ -108,14 +108,12 @@ impl LockGuard {
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
         let _ = self.commands.send(Command::Forget(self.key));
-        let Some(deadline) = *self.state.borrow() else {
-            return Err(self.lost_error());
+        let deadline = match *self.state.borrow() {
+            Some(deadline) if Instant::now() < deadline => deadline,
+            _ => return Err(self.lost_error()),
         };
+        // Worth trying until the server could have expired the lease by itself.
         let cutoff = deadline + self.margin;
-        let now = Instant::now();
-        if cutoff <= now {
-            return Err(self.lost_error());
-        }
         let body = json(&LeaseRef {
             name: self.name.to_string(),
             lease_id: self.lease_id,

@@ -191,11 +191,12 @@ impl Renewer {
         });
     }
 
+    /// Tells the guard its lease is lost. Nothing is sent: the server expires the lease
+    /// within the safety margin, and with plain expiry that is the promised behaviour.
     fn lose(&mut self, key: u64) {
         if let Some(lease) = self.forget(key) {
             tracing::warn!(lock = %lease.name, "lease lost");
             lease.state.send_replace(None);
-            self.release_on_server(lease);
         }
     }
 

@@ -23,6 +23,10 @@ use tokio::time::Instant;
 /// Largest response body the SDK reads.
 const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
+/// How long past a call's deadline an answer may still arrive: a server that ends a wait at
+/// the deadline answers one network trip later.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 /// A byte stream to a lock server, as returned by a custom [`Connect`].
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}

@@ -1,9 +1,10 @@
 //! The memory backend's small durable state: what a restart needs to stay safe.
 //!
-//! Two facts survive a restart: the token epoch (fencing tokens are `epoch << 21 | counter`,
-//! and every boot takes a larger epoch) and how long leases issued before the restart may
-//! still run. The file is rewritten only at start, when a longer lease than ever before is
-//! granted, when the token counter moves into a new epoch, and at a clean shutdown.
+//! Two facts survive a restart: a bound above every fencing token issued so far (tokens
+//! follow the wall clock in microseconds, and a run reserves them ahead in steps), and how
+//! long leases issued before the restart may still run. The file is rewritten only at start,
+//! when a longer lease than ever before is granted, when the token reservation is used up
+//! (about once a minute while grants happen), and at a clean shutdown.
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write};
@@ -13,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Persisted {
-    /// Token epoch in use (the boot's, or later if the counter wrapped).
-    epoch: u64,
+    /// Every token issued so far is below this.
+    tokens_below: u64,
     /// Longest lease granted or renewed since the last start.
     max_lease_ms: u64,
     /// Set by a clean shutdown: wall-clock time (Unix ms) by which every lease still held
@@ -26,8 +27,8 @@ struct Persisted {
 /// What the previous run implies for this one.
 #[derive(Debug, Clone, Copy)]
 pub struct Boot {
-    /// Token epoch for this run.
-    pub epoch: u64,
+    /// Tokens of this run must be at least this.
+    pub first_token: u64,
     /// Grants must wait this long: leases issued before the restart may still be held.
     pub hold_back: Duration,
 }
@@ -39,14 +40,12 @@ pub struct StateFile {
     state: Mutex<Persisted>,
 }
 
-/// Seconds since 2025-01-01T00:00:00Z: the epoch a start without a state file uses, so that
-/// restarts still take larger epochs while the clock is sane.
-pub fn wall_epoch(now: SystemTime) -> u64 {
-    const JAN_2025: u64 = 1_735_689_600;
-    now.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-        .saturating_sub(JAN_2025)
+/// Microseconds since 2025-01-01T00:00:00Z: the floor of fencing tokens. Tokens stay below
+/// 2^53 (exact in every JSON reader, JavaScript's doubles included) until the year 2310.
+pub fn wall_micros(now: SystemTime) -> u64 {
+    const JAN_2025_SECS: u64 = 1_735_689_600;
+    (now.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64)
+        .saturating_sub(JAN_2025_SECS * 1_000_000)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -67,9 +66,9 @@ impl StateFile {
             Err(e) => return Err(e),
         };
         let now = SystemTime::now();
-        let wall_secs = wall_epoch(now);
-        let (epoch, hold_back) = match &previous {
-            None => (wall_secs, Duration::ZERO),
+        let wall = wall_micros(now);
+        let (first_token, hold_back) = match &previous {
+            None => (wall, Duration::ZERO),
             Some(prev) => {
                 let hold_back = match prev.clean_until_unix_ms {
                     Some(until) => Duration::from_millis(until.saturating_sub(unix_ms(now))),
@@ -77,13 +76,13 @@ impl StateFile {
                     // longest one issued.
                     None => Duration::from_millis(prev.max_lease_ms),
                 };
-                (wall_secs.max(prev.epoch + 1), hold_back)
+                (wall.max(prev.tokens_below), hold_back)
             }
         };
         let file = StateFile {
             path: path.to_owned(),
             state: Mutex::new(Persisted {
-                epoch,
+                tokens_below: first_token,
                 // Leases of the previous run are still running during the hold-back; if this
                 // run crashes early, the next must wait for them too.
                 max_lease_ms: hold_back.as_millis() as u64,
@@ -91,7 +90,13 @@ impl StateFile {
             }),
         };
         file.save(&file.lock())?;
-        Ok((file, Boot { epoch, hold_back }))
+        Ok((
+            file,
+            Boot {
+                first_token,
+                hold_back,
+            },
+        ))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Persisted> {
@@ -109,10 +114,10 @@ impl StateFile {
         self.save(&state)
     }
 
-    /// Records that tokens now use `epoch`.
-    pub fn note_epoch(&self, epoch: u64) -> io::Result<()> {
+    /// Records that tokens up to (not including) `below` may be issued.
+    pub fn reserve_tokens(&self, below: u64) -> io::Result<()> {
         let mut state = self.lock();
-        state.epoch = state.epoch.max(epoch);
+        state.tokens_below = state.tokens_below.max(below);
         self.save(&state)
     }
 
@@ -153,12 +158,13 @@ mod tests {
         drop(first); // a crash: no clean_shutdown
 
         let (second, boot2) = StateFile::open(&path).unwrap();
-        assert!(boot2.epoch > boot.epoch);
+        assert!(boot2.first_token >= boot.first_token);
+        second.reserve_tokens(boot2.first_token + 1_000_000_000).unwrap();
         assert_eq!(boot2.hold_back, Duration::from_secs(7));
         second.clean_shutdown(SystemTime::now()).unwrap();
 
         let (_third, boot3) = StateFile::open(&path).unwrap();
-        assert!(boot3.epoch > boot2.epoch);
+        assert!(boot3.first_token >= boot2.first_token + 1_000_000_000);
         assert!(boot3.hold_back <= Duration::from_millis(5));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -13,7 +13,7 @@ use super::{
     StoreStats,
 };
 use crate::id::Id;
-use crate::server::state_file::{Boot, StateFile, wall_epoch};
+use crate::server::state_file::{Boot, StateFile, wall_micros};
 use rand::RngCore;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -51,40 +51,48 @@ impl Default for MemoryConfig {
     }
 }
 
-/// Fencing tokens: `epoch << 21 | counter`, below 2^53 so that every JSON client (even
-/// JavaScript's doubles) reads them exactly. A boot takes a larger epoch than any before it;
-/// when the counter runs out the epoch moves on, recorded in the state file before use.
+/// Fencing tokens: `max(previous + 1, wall-clock µs since 2025)`. They increase across
+/// restarts as long as the clock does not step back; with a state file, also when it does,
+/// because a run reserves tokens ahead in the file before issuing them.
 #[derive(Debug)]
 struct Tokens {
-    next: AtomicU64,
-    /// Highest epoch known to be in the state file (`u64::MAX` without one).
-    recorded: AtomicU64,
+    last: AtomicU64,
+    /// Tokens below this are recorded in the state file (`u64::MAX` without one).
+    reserved: AtomicU64,
     record: Mutex<()>,
 }
 
-const COUNTER_BITS: u32 = 21;
+/// How far ahead a run reserves tokens: a minute of wall-clock microseconds.
+const TOKEN_RESERVE: u64 = 60_000_000;
 
 impl Tokens {
-    fn new(epoch: u64, recorded_in_file: bool) -> Tokens {
+    fn new(first: u64, recorded_in_file: bool) -> Tokens {
         Tokens {
-            next: AtomicU64::new(epoch << COUNTER_BITS),
-            recorded: AtomicU64::new(if recorded_in_file { epoch } else { u64::MAX }),
+            last: AtomicU64::new(first.saturating_sub(1)),
+            reserved: AtomicU64::new(if recorded_in_file { first } else { u64::MAX }),
             record: Mutex::new(()),
         }
     }
 
     fn next(&self, file: Option<&StateFile>) -> u64 {
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
-        let epoch = token >> COUNTER_BITS;
-        if epoch > self.recorded.load(Ordering::Acquire)
+        let floor = wall_micros(SystemTime::now());
+        let token = match self
+            .last
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                Some((last + 1).max(floor))
+            }) {
+            Ok(last) | Err(last) => (last + 1).max(floor),
+        };
+        if token >= self.reserved.load(Ordering::Acquire)
             && let Some(file) = file
         {
             let _serial = self.record.lock().unwrap_or_else(|p| p.into_inner());
-            if epoch > self.recorded.load(Ordering::Acquire) {
-                if let Err(e) = file.note_epoch(epoch) {
-                    tracing::error!(error = %e, "could not record the token epoch");
+            if token >= self.reserved.load(Ordering::Acquire) {
+                let below = token + TOKEN_RESERVE;
+                if let Err(e) = file.reserve_tokens(below) {
+                    tracing::error!(error = %e, "could not reserve fencing tokens in the state file");
                 }
-                self.recorded.store(epoch, Ordering::Release);
+                self.reserved.store(below, Ordering::Release);
             }
         }
         token
@@ -202,7 +210,7 @@ impl MemoryStore {
             None => (
                 None,
                 Boot {
-                    epoch: wall_epoch(SystemTime::now()),
+                    first_token: wall_micros(SystemTime::now()),
                     hold_back: Duration::ZERO,
                 },
             ),
@@ -224,7 +232,7 @@ impl MemoryStore {
             hasher: std::hash::RandomState::new(),
             origin: Instant::now(),
             hold_back_until: micros(boot.hold_back),
-            tokens: Tokens::new(boot.epoch, state_file.is_some()),
+            tokens: Tokens::new(boot.first_token, state_file.is_some()),
             state_file,
             max_lease_noted: AtomicU64::new(0),
             expirations: AtomicU64::new(0),

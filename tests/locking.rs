@@ -1,0 +1,143 @@
+//! Taking turns: mutual exclusion, FIFO waiting on the server, timeouts, cancellation.
+
+mod support;
+
+use distributed_lock::Error;
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::{TestServer, eventually, within};
+use tokio::time::Instant;
+
+const BOUND: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_two_holders_and_tokens_increase() {
+    let server = TestServer::start().await;
+    let inside = Arc::new(AtomicBool::new(false));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        // Separate clients: separate connections and renewal tasks, like separate processes.
+        let dl = server.client("project");
+        let inside = inside.clone();
+        let tokens = tokens.clone();
+        tasks.spawn(async move {
+            for _ in 0..25 {
+                let guard = dl.lock("shared").await.expect("acquire");
+                assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                tokens.lock().unwrap().push(guard.fencing_token());
+                tokio::task::yield_now().await;
+                inside.store(false, Ordering::SeqCst);
+                guard.release().await.expect("release");
+            }
+        });
+    }
+    within(Duration::from_secs(60), async {
+        while let Some(done) = tasks.join_next().await {
+            done.expect("client task");
+        }
+    })
+    .await;
+    let tokens = tokens.lock().unwrap();
+    assert_eq!(tokens.len(), 200);
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "fencing tokens must strictly increase in grant order");
+}
+
+#[tokio::test]
+async fn waiters_are_served_in_fifo_order_by_the_server() {
+    let server = TestServer::start().await;
+    let holder = server.client("p").lock("queue").await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..5u64 {
+        let dl = server.client("p");
+        let order = order.clone();
+        waiters.push(tokio::spawn(async move {
+            let guard = dl.lock("queue").expires_in(Duration::from_secs(30)).await.unwrap();
+            order.lock().unwrap().push((i, Instant::now()));
+            guard.release().await.unwrap();
+        }));
+        // Make the arrival order certain before the next one queues.
+        eventually(BOUND, "waiter queued", || async { server.inspect("p", "queue").await.1 == i + 1 }).await;
+    }
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    for w in waiters {
+        within(BOUND, w).await.unwrap();
+    }
+    let order = order.lock().unwrap();
+    let ids: Vec<u64> = order.iter().map(|(i, _)| *i).collect();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+    // The hand-over comes from the server at release, not from a poll or an expiry: far
+    // below the 30 s lease and the 20 s poll.
+    assert!(order[0].1 - released < Duration::from_secs(2));
+    // One acquire request per client: the waiting happened on the server.
+    assert_eq!(server.metric("distributed_lock_acquires_total").await, 6.0);
+}
+
+#[tokio::test]
+async fn timeout_ends_the_wait_no_earlier_than_asked() {
+    let server = TestServer::start().await;
+    let dl = server.client("p");
+    let _holder = dl.lock("busy").await.unwrap();
+    let other = server.client("p");
+
+    let started = Instant::now();
+    let err = other.lock("busy").timeout(Duration::from_millis(300)).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(err.is_timeout(), "{err}");
+    assert!(waited >= Duration::from_millis(300), "returned early: {waited:?}");
+    assert!(waited < Duration::from_millis(1300), "returned late: {waited:?}");
+    assert!(err.to_string().contains("busy"), "{err}");
+    // The waiter is gone from the line.
+    assert_eq!(server.inspect("p", "busy").await.1, 0);
+}
+
+#[tokio::test]
+async fn zero_timeout_tries_once() {
+    let server = TestServer::start().await;
+    let dl = server.client("p");
+    let held = dl.lock("once").timeout(Duration::ZERO).await.expect("free lock is granted");
+    let before = server.metric("distributed_lock_acquires_total").await;
+    let started = Instant::now();
+    let err = server.client("p").lock("once").timeout(Duration::ZERO).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(server.metric("distributed_lock_acquires_total").await, before + 1.0);
+    assert_eq!(server.inspect("p", "once").await, (Some(held.fencing_token()), 0));
+}
+
+#[tokio::test]
+async fn dropping_a_waiting_acquire_withdraws_it() {
+    // A long grace: only the SDK's explicit withdrawal can clear the waiter this fast.
+    let server = TestServer::start_with(|b| b.grace(Duration::from_secs(120))).await;
+    let _holder = server.client("p").lock("c").await.unwrap();
+    let dl = server.client("p");
+    let waiting = tokio::spawn(async move { dl.lock("c").await });
+    eventually(BOUND, "waiter queued", || async { server.inspect("p", "c").await.1 == 1 }).await;
+    waiting.abort();
+    eventually(BOUND, "waiter withdrawn", || async { server.inspect("p", "c").await.1 == 0 }).await;
+}
+
+#[tokio::test]
+async fn a_grant_that_races_the_drop_is_released_at_once() {
+    let server = TestServer::start_with(|b| b.grace(Duration::from_secs(120))).await;
+    let holder = server.client("p").lock("race").await.unwrap();
+    let dl = server.client("p");
+    let mut acquire = Box::pin(dl.lock("race").expires_in(Duration::from_secs(120)).into_future());
+    tokio::select! {
+        _ = &mut acquire => panic!("granted while held"),
+        _ = eventually(BOUND, "waiter queued", || async { server.inspect("p", "race").await.1 == 1 }) => {}
+    }
+    // The server grants to the waiter now, but nobody polls the acquire to read the answer.
+    holder.release().await.unwrap();
+    let (token, _) = server.inspect("p", "race").await;
+    assert!(token.is_some(), "the waiter was granted the lock");
+    drop(acquire);
+    // Far sooner than the 120 s lease: the orphaned grant is released.
+    eventually(BOUND, "orphaned grant released", || async { server.inspect("p", "race").await.0.is_none() }).await;
+    let next = server.client("p").lock("race").timeout(Duration::ZERO).await;
+    assert!(next.is_ok());
+}

@@ -1,0 +1,181 @@
+//! Test harness: a real server on a real socket, raw HTTP, a cuttable TCP proxy, and waits
+//! on conditions with generous bounds (never fixed sleeps).
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use distributed_lock::DistributedLock;
+use distributed_lock::server::{Server, ServerBuilder};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Once;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts panics raised in the crate's own code (`src/`), in any thread or task: tokio
+/// swallows a panicking server task, so the test would not see it otherwise. Test
+/// assertions (`tests/`) are not counted; they fail their own test.
+fn watch_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.location().is_some_and(|l| l.file().starts_with("src/")) {
+                PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// An in-process lock server on an ephemeral port. Shuts down on drop, and fails the test if
+/// anything panicked meanwhile (server tasks included).
+pub struct TestServer {
+    server: Option<Server>,
+    pub addr: SocketAddr,
+    panics_at_start: usize,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|b| b).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> TestServer {
+        watch_panics();
+        let server = configure(Server::builder().bind("127.0.0.1:0"))
+            .start()
+            .await
+            .expect("test server starts");
+        TestServer {
+            addr: server.local_addr(),
+            server: Some(server),
+            panics_at_start: PANICS.load(Ordering::SeqCst),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client for project `key` talking straight to this server.
+    pub fn client(&self, key: &str) -> DistributedLock {
+        client_for(&self.url(), key)
+    }
+
+    /// Shuts down gracefully (and checks for panics).
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+
+    /// The value of one metric line, such as `distributed_lock_grants_total` or
+    /// `distributed_lock_http_requests_total{route="renew",status="200"}`; 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (status, body) = raw(self.addr, "GET", "/metrics", &[], "").await;
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().expect("metric value"))
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Inspection as project `key` sees it: (holder token, waiters).
+    pub async fn inspect(&self, key: &str, name: &str) -> (Option<u64>, u64) {
+        let path = format!("/v1/locks/{}", encode(name));
+        let (status, body) = raw(self.addr, "GET", &path, &[("authorization", &format!("Bearer {key}"))], "").await;
+        assert_eq!(status, 200, "inspect answered {status}: {body}");
+        let info: serde_json::Value = serde_json::from_str(&body).expect("inspect JSON");
+        (
+            info["holder"]["fencing_token"].as_u64(),
+            info["waiters"].as_u64().expect("waiters"),
+        )
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        drop(self.server.take());
+        let panics = PANICS.load(Ordering::SeqCst) - self.panics_at_start;
+        if panics > 0 && !std::thread::panicking() {
+            panic!("{panics} panic(s) in the crate's code while the test server ran");
+        }
+    }
+}
+
+pub fn client_for(url: &str, key: &str) -> DistributedLock {
+    DistributedLock::builder(key)
+        .endpoint(url)
+        .build()
+        .expect("client builds")
+}
+
+/// Percent-encodes everything outside unreserved characters.
+pub fn encode(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One raw HTTP/1.1 request on a fresh connection: (status, body).
+pub async fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    raw_bytes(addr, request.as_bytes()).await
+}
+
+/// Sends bytes as they are and reads the answer until the server closes.
+pub async fn raw_bytes(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    within(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Awaits `f`, failing the test if it takes longer than `bound`.
+pub async fn within<T>(bound: Duration, f: impl std::future::IntoFuture<Output = T>) -> T {
+    tokio::time::timeout(bound, f)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish within {bound:?}"))
+}
+
+/// Waits until `condition` holds, checking every few milliseconds, failing after `bound`.
+pub async fn eventually<F, Fut>(bound: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {bound:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An address where nothing listens.
+pub async fn dead_addr() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
