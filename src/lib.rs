@@ -1,5 +1,79 @@
-//! distributed-lock (placeholder docs)
+//! Distributed locks for async Rust: leases that renew themselves, fencing tokens, and
+//! waiting in line on the server.
+//!
+//! Any number of processes on any number of machines take turns on a named lock held by a
+//! lock server. This crate is both the SDK ([`DistributedLock`]) and, with the `server`
+//! feature, the server itself (the `distributed-lock-server` binary, or `server::Server`
+//! embedded in a process).
+//!
+//! # A tour
+//!
+//! ```
+//! use distributed_lock::{DistributedLock, Error};
+//! use std::time::Duration;
+//!
+//! # async fn run() -> Result<(), Error> {
+//! # let server = distributed_lock::server::Server::builder().bind("127.0.0.1:0").start().await?;
+//! # let url = server.url();
+//! // One client per project key; cheap to clone. `DistributedLock::new(key)` reads the
+//! // endpoint from $DISTRIBUTED_LOCK_URL (default http://127.0.0.1:7878).
+//! let dl = DistributedLock::builder("project-api-key").endpoint(url).build()?;
+//!
+//! // Closure style: take the lock, run, release, return the closure's value.
+//! let v = dl.with_lock("my-lock", || async { 10 }).await?;
+//! assert_eq!(v, 10);
+//!
+//! // Guard style: the lease is renewed in the background while the guard lives.
+//! let guard = dl
+//!     .lock("my-lock")
+//!     .expires_in(Duration::from_secs(20)) // lease length (default 10 s)
+//!     .timeout(Duration::from_secs(5)) // longest wait (default: as long as it takes)
+//!     .await?;
+//! let token = guard.fencing_token(); // pass it to the storage you protect
+//!
+//! // Meanwhile another client cannot get it; a zero timeout tries once.
+//! let err = dl.lock("my-lock").timeout(Duration::ZERO).await.unwrap_err();
+//! assert!(err.is_timeout());
+//!
+//! // Stop work if the lease is ever lost.
+//! tokio::select! {
+//!     _ = guard.lost() => return Err(Error::LockLost { name: "my-lock".into() }),
+//!     _ = async { /* critical section */ } => {}
+//! }
+//! guard.release().await?; // or just drop the guard
+//!
+//! // Every later grant carries a larger token.
+//! let next = dl.lock("my-lock").await?;
+//! assert!(next.fencing_token() > token);
+//! # drop(next);
+//! # server.shutdown().await;
+//! # Ok(())
+//! # }
+//! # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+//! ```
+//!
+//! # Guarantees
+//! * The server never lets two parties hold a lock at once, and every grant carries a
+//!   fencing token larger than any earlier grant of that name, across server restarts.
+//! * A guard learns that its lease is lost ([`LockGuard::lost`], [`LockGuard::is_held`])
+//!   *before* the server could give the lock to anyone else: it counts its lease from when
+//!   the request was sent, minus a safety margin.
+//! * A process can still be paused (GC, swap, SIGSTOP) past its lease without noticing. The
+//!   fencing token is what makes that safe: have the protected resource reject writes whose
+//!   token is older than one it has seen.
+//!
+//! # How it talks to the server
+//! JSON over HTTP/2 (cleartext, prior knowledge) by default, so every request of a client,
+//! thousands of waiting acquires included, shares one connection per server. Waiting happens
+//! on the server (long polls in FIFO order), never in a client polling loop. One background
+//! task per client renews every due lease in batched requests. The protocol is written down
+//! in `docs/protocol.md`.
+//!
+//! # Features
+//! * `server`: the lock server (the `server` module and the `distributed-lock-server` binary).
+//!   Off by default, so the SDK's dependency tree stays small.
 #![deny(missing_docs, missing_debug_implementations)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
 mod error;
@@ -7,6 +81,7 @@ mod id;
 pub mod protocol;
 
 pub use client::guard::LockGuard;
+pub use client::inspect::{HolderInfo, LockInfo};
 pub use client::request::{DEFAULT_EXPIRES_IN, LockFuture, LockRequest};
 pub use client::transport::{Connect, ConnectFuture, Io};
 pub use client::{DEFAULT_ENDPOINT, DistributedLock, DistributedLockBuilder, URL_ENV};

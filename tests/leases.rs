@@ -29,9 +29,15 @@ async fn a_renewed_short_lease_is_never_given_to_anyone_else() {
         .unwrap_err();
     assert!(err.is_timeout(), "{err}");
     assert!(guard.is_held());
-    assert_eq!(server.inspect("p", "renewed").await.0, Some(guard.fencing_token()));
+    assert_eq!(
+        server.inspect("p", "renewed").await.0,
+        Some(guard.fencing_token())
+    );
     assert!(server.metric("distributed_lock_renewals_total").await >= 9.0);
-    assert_eq!(server.metric("distributed_lock_expirations_total").await, 0.0);
+    assert_eq!(
+        server.metric("distributed_lock_expirations_total").await,
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,13 +48,20 @@ async fn one_client_renews_ten_thousand_guards_in_batches() {
     let mut acquires = tokio::task::JoinSet::new();
     for i in 0..10_000 {
         let dl = dl.clone();
-        acquires.spawn(async move { dl.lock(format!("lock-{i}")).expires_in(lease).await.unwrap() });
+        acquires.spawn(async move {
+            dl.lock(format!("lock-{i}"))
+                .expires_in(lease)
+                .await
+                .unwrap()
+        });
     }
     let mut guards = Vec::with_capacity(10_000);
     while let Some(guard) = acquires.join_next().await {
         guards.push(guard.unwrap());
     }
-    let renews_before = server.metric(r#"distributed_lock_http_requests_total{route="renew",status="200"}"#).await;
+    let renews_before = server
+        .metric(r#"distributed_lock_http_requests_total{route="renew",status="200"}"#)
+        .await;
     let renewed_before = server.metric("distributed_lock_renewals_total").await;
     // Hold for two lease lengths: at least six renewal periods of 1 s.
     let held_from = Instant::now();
@@ -62,12 +75,18 @@ async fn one_client_renews_ten_thousand_guards_in_batches() {
         }
     };
     within(Duration::from_secs(30), all_renewed_twice).await;
-    let renews = server.metric(r#"distributed_lock_http_requests_total{route="renew",status="200"}"#).await - renews_before;
+    let renews = server
+        .metric(r#"distributed_lock_http_requests_total{route="renew",status="200"}"#)
+        .await
+        - renews_before;
     let periods = held_from.elapsed().as_secs_f64() / 1.0;
     println!("10,000 guards: {renews} renew requests over {periods:.1} renewal periods");
     // Unbatched would be 10,000 per period. Batches carry up to 1,000 leases each, so 10
     // requests per period is the floor; allow for leases acquired at different moments.
-    assert!(renews <= 40.0 * (periods + 1.0), "{renews} renew requests in {periods:.1} periods");
+    assert!(
+        renews <= 40.0 * (periods + 1.0),
+        "{renews} renew requests in {periods:.1} periods"
+    );
     assert!(guards.iter().all(|g| g.is_held()));
     assert_eq!(server.metric("distributed_lock_held_locks").await, 10_000.0);
 }
@@ -77,35 +96,62 @@ async fn loss_is_signalled_before_the_server_could_expire_the_lease() {
     let server = TestServer::start().await;
     let proxy = Proxy::start(server.addr).await;
     let lease = Duration::from_millis(600);
-    let guard = client_for(&proxy.url(), "p").lock("lossy").expires_in(lease).await.unwrap();
+    let guard = client_for(&proxy.url(), "p")
+        .lock("lossy")
+        .expires_in(lease)
+        .await
+        .unwrap();
     assert!(guard.is_held());
     proxy.cut();
     // No renewal reaches the server from now on. Read the server's own deadline, counted
     // conservatively from when the question was sent.
     let asked = Instant::now();
     let path = "/v1/locks/lossy";
-    let (_, body) = support::raw(server.addr, "GET", path, &[("authorization", "Bearer p")], "").await;
+    let (_, body) = support::raw(
+        server.addr,
+        "GET",
+        path,
+        &[("authorization", "Bearer p")],
+        "",
+    )
+    .await;
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let server_deadline = asked + Duration::from_millis(info["holder"]["expires_in_ms"].as_u64().unwrap());
+    let server_deadline =
+        asked + Duration::from_millis(info["holder"]["expires_in_ms"].as_u64().unwrap());
 
     within(BOUND, guard.lost()).await;
     let lost_at = Instant::now();
     assert!(!guard.is_held());
-    assert!(lost_at < server_deadline, "lost() fired {:?} after the server-side expiry", lost_at - server_deadline);
+    assert!(
+        lost_at < server_deadline,
+        "lost() fired {:?} after the server-side expiry",
+        lost_at - server_deadline
+    );
     // And the lock does go to someone else afterwards.
-    let next = within(BOUND, server.client("p").lock("lossy")).await.unwrap();
+    let next = within(BOUND, server.client("p").lock("lossy"))
+        .await
+        .unwrap();
     assert!(next.fencing_token() > guard.fencing_token());
 }
 
 #[tokio::test]
 async fn loss_when_the_server_goes_away() {
     let server = TestServer::start().await;
-    let guard = server.client("p").lock("gone").expires_in(Duration::from_millis(500)).await.unwrap();
+    let guard = server
+        .client("p")
+        .lock("gone")
+        .expires_in(Duration::from_millis(500))
+        .await
+        .unwrap();
     let stopped = Instant::now();
     server.stop().await;
     within(BOUND, guard.lost()).await;
     assert!(!guard.is_held());
-    assert!(stopped.elapsed() < Duration::from_millis(500), "lost {:?} after the server stopped", stopped.elapsed());
+    assert!(
+        stopped.elapsed() < Duration::from_millis(500),
+        "lost {:?} after the server stopped",
+        stopped.elapsed()
+    );
     // Releasing a lost lease reports it.
     assert!(guard.release().await.unwrap_err().is_lock_lost());
 }
@@ -115,9 +161,14 @@ async fn revoked_leases_are_lost_at_the_next_renewal() {
     // A restart without a state file forgets every lease: renewals answer "gone".
     let first = TestServer::start().await;
     let addr = first.addr;
-    let guard = first.client("p").lock("revoked").expires_in(Duration::from_secs(3)).await.unwrap();
+    let guard = first
+        .client("p")
+        .lock("revoked")
+        .expires_in(Duration::from_secs(3))
+        .await
+        .unwrap();
     first.stop().await;
-    let second = TestServer::start_with(|b| b.bind(addr.to_string())).await;
+    let second = TestServer::restart_on(addr, |b| b).await;
     let lost_within = Instant::now();
     within(BOUND, guard.lost()).await;
     assert!(lost_within.elapsed() < Duration::from_millis(2700));
@@ -152,21 +203,36 @@ async fn with_lock_drops_the_closure_when_the_lease_is_lost() {
     proxy.cut();
     let result = within(BOUND, run).await.unwrap();
     assert!(result.unwrap_err().is_lock_lost());
-    assert!(dropped.load(Ordering::SeqCst), "the closure's future was dropped");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the closure's future was dropped"
+    );
 }
 
 #[tokio::test]
 async fn dropping_the_guard_hands_the_lock_over_promptly() {
     let server = TestServer::start().await;
-    let guard = server.client("p").lock("drop").expires_in(Duration::from_secs(60)).await.unwrap();
+    let guard = server
+        .client("p")
+        .lock("drop")
+        .expires_in(Duration::from_secs(60))
+        .await
+        .unwrap();
     let dl = server.client("p");
     let waiter = tokio::spawn(async move { dl.lock("drop").await.map(|g| (g, Instant::now())) });
-    eventually(BOUND, "waiter queued", || async { server.inspect("p", "drop").await.1 == 1 }).await;
+    eventually(BOUND, "waiter queued", || async {
+        server.inspect("p", "drop").await.1 == 1
+    })
+    .await;
     let dropped = Instant::now();
     drop(guard);
     let (next, granted) = within(BOUND, waiter).await.unwrap().unwrap();
     // Milliseconds, not the 60 s lease.
-    assert!(granted - dropped < Duration::from_secs(1), "{:?}", granted - dropped);
+    assert!(
+        granted - dropped < Duration::from_secs(1),
+        "{:?}",
+        granted - dropped
+    );
     assert!(next.is_held());
 }
 
@@ -191,15 +257,32 @@ async fn plain_expiry_frees_the_lock_after_expires_in() {
     let server = TestServer::start().await;
     let lease = Duration::from_millis(400);
     let granted = Instant::now();
-    let guard = server.client("p").lock("plain").expires_in(lease).auto_renew(false).await.unwrap();
+    let guard = server
+        .client("p")
+        .lock("plain")
+        .expires_in(lease)
+        .auto_renew(false)
+        .await
+        .unwrap();
     let dl = server.client("p");
     let waiter = tokio::spawn(async move { dl.lock("plain").await.map(|g| (g, Instant::now())) });
     within(BOUND, guard.lost()).await;
     let lost_at = Instant::now();
     assert!(!guard.is_held());
     let (_next, next_at) = within(BOUND, waiter).await.unwrap().unwrap();
-    assert!(next_at >= lost_at, "granted to the next before the holder knew");
-    assert!(next_at - granted >= lease, "freed early after {:?}", next_at - granted);
-    assert!(next_at - granted < lease + Duration::from_secs(1), "freed late after {:?}", next_at - granted);
+    assert!(
+        next_at >= lost_at,
+        "granted to the next before the holder knew"
+    );
+    assert!(
+        next_at - granted >= lease,
+        "freed early after {:?}",
+        next_at - granted
+    );
+    assert!(
+        next_at - granted < lease + Duration::from_secs(1),
+        "freed late after {:?}",
+        next_at - granted
+    );
     assert_eq!(server.metric("distributed_lock_renewals_total").await, 0.0);
 }

@@ -42,7 +42,10 @@ async fn never_two_holders_and_tokens_increase() {
     .await;
     let tokens = tokens.lock().unwrap();
     assert_eq!(tokens.len(), 200);
-    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "fencing tokens must strictly increase in grant order");
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens must strictly increase in grant order"
+    );
 }
 
 #[tokio::test]
@@ -55,19 +58,26 @@ async fn waiters_are_served_in_fifo_order_by_the_server() {
         let dl = server.client("p");
         let order = order.clone();
         waiters.push(tokio::spawn(async move {
-            let guard = dl.lock("queue").expires_in(Duration::from_secs(30)).await.unwrap();
+            let guard = dl
+                .lock("queue")
+                .expires_in(Duration::from_secs(30))
+                .await
+                .unwrap();
             order.lock().unwrap().push((i, Instant::now()));
             guard.release().await.unwrap();
         }));
         // Make the arrival order certain before the next one queues.
-        eventually(BOUND, "waiter queued", || async { server.inspect("p", "queue").await.1 == i + 1 }).await;
+        eventually(BOUND, "waiter queued", || async {
+            server.inspect("p", "queue").await.1 == i + 1
+        })
+        .await;
     }
     let released = Instant::now();
     holder.release().await.unwrap();
     for w in waiters {
         within(BOUND, w).await.unwrap();
     }
-    let order = order.lock().unwrap();
+    let order = order.lock().unwrap().clone();
     let ids: Vec<u64> = order.iter().map(|(i, _)| *i).collect();
     assert_eq!(ids, vec![0, 1, 2, 3, 4]);
     // The hand-over comes from the server at release, not from a poll or an expiry: far
@@ -85,11 +95,21 @@ async fn timeout_ends_the_wait_no_earlier_than_asked() {
     let other = server.client("p");
 
     let started = Instant::now();
-    let err = other.lock("busy").timeout(Duration::from_millis(300)).await.unwrap_err();
+    let err = other
+        .lock("busy")
+        .timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
     let waited = started.elapsed();
     assert!(err.is_timeout(), "{err}");
-    assert!(waited >= Duration::from_millis(300), "returned early: {waited:?}");
-    assert!(waited < Duration::from_millis(1300), "returned late: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "returned early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(1300),
+        "returned late: {waited:?}"
+    );
     assert!(err.to_string().contains("busy"), "{err}");
     // The waiter is gone from the line.
     assert_eq!(server.inspect("p", "busy").await.1, 0);
@@ -99,14 +119,29 @@ async fn timeout_ends_the_wait_no_earlier_than_asked() {
 async fn zero_timeout_tries_once() {
     let server = TestServer::start().await;
     let dl = server.client("p");
-    let held = dl.lock("once").timeout(Duration::ZERO).await.expect("free lock is granted");
+    let held = dl
+        .lock("once")
+        .timeout(Duration::ZERO)
+        .await
+        .expect("free lock is granted");
     let before = server.metric("distributed_lock_acquires_total").await;
     let started = Instant::now();
-    let err = server.client("p").lock("once").timeout(Duration::ZERO).await.unwrap_err();
+    let err = server
+        .client("p")
+        .lock("once")
+        .timeout(Duration::ZERO)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert_eq!(server.metric("distributed_lock_acquires_total").await, before + 1.0);
-    assert_eq!(server.inspect("p", "once").await, (Some(held.fencing_token()), 0));
+    assert_eq!(
+        server.metric("distributed_lock_acquires_total").await,
+        before + 1.0
+    );
+    assert_eq!(
+        server.inspect("p", "once").await,
+        (Some(held.fencing_token()), 0)
+    );
 }
 
 #[tokio::test]
@@ -116,9 +151,15 @@ async fn dropping_a_waiting_acquire_withdraws_it() {
     let _holder = server.client("p").lock("c").await.unwrap();
     let dl = server.client("p");
     let waiting = tokio::spawn(async move { dl.lock("c").await });
-    eventually(BOUND, "waiter queued", || async { server.inspect("p", "c").await.1 == 1 }).await;
+    eventually(BOUND, "waiter queued", || async {
+        server.inspect("p", "c").await.1 == 1
+    })
+    .await;
     waiting.abort();
-    eventually(BOUND, "waiter withdrawn", || async { server.inspect("p", "c").await.1 == 0 }).await;
+    eventually(BOUND, "waiter withdrawn", || async {
+        server.inspect("p", "c").await.1 == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -126,7 +167,11 @@ async fn a_grant_that_races_the_drop_is_released_at_once() {
     let server = TestServer::start_with(|b| b.grace(Duration::from_secs(120))).await;
     let holder = server.client("p").lock("race").await.unwrap();
     let dl = server.client("p");
-    let mut acquire = Box::pin(dl.lock("race").expires_in(Duration::from_secs(120)).into_future());
+    let mut acquire = Box::pin(
+        dl.lock("race")
+            .expires_in(Duration::from_secs(120))
+            .into_future(),
+    );
     tokio::select! {
         _ = &mut acquire => panic!("granted while held"),
         _ = eventually(BOUND, "waiter queued", || async { server.inspect("p", "race").await.1 == 1 }) => {}
@@ -137,7 +182,14 @@ async fn a_grant_that_races_the_drop_is_released_at_once() {
     assert!(token.is_some(), "the waiter was granted the lock");
     drop(acquire);
     // Far sooner than the 120 s lease: the orphaned grant is released.
-    eventually(BOUND, "orphaned grant released", || async { server.inspect("p", "race").await.0.is_none() }).await;
-    let next = server.client("p").lock("race").timeout(Duration::ZERO).await;
+    eventually(BOUND, "orphaned grant released", || async {
+        server.inspect("p", "race").await.0.is_none()
+    })
+    .await;
+    let next = server
+        .client("p")
+        .lock("race")
+        .timeout(Duration::ZERO)
+        .await;
     assert!(next.is_ok());
 }

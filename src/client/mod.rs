@@ -1,6 +1,7 @@
 //! The SDK: `DistributedLock` and its builder.
 
 pub(crate) mod guard;
+pub(crate) mod inspect;
 pub(crate) mod renewer;
 pub(crate) mod request;
 pub(crate) mod retry;
@@ -87,7 +88,7 @@ impl DistributedLock {
     }
 
     /// Starts a request for the lock `name`; configure it, then `.await` it for a
-    /// [`LockGuard`]. Invalid names are reported at `.await` as [`Error::InvalidArgument`].
+    /// [`LockGuard`](crate::LockGuard). Invalid names are reported at `.await` as [`Error::InvalidArgument`].
     pub fn lock(&self, name: impl Into<String>) -> LockRequest {
         LockRequest::new(self.clone(), name.into())
     }

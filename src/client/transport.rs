@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::connect::{Connected, Connection, capture_connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::fmt;
 use std::future::Future;
@@ -225,13 +225,6 @@ impl Transport {
         })
     }
 
-    /// The endpoint requests go to now (for messages).
-    pub fn endpoint(&self) -> Arc<str> {
-        self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()]
-            .base
-            .clone()
-    }
-
     /// POSTs `body` to `route`, retrying transport faults and 502/503/504 with backoff and
     /// moving to the next endpoint after each failure, until `attempts.deadline`.
     pub async fn post(
@@ -265,12 +258,14 @@ impl Transport {
         loop {
             let index = self.current.load(Ordering::Relaxed);
             let endpoint = &self.endpoints[index % self.endpoints.len()];
+            let answer_by =
+                (attempts.deadline + ANSWER_GRACE).saturating_duration_since(Instant::now());
             let failure = match self
                 .attempt(
                     method.clone(),
                     uri(endpoint)?,
                     body.clone(),
-                    attempts.per_attempt,
+                    attempts.per_attempt.min(answer_by),
                 )
                 .await
             {
@@ -311,13 +306,14 @@ impl Transport {
         body: Bytes,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), String> {
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(uri)
             .header(header::AUTHORIZATION, self.auth.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
+        let connection = capture_connection(&mut request);
         let exchange = async {
             let response = self.http.request(request).await.map_err(describe)?;
             let status = response.status();
@@ -330,7 +326,14 @@ impl Transport {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Err(_) => {
+                // The connection may be dead without knowing it (a blackholed peer): make
+                // the next attempt open a fresh one.
+                if let Some(connected) = connection.connection_metadata().as_ref() {
+                    connected.poison();
+                }
+                Err(format!("no answer within {timeout:?}"))
+            }
         }
     }
 }

@@ -44,7 +44,9 @@ pub struct StateFile {
 /// 2^53 (exact in every JSON reader, JavaScript's doubles included) until the year 2310.
 pub fn wall_micros(now: SystemTime) -> u64 {
     const JAN_2025_SECS: u64 = 1_735_689_600;
-    (now.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64)
+    (now.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64)
         .saturating_sub(JAN_2025_SECS * 1_000_000)
 }
 
@@ -159,7 +161,9 @@ mod tests {
 
         let (second, boot2) = StateFile::open(&path).unwrap();
         assert!(boot2.first_token >= boot.first_token);
-        second.reserve_tokens(boot2.first_token + 1_000_000_000).unwrap();
+        second
+            .reserve_tokens(boot2.first_token + 1_000_000_000)
+            .unwrap();
         assert_eq!(boot2.hold_back, Duration::from_secs(7));
         second.clean_shutdown(SystemTime::now()).unwrap();
 

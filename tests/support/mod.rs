@@ -23,7 +23,10 @@ fn watch_panics() {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if info.location().is_some_and(|l| l.file().starts_with("src/")) {
+            if info
+                .location()
+                .is_some_and(|l| l.file().starts_with("src/"))
+            {
                 PANICS.fetch_add(1, Ordering::SeqCst);
             }
             previous(info);
@@ -54,6 +57,34 @@ impl TestServer {
             addr: server.local_addr(),
             server: Some(server),
             panics_at_start: PANICS.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Starts a server on the address a previous one used, waiting for it to be released.
+    pub async fn restart_on(
+        addr: SocketAddr,
+        configure: impl Fn(ServerBuilder) -> ServerBuilder,
+    ) -> TestServer {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match configure(Server::builder().bind(addr.to_string()))
+                .start()
+                .await
+            {
+                Ok(server) => {
+                    watch_panics();
+                    return TestServer {
+                        addr: server.local_addr(),
+                        server: Some(server),
+                        panics_at_start: PANICS.load(Ordering::SeqCst),
+                    };
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("listen"), "{e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("cannot restart on {addr}: {e}"),
+            }
         }
     }
 
@@ -89,7 +120,14 @@ impl TestServer {
     /// Inspection as project `key` sees it: (holder token, waiters).
     pub async fn inspect(&self, key: &str, name: &str) -> (Option<u64>, u64) {
         let path = format!("/v1/locks/{}", encode(name));
-        let (status, body) = raw(self.addr, "GET", &path, &[("authorization", &format!("Bearer {key}"))], "").await;
+        let (status, body) = raw(
+            self.addr,
+            "GET",
+            &path,
+            &[("authorization", &format!("Bearer {key}"))],
+            "",
+        )
+        .await;
         assert_eq!(status, 200, "inspect answered {status}: {body}");
         let info: serde_json::Value = serde_json::from_str(&body).expect("inspect JSON");
         (
@@ -120,14 +158,22 @@ pub fn client_for(url: &str, key: &str) -> DistributedLock {
 pub fn encode(name: &str) -> String {
     name.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
 }
 
 /// One raw HTTP/1.1 request on a fresh connection: (status, body).
-pub async fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+pub async fn raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let mut request = format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -150,7 +196,10 @@ pub async fn raw_bytes(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -169,7 +218,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + bound;
     while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {bound:?} waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {bound:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -1,0 +1,81 @@
+//! `inspect`: who holds a lock, and how many wait.
+
+use crate::client::DistributedLock;
+use crate::client::transport::Attempts;
+use crate::error::Error;
+use crate::protocol::{self, PATH_LOCKS_PREFIX};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What the server knows of a lock at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockInfo {
+    /// The lock's name.
+    pub name: String,
+    /// The current holder, if any.
+    pub holder: Option<HolderInfo>,
+    /// How many wait in line.
+    pub waiters: u64,
+}
+
+/// The holder of a lock, as inspection shows it (never its lease id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HolderInfo {
+    /// The holder's fencing token.
+    pub fencing_token: u64,
+    /// Time left on the lease unless it is renewed.
+    pub expires_in: Duration,
+}
+
+impl DistributedLock {
+    /// Shows who holds the lock `name` and how many wait for it, without changing anything.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn inspect(&self, name: &str) -> Result<LockInfo, Error> {
+        protocol::validate_name(name).map_err(Error::invalid)?;
+        self.inner.usable()?;
+        let path = format!("{PATH_LOCKS_PREFIX}{}", percent_encode(name));
+        let attempts = Attempts {
+            deadline: Instant::now() + self.inner.unavailable_after,
+            per_attempt: Duration::from_secs(10),
+        };
+        let reply = self.inner.transport().get(&path, attempts).await?;
+        if !reply.status.is_success() {
+            return Err(reply.into_error());
+        }
+        let info: protocol::LockInfo = reply.json()?;
+        Ok(LockInfo {
+            name: info.name,
+            holder: info.holder.map(|h| HolderInfo {
+                fencing_token: h.fencing_token,
+                expires_in: Duration::from_millis(h.expires_in_ms),
+            }),
+            waiters: info.waiters,
+        })
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn encoding_keeps_unreserved_characters() {
+        assert_eq!(super::percent_encode("a/b c✓"), "a%2Fb%20c%E2%9C%93");
+        assert_eq!(super::percent_encode("A-z_0.~"), "A-z_0.~");
+    }
+}
