@@ -1,0 +1,408 @@
+//! End-to-end lock benchmarks against a bare-hyper floor measured in the same run.
+//!
+//! `cargo bench --bench locks` starts two server processes on loopback: the real
+//! `distributed-lock-server` binary, and a bare hyper server (this binary re-executed with
+//! `--serve-baseline`) answering the same small JSON requests from a HashMap behind a mutex.
+//! The client side runs here, in this process, so client and server never share a runtime.
+//!
+//! Scenarios, each run 3 times, alternating floor and SDK:
+//! * uncontended: one task, acquire + release of one lock, pair latency p50 / p99;
+//! * handoff: 8 tasks on one lock; the gap from a release being sent to the next holder's
+//!   grant arriving, and whether every successive grant went to a different task;
+//! * throughput: 32 tasks on distinct locks, pairs per second.
+//!
+//! Settings (environment): `BENCH_SECS` (throughput seconds, default 3), `BENCH_PAIRS`
+//! (uncontended pairs, default 3000), `BENCH_CLIENT_RT` (`multi` or `current`, default
+//! `multi`), `BENCH_PROTO` (`h2`, `h1` or `both`, default `both`).
+
+use bytes::Bytes;
+use distributed_lock::DistributedLock;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--serve-baseline") {
+        serve_baseline();
+        return;
+    }
+    // `cargo bench` passes `--bench`; nothing else is expected.
+    let client_rt = std::env::var("BENCH_CLIENT_RT").unwrap_or_else(|_| "multi".into());
+    let runtime = match client_rt.as_str() {
+        "current" => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    }
+    .expect("runtime");
+    runtime.block_on(run(client_rt));
+}
+
+struct Settings {
+    secs: u64,
+    pairs: usize,
+}
+
+async fn run(client_rt: String) {
+    let settings = Settings {
+        secs: env_num("BENCH_SECS", 3),
+        pairs: env_num("BENCH_PAIRS", 3000) as usize,
+    };
+    let protos = match std::env::var("BENCH_PROTO").as_deref() {
+        Ok("h1") => vec![Proto::H1],
+        Ok("h2") => vec![Proto::H2],
+        _ => vec![Proto::H2, Proto::H1],
+    };
+    println!("client runtime: {client_rt}; servers: default binaries (multi-thread, one worker per core)");
+    let baseline = Spawned::start(
+        Command::new(std::env::current_exe().unwrap()).arg("--serve-baseline"),
+    );
+    let server = Spawned::start(
+        Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
+            .args(["--listen", "127.0.0.1:0", "--no-state-file"])
+            .env("RUST_LOG", "info"),
+    );
+    for proto in protos {
+        println!("\n== {proto:?} ==");
+        let floor = Floor::new(&baseline.url, proto);
+        let dl = {
+            let b = DistributedLock::builder("bench").endpoint(&server.url);
+            match proto {
+                Proto::H1 => b.http1_only(),
+                Proto::H2 => b,
+            }
+            .build()
+            .unwrap()
+        };
+        for round in 1..=3 {
+            let f = uncontended_floor(&floor, settings.pairs).await;
+            let s = uncontended_sdk(&dl, settings.pairs).await;
+            println!(
+                "uncontended pair  round {round}: floor p50 {:>7.1} µs p99 {:>7.1} µs | sdk p50 {:>7.1} µs p99 {:>7.1} µs | ratio p50 {:.2}",
+                us(f.p50),
+                us(f.p99),
+                us(s.p50),
+                us(s.p99),
+                s.p50.as_secs_f64() / f.p50.as_secs_f64()
+            );
+        }
+        for round in 1..=3 {
+            let rtt = round_trip_floor(&floor, settings.pairs).await;
+            let (gap, repeats, grants) = handoff(&dl, 8, Duration::from_secs(settings.secs)).await;
+            println!(
+                "handoff 8 tasks   round {round}: floor round trip p50 {:>7.1} µs | gap p50 {:>7.1} µs p99 {:>7.1} µs | {grants} grants, {repeats} to the same task twice in a row",
+                us(rtt.p50),
+                us(gap.p50),
+                us(gap.p99)
+            );
+        }
+        for round in 1..=3 {
+            let f = throughput_floor(&floor, 32, Duration::from_secs(settings.secs)).await;
+            let s = throughput_sdk(&dl, 32, Duration::from_secs(settings.secs)).await;
+            println!(
+                "throughput 32     round {round}: floor {f:>8.0} pairs/s | sdk {s:>8.0} pairs/s | ratio {:.2}",
+                s / f
+            );
+        }
+    }
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Proto {
+    H2,
+    H1,
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Stats {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+// ---------- the SDK ----------
+
+async fn uncontended_sdk(dl: &DistributedLock, pairs: usize) -> Stats {
+    for _ in 0..200 {
+        dl.lock("solo").await.unwrap().release().await.unwrap();
+    }
+    let mut samples = Vec::with_capacity(pairs);
+    for _ in 0..pairs {
+        let start = Instant::now();
+        let guard = dl.lock("solo").await.unwrap();
+        guard.release().await.unwrap();
+        samples.push(start.elapsed());
+    }
+    stats(samples)
+}
+
+async fn handoff(dl: &DistributedLock, tasks: usize, duration: Duration) -> (Stats, usize, usize) {
+    let origin = Instant::now();
+    // Nanoseconds since `origin` at which the last release was sent.
+    let released_at = Arc::new(AtomicU64::new(0));
+    let log = Arc::new(Mutex::new(Vec::<(usize, Duration)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = tokio::task::JoinSet::new();
+    for id in 0..tasks {
+        let dl = dl.clone();
+        let released_at = released_at.clone();
+        let log = log.clone();
+        let stop = stop.clone();
+        set.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let guard = dl.lock("hot").await.unwrap();
+                let granted = origin.elapsed();
+                let released = Duration::from_nanos(released_at.load(Ordering::SeqCst));
+                log.lock().unwrap().push((id, granted.saturating_sub(released)));
+                released_at.store(origin.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                guard.release().await.unwrap();
+            }
+        });
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    while set.join_next().await.is_some() {}
+    let log = log.lock().unwrap();
+    // Skip the start, when waiters were still queueing.
+    let steady = &log[tasks.min(log.len())..];
+    let repeats = steady.windows(2).filter(|w| w[0].0 == w[1].0).count();
+    (stats(steady.iter().map(|(_, gap)| *gap).collect()), repeats, steady.len())
+}
+
+async fn throughput_sdk(dl: &DistributedLock, tasks: usize, duration: Duration) -> f64 {
+    let count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = tokio::task::JoinSet::new();
+    for id in 0..tasks {
+        let dl = dl.clone();
+        let count = count.clone();
+        let stop = stop.clone();
+        set.spawn(async move {
+            let name = format!("lock-{id}");
+            while !stop.load(Ordering::Relaxed) {
+                dl.lock(name.as_str()).await.unwrap().release().await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let start = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let done = count.load(Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    while set.join_next().await.is_some() {}
+    done as f64 / elapsed.as_secs_f64()
+}
+
+// ---------- the bare-hyper floor ----------
+
+struct Floor {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: String,
+}
+
+impl Floor {
+    fn new(url: &str, proto: Proto) -> Floor {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(matches!(proto, Proto::H2))
+            .build(connector);
+        Floor {
+            client,
+            url: url.to_owned(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: String) -> Bytes {
+        let request = Request::post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer bench")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    async fn pair(&self, name: &str) {
+        let id = format!("{:032x}", fastrand_u128());
+        let granted = self
+            .post(
+                "/v1/acquire",
+                format!(r#"{{"name":"{name}","lease_ms":10000,"wait_ms":null,"poll_ms":20000,"request_id":"{id}"}}"#),
+            )
+            .await;
+        let granted: serde_json::Value = serde_json::from_slice(&granted).unwrap();
+        let lease = granted["lease_id"].as_str().unwrap();
+        self.post(
+            "/v1/release",
+            format!(r#"{{"name":"{name}","lease_id":"{lease}"}}"#),
+        )
+        .await;
+    }
+}
+
+fn fastrand_u128() -> u128 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed) as u128 * 0x9E37_79B9_7F4A_7C15
+}
+
+async fn uncontended_floor(floor: &Floor, pairs: usize) -> Stats {
+    for _ in 0..200 {
+        floor.pair("solo").await;
+    }
+    let mut samples = Vec::with_capacity(pairs);
+    for _ in 0..pairs {
+        let start = Instant::now();
+        floor.pair("solo").await;
+        samples.push(start.elapsed());
+    }
+    stats(samples)
+}
+
+async fn round_trip_floor(floor: &Floor, n: usize) -> Stats {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        floor.post("/v1/release", r#"{"name":"none","lease_id":"00"}"#.into()).await;
+        samples.push(start.elapsed());
+    }
+    stats(samples)
+}
+
+async fn throughput_floor(floor: &Floor, tasks: usize, duration: Duration) -> f64 {
+    let floor = Arc::new(Floor {
+        client: floor.client.clone(),
+        url: floor.url.clone(),
+    });
+    let count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = tokio::task::JoinSet::new();
+    for id in 0..tasks {
+        let floor = floor.clone();
+        let count = count.clone();
+        let stop = stop.clone();
+        set.spawn(async move {
+            let name = format!("lock-{id}");
+            while !stop.load(Ordering::Relaxed) {
+                floor.pair(&name).await;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let start = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let done = count.load(Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    while set.join_next().await.is_some() {}
+    done as f64 / elapsed.as_secs_f64()
+}
+
+/// The floor's server: parse the JSON, touch a HashMap behind a mutex, answer JSON.
+fn serve_baseline() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("listening on http://{}", listener.local_addr().unwrap());
+        let table = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
+        let counter = Arc::new(AtomicU64::new(1));
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let table = table.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let table = table.clone();
+                    let counter = counter.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                        let name = value["name"].as_str().unwrap_or_default().to_owned();
+                        let reply = if path == "/v1/acquire" {
+                            let token = counter.fetch_add(1, Ordering::Relaxed);
+                            table.lock().unwrap().insert(name, token);
+                            format!(r#"{{"lease_id":"{token:032x}","fencing_token":{token},"lease_ms":10000}}"#)
+                        } else {
+                            table.lock().unwrap().remove(&name);
+                            r#"{"released":true}"#.to_owned()
+                        };
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(reply))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+}
+
+// ---------- processes ----------
+
+struct Spawned {
+    child: Child,
+    url: String,
+}
+
+impl Spawned {
+    fn start(command: &mut Command) -> Spawned {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server process starts");
+        // The bare server prints on stdout, the real one logs on stderr: read both.
+        let (tx, rx) = std::sync::mpsc::channel();
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Some((_, url)) = line.split_once("listening on ") {
+                        let _ = tx.send(url.trim().to_owned());
+                    }
+                }
+            });
+        }
+        let url = rx.recv_timeout(Duration::from_secs(30)).expect("server printed its address");
+        Spawned { child, url }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
