@@ -129,6 +129,8 @@ pub(crate) struct Reply {
     pub status: StatusCode,
     pub body: Bytes,
     pub endpoint: Arc<str>,
+    /// Attempts made; above 1, an earlier attempt may have been processed unanswered.
+    pub attempts: u32,
 }
 
 impl Reply {
@@ -255,7 +257,9 @@ impl Transport {
         attempts: Attempts,
     ) -> Result<Reply, Error> {
         let mut delays = retry::delays();
+        let mut attempt = 0;
         loop {
+            attempt += 1;
             let index = self.current.load(Ordering::Relaxed);
             let endpoint = &self.endpoints[index % self.endpoints.len()];
             let answer_by =
@@ -274,6 +278,7 @@ impl Transport {
                         status,
                         body,
                         endpoint: endpoint.base.clone(),
+                        attempts: attempt,
                     });
                 }
                 Ok((status, _)) => format!("answered {status}"),

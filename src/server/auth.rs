@@ -13,6 +13,15 @@ use std::sync::Mutex;
 /// Most projects open mode creates, so random keys cannot grow memory without bound.
 const MAX_OPEN_PROJECTS: usize = 100_000;
 
+/// Why a request has no project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Missing, malformed, repeated or unknown key.
+    BadKey,
+    /// Open mode created as many projects as it may.
+    TooManyProjects,
+}
+
 /// Resolves the `Authorization` header to a project.
 #[derive(Debug)]
 pub(crate) struct Auth {
@@ -26,21 +35,21 @@ impl Auth {
         }
     }
 
-    /// The caller's project, or `None` for a missing, malformed, repeated or unknown key.
-    pub fn project(&self, headers: &HeaderMap) -> Option<ProjectId> {
+    /// The caller's project.
+    pub fn project(&self, headers: &HeaderMap) -> Result<ProjectId, Refusal> {
         let mut values = headers.get_all(AUTHORIZATION).iter();
-        let value = values.next()?;
+        let value = values.next().ok_or(Refusal::BadKey)?;
         if values.next().is_some() {
-            return None;
+            return Err(Refusal::BadKey);
         }
-        let key = bearer(value.as_bytes())?;
+        let key = bearer(value.as_bytes()).ok_or(Refusal::BadKey)?;
         let digest: [u8; 32] = Sha256::digest(key).into();
         let mut projects = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let next = projects.len();
         if next >= MAX_OPEN_PROJECTS && !projects.contains_key(&digest) {
-            return None;
+            return Err(Refusal::TooManyProjects);
         }
-        Some(*projects.entry(digest).or_insert(next as ProjectId))
+        Ok(*projects.entry(digest).or_insert(next as ProjectId))
     }
 }
 
@@ -73,15 +82,14 @@ mod tests {
         let a = auth.project(&headers(&["Bearer key-a"])).unwrap();
         let b = auth.project(&headers(&["bearer key-b"])).unwrap();
         assert_ne!(a, b);
-        assert_eq!(auth.project(&headers(&["Bearer key-a"])), Some(a));
+        assert_eq!(auth.project(&headers(&["Bearer key-a"])), Ok(a));
     }
 
     #[test]
     fn malformed_credentials_are_refused() {
         let auth = Auth::open();
-        assert_eq!(auth.project(&headers(&[])), None);
-        assert_eq!(auth.project(&headers(&["Basic abc"])), None);
-        assert_eq!(auth.project(&headers(&["Bearer "])), None);
-        assert_eq!(auth.project(&headers(&["Bearer a", "Bearer a"])), None);
+        for bad in [&[][..], &["Basic abc"], &["Bearer "], &["Bearer a", "Bearer a"]] {
+            assert_eq!(auth.project(&headers(bad)), Err(Refusal::BadKey), "{bad:?}");
+        }
     }
 }

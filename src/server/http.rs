@@ -4,7 +4,7 @@ use crate::protocol::{
     self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, HolderInfo, LeaseRef,
     LockInfo, ReleaseResponse, RenewRequest, RenewResponse, RenewResult, StillWaiting, codes,
 };
-use crate::server::auth::Auth;
+use crate::server::auth::{Auth, Refusal};
 use crate::server::metrics::{Metrics, RequestLabels};
 use crate::server::store::{AcquireOutcome, AcquireSpec, LockStore, ProjectId, StoreError};
 use bytes::Bytes;
@@ -100,13 +100,27 @@ impl Failure {
 }
 
 impl App {
+    /// `200 ok`, or `503` once the server is shutting down (so load balancers move on).
+    fn health(&self) -> Reply {
+        if *self.stopping.borrow() {
+            text_reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".into())
+        } else {
+            text_reply(StatusCode::OK, "text/plain", "ok\n".into())
+        }
+    }
+
     /// Serves one request; never fails (every problem becomes a status).
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<Reply, std::convert::Infallible> {
         let (route, result) = self.route(request).await;
-        let reply = result.unwrap_or_else(Failure::into_reply);
+        let mut reply = result.unwrap_or_else(Failure::into_reply);
+        if reply.status() == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110: a 405 names the methods the route does accept.
+            let allow = if route == "healthz" || route == "metrics" || route == "inspect" { "GET" } else { "POST" };
+            reply.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+        }
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -128,15 +142,9 @@ impl App {
             }
         };
         let route = match path.as_str() {
-            "/healthz" | "/metrics" if method != Method::GET && method != Method::HEAD => {
-                return ("other", Err(not_allowed("GET")));
-            }
-            "/healthz" => {
-                return (
-                    "healthz",
-                    Ok(text_reply(StatusCode::OK, "text/plain", "ok\n".into())),
-                );
-            }
+            "/healthz" if method != Method::GET => return ("healthz", Err(not_allowed("GET"))),
+            "/metrics" if method != Method::GET => return ("metrics", Err(not_allowed("GET"))),
+            "/healthz" => return ("healthz", Ok(self.health())),
             "/metrics" => {
                 return (
                     "metrics",
@@ -189,12 +197,17 @@ impl App {
     }
 
     fn project(&self, headers: &HeaderMap) -> Result<ProjectId, Failure> {
-        self.auth.project(headers).ok_or_else(|| {
-            Failure(
+        self.auth.project(headers).map_err(|refusal| match refusal {
+            Refusal::BadKey => Failure(
                 StatusCode::UNAUTHORIZED,
                 codes::UNAUTHORIZED,
                 "missing or unknown API key (expected `Authorization: Bearer <key>`)".into(),
-            )
+            ),
+            Refusal::TooManyProjects => Failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::UNAVAILABLE,
+                "open development mode has reached its project limit".into(),
+            ),
         })
     }
 
@@ -265,8 +278,8 @@ impl App {
         let mut stopping = self.stopping.clone();
         let outcome = tokio::select! {
             outcome = self.store.acquire(spec) => outcome?,
-            // Dropping the store's future keeps the waiter's place for its grace period, so
-            // the client can carry on at another server or after a restart.
+            // Dropping the store's future detaches the waiter: a store shared by several
+            // servers keeps its place for the client's retry elsewhere.
             _ = crate::server::stopped(&mut stopping) => {
                 return Err(Failure(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -390,6 +403,8 @@ fn not_allowed(allowed: &'static str) -> Failure {
         format!("use {allowed}"),
     )
 }
+
+
 
 /// Decodes `%XX` escapes; `None` for a malformed escape or invalid UTF-8.
 pub(crate) fn percent_decode(s: &str) -> Option<String> {

@@ -128,7 +128,7 @@ impl ServerBuilder {
         self
     }
 
-    /// Longest lease a client may ask for (default 1 h).
+    /// Longest lease a client may ask for (default 1 h, at most 24 h).
     pub fn max_lease(mut self, lease: Duration) -> ServerBuilder {
         self.limits.max_lease = lease;
         self
