@@ -39,8 +39,12 @@ fn main() {
     // `cargo bench` passes `--bench`; nothing else is expected.
     let client_rt = std::env::var("BENCH_CLIENT_RT").unwrap_or_else(|_| "multi".into());
     let runtime = match client_rt.as_str() {
-        "current" => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        "current" => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
     }
     .expect("runtime");
     runtime.block_on(run(client_rt));
@@ -61,10 +65,11 @@ async fn run(client_rt: String) {
         Ok("h2") => vec![Proto::H2],
         _ => vec![Proto::H2, Proto::H1],
     };
-    println!("client runtime: {client_rt}; servers: default binaries (multi-thread, one worker per core)");
-    let baseline = Spawned::start(
-        Command::new(std::env::current_exe().unwrap()).arg("--serve-baseline"),
+    println!(
+        "client runtime: {client_rt}; servers: default binaries (multi-thread, one worker per core)"
     );
+    let baseline =
+        Spawned::start(Command::new(std::env::current_exe().unwrap()).arg("--serve-baseline"));
     let server = Spawned::start(
         Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
             .args(["--listen", "127.0.0.1:0", "--no-state-file"])
@@ -116,7 +121,10 @@ async fn run(client_rt: String) {
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn us(d: Duration) -> f64 {
@@ -176,7 +184,9 @@ async fn handoff(dl: &DistributedLock, tasks: usize, duration: Duration) -> (Sta
                 let guard = dl.lock("hot").await.unwrap();
                 let granted = origin.elapsed();
                 let released = Duration::from_nanos(released_at.load(Ordering::SeqCst));
-                log.lock().unwrap().push((id, granted.saturating_sub(released)));
+                log.lock()
+                    .unwrap()
+                    .push((id, granted.saturating_sub(released)));
                 released_at.store(origin.elapsed().as_nanos() as u64, Ordering::SeqCst);
                 guard.release().await.unwrap();
             }
@@ -189,7 +199,11 @@ async fn handoff(dl: &DistributedLock, tasks: usize, duration: Duration) -> (Sta
     // Skip the start, when waiters were still queueing.
     let steady = &log[tasks.min(log.len())..];
     let repeats = steady.windows(2).filter(|w| w[0].0 == w[1].0).count();
-    (stats(steady.iter().map(|(_, gap)| *gap).collect()), repeats, steady.len())
+    (
+        stats(steady.iter().map(|(_, gap)| *gap).collect()),
+        repeats,
+        steady.len(),
+    )
 }
 
 async fn throughput_sdk(dl: &DistributedLock, tasks: usize, duration: Duration) -> f64 {
@@ -203,7 +217,12 @@ async fn throughput_sdk(dl: &DistributedLock, tasks: usize, duration: Duration) 
         set.spawn(async move {
             let name = format!("lock-{id}");
             while !stop.load(Ordering::Relaxed) {
-                dl.lock(name.as_str()).await.unwrap().release().await.unwrap();
+                dl.lock(name.as_str())
+                    .await
+                    .unwrap()
+                    .release()
+                    .await
+                    .unwrap();
                 count.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -287,7 +306,9 @@ async fn round_trip_floor(floor: &Floor, n: usize) -> Stats {
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let start = Instant::now();
-        floor.post("/v1/release", r#"{"name":"none","lease_id":"00"}"#.into()).await;
+        floor
+            .post("/v1/release", r#"{"name":"none","lease_id":"00"}"#.into())
+            .await;
         samples.push(start.elapsed());
     }
     stats(samples)
@@ -324,7 +345,10 @@ async fn throughput_floor(floor: &Floor, tasks: usize, duration: Duration) -> f6
 
 /// The floor's server: parse the JSON, touch a HashMap behind a mutex, answer JSON.
 fn serve_baseline() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("listening on http://{}", listener.local_addr().unwrap());
@@ -380,8 +404,14 @@ impl Spawned {
         // The bare server prints on stdout, the real one logs on stderr: read both.
         let (tx, rx) = std::sync::mpsc::channel();
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -395,7 +425,9 @@ impl Spawned {
                 }
             });
         }
-        let url = rx.recv_timeout(Duration::from_secs(30)).expect("server printed its address");
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server printed its address");
         Spawned { child, url }
     }
 }

@@ -89,3 +89,8 @@ pub use error::Error;
 
 #[cfg(feature = "server")]
 pub mod server;
+
+/// The README's examples compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

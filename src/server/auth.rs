@@ -88,7 +88,12 @@ mod tests {
     #[test]
     fn malformed_credentials_are_refused() {
         let auth = Auth::open();
-        for bad in [&[][..], &["Basic abc"], &["Bearer "], &["Bearer a", "Bearer a"]] {
+        for bad in [
+            &[][..],
+            &["Basic abc"],
+            &["Bearer "],
+            &["Bearer a", "Bearer a"],
+        ] {
             assert_eq!(auth.project(&headers(bad)), Err(Refusal::BadKey), "{bad:?}");
         }
     }

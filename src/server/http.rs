@@ -103,7 +103,11 @@ impl App {
     /// `200 ok`, or `503` once the server is shutting down (so load balancers move on).
     fn health(&self) -> Reply {
         if *self.stopping.borrow() {
-            text_reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".into())
+            text_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "shutting down\n".into(),
+            )
         } else {
             text_reply(StatusCode::OK, "text/plain", "ok\n".into())
         }
@@ -118,8 +122,14 @@ impl App {
         let mut reply = result.unwrap_or_else(Failure::into_reply);
         if reply.status() == StatusCode::METHOD_NOT_ALLOWED {
             // RFC 9110: a 405 names the methods the route does accept.
-            let allow = if route == "healthz" || route == "metrics" || route == "inspect" { "GET" } else { "POST" };
-            reply.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+            let allow = if route == "healthz" || route == "metrics" || route == "inspect" {
+                "GET"
+            } else {
+                "POST"
+            };
+            reply
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allow));
         }
         self.metrics
             .requests
@@ -403,8 +413,6 @@ fn not_allowed(allowed: &'static str) -> Failure {
         format!("use {allowed}"),
     )
 }
-
-
 
 /// Decodes `%XX` escapes; `None` for a malformed escape or invalid UTF-8.
 pub(crate) fn percent_decode(s: &str) -> Option<String> {

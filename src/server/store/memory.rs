@@ -460,6 +460,10 @@ impl Shared {
             self.settle(timers, key, lock, now);
             !lock.is_empty()
         });
+        // Give back the table's memory after a burst: idle locks should cost nothing.
+        if locks.capacity() > 4 * locks.len() + 1024 {
+            locks.shrink_to(2 * locks.len());
+        }
     }
 
     fn stats(&self) -> StoreStats {
