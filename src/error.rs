@@ -1,6 +1,17 @@
 //! The one error type of the SDK (and of the embedded server's start-up).
 
+use crate::client::inspect::HolderInfo;
 use std::time::Duration;
+
+fn held_by(holder: &Option<HolderInfo>) -> String {
+    match holder {
+        Some(h) => match &h.metadata {
+            Some(label) => format!(" (held by {label:?}, fencing token {})", h.fencing_token),
+            None => format!(" (held under fencing token {})", h.fencing_token),
+        },
+        None => String::new(),
+    }
+}
 
 /// Everything that can go wrong, as variants a caller can act on.
 ///
@@ -9,12 +20,18 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum Error {
     /// The wait for the lock reached its `timeout` without the lock being granted.
-    #[error("timed out after {waited:?} waiting for lock {name:?}")]
+    #[error(
+        "timed out after {waited:?} waiting for lock {name:?}{}",
+        held_by(holder)
+    )]
+    #[non_exhaustive]
     Timeout {
         /// The lock waited for.
         name: String,
         /// How long the caller waited.
         waited: Duration,
+        /// Who held the lock when the wait ended, if the server said.
+        holder: Option<HolderInfo>,
     },
 
     /// The lease ended (expired, revoked, or could not be renewed in time) while it was
@@ -48,6 +65,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// A server limit was reached: the project's lock quota, the lock's waiter limit, or the
+    /// key's request rate. Try again later (after `retry_after`, if given).
+    #[error("{endpoint} refused: {message}")]
+    LimitReached {
+        /// The endpoint that refused.
+        endpoint: String,
+        /// The server's explanation.
+        message: String,
+        /// How long the server asked to wait.
+        retry_after: Option<Duration>,
+    },
+
     /// The server answered with an error the SDK does not map to another variant.
     #[error("{endpoint} answered {status}: {message}")]
     Server {
@@ -56,6 +85,16 @@ pub enum Error {
         /// HTTP status code.
         status: u16,
         /// The server's message.
+        message: String,
+    },
+
+    /// A TLS handshake with the server failed (an untrusted or mismatched certificate, or
+    /// no common protocol). Retrying does not help; fix the certificates or the settings.
+    #[error("TLS with {endpoint} failed: {message}")]
+    Tls {
+        /// The endpoint.
+        endpoint: String,
+        /// What failed.
         message: String,
     },
 
@@ -94,6 +133,11 @@ impl Error {
     /// True for [`Error::Unavailable`].
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Unavailable { .. })
+    }
+
+    /// True for [`Error::LimitReached`].
+    pub fn is_limit_reached(&self) -> bool {
+        matches!(self, Error::LimitReached { .. })
     }
 
     pub(crate) fn invalid(message: impl Into<String>) -> Error {

@@ -62,6 +62,10 @@ pub struct AcquireRequest {
     /// Client-made id; repeating it resumes the same place in the queue or returns the same
     /// grant, so a retried acquire never creates a second holder.
     pub request_id: Id,
+    /// A label shown to others while this request holds the lock, such as `host-a/job-42`
+    /// (same rules as names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
 }
 
 /// `200` answer to an acquire: the lock is yours.
@@ -153,6 +157,9 @@ pub struct LockInfo {
     pub holder: Option<HolderInfo>,
     /// Number of queued waiters.
     pub waiters: u64,
+    /// How long the first waiter in line has waited, in milliseconds.
+    #[serde(default)]
+    pub oldest_wait_ms: Option<u64>,
 }
 
 /// What inspection shows of a holder (never its lease id).
@@ -160,8 +167,15 @@ pub struct LockInfo {
 pub struct HolderInfo {
     /// The holder's fencing token.
     pub fencing_token: u64,
+    /// When the lock was granted, in Unix milliseconds (server clock).
+    pub acquired_at_ms: u64,
+    /// When the lease ends unless renewed, in Unix milliseconds (server clock).
+    pub expires_at_ms: u64,
     /// Milliseconds until the lease ends unless renewed.
     pub expires_in_ms: u64,
+    /// The holder's label, if it gave one.
+    #[serde(default)]
+    pub metadata: Option<String>,
 }
 
 /// Body of every error answer.
@@ -171,6 +185,9 @@ pub struct ErrorBody {
     pub error: String,
     /// Human-readable explanation.
     pub message: String,
+    /// With `timeout`: who held the lock when the wait ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<HolderInfo>,
 }
 
 /// Error codes used in [`ErrorBody::error`].
@@ -179,7 +196,7 @@ pub mod codes {
     pub const INVALID_ARGUMENT: &str = "invalid_argument";
     /// 401: missing or unknown API key.
     pub const UNAUTHORIZED: &str = "unauthorized";
-    /// 404: unknown route.
+    /// 404: unknown route, or no such lock in the caller's project.
     pub const NOT_FOUND: &str = "not_found";
     /// 405: known route, wrong method.
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
@@ -189,7 +206,7 @@ pub mod codes {
     pub const GONE: &str = "gone";
     /// 413: body too large.
     pub const TOO_LARGE: &str = "payload_too_large";
-    /// 429: a per-lock or per-project limit was reached.
+    /// 429: a per-lock or per-project limit, or the key's rate limit, was reached.
     pub const TOO_MANY: &str = "too_many_requests";
     /// 503: the server is shutting down or its store is unreachable; retry.
     pub const UNAVAILABLE: &str = "unavailable";

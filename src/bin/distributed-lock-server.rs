@@ -11,8 +11,33 @@ use std::time::Duration;
 #[command(
     version,
     about,
-    after_help = "Examples:\n  distributed-lock-server\n  distributed-lock-server --listen 0.0.0.0:7878 --state-file /var/lib/distributed-lock/state"
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+    distributed-lock-server                                   # open development mode on 127.0.0.1:7878\n  \
+    distributed-lock-server --listen 0.0.0.0:7878 --key-file keys.toml \\\n      \
+    --tls-cert cert.pem --tls-key key.pem --state-file /var/lib/distributed-lock/state\n  \
+    distributed-lock-server new-key --project billing         # print a new API key and its key-file line\n\n\
+    Every option can also be set by the environment variable shown with it."
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Create an API key for a project: prints the key once, and the line to add to the
+    /// project's `keys` in the key file (which stores only its SHA-256 digest).
+    NewKey {
+        /// The project the key is for.
+        #[arg(long)]
+        project: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Address to listen on.
     #[arg(
@@ -22,7 +47,20 @@ struct Args {
     )]
     listen: String,
 
-    /// File keeping restart state (token epoch, longest lease); grants wait out old leases
+    /// Projects and API keys (TOML). Without it: open development mode, any key accepted.
+    /// Re-read when it changes, and on SIGHUP.
+    #[arg(long, env = "DISTRIBUTED_LOCK_KEY_FILE")]
+    key_file: Option<PathBuf>,
+
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, env = "DISTRIBUTED_LOCK_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "DISTRIBUTED_LOCK_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// File keeping restart state (token floor, longest lease); grants wait out old leases
     /// after a crash.
     #[arg(
         long,
@@ -33,16 +71,44 @@ struct Args {
 
     /// Keep no restart state (development only: a restart may then grant a lock a client
     /// still believes it holds).
-    #[arg(long, conflicts_with = "state_file")]
+    #[arg(long)]
     no_state_file: bool,
 
-    /// Longest lease a client may ask for, such as `1h` or `90s`.
+    /// Longest lease a client may ask for, such as `1h` or `90s` (at most 24h).
     #[arg(long, env = "DISTRIBUTED_LOCK_MAX_LEASE", default_value = "1h", value_parser = parse_duration)]
     max_lease: Duration,
 
     /// Longest time one long poll is held open.
     #[arg(long, env = "DISTRIBUTED_LOCK_MAX_POLL", default_value = "20s", value_parser = parse_duration)]
     max_poll: Duration,
+
+    /// Most waiters one lock may have.
+    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_WAITERS", default_value_t = 100_000)]
+    max_waiters_per_lock: usize,
+
+    /// Largest request body in bytes.
+    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_BODY", default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+
+    /// Most open client connections.
+    #[arg(
+        long,
+        env = "DISTRIBUTED_LOCK_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    max_connections: usize,
+
+    /// Time a client has to send a request header (slowloris protection).
+    #[arg(long, env = "DISTRIBUTED_LOCK_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+
+    /// Close connections with no request in flight for this long.
+    #[arg(long, env = "DISTRIBUTED_LOCK_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+
+    /// Time a client has to complete the TLS handshake.
+    #[arg(long, env = "DISTRIBUTED_LOCK_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
 
     /// Worker threads (default: one per core).
     #[arg(long, env = "DISTRIBUTED_LOCK_THREADS")]
@@ -75,7 +141,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::NewKey { project }) = cli.command {
+        let (key, line) = distributed_lock::server::new_key(&project);
+        println!(
+            "New API key for project {project:?}. It is shown only this once: store it now.\n"
+        );
+        println!("    {key}\n");
+        println!("Add this line to the `keys` of project {project:?} in the key file:\n");
+        println!("    {line}");
+        return ExitCode::SUCCESS;
+    }
+    let args = cli.serve;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = args.threads {
         runtime.worker_threads(threads.max(1));
@@ -100,7 +177,19 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
     let mut builder = Server::builder()
         .bind(&args.listen)
         .max_lease(args.max_lease)
-        .max_poll(args.max_poll);
+        .max_poll(args.max_poll)
+        .max_waiters_per_lock(args.max_waiters_per_lock)
+        .max_body_bytes(args.max_body_bytes)
+        .max_connections(args.max_connections)
+        .header_read_timeout(args.header_read_timeout)
+        .idle_timeout(args.idle_timeout)
+        .handshake_timeout(args.handshake_timeout);
+    if let Some(path) = &args.key_file {
+        builder = builder.key_file(path);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        builder = builder.tls(cert, key);
+    }
     if args.no_state_file {
         tracing::warn!(
             "no state file: after a restart, locks may be granted that clients still believe they hold"
@@ -109,33 +198,52 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
         builder = builder.state_file(&args.state_file);
     }
     let server = builder.start().await?;
-    tracing::warn!(
-        "OPEN DEVELOPMENT MODE: no API keys are configured, so any key is accepted and each distinct key is its own project"
-    );
+    if server.is_open_mode() {
+        tracing::warn!(
+            "OPEN DEVELOPMENT MODE: no key file is configured, so any API key is accepted and each distinct key is its own project. Use --key-file in production."
+        );
+    }
     tracing::info!("listening on {}", server.url());
-    wait_for_signal().await;
+    loop {
+        match next_signal().await {
+            Signal::Reload => match server.reload_keys() {
+                Ok(keys) => tracing::info!(keys, "SIGHUP: key file reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: key file invalid; keeping the keys in use")
+                }
+            },
+            Signal::Stop => break,
+        }
+    }
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
 }
 
+enum Signal {
+    Reload,
+    Stop,
+}
+
 #[cfg(not(unix))]
-async fn wait_for_signal() {
+async fn next_signal() -> Signal {
     let _ = tokio::signal::ctrl_c().await;
+    Signal::Stop
 }
 
 #[cfg(unix)]
-async fn wait_for_signal() {
+async fn next_signal() -> Signal {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return Signal::Stop;
     };
     tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => Signal::Stop,
+        _ = tokio::signal::ctrl_c() => Signal::Stop,
+        _ = hup.recv() => Signal::Reload,
     }
 }

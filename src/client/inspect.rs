@@ -4,7 +4,8 @@ use crate::client::DistributedLock;
 use crate::client::transport::Attempts;
 use crate::error::Error;
 use crate::protocol::{self, PATH_LOCKS_PREFIX};
-use std::time::Duration;
+use http::StatusCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 /// What the server knows of a lock at one moment.
@@ -17,6 +18,8 @@ pub struct LockInfo {
     pub holder: Option<HolderInfo>,
     /// How many wait in line.
     pub waiters: u64,
+    /// How long the first in line has waited.
+    pub oldest_wait: Option<Duration>,
 }
 
 /// The holder of a lock, as inspection shows it (never its lease id).
@@ -25,8 +28,23 @@ pub struct LockInfo {
 pub struct HolderInfo {
     /// The holder's fencing token.
     pub fencing_token: u64,
+    /// When the lock was granted, by the server's clock.
+    pub acquired_at: SystemTime,
     /// Time left on the lease unless it is renewed.
     pub expires_in: Duration,
+    /// The label the holder gave with [`LockRequest::metadata`](crate::LockRequest::metadata).
+    pub metadata: Option<String>,
+}
+
+impl From<protocol::HolderInfo> for HolderInfo {
+    fn from(h: protocol::HolderInfo) -> HolderInfo {
+        HolderInfo {
+            fencing_token: h.fencing_token,
+            acquired_at: UNIX_EPOCH + Duration::from_millis(h.acquired_at_ms),
+            expires_in: Duration::from_millis(h.expires_in_ms),
+            metadata: h.metadata,
+        }
+    }
 }
 
 impl DistributedLock {
@@ -43,17 +61,24 @@ impl DistributedLock {
             per_attempt: Duration::from_secs(10),
         };
         let reply = self.inner.transport().get(&path, attempts).await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            // Nobody holds or waits for it: the lock is free.
+            return Ok(LockInfo {
+                name: name.to_owned(),
+                holder: None,
+                waiters: 0,
+                oldest_wait: None,
+            });
+        }
         if !reply.status.is_success() {
             return Err(reply.into_error());
         }
         let info: protocol::LockInfo = reply.json()?;
         Ok(LockInfo {
             name: info.name,
-            holder: info.holder.map(|h| HolderInfo {
-                fencing_token: h.fencing_token,
-                expires_in: Duration::from_millis(h.expires_in_ms),
-            }),
+            holder: info.holder.map(HolderInfo::from),
             waiters: info.waiters,
+            oldest_wait: info.oldest_wait_ms.map(Duration::from_millis),
         })
     }
 }

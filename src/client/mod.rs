@@ -5,6 +5,8 @@ pub(crate) mod inspect;
 pub(crate) mod renewer;
 pub(crate) mod request;
 pub(crate) mod retry;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub(crate) mod transport;
 
 use crate::error::Error;
@@ -83,6 +85,8 @@ impl DistributedLock {
             unavailable_after: Duration::from_secs(30),
             safety_margin: None,
             http1_only: false,
+            #[cfg(feature = "tls")]
+            tls: tls::TlsSettings::default(),
             error: None,
         }
     }
@@ -181,10 +185,41 @@ pub struct DistributedLockBuilder {
     unavailable_after: Duration,
     safety_margin: Option<Duration>,
     http1_only: bool,
+    #[cfg(feature = "tls")]
+    tls: tls::TlsSettings,
     error: Option<Error>,
 }
 
 impl DistributedLockBuilder {
+    /// Trusts the certificates in `pem` (one or more PEM certificates) as roots for `https`
+    /// endpoints, in addition to the built-in roots: for servers with a private CA.
+    #[cfg(feature = "tls")]
+    pub fn add_root_certificate(mut self, pem: impl AsRef<[u8]>) -> DistributedLockBuilder {
+        match tls::parse_pem_certificates(pem.as_ref()) {
+            Ok(certs) => self.tls.extra_roots.extend(certs),
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// Whether Mozilla's root certificates (built into the SDK) are trusted (default
+    /// `true`). Turn off to trust only [`add_root_certificate`](Self::add_root_certificate).
+    #[cfg(feature = "tls")]
+    pub fn tls_built_in_roots(mut self, enabled: bool) -> DistributedLockBuilder {
+        self.tls.built_in_roots = enabled;
+        self
+    }
+
+    /// **Dangerous**: accept any server certificate, for any name. Anyone on the network
+    /// path can then impersonate the lock server and grant locks at will. Only for tests
+    /// against throwaway servers; the client logs a warning when built with it.
+    #[cfg(feature = "tls")]
+    pub fn danger_accept_invalid_certificates(mut self) -> DistributedLockBuilder {
+        self.tls.accept_invalid = true;
+        self
+    }
     /// The server's base URL, such as `http://locks.internal:7878`. Replaces any endpoints
     /// set before. Default: `$DISTRIBUTED_LOCK_URL`, else `http://127.0.0.1:7878`.
     pub fn endpoint(self, url: impl Into<String>) -> DistributedLockBuilder {
@@ -271,6 +306,8 @@ impl DistributedLockBuilder {
             connector: self.connector,
             connect_timeout: self.connect_timeout,
             http1_only: self.http1_only,
+            #[cfg(feature = "tls")]
+            tls: self.tls,
         })?;
         Ok(DistributedLock {
             inner: Arc::new(Inner {

@@ -52,6 +52,7 @@ pub struct LockRequest {
     expires_in: Duration,
     timeout: Option<Duration>,
     auto_renew: bool,
+    metadata: Option<String>,
 }
 
 impl LockRequest {
@@ -62,7 +63,15 @@ impl LockRequest {
             expires_in: DEFAULT_EXPIRES_IN,
             timeout: None,
             auto_renew: true,
+            metadata: None,
         }
+    }
+
+    /// A label others see while this request holds the lock, in inspection and in their
+    /// timeout errors: who you are, such as `host-a/job-42`. Same rules as lock names.
+    pub fn metadata(mut self, label: impl Into<String>) -> LockRequest {
+        self.metadata = Some(label.into());
+        self
     }
 
     /// Lease length (default 10 s). With auto-renewal the lease is renewed about every third
@@ -121,6 +130,9 @@ impl LockRequest {
 
     fn validate(&self) -> Result<(), Error> {
         protocol::validate_name(&self.name).map_err(Error::invalid)?;
+        if let Some(label) = &self.metadata {
+            protocol::validate_name(label).map_err(|e| Error::invalid(format!("metadata: {e}")))?;
+        }
         if self.expires_in.is_zero() {
             return Err(Error::invalid("expires_in must be longer than zero"));
         }
@@ -161,6 +173,7 @@ impl LockRequest {
                 wait_ms,
                 poll_ms: Some(POLL.as_millis() as u64),
                 request_id,
+                metadata: self.metadata.clone(),
             });
             let attempts = Attempts {
                 // Unreachable servers end the call at the caller's timeout, or after the
@@ -181,9 +194,15 @@ impl LockRequest {
                 StatusCode::ACCEPTED => continue,
                 StatusCode::CONFLICT => {
                     withdraw.disarm();
+                    let holder = reply
+                        .json::<protocol::ErrorBody>()
+                        .ok()
+                        .and_then(|body| body.holder)
+                        .map(Into::into);
                     return Err(Error::Timeout {
                         name: name.to_string(),
                         waited: started.elapsed(),
+                        holder,
                     });
                 }
                 _ => {
@@ -265,6 +284,7 @@ impl fmt::Debug for LockRequest {
             .field("expires_in", &self.expires_in)
             .field("timeout", &self.timeout)
             .field("auto_renew", &self.auto_renew)
+            .field("metadata", &self.metadata)
             .finish()
     }
 }

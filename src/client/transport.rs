@@ -62,14 +62,15 @@ impl Endpoint {
             .map_err(|e| Error::invalid(format!("endpoint {url:?} is not a URL: {e}")))?;
         match uri.scheme_str() {
             Some("http") => {}
+            Some("https") if cfg!(feature = "tls") => {}
             Some("https") => {
                 return Err(Error::invalid(format!(
-                    "endpoint {url:?}: https is not supported by this build yet; use http"
+                    "endpoint {url:?}: https needs the crate's `tls` feature"
                 )));
             }
             _ => {
                 return Err(Error::invalid(format!(
-                    "endpoint {url:?} must start with http://"
+                    "endpoint {url:?} must start with http:// or https://"
                 )));
             }
         }
@@ -131,6 +132,8 @@ pub(crate) struct Reply {
     pub endpoint: Arc<str>,
     /// Attempts made; above 1, an earlier attempt may have been processed unanswered.
     pub attempts: u32,
+    /// The `Retry-After` header, in seconds.
+    pub retry_after: Option<Duration>,
 }
 
 impl Reply {
@@ -152,6 +155,11 @@ impl Reply {
                 endpoint: self.endpoint.to_string(),
             },
             StatusCode::BAD_REQUEST => Error::InvalidArgument { message },
+            StatusCode::TOO_MANY_REQUESTS => Error::LimitReached {
+                endpoint: self.endpoint.to_string(),
+                message,
+                retry_after: self.retry_after,
+            },
             status => Error::Server {
                 endpoint: self.endpoint.to_string(),
                 status: status.as_u16(),
@@ -168,6 +176,8 @@ pub(crate) struct TransportConfig {
     pub connector: Option<Arc<dyn Connect>>,
     pub connect_timeout: Duration,
     pub http1_only: bool,
+    #[cfg(feature = "tls")]
+    pub tls: crate::client::tls::TlsSettings,
 }
 
 /// The shared HTTP machinery of one client and its clones.
@@ -204,9 +214,18 @@ impl Transport {
         if config.api_key.is_empty() {
             return Err(Error::invalid("the API key is empty"));
         }
+        #[cfg(feature = "tls")]
+        let tls = if config.endpoints.iter().any(|e| e.starts_with("https:")) {
+            let client_config = crate::client::tls::client_config(&config.tls, config.http1_only)?;
+            Some(tokio_rustls::TlsConnector::from(client_config))
+        } else {
+            None
+        };
         let connector = Connector {
             custom: config.connector,
             connect_timeout: config.connect_timeout,
+            #[cfg(feature = "tls")]
+            tls,
         };
         let http = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -273,16 +292,23 @@ impl Transport {
                 )
                 .await
             {
-                Ok((status, body)) if !retryable(status) => {
+                Ok(answer) if !retryable(answer.status) => {
                     return Ok(Reply {
-                        status,
-                        body,
+                        status: answer.status,
+                        body: answer.body,
                         endpoint: endpoint.base.clone(),
                         attempts: attempt,
+                        retry_after: answer.retry_after,
                     });
                 }
-                Ok((status, _)) => format!("answered {status}"),
-                Err(reason) => reason,
+                Ok(answer) => format!("answered {}", answer.status),
+                Err(Failed::Tls(message)) => {
+                    return Err(Error::Tls {
+                        endpoint: endpoint.base.to_string(),
+                        message,
+                    });
+                }
+                Err(Failed::Retry(reason)) => reason,
             };
             tracing::debug!(endpoint = %endpoint.base, %failure, "lock server request failed");
             // Move on from the failed endpoint unless another caller already did.
@@ -310,24 +336,34 @@ impl Transport {
         uri: Uri,
         body: Bytes,
         timeout: Duration,
-    ) -> Result<(StatusCode, Bytes), String> {
+    ) -> Result<Answer, Failed> {
         let mut request = Request::builder()
             .method(method)
             .uri(uri)
             .header(header::AUTHORIZATION, self.auth.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failed::Retry(e.to_string()))?;
         let connection = capture_connection(&mut request);
         let exchange = async {
             let response = self.http.request(request).await.map_err(describe)?;
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
             let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("reading the answer failed: {e}"))?
+                .map_err(|e| Failed::Retry(format!("reading the answer failed: {e}")))?
                 .to_bytes();
-            Ok((status, body))
+            Ok(Answer {
+                status,
+                body,
+                retry_after,
+            })
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
@@ -337,10 +373,17 @@ impl Transport {
                 if let Some(connected) = connection.connection_metadata().as_ref() {
                     connected.poison();
                 }
-                Err(format!("no answer within {timeout:?}"))
+                Err(Failed::Retry(format!("no answer within {timeout:?}")))
             }
         }
     }
+}
+
+/// One HTTP answer.
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+    retry_after: Option<Duration>,
 }
 
 fn retryable(status: StatusCode) -> bool {
@@ -350,16 +393,33 @@ fn retryable(status: StatusCode) -> bool {
     )
 }
 
+/// Why an attempt failed.
+pub(crate) enum Failed {
+    /// Worth another attempt (transport fault, no answer).
+    Retry(String),
+    /// The TLS handshake failed: retrying will not help.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    Tls(String),
+}
+
 /// The whole cause chain of a hyper error, which alone says only "client error (Connect)".
-fn describe(error: hyper_util::client::legacy::Error) -> String {
+fn describe(error: hyper_util::client::legacy::Error) -> Failed {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = cause
+            .downcast_ref::<io::Error>()
+            .and_then(|e| e.get_ref())
+            .and_then(|e| e.downcast_ref::<crate::client::tls::TlsFailure>())
+        {
+            return Failed::Tls(tls.0.clone());
+        }
         text.push_str(": ");
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text
+    Failed::Retry(text)
 }
 
 /// Opens connections: the custom [`Connect`] if one was given, else TCP with `TCP_NODELAY`.
@@ -367,6 +427,8 @@ fn describe(error: hyper_util::client::legacy::Error) -> String {
 pub(crate) struct Connector {
     custom: Option<Arc<dyn Connect>>,
     connect_timeout: Duration,
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -387,7 +449,8 @@ impl tower_service::Service<Uri> for Connector {
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_owned();
-            let port = uri.port_u16().unwrap_or(80);
+            let https = uri.scheme_str() == Some("https");
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             let connect = async {
                 match &this.custom {
                     Some(custom) => custom.connect(&host, port).await,
@@ -399,6 +462,24 @@ impl tower_service::Service<Uri> for Connector {
                         Ok(Box::new(tcp) as Box<dyn Io>)
                     }
                 }
+            };
+            let connect = async {
+                let io = connect.await?;
+                if !https {
+                    return Ok(io);
+                }
+                #[cfg(feature = "tls")]
+                if let Some(tls) = &this.tls {
+                    let name = crate::client::tls::server_name(&host)?;
+                    let stream = tls.connect(name, io).await.map_err(|e| {
+                        io::Error::other(crate::client::tls::TlsFailure(e.to_string()))
+                    })?;
+                    return Ok(Box::new(stream) as Box<dyn Io>);
+                }
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "https without TLS support",
+                ))
             };
             let io = tokio::time::timeout(this.connect_timeout, connect)
                 .await

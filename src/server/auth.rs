@@ -1,42 +1,266 @@
 //! API keys to projects.
 //!
-//! Open development mode (no key file): every distinct key is its own project, created on
-//! first use. Keys are kept only as SHA-256 digests.
+//! * Open development mode (no key file): every distinct key is its own project, created on
+//!   first use.
+//! * Key file: projects list their keys as SHA-256 digests under a non-secret key id. A key
+//!   `dlk_<id>_<secret>` is looked up by its id and its digest compared in constant time, so
+//!   an unknown key and a wrong secret look the same from outside.
+//!
+//! Keys themselves are never stored or logged; logs name the key id at most.
 
-use crate::server::store::ProjectId;
+use crate::error::Error;
+use crate::server::store::{ProjectId, Quota};
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 /// Most projects open mode creates, so random keys cannot grow memory without bound.
-const MAX_OPEN_PROJECTS: usize = 100_000;
+pub(crate) const MAX_OPEN_PROJECTS: usize = 100_000;
+
+/// Prefix of the keys this server makes.
+const KEY_PREFIX: &str = "dlk_";
 
 /// Why a request has no project.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    /// Missing, malformed, repeated or unknown key.
+    /// Missing, malformed, repeated or unknown key, or a wrong secret.
     BadKey,
     /// Open mode created as many projects as it may.
     TooManyProjects,
 }
 
-/// Resolves the `Authorization` header to a project.
+/// Who is calling, as far as the server's limits are concerned.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub project: ProjectId,
+    pub quota: Quota,
+    /// The key's rate limiter, if its project has a rate limit.
+    pub bucket: Option<Arc<Mutex<Bucket>>>,
+    /// Non-secret key id, for logs (none in open mode).
+    pub key_id: Option<Arc<str>>,
+}
+
+/// Resolves the `Authorization` header to a [`Caller`].
 #[derive(Debug)]
 pub(crate) struct Auth {
-    open: Mutex<HashMap<[u8; 32], ProjectId>>,
+    mode: Mode,
+    /// Project ids by name, stable across key reloads so that held locks stay theirs.
+    ids: Mutex<HashMap<String, ProjectId>>,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Open(Mutex<HashMap<[u8; 32], ProjectId>>),
+    File {
+        path: PathBuf,
+        keys: RwLock<Arc<KeyTable>>,
+        /// Modification time and length of the file last loaded.
+        loaded: Mutex<Option<(SystemTime, u64)>>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct KeyTable {
+    by_id: HashMap<String, KeyEntry>,
+}
+
+#[derive(Debug)]
+struct KeyEntry {
+    digest: [u8; 32],
+    caller: Caller,
+}
+
+/// A token bucket: `rate` requests per second, bursts up to `burst`.
+#[derive(Debug)]
+pub(crate) struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one token, or says how long until one is there.
+    pub fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+/// The key file's format.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    #[serde(default)]
+    projects: Vec<ProjectEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectEntry {
+    name: String,
+    #[serde(default)]
+    keys: Vec<KeyLine>,
+    /// Most locks held or waited for at once.
+    max_locks: Option<u64>,
+    /// Most waiters per lock.
+    max_waiters_per_lock: Option<u64>,
+    /// Requests per second per key (acquire, cancel, inspect; renewals and releases are
+    /// never limited, so a throttled client does not lose its leases).
+    rate_limit: Option<f64>,
+    /// Burst above the rate (default: twice the rate, at least 1).
+    burst: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyLine {
+    id: String,
+    sha256: String,
 }
 
 impl Auth {
     pub fn open() -> Auth {
         Auth {
-            open: Mutex::new(HashMap::new()),
+            mode: Mode::Open(Mutex::new(HashMap::new())),
+            ids: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The caller's project.
-    pub fn project(&self, headers: &HeaderMap) -> Result<ProjectId, Refusal> {
+    /// Loads the key file; fails on a missing or invalid file.
+    pub fn from_file(path: &Path) -> Result<Auth, Error> {
+        let auth = Auth {
+            mode: Mode::File {
+                path: path.to_owned(),
+                keys: RwLock::new(Arc::default()),
+                loaded: Mutex::new(None),
+            },
+            ids: Mutex::new(HashMap::new()),
+        };
+        auth.reload()?;
+        Ok(auth)
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.mode, Mode::Open(_))
+    }
+
+    /// Re-reads the key file. On error the keys in use stay as they were.
+    pub fn reload(&self) -> Result<usize, Error> {
+        let Mode::File { path, keys, loaded } = &self.mode else {
+            return Ok(0);
+        };
+        let stamp = file_stamp(path);
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            context: format!("cannot read key file {}", path.display()),
+            source,
+        })?;
+        let table = self
+            .parse(&text)
+            .map_err(|e| Error::invalid(format!("key file {}: {e}", path.display())))?;
+        let count = table.by_id.len();
+        *keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        *loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
+        Ok(count)
+    }
+
+    /// Reloads if the key file changed since it was last loaded (a cheap `stat`).
+    pub fn reload_if_changed(&self) -> Option<Result<usize, Error>> {
+        let Mode::File { path, loaded, .. } = &self.mode else {
+            return None;
+        };
+        let stamp = file_stamp(path);
+        if stamp.is_none() || *loaded.lock().unwrap_or_else(|p| p.into_inner()) == stamp {
+            return None;
+        }
+        Some(self.reload())
+    }
+
+    fn parse(&self, text: &str) -> Result<KeyTable, String> {
+        let file: KeyFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut table = KeyTable::default();
+        let mut names = std::collections::HashSet::new();
+        for project in file.projects {
+            if project.name.is_empty() || !names.insert(project.name.clone()) {
+                return Err(format!(
+                    "project name {:?} is empty or repeated",
+                    project.name
+                ));
+            }
+            let project_id = self.project_id(&project.name);
+            let quota = Quota {
+                max_locks: project.max_locks,
+                max_waiters_per_lock: project.max_waiters_per_lock,
+            };
+            let limit = match project.rate_limit {
+                Some(rate) if !(rate > 0.0 && rate.is_finite()) => {
+                    return Err(format!(
+                        "project {:?}: rate_limit must be above 0",
+                        project.name
+                    ));
+                }
+                Some(rate) => Some((rate, project.burst.unwrap_or(2.0 * rate).max(1.0))),
+                None => None,
+            };
+            for key in project.keys {
+                let digest = parse_digest(&key.sha256)
+                    .ok_or_else(|| format!("key {:?}: sha256 must be 64 hex digits", key.id))?;
+                if key.id.is_empty() || key.id.contains('_') {
+                    return Err(format!(
+                        "key id {:?} must be non-empty, without '_'",
+                        key.id
+                    ));
+                }
+                let caller = Caller {
+                    project: project_id,
+                    quota,
+                    bucket: limit
+                        .map(|(rate, burst)| Arc::new(Mutex::new(Bucket::new(rate, burst)))),
+                    key_id: Some(key.id.as_str().into()),
+                };
+                if table
+                    .by_id
+                    .insert(key.id.clone(), KeyEntry { digest, caller })
+                    .is_some()
+                {
+                    return Err(format!("key id {:?} appears twice", key.id));
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    fn project_id(&self, name: &str) -> ProjectId {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let next = ids.len() as ProjectId;
+        *ids.entry(name.to_owned()).or_insert(next)
+    }
+
+    /// The caller behind the request's credentials.
+    pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
         let mut values = headers.get_all(AUTHORIZATION).iter();
         let value = values.next().ok_or(Refusal::BadKey)?;
         if values.next().is_some() {
@@ -44,13 +268,68 @@ impl Auth {
         }
         let key = bearer(value.as_bytes()).ok_or(Refusal::BadKey)?;
         let digest: [u8; 32] = Sha256::digest(key).into();
-        let mut projects = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let next = projects.len();
-        if next >= MAX_OPEN_PROJECTS && !projects.contains_key(&digest) {
-            return Err(Refusal::TooManyProjects);
+        match &self.mode {
+            Mode::Open(projects) => {
+                let mut projects = projects.lock().unwrap_or_else(|p| p.into_inner());
+                let next = projects.len();
+                if next >= MAX_OPEN_PROJECTS && !projects.contains_key(&digest) {
+                    return Err(Refusal::TooManyProjects);
+                }
+                Ok(Caller {
+                    project: *projects.entry(digest).or_insert(next as ProjectId),
+                    quota: Quota::default(),
+                    bucket: None,
+                    key_id: None,
+                })
+            }
+            Mode::File { keys, .. } => {
+                let keys = keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let entry = key_id(key).and_then(|id| keys.by_id.get(id));
+                // Compare against something even for an unknown id, so that both refusals
+                // take the same time.
+                let expected = entry.map_or([0u8; 32], |e| e.digest);
+                if constant_time_eq(&digest, &expected)
+                    && let Some(entry) = entry
+                {
+                    Ok(entry.caller.clone())
+                } else {
+                    Err(Refusal::BadKey)
+                }
+            }
         }
-        Ok(*projects.entry(digest).or_insert(next as ProjectId))
     }
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// The id part of `dlk_<id>_<secret>`.
+fn key_id(key: &[u8]) -> Option<&str> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(KEY_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    (!id.is_empty() && !secret.is_empty()).then_some(id)
+}
+
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 /// The token of a `Bearer` credential (scheme case-insensitive, RFC 6750).
@@ -61,6 +340,25 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
     }
     let key = rest.trim_ascii();
     (!key.is_empty() && key.iter().all(|b| b.is_ascii_graphic())).then_some(key)
+}
+
+/// A new API key for `project`: the key (shown once) and the line for the key file.
+pub fn new_key(project: &str) -> (String, String) {
+    let mut id = [0u8; 4];
+    let mut secret = [0u8; 20];
+    getrandom::fill(&mut id).expect("the OS random source works");
+    getrandom::fill(&mut secret).expect("the OS random source works");
+    let key = format!("{KEY_PREFIX}{}_{}", hex(&id), hex(&secret));
+    let digest = hex(&Sha256::digest(key.as_bytes()));
+    let line = format!(
+        "{{ id = \"{}\", sha256 = \"{digest}\" }},  # project {project:?}",
+        hex(&id)
+    );
+    (key, line)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -77,12 +375,12 @@ mod tests {
     }
 
     #[test]
-    fn keys_map_to_separate_projects() {
+    fn open_mode_keys_map_to_separate_projects() {
         let auth = Auth::open();
-        let a = auth.project(&headers(&["Bearer key-a"])).unwrap();
-        let b = auth.project(&headers(&["bearer key-b"])).unwrap();
+        let a = auth.caller(&headers(&["Bearer key-a"])).unwrap().project;
+        let b = auth.caller(&headers(&["bearer key-b"])).unwrap().project;
         assert_ne!(a, b);
-        assert_eq!(auth.project(&headers(&["Bearer key-a"])), Ok(a));
+        assert_eq!(auth.caller(&headers(&["Bearer key-a"])).unwrap().project, a);
     }
 
     #[test]
@@ -94,7 +392,75 @@ mod tests {
             &["Bearer "],
             &["Bearer a", "Bearer a"],
         ] {
-            assert_eq!(auth.project(&headers(bad)), Err(Refusal::BadKey), "{bad:?}");
+            assert_eq!(
+                auth.caller(&headers(bad)).unwrap_err(),
+                Refusal::BadKey,
+                "{bad:?}"
+            );
         }
+    }
+
+    #[test]
+    fn key_file_keys_resolve_and_wrong_secrets_do_not() {
+        let (key, line) = new_key("billing");
+        let (other, _) = new_key("billing");
+        assert!(key.starts_with("dlk_") && key.len() == 4 + 8 + 1 + 40);
+        let dir = std::env::temp_dir().join(format!("dl-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        std::fs::write(
+            &path,
+            format!("[[projects]]\nname = \"billing\"\nkeys = [\n  {line}\n]\n"),
+        )
+        .unwrap();
+        let auth = Auth::from_file(&path).unwrap();
+        let caller = auth.caller(&headers(&[&format!("Bearer {key}")])).unwrap();
+        assert_eq!(caller.key_id.as_deref(), Some(&key[4..12]));
+        // Same id, wrong secret; and an unknown key: the same refusal.
+        let wrong = format!("{}{}", &key[..13], &other[13..]);
+        assert_eq!(
+            auth.caller(&headers(&[&format!("Bearer {wrong}")]))
+                .unwrap_err(),
+            Refusal::BadKey
+        );
+        assert_eq!(
+            auth.caller(&headers(&[&format!("Bearer {other}")]))
+                .unwrap_err(),
+            Refusal::BadKey
+        );
+        assert_eq!(
+            auth.caller(&headers(&["Bearer plain"])).unwrap_err(),
+            Refusal::BadKey
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_key_files_are_refused_with_a_reason() {
+        let auth = Auth::open();
+        for (text, expected) in [
+            (
+                "[[projects]]\nname = \"a\"\n[[projects]]\nname = \"a\"\n",
+                "repeated",
+            ),
+            (
+                "[[projects]]\nname = \"a\"\nkeys = [{ id = \"x\", sha256 = \"zz\" }]\n",
+                "64 hex",
+            ),
+            ("[[projects]]\nname = \"a\"\nrate_limit = 0\n", "rate_limit"),
+            ("[[projects]]\nname = \"a\"\nunknown = 1\n", "unknown"),
+        ] {
+            let err = auth.parse(text).unwrap_err();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn buckets_refill_at_their_rate() {
+        let mut bucket = Bucket::new(10.0, 2.0);
+        assert!(bucket.take().is_ok());
+        assert!(bucket.take().is_ok());
+        let wait = bucket.take().unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
     }
 }

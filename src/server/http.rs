@@ -1,20 +1,22 @@
-//! HTTP in, store calls out: routing, authentication, input checks, metrics.
+//! HTTP in, store calls out: routing, authentication, rate limits, input checks, metrics.
 
 use crate::protocol::{
     self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, HolderInfo, LeaseRef,
     LockInfo, ReleaseResponse, RenewRequest, RenewResponse, RenewResult, StillWaiting, codes,
 };
-use crate::server::auth::{Auth, Refusal};
+use crate::server::auth::{Auth, Caller, Refusal};
 use crate::server::metrics::{Metrics, RequestLabels};
-use crate::server::store::{AcquireOutcome, AcquireSpec, LockStore, ProjectId, StoreError};
+use crate::server::store::{
+    AcquireOutcome, AcquireSpec, HolderView, LockStore, Release, StoreError,
+};
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -39,28 +41,126 @@ pub(crate) struct App {
 
 type Reply = Response<Full<Bytes>>;
 
+/// The routes, named as in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Acquire,
+    Renew,
+    Release,
+    Cancel,
+    Inspect,
+    Healthz,
+    Metrics,
+    Other,
+}
+
+impl Route {
+    fn of(path: &str) -> Route {
+        match path {
+            protocol::PATH_ACQUIRE => Route::Acquire,
+            protocol::PATH_RENEW => Route::Renew,
+            protocol::PATH_RELEASE => Route::Release,
+            protocol::PATH_CANCEL => Route::Cancel,
+            "/healthz" => Route::Healthz,
+            "/metrics" => Route::Metrics,
+            p if p.starts_with(protocol::PATH_LOCKS_PREFIX) => Route::Inspect,
+            _ => Route::Other,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Acquire => "acquire",
+            Route::Renew => "renew",
+            Route::Release => "release",
+            Route::Cancel => "cancel",
+            Route::Inspect => "inspect",
+            Route::Healthz => "healthz",
+            Route::Metrics => "metrics",
+            Route::Other => "other",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Route::Acquire | Route::Renew | Route::Release | Route::Cancel => Method::POST,
+            _ => Method::GET,
+        }
+    }
+
+    /// Renewals and releases are never rate limited: a throttled client must not lose its
+    /// leases, nor keep locks longer than it wants.
+    fn rate_limited(self) -> bool {
+        matches!(self, Route::Acquire | Route::Cancel | Route::Inspect)
+    }
+}
+
 /// An answer that is not a success.
-struct Failure(StatusCode, &'static str, String);
+struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    holder: Option<HolderInfo>,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            code,
+            message: message.into(),
+            holder: None,
+            retry_after: None,
+        }
+    }
+
+    fn into_reply(self, route: Route) -> Reply {
+        let mut reply = json_reply(
+            self.status,
+            &ErrorBody {
+                error: self.code.into(),
+                message: self.message,
+                holder: self.holder,
+            },
+        );
+        let headers = reply.headers_mut();
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110: a 405 names the method the route accepts.
+            let allow =
+                HeaderValue::from_str(route.method().as_str()).expect("method names are valid");
+            headers.insert(header::ALLOW, allow);
+        }
+        let retry_after = match self.status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                Some(self.retry_after.unwrap_or(Duration::from_secs(1)))
+            }
+            _ => None,
+        };
+        if let Some(after) = retry_after {
+            // Whole seconds, rounded up (RFC 9110 delay-seconds).
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        reply
+    }
+}
 
 impl From<StoreError> for Failure {
     fn from(error: StoreError) -> Failure {
         match error {
             StoreError::Full(message) => {
-                Failure(StatusCode::TOO_MANY_REQUESTS, codes::TOO_MANY, message)
+                Failure::new(StatusCode::TOO_MANY_REQUESTS, codes::TOO_MANY, message)
             }
             StoreError::Unavailable(message) => {
-                Failure(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, message)
+                Failure::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, message)
             }
         }
     }
 }
 
 fn bad(message: impl Into<String>) -> Failure {
-    Failure(
-        StatusCode::BAD_REQUEST,
-        codes::INVALID_ARGUMENT,
-        message.into(),
-    )
+    Failure::new(StatusCode::BAD_REQUEST, codes::INVALID_ARGUMENT, message)
 }
 
 fn json_reply<T: Serialize>(status: StatusCode, body: &T) -> Reply {
@@ -80,26 +180,83 @@ fn text_reply(status: StatusCode, content_type: &'static str, body: String) -> R
         .expect("static headers are valid")
 }
 
-impl Failure {
-    fn into_reply(self) -> Reply {
-        let Failure(status, code, message) = self;
-        let mut reply = json_reply(
-            status,
-            &ErrorBody {
-                error: code.into(),
-                message,
-            },
-        );
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            reply
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        }
-        reply
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn holder_info(view: HolderView) -> HolderInfo {
+    HolderInfo {
+        fencing_token: view.fencing_token,
+        acquired_at_ms: unix_ms(view.acquired_at),
+        expires_at_ms: unix_ms(std::time::SystemTime::now() + view.expires_in),
+        expires_in_ms: view.expires_in.as_millis() as u64,
+        metadata: view.label,
     }
 }
 
 impl App {
+    /// Serves one request; never fails (every problem becomes a status).
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<Reply, std::convert::Infallible> {
+        let route = Route::of(request.uri().path());
+        let reply = self
+            .route(route, request)
+            .await
+            .unwrap_or_else(|failure| failure.into_reply(route));
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.label(),
+                status: reply.status().as_u16(),
+            })
+            .inc();
+        Ok(reply)
+    }
+
+    async fn route(&self, route: Route, request: Request<Incoming>) -> Result<Reply, Failure> {
+        if route == Route::Other {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                codes::NOT_FOUND,
+                format!("no route {}", request.uri().path()),
+            ));
+        }
+        if request.method() != route.method() {
+            return Err(Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                codes::METHOD_NOT_ALLOWED,
+                format!("use {}", route.method()),
+            ));
+        }
+        match route {
+            Route::Healthz => return Ok(self.health()),
+            Route::Metrics => {
+                return Ok(text_reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.render(),
+                ));
+            }
+            _ => {}
+        }
+        let caller = self.caller(request.headers())?;
+        if route.rate_limited() {
+            self.rate_limit(&caller)?;
+        }
+        match route {
+            Route::Acquire => self.acquire(&caller, self.body(request).await?).await,
+            Route::Renew => self.renew(&caller, self.body(request).await?).await,
+            Route::Release => self.release(&caller, self.body(request).await?).await,
+            Route::Cancel => self.cancel(&caller, self.body(request).await?).await,
+            _ => {
+                let encoded = &request.uri().path()[protocol::PATH_LOCKS_PREFIX.len()..];
+                self.inspect(&caller, encoded).await
+            }
+        }
+    }
+
     /// `200 ok`, or `503` once the server is shutting down (so load balancers move on).
     fn health(&self) -> Reply {
         if *self.stopping.borrow() {
@@ -113,111 +270,39 @@ impl App {
         }
     }
 
-    /// Serves one request; never fails (every problem becomes a status).
-    pub async fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-    ) -> Result<Reply, std::convert::Infallible> {
-        let (route, result) = self.route(request).await;
-        let mut reply = result.unwrap_or_else(Failure::into_reply);
-        if reply.status() == StatusCode::METHOD_NOT_ALLOWED {
-            // RFC 9110: a 405 names the methods the route does accept.
-            let allow = if route == "healthz" || route == "metrics" || route == "inspect" {
-                "GET"
-            } else {
-                "POST"
-            };
-            reply
-                .headers_mut()
-                .insert(header::ALLOW, header::HeaderValue::from_static(allow));
-        }
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route,
-                status: reply.status().as_u16(),
-            })
-            .inc();
-        Ok(reply)
-    }
-
-    async fn route(&self, request: Request<Incoming>) -> (&'static str, Result<Reply, Failure>) {
-        let path = request.uri().path().to_owned();
-        let method = request.method().clone();
-        let post = |route: &'static str| -> Result<&'static str, (&'static str, Failure)> {
-            if method == Method::POST {
-                Ok(route)
-            } else {
-                Err((route, not_allowed("POST")))
-            }
-        };
-        let route = match path.as_str() {
-            "/healthz" if method != Method::GET => return ("healthz", Err(not_allowed("GET"))),
-            "/metrics" if method != Method::GET => return ("metrics", Err(not_allowed("GET"))),
-            "/healthz" => return ("healthz", Ok(self.health())),
-            "/metrics" => {
-                return (
-                    "metrics",
-                    Ok(text_reply(
-                        StatusCode::OK,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        self.metrics.render(),
-                    )),
-                );
-            }
-            protocol::PATH_ACQUIRE => post("acquire"),
-            protocol::PATH_RENEW => post("renew"),
-            protocol::PATH_RELEASE => post("release"),
-            protocol::PATH_CANCEL => post("cancel"),
-            p if p.starts_with(protocol::PATH_LOCKS_PREFIX) => {
-                if method == Method::GET {
-                    Ok("inspect")
-                } else {
-                    Err(("inspect", not_allowed("GET")))
-                }
-            }
-            _ => Err((
-                "other",
-                Failure(
-                    StatusCode::NOT_FOUND,
-                    codes::NOT_FOUND,
-                    format!("no route {path}"),
-                ),
-            )),
-        };
-        let route = match route {
-            Ok(route) => route,
-            Err((route, failure)) => return (route, Err(failure)),
-        };
-        let result = async {
-            let project = self.project(request.headers())?;
-            match route {
-                "acquire" => self.acquire(project, self.body(request).await?).await,
-                "renew" => self.renew(project, self.body(request).await?).await,
-                "release" => self.release(project, self.body(request).await?).await,
-                "cancel" => self.cancel(project, self.body(request).await?).await,
-                _ => {
-                    let encoded = &path[protocol::PATH_LOCKS_PREFIX.len()..];
-                    self.inspect(project, encoded).await
-                }
-            }
-        }
-        .await;
-        (route, result)
-    }
-
-    fn project(&self, headers: &HeaderMap) -> Result<ProjectId, Failure> {
-        self.auth.project(headers).map_err(|refusal| match refusal {
-            Refusal::BadKey => Failure(
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, Failure> {
+        self.auth.caller(headers).map_err(|refusal| match refusal {
+            Refusal::BadKey => Failure::new(
                 StatusCode::UNAUTHORIZED,
                 codes::UNAUTHORIZED,
-                "missing or unknown API key (expected `Authorization: Bearer <key>`)".into(),
+                "missing or unknown API key (expected `Authorization: Bearer <key>`)",
             ),
-            Refusal::TooManyProjects => Failure(
+            Refusal::TooManyProjects => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 codes::UNAVAILABLE,
-                "open development mode has reached its project limit".into(),
+                "open development mode has reached its project limit",
             ),
+        })
+    }
+
+    fn rate_limit(&self, caller: &Caller) -> Result<(), Failure> {
+        let Some(bucket) = &caller.bucket else {
+            return Ok(());
+        };
+        let taken = bucket.lock().unwrap_or_else(|p| p.into_inner()).take();
+        taken.map_err(|wait| {
+            tracing::debug!(
+                key_id = caller.key_id.as_deref().unwrap_or("-"),
+                "rate limited"
+            );
+            Failure {
+                retry_after: Some(wait),
+                ..Failure::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    codes::TOO_MANY,
+                    "this key's request rate limit is reached",
+                )
+            }
         })
     }
 
@@ -225,7 +310,7 @@ impl App {
     async fn body<T: DeserializeOwned>(&self, request: Request<Incoming>) -> Result<T, Failure> {
         let limit = self.limits.max_body_bytes;
         let too_large = || {
-            Failure(
+            Failure::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 codes::TOO_LARGE,
                 format!("request body exceeds {limit} bytes"),
@@ -269,19 +354,24 @@ impl App {
         Ok(lease)
     }
 
-    async fn acquire(&self, project: ProjectId, req: AcquireRequest) -> Result<Reply, Failure> {
+    async fn acquire(&self, caller: &Caller, req: AcquireRequest) -> Result<Reply, Failure> {
         Self::check_name(&req.name)?;
         let lease = self.check_lease(req.lease_ms)?;
+        if let Some(label) = &req.metadata {
+            protocol::validate_name(label).map_err(|e| bad(format!("metadata: {e}")))?;
+        }
         let poll = req.poll_ms.map_or(self.limits.max_poll, |ms| {
             Duration::from_millis(ms).min(self.limits.max_poll)
         });
         let spec = AcquireSpec {
-            project,
+            project: caller.project,
             name: req.name,
             lease,
             wait: req.wait_ms.map(Duration::from_millis),
             poll,
             request_id: req.request_id,
+            label: req.metadata,
+            quota: caller.quota,
         };
         self.metrics.acquires.inc();
         let arrived = Instant::now();
@@ -291,44 +381,46 @@ impl App {
             // Dropping the store's future detaches the waiter: a store shared by several
             // servers keeps its place for the client's retry elsewhere.
             _ = crate::server::stopped(&mut stopping) => {
-                return Err(Failure(
+                return Err(Failure::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     codes::UNAVAILABLE,
-                    "server is shutting down; retry".into(),
+                    "server is shutting down; retry",
                 ));
             }
         };
-        Ok(match outcome {
+        match outcome {
             AcquireOutcome::Granted(grant) => {
                 self.metrics.grants.inc();
                 self.metrics
                     .wait_seconds
                     .observe(arrived.elapsed().as_secs_f64());
-                json_reply(
+                Ok(json_reply(
                     StatusCode::OK,
                     &Granted {
                         lease_id: grant.lease_id,
                         fencing_token: grant.fencing_token,
                         lease_ms: grant.lease.as_millis() as u64,
                     },
-                )
+                ))
             }
             AcquireOutcome::StillWaiting { position } => {
-                json_reply(StatusCode::ACCEPTED, &StillWaiting { position })
+                Ok(json_reply(StatusCode::ACCEPTED, &StillWaiting { position }))
             }
-            AcquireOutcome::TimedOut => {
+            AcquireOutcome::TimedOut { holder } => {
                 self.metrics.timeouts.inc();
-                Failure(
-                    StatusCode::CONFLICT,
-                    codes::TIMEOUT,
-                    "the wait ended without the lock".into(),
-                )
-                .into_reply()
+                Err(Failure {
+                    holder: holder.map(holder_info),
+                    ..Failure::new(
+                        StatusCode::CONFLICT,
+                        codes::TIMEOUT,
+                        "the wait ended without the lock",
+                    )
+                })
             }
-        })
+        }
     }
 
-    async fn renew(&self, project: ProjectId, req: RenewRequest) -> Result<Reply, Failure> {
+    async fn renew(&self, caller: &Caller, req: RenewRequest) -> Result<Reply, Failure> {
         if req.leases.len() > protocol::MAX_RENEW_BATCH {
             return Err(bad(format!(
                 "{} leases in one renew; the limit is {}",
@@ -346,7 +438,7 @@ impl App {
             .collect();
         let results: Vec<RenewResult> = self
             .store
-            .renew(project, leases)
+            .renew(caller.project, leases)
             .await?
             .into_iter()
             .map(|renewed| match renewed {
@@ -361,56 +453,64 @@ impl App {
         Ok(json_reply(StatusCode::OK, &RenewResponse { results }))
     }
 
-    async fn release(&self, project: ProjectId, req: LeaseRef) -> Result<Reply, Failure> {
+    async fn release(&self, caller: &Caller, req: LeaseRef) -> Result<Reply, Failure> {
         Self::check_name(&req.name)?;
-        if self.store.release(project, &req.name, req.lease_id).await? {
-            self.metrics.releases.inc();
-            Ok(json_reply(
-                StatusCode::OK,
-                &ReleaseResponse { released: true },
-            ))
-        } else {
-            Err(Failure(
+        match self
+            .store
+            .release(caller.project, &req.name, req.lease_id)
+            .await?
+        {
+            Release::Released => {
+                self.metrics.releases.inc();
+                Ok(json_reply(
+                    StatusCode::OK,
+                    &ReleaseResponse { released: true },
+                ))
+            }
+            Release::Gone => Err(Failure::new(
                 StatusCode::GONE,
                 codes::GONE,
                 format!("no lease with that id holds lock {:?}", req.name),
-            ))
+            )),
+            Release::NoSuchLock => Err(no_such_lock(&req.name)),
         }
     }
 
-    async fn cancel(&self, project: ProjectId, req: CancelRequest) -> Result<Reply, Failure> {
+    async fn cancel(&self, caller: &Caller, req: CancelRequest) -> Result<Reply, Failure> {
         Self::check_name(&req.name)?;
         let cancelled = self
             .store
-            .cancel(project, &req.name, req.request_id)
+            .cancel(caller.project, &req.name, req.request_id)
             .await?;
         Ok(json_reply(StatusCode::OK, &CancelResponse { cancelled }))
     }
 
-    async fn inspect(&self, project: ProjectId, encoded: &str) -> Result<Reply, Failure> {
+    async fn inspect(&self, caller: &Caller, encoded: &str) -> Result<Reply, Failure> {
         let name = percent_decode(encoded)
             .ok_or_else(|| bad("lock name is not valid percent-encoded UTF-8"))?;
         Self::check_name(&name)?;
-        let view = self.store.inspect(project, &name).await?;
+        let view = self
+            .store
+            .inspect(caller.project, &name)
+            .await?
+            .ok_or_else(|| no_such_lock(&name))?;
         Ok(json_reply(
             StatusCode::OK,
             &LockInfo {
                 name,
-                holder: view.holder.map(|(fencing_token, left)| HolderInfo {
-                    fencing_token,
-                    expires_in_ms: left.as_millis() as u64,
-                }),
+                holder: view.holder.map(holder_info),
                 waiters: view.waiters,
+                oldest_wait_ms: view.oldest_wait.map(|d| d.as_millis() as u64),
             },
         ))
     }
 }
 
-fn not_allowed(allowed: &'static str) -> Failure {
-    Failure(
-        StatusCode::METHOD_NOT_ALLOWED,
-        codes::METHOD_NOT_ALLOWED,
-        format!("use {allowed}"),
+fn no_such_lock(name: &str) -> Failure {
+    Failure::new(
+        StatusCode::NOT_FOUND,
+        codes::NOT_FOUND,
+        format!("nobody holds or waits for lock {name:?} in this project"),
     )
 }
 

@@ -30,6 +30,8 @@ pub(crate) struct Metrics {
     pub wait_seconds: Histogram,
     pub connections_open: Gauge,
     pub connections: Counter,
+    pub connections_refused: Counter,
+    pub tls_handshake_failures: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -91,6 +93,18 @@ impl Metrics {
             "Accepted client connections",
             connections.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the connection cap was reached",
+            connections_refused.clone(),
+        );
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            tls_handshake_failures.clone(),
+        );
         registry.register_collector(Box::new(StoreCollector(store)));
         Metrics {
             registry,
@@ -103,6 +117,8 @@ impl Metrics {
             wait_seconds,
             connections_open,
             connections,
+            connections_refused,
+            tls_handshake_failures,
         }
     }
 

@@ -16,18 +16,17 @@
 //! ```
 
 mod auth;
+mod connection;
 mod http;
 mod metrics;
 mod state_file;
 pub mod store;
+mod tls;
 
 use crate::error::Error;
 use auth::Auth;
+use connection::ConnLimits;
 use http::{App, Limits};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use metrics::Metrics;
 use std::fmt;
 use std::net::SocketAddr;
@@ -40,6 +39,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use auth::new_key;
+
 /// Configures and starts a [`Server`].
 #[must_use = "a builder does nothing until start() is awaited"]
 #[derive(Debug)]
@@ -47,20 +48,25 @@ pub struct ServerBuilder {
     bind: String,
     memory: MemoryConfig,
     limits: Limits,
-    drain_timeout: Duration,
+    conn: ConnLimits,
+    key_file: Option<PathBuf>,
+    key_reload_interval: Duration,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// A running lock server. Dropping it stops the server without waiting; prefer
 /// [`Server::shutdown`].
 pub struct Server {
     addr: SocketAddr,
+    tls: bool,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
-    store: Arc<dyn LockStore>,
+    app: Arc<App>,
 }
 
 impl Server {
-    /// A builder with defaults: memory store, `127.0.0.1:7878`, leases from 10 ms to 1 h.
+    /// A builder with defaults: memory store, `127.0.0.1:7878`, open development mode,
+    /// leases from 10 ms to 1 h.
     pub fn builder() -> ServerBuilder {
         ServerBuilder {
             bind: "127.0.0.1:7878".into(),
@@ -71,7 +77,10 @@ impl Server {
                 max_lease: Duration::from_secs(3600),
                 max_poll: Duration::from_secs(20),
             },
-            drain_timeout: Duration::from_secs(10),
+            conn: ConnLimits::default(),
+            key_file: None,
+            key_reload_interval: Duration::from_secs(1),
+            tls: None,
         }
     }
 
@@ -80,9 +89,22 @@ impl Server {
         self.addr
     }
 
-    /// The base URL to give the SDK, such as `http://127.0.0.1:40123`.
+    /// The base URL to give the SDK, such as `http://127.0.0.1:40123` (`https` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// True when no key file is configured: any key is accepted, each its own project.
+    pub fn is_open_mode(&self) -> bool {
+        self.app.auth.is_open()
+    }
+
+    /// Re-reads the key file now (it is also re-read by itself when it changes). Keys added
+    /// work and revoked keys are refused from the next request on; held locks stay held. On
+    /// error the keys in use stay as they were. Returns how many keys are loaded.
+    pub fn reload_keys(&self) -> Result<usize, Error> {
+        self.app.auth.reload()
     }
 
     /// Stops accepting connections, answers waiting acquires with a retryable `503`, lets
@@ -93,7 +115,7 @@ impl Server {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        if let Err(e) = self.store.shutdown().await {
+        if let Err(e) = self.app.store.shutdown().await {
             tracing::error!(error = %e, "store shutdown failed");
         }
     }
@@ -108,7 +130,7 @@ impl Drop for Server {
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
-            .field("addr", &self.addr)
+            .field("url", &self.url())
             .finish_non_exhaustive()
     }
 }
@@ -120,9 +142,28 @@ impl ServerBuilder {
         self
     }
 
-    /// Keeps the memory store's restart state in `path`: the fencing-token epoch and how long
-    /// leases issued before a restart may still run (grants wait for them after a crash).
-    /// Without it, every start is treated as a first start.
+    /// Serves the projects and API keys of this key file (TOML) instead of open development
+    /// mode. The file is re-read when it changes. See the README for its format.
+    pub fn key_file(mut self, path: impl Into<PathBuf>) -> ServerBuilder {
+        self.key_file = Some(path.into());
+        self
+    }
+
+    /// How often the key file is checked for changes (default 1 s).
+    pub fn key_reload_interval(mut self, interval: Duration) -> ServerBuilder {
+        self.key_reload_interval = interval;
+        self
+    }
+
+    /// Serves HTTPS with this PEM certificate chain and private key (TLS 1.2 and 1.3).
+    pub fn tls(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> ServerBuilder {
+        self.tls = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Keeps the memory store's restart state in `path`: the fencing-token floor and how
+    /// long leases issued before a restart may still run (grants wait for them after a
+    /// crash). Without it, every start is treated as a first start.
     pub fn state_file(mut self, path: impl Into<PathBuf>) -> ServerBuilder {
         self.memory.state_file = Some(path.into());
         self
@@ -147,6 +188,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Largest request body (default 1 MiB); larger ones get `413`.
+    pub fn max_body_bytes(mut self, bytes: usize) -> ServerBuilder {
+        self.limits.max_body_bytes = bytes;
+        self
+    }
+
     /// How long a waiter whose connection went away keeps its place in line, and a grant
     /// made to it is kept for it (default 3 s).
     pub fn grace(mut self, grace: Duration) -> ServerBuilder {
@@ -160,13 +207,84 @@ impl ServerBuilder {
         self
     }
 
-    /// Binds the socket, opens the store and starts serving on the current runtime.
-    pub async fn start(self) -> Result<Server, Error> {
-        if self.limits.min_lease.is_zero() || self.limits.min_lease > self.limits.max_lease {
+    /// Most open client connections (default 10,000); more are closed at once.
+    pub fn max_connections(mut self, max: usize) -> ServerBuilder {
+        self.conn.max_connections = max;
+        self
+    }
+
+    /// Time a client has to send a request's header (default 10 s): protects against
+    /// connections that trickle bytes to hold server resources (slowloris).
+    pub fn header_read_timeout(mut self, timeout: Duration) -> ServerBuilder {
+        self.conn.header_read_timeout = timeout;
+        self
+    }
+
+    /// A connection with no request in flight for this long is closed (default 60 s).
+    pub fn idle_timeout(mut self, timeout: Duration) -> ServerBuilder {
+        self.conn.idle_timeout = timeout;
+        self
+    }
+
+    /// Time a client has to complete the TLS handshake (default 10 s).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> ServerBuilder {
+        self.conn.handshake_timeout = timeout;
+        self
+    }
+
+    /// Largest request header section, at least 8 KiB (default 16 KiB); larger ones, or
+    /// more than `max_headers` fields, get `431`.
+    pub fn max_header_bytes(mut self, bytes: usize) -> ServerBuilder {
+        self.conn.max_header_bytes = bytes;
+        self
+    }
+
+    /// Most header fields in one request (default 64).
+    pub fn max_headers(mut self, count: usize) -> ServerBuilder {
+        self.conn.max_headers = count;
+        self
+    }
+
+    /// How long a graceful shutdown waits for requests in progress (default 10 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> ServerBuilder {
+        self.conn.drain = timeout;
+        self
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let protocol_max = Duration::from_millis(crate::protocol::MAX_LEASE_MS);
+        if self.limits.min_lease.is_zero()
+            || self.limits.min_lease > self.limits.max_lease
+            || self.limits.max_lease > protocol_max
+        {
+            return Err(Error::invalid(format!(
+                "lease bounds: need 0 < min_lease <= max_lease <= {protocol_max:?}"
+            )));
+        }
+        if self.conn.max_header_bytes < 8192 {
+            return Err(Error::invalid("max_header_bytes must be at least 8192"));
+        }
+        if self.conn.max_connections == 0 || self.limits.max_body_bytes == 0 {
             return Err(Error::invalid(
-                "lease bounds: need 0 < min_lease <= max_lease",
+                "max_connections and max_body_bytes must be above 0",
             ));
         }
+        Ok(())
+    }
+
+    /// Binds the socket, opens the store and starts serving on the current runtime.
+    pub async fn start(self) -> Result<Server, Error> {
+        self.check()?;
+        let auth = match &self.key_file {
+            Some(path) => Auth::from_file(path)?,
+            None => Auth::open(),
+        };
+        let tls = match &self.tls {
+            Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+                cert, key,
+            )?)),
+            None => None,
+        };
         let listener = TcpListener::bind(&self.bind)
             .await
             .map_err(|source| Error::Io {
@@ -185,78 +303,53 @@ impl ServerBuilder {
         let (stop, stopping) = watch::channel(false);
         let app = Arc::new(App {
             store: store.clone(),
-            auth: Auth::open(),
-            metrics: Metrics::new(store.clone()),
+            auth,
+            metrics: Metrics::new(store),
             limits: self.limits,
             stopping: stopping.clone(),
         });
-        let task = tokio::spawn(serve(listener, app, stopping, self.drain_timeout));
+        if self.key_file.is_some() {
+            tokio::spawn(watch_key_file(
+                app.clone(),
+                self.key_reload_interval,
+                stopping.clone(),
+            ));
+        }
+        let task = tokio::spawn(connection::serve(
+            listener,
+            app.clone(),
+            tls.clone(),
+            self.conn,
+            stopping,
+        ));
         Ok(Server {
             addr,
+            tls: tls.is_some(),
             stop,
             task: Some(task),
-            store,
+            app,
         })
+    }
+}
+
+/// Re-reads the key file whenever it changes, until the server stops.
+async fn watch_key_file(app: Arc<App>, every: Duration, mut stopping: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped(&mut stopping) => return,
+        }
+        match app.auth.reload_if_changed() {
+            Some(Ok(keys)) => tracing::info!(keys, "key file changed: reloaded"),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "key file changed but is invalid; keeping the keys in use")
+            }
+            None => {}
+        }
     }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).
 pub(crate) async fn stopped(stopping: &mut watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stop| *stop).await;
-}
-
-/// Accepts connections until told to stop, then drains them.
-async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    mut stopping: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        // One client multiplexes all its waiting acquires over one connection.
-        .max_concurrent_streams(16_384)
-        .keep_alive_interval(Duration::from_secs(20));
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut stopping) => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        app.metrics.connections.inc();
-        app.metrics.connections_open.inc();
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let handler = app.clone();
-            let service = service_fn(move |request| handler.clone().handle(request));
-            let connection = builder.serve_connection(TokioIo::new(tcp), service);
-            let _ = watcher.watch(connection.into_owned()).await;
-            app.metrics.connections_open.dec();
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain timeout");
-    }
 }

@@ -9,8 +9,8 @@
 //!   waiter is kept for it for the grace period too.
 
 use super::{
-    AcquireOutcome, AcquireSpec, Grant, LockStore, LockView, ProjectId, StoreError, StoreFuture,
-    StoreStats,
+    AcquireOutcome, AcquireSpec, Grant, HolderView, LockStore, LockView, ProjectId, Quota, Release,
+    StoreError, StoreFuture, StoreStats,
 };
 use crate::id::Id;
 use crate::server::state_file::{Boot, StateFile, wall_micros};
@@ -18,7 +18,7 @@ use rand::RngCore;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, oneshot};
@@ -37,6 +37,8 @@ pub struct MemoryConfig {
     pub sweep_interval: Duration,
     /// Durable state for safe restarts; `None` keeps nothing (each start is a first start).
     pub state_file: Option<PathBuf>,
+    /// Project ids below this have their lock count kept, for quotas.
+    pub max_projects: u32,
 }
 
 impl Default for MemoryConfig {
@@ -47,6 +49,7 @@ impl Default for MemoryConfig {
             max_waiters_per_lock: 100_000,
             sweep_interval: Duration::from_secs(1),
             state_file: None,
+            max_projects: 100_000,
         }
     }
 }
@@ -110,6 +113,10 @@ struct Shared {
     shards: Box<[Shard]>,
     hasher: std::hash::RandomState,
     origin: Instant,
+    /// The wall-clock time of `origin`, to show grant times.
+    origin_wall: SystemTime,
+    /// Locks (held or waited for) per project id.
+    project_locks: Box<[AtomicU32]>,
     /// No grant before this (micros since `origin`): leases from before a restart may run.
     hold_back_until: u64,
     tokens: Tokens,
@@ -145,9 +152,13 @@ struct Holder {
     token: u64,
     /// Lease end, µs since origin.
     deadline: u64,
+    /// Grant time, µs since origin.
+    acquired: u64,
     lease_ms: u32,
     lease_id: Id,
     request_id: Id,
+    /// Boxed twice so that a lock without a label pays one pointer.
+    label: Option<Box<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -161,10 +172,13 @@ struct Queue {
 struct Waiter {
     request_id: Id,
     lease_ms: u32,
+    label: Option<Box<String>>,
     /// The long poll waiting for this waiter's grant; `None` while detached.
     notify: Option<oneshot::Sender<Grant>>,
     /// When it was detached (µs since origin).
     detached_at: u64,
+    /// When it joined the line (µs since origin).
+    queued_at: u64,
 }
 
 impl Holder {
@@ -189,6 +203,10 @@ impl LockState {
 
 fn micros(d: Duration) -> u64 {
     d.as_micros() as u64
+}
+
+fn project_of(key: &[u8]) -> ProjectId {
+    ProjectId::from_be_bytes([key[0], key[1], key[2], key[3]])
 }
 
 fn lock_key(project: ProjectId, name: &str) -> Box<[u8]> {
@@ -231,6 +249,10 @@ impl MemoryStore {
             shards,
             hasher: std::hash::RandomState::new(),
             origin: Instant::now(),
+            origin_wall: SystemTime::now(),
+            project_locks: (0..config.max_projects)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             hold_back_until: micros(boot.hold_back),
             tokens: Tokens::new(boot.first_token, state_file.is_some()),
             state_file,
@@ -399,7 +421,7 @@ impl Shared {
             return;
         };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let holder = self.new_holder(waiter.request_id, waiter.lease_ms, now);
+        let holder = self.new_holder(waiter.request_id, waiter.lease_ms, waiter.label, now);
         let grant = holder.grant();
         let delivered = waiter.notify.is_some_and(|tx| tx.send(grant).is_ok());
         let mut holder = holder;
@@ -410,14 +432,74 @@ impl Shared {
         lock.holder = Some(holder);
     }
 
-    fn new_holder(&self, request_id: Id, lease_ms: u32, now: u64) -> Holder {
+    fn new_holder(
+        &self,
+        request_id: Id,
+        lease_ms: u32,
+        label: Option<Box<String>>,
+        now: u64,
+    ) -> Holder {
         self.held.fetch_add(1, Ordering::Relaxed);
         Holder {
             token: self.next_token(),
             deadline: now + u64::from(lease_ms) * 1000,
+            acquired: now,
             lease_ms,
             lease_id: Shared::new_lease_id(),
             request_id,
+            label,
+        }
+    }
+
+    fn holder_view(&self, holder: &Holder, now: u64) -> HolderView {
+        HolderView {
+            fencing_token: holder.token,
+            acquired_at: self.origin_wall + Duration::from_micros(holder.acquired),
+            expires_in: Duration::from_micros(holder.deadline.saturating_sub(now)),
+            label: holder.label.as_deref().cloned(),
+        }
+    }
+
+    fn view(&self, lock: &LockState, now: u64) -> LockView {
+        let first = lock.queue.as_ref().and_then(|q| q.waiters.front());
+        LockView {
+            holder: lock.holder.as_ref().map(|h| self.holder_view(h, now)),
+            waiters: lock.waiters() as u64,
+            oldest_wait: first.map(|w| Duration::from_micros(now.saturating_sub(w.queued_at))),
+        }
+    }
+
+    /// Refuses a new lock beyond the project's quota.
+    fn check_lock_quota(&self, project: ProjectId, quota: Quota) -> Result<(), StoreError> {
+        let Some(max) = quota.max_locks else {
+            return Ok(());
+        };
+        let count = self
+            .project_locks
+            .get(project as usize)
+            .map_or(0, |c| u64::from(c.load(Ordering::Relaxed)));
+        if count >= max {
+            return Err(StoreError::Full(format!(
+                "the project has {count} locks held or waited for, the most allowed"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes an empty lock from its shard, counting it off its project.
+    fn remove_lock(&self, locks: &mut HashMap<Box<[u8]>, LockState>, key: &[u8]) {
+        if locks.remove(key).is_some() {
+            self.count_lock(key, false);
+        }
+    }
+
+    fn count_lock(&self, key: &[u8], added: bool) {
+        if let Some(count) = self.project_locks.get(project_of(key) as usize) {
+            if added {
+                count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -438,7 +520,7 @@ impl Shared {
             }
             self.settle(timers, &key, lock, now);
             if lock.is_empty() {
-                locks.remove(&key);
+                self.remove_lock(locks, &key);
             }
         }
     }
@@ -458,6 +540,9 @@ impl Shared {
                 self.waiting.fetch_sub(gone as u64, Ordering::Relaxed);
             }
             self.settle(timers, key, lock, now);
+            if lock.is_empty() {
+                self.count_lock(key, false);
+            }
             !lock.is_empty()
         });
         // Give back the table's memory after a burst: idle locks should cost nothing.
@@ -522,7 +607,7 @@ impl PendingWait<'_> {
         let mut state = self.shared.shard(self.shard);
         let ShardState { locks, timers } = &mut *state;
         let Some(lock) = locks.get_mut(&self.key) else {
-            return AcquireOutcome::TimedOut;
+            return AcquireOutcome::TimedOut { holder: None };
         };
         self.shared.settle(timers, &self.key, lock, now);
         let outcome = if let Some(holder) = lock
@@ -541,7 +626,12 @@ impl PendingWait<'_> {
             if timed_out {
                 queue.waiters.remove(pos);
                 self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-                AcquireOutcome::TimedOut
+                AcquireOutcome::TimedOut {
+                    holder: lock
+                        .holder
+                        .as_ref()
+                        .map(|h| self.shared.holder_view(h, now)),
+                }
             } else {
                 let waiter = &mut queue.waiters[pos];
                 if waiter.notify.as_ref().is_some_and(|tx| tx.is_closed()) {
@@ -553,11 +643,17 @@ impl PendingWait<'_> {
                 }
             }
         } else {
-            AcquireOutcome::TimedOut
+            // Withdrawn meanwhile (cancelled, or gone past its grace period).
+            AcquireOutcome::TimedOut {
+                holder: lock
+                    .holder
+                    .as_ref()
+                    .map(|h| self.shared.holder_view(h, now)),
+            }
         };
         self.shared.settle(timers, &self.key, lock, now);
         if lock.is_empty() {
-            locks.remove(&self.key);
+            self.shared.remove_lock(locks, &self.key);
         }
         outcome
     }
@@ -618,16 +714,18 @@ impl MemoryStore {
         key: &[u8],
     ) -> Result<Step, StoreError> {
         let shared = &*self.shared;
-        let lease_ms = u32::try_from(spec.lease.as_millis())
-            .map_err(|_| StoreError::Full("lease too long".into()))?;
+        // The HTTP layer bounds leases to 24 h, far below u32::MAX ms.
+        let lease_ms = u32::try_from(spec.lease.as_millis()).unwrap_or(u32::MAX);
         shared.note_lease(lease_ms)?;
         let now = shared.now();
         let mut state = shared.shard(shard);
         let ShardState { locks, timers } = &mut *state;
-        let lock = match locks.get_mut(key) {
-            Some(lock) => lock,
-            None => locks.entry(key.into()).or_default(),
-        };
+        if !locks.contains_key(key) {
+            shared.check_lock_quota(spec.project, spec.quota)?;
+            locks.insert(key.into(), LockState::default());
+            shared.count_lock(key, true);
+        }
+        let lock = locks.get_mut(key).expect("present: inserted above");
         shared.settle(timers, key, lock, now);
 
         // The same request again: its grant, or its place in line.
@@ -650,34 +748,48 @@ impl MemoryStore {
             return Ok(Step::Wait(rx));
         }
 
+        let label = spec.label.clone().map(Box::new);
         if lock.holder.is_none() && lock.queue.is_none() && now >= shared.hold_back_until {
-            let holder = shared.new_holder(spec.request_id, lease_ms, now);
+            let holder = shared.new_holder(spec.request_id, lease_ms, label, now);
             let grant = holder.grant();
             lock.holder = Some(holder);
             return Ok(Step::Done(AcquireOutcome::Granted(grant)));
         }
-        if spec.wait == Some(Duration::ZERO) {
-            if lock.is_empty() {
-                locks.remove(key);
-            }
-            return Ok(Step::Done(AcquireOutcome::TimedOut));
-        }
-        let queue = lock.queue.get_or_insert_with(Default::default);
-        if queue.waiters.len() >= shared.config.max_waiters_per_lock {
-            return Err(StoreError::Full(format!(
+        let max_waiters = spec
+            .quota
+            .max_waiters_per_lock
+            .map_or(shared.config.max_waiters_per_lock, |q| {
+                (q as usize).min(shared.config.max_waiters_per_lock)
+            });
+        let refusal = if spec.wait == Some(Duration::ZERO) {
+            Ok(AcquireOutcome::TimedOut {
+                holder: lock.holder.as_ref().map(|h| shared.holder_view(h, now)),
+            })
+        } else if lock.waiters() >= max_waiters {
+            Err(StoreError::Full(format!(
                 "lock already has {} waiters, the most allowed",
-                queue.waiters.len()
-            )));
+                lock.waiters()
+            )))
+        } else {
+            lock.queue
+                .get_or_insert_with(Default::default)
+                .waiters
+                .push_back(Waiter {
+                    request_id: spec.request_id,
+                    lease_ms,
+                    label,
+                    notify: Some(tx),
+                    detached_at: 0,
+                    queued_at: now,
+                });
+            shared.waiting.fetch_add(1, Ordering::Relaxed);
+            shared.settle(timers, key, lock, now);
+            return Ok(Step::Wait(rx));
+        };
+        if lock.is_empty() {
+            shared.remove_lock(locks, key);
         }
-        queue.waiters.push_back(Waiter {
-            request_id: spec.request_id,
-            lease_ms,
-            notify: Some(tx),
-            detached_at: 0,
-        });
-        shared.waiting.fetch_add(1, Ordering::Relaxed);
-        shared.settle(timers, key, lock, now);
-        Ok(Step::Wait(rx))
+        refusal.map(Step::Done)
     }
 
     /// Runs `f` on the lock's state (if it exists), then settles and drops it if empty.
@@ -698,7 +810,7 @@ impl MemoryStore {
         let out = f(shared, lock, timers, now);
         shared.settle(timers, &key, lock, now);
         if lock.is_empty() {
-            locks.remove(&key);
+            shared.remove_lock(locks, &key);
         }
         Some(out)
     }
@@ -755,18 +867,18 @@ impl LockStore for MemoryStore {
         })
     }
 
-    fn release(&self, project: ProjectId, name: &str, lease_id: Id) -> StoreFuture<'_, bool> {
-        let released = self
+    fn release(&self, project: ProjectId, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {
+        let outcome = self
             .on_lock(project, name, |shared, lock, timers, _| {
                 if lock.holder.as_ref().is_some_and(|h| h.lease_id == lease_id) {
                     shared.drop_holder(timers, lock);
-                    true
+                    Release::Released
                 } else {
-                    false
+                    Release::Gone
                 }
             })
-            .unwrap_or(false);
-        Box::pin(async move { Ok(released) })
+            .unwrap_or(Release::NoSuchLock);
+        Box::pin(async move { Ok(outcome) })
     }
 
     fn cancel(&self, project: ProjectId, name: &str, request_id: Id) -> StoreFuture<'_, bool> {
@@ -796,18 +908,11 @@ impl LockStore for MemoryStore {
         Box::pin(async move { Ok(cancelled) })
     }
 
-    fn inspect(&self, project: ProjectId, name: &str) -> StoreFuture<'_, LockView> {
+    fn inspect(&self, project: ProjectId, name: &str) -> StoreFuture<'_, Option<LockView>> {
         let view = self
-            .on_lock(project, name, |_, lock, _, now| LockView {
-                holder: lock.holder.as_ref().map(|h| {
-                    (
-                        h.token,
-                        Duration::from_micros(h.deadline.saturating_sub(now)),
-                    )
-                }),
-                waiters: lock.waiters() as u64,
-            })
-            .unwrap_or_default();
+            .on_lock(project, name, |shared, lock, _, now| shared.view(lock, now))
+            // A lock whose holder just expired, with nobody waiting, no longer exists.
+            .filter(|view| view.holder.is_some() || view.waiters > 0);
         Box::pin(async move { Ok(view) })
     }
 

@@ -7,7 +7,7 @@ pub mod memory;
 use crate::id::Id;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// A boxed future borrowing the store.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -31,6 +31,19 @@ pub struct AcquireSpec {
     /// The caller's request id: repeating it resumes the same place in line or returns the
     /// same grant.
     pub request_id: Id,
+    /// A label the holder shows in inspection (already validated).
+    pub label: Option<String>,
+    /// The project's limits.
+    pub quota: Quota,
+}
+
+/// Per-project limits a store enforces; `None` leaves the store's own default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// Most locks (held or waited for) the project may have at once.
+    pub max_locks: Option<u64>,
+    /// Most waiters one lock of the project may have.
+    pub max_waiters_per_lock: Option<u64>,
 }
 
 /// A granted lease.
@@ -45,12 +58,15 @@ pub struct Grant {
 }
 
 /// How an acquire call ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AcquireOutcome {
     /// The lock is the caller's.
     Granted(Grant),
     /// The total wait ran out; the caller is no longer in line.
-    TimedOut,
+    TimedOut {
+        /// Who held the lock when the wait ended.
+        holder: Option<HolderView>,
+    },
     /// This call's poll bound ran out; the caller keeps its place for the store's grace
     /// period and should call again with the same request id.
     StillWaiting {
@@ -62,10 +78,36 @@ pub enum AcquireOutcome {
 /// What inspection shows of a lock.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LockView {
-    /// The holder's fencing token and time left on its lease.
-    pub holder: Option<(u64, Duration)>,
+    /// The current holder.
+    pub holder: Option<HolderView>,
     /// Queued waiters.
     pub waiters: u64,
+    /// How long the first in line has waited.
+    pub oldest_wait: Option<Duration>,
+}
+
+/// What inspection shows of a holder (never its lease id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderView {
+    /// Fencing token of the grant.
+    pub fencing_token: u64,
+    /// When the lock was granted (wall clock).
+    pub acquired_at: SystemTime,
+    /// Time left on the lease unless renewed.
+    pub expires_in: Duration,
+    /// The holder's label, if it gave one.
+    pub label: Option<String>,
+}
+
+/// How a release ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The lease was held and is released.
+    Released,
+    /// The lock exists, but not under this lease (expired, released, or someone else's).
+    Gone,
+    /// The project has no such lock at all.
+    NoSuchLock,
 }
 
 /// Store-wide figures for metrics.
@@ -108,14 +150,14 @@ pub trait LockStore: Send + Sync + 'static {
         leases: Vec<(String, Id)>,
     ) -> StoreFuture<'_, Vec<Option<Duration>>>;
 
-    /// Releases the lease if it is held; false if it is not (nothing changes then).
-    fn release(&self, project: ProjectId, name: &str, lease_id: Id) -> StoreFuture<'_, bool>;
+    /// Releases the lease if it is held (nothing changes otherwise).
+    fn release(&self, project: ProjectId, name: &str, lease_id: Id) -> StoreFuture<'_, Release>;
 
     /// Withdraws the waiter with this request id, or releases the lease granted to it.
     fn cancel(&self, project: ProjectId, name: &str, request_id: Id) -> StoreFuture<'_, bool>;
 
-    /// Shows a lock without changing it.
-    fn inspect(&self, project: ProjectId, name: &str) -> StoreFuture<'_, LockView>;
+    /// Shows a lock without changing it; `None` if nobody holds or waits for it.
+    fn inspect(&self, project: ProjectId, name: &str) -> StoreFuture<'_, Option<LockView>>;
 
     /// Store-wide figures.
     fn stats(&self) -> StoreStats;
