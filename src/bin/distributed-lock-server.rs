@@ -204,15 +204,12 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
         );
     }
     tracing::info!("listening on {}", server.url());
-    loop {
-        match next_signal().await {
-            Signal::Reload => match server.reload_keys() {
-                Ok(keys) => tracing::info!(keys, "SIGHUP: key file reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: key file invalid; keeping the keys in use")
-                }
-            },
-            Signal::Stop => break,
+    while let Signal::Reload = next_signal().await {
+        match server.reload_keys() {
+            Ok(keys) => tracing::info!(keys, "SIGHUP: key file reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: key file invalid; keeping the keys in use")
+            }
         }
     }
     tracing::info!("shutting down");
