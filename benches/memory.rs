@@ -8,7 +8,7 @@
 
 use distributed_lock::protocol::Id;
 use distributed_lock::server::store::memory::{MemoryConfig, MemoryStore};
-use distributed_lock::server::store::{AcquireOutcome, AcquireSpec, LockStore};
+use distributed_lock::server::store::{AcquireOutcome, AcquireSpec, LockStore, Quota, Release};
 use std::time::{Duration, Instant};
 
 fn rss_bytes() -> u64 {
@@ -40,7 +40,9 @@ fn main() {
                 lease: Duration::from_secs(3600),
                 wait: Some(Duration::ZERO),
                 poll: Duration::ZERO,
-                request_id: Id::random(),
+                                request_id: Id::random(),
+                label: None,
+                quota: Quota::default(),
             };
             match store.acquire(spec).await.unwrap() {
                 AcquireOutcome::Granted(grant) => leases.push(grant.lease_id),
@@ -59,7 +61,7 @@ fn main() {
         println!("held locks reported by the store: {}", store.stats().held);
 
         for (name, lease_id) in names.iter().zip(&leases) {
-            assert!(store.release(1, name, *lease_id).await.unwrap());
+                        assert_eq!(store.release(1, name, *lease_id).await.unwrap(), Release::Released);
         }
         drop(leases);
         // Each shard's sweep (once a second) shrinks its table after the burst.
