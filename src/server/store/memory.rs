@@ -17,6 +17,7 @@ use crate::server::state_file::{Boot, StateFile, wall_micros};
 use rand::RngCore;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -149,7 +150,8 @@ struct LockState {
 
 #[derive(Debug)]
 struct Holder {
-    token: u64,
+    /// Never zero, so that `Option<Holder>` needs no extra tag (8 bytes per lock).
+    token: NonZeroU64,
     /// Lease end, µs since origin.
     deadline: u64,
     /// Grant time, µs since origin.
@@ -185,7 +187,7 @@ impl Holder {
     fn grant(&self) -> Grant {
         Grant {
             lease_id: self.lease_id,
-            fencing_token: self.token,
+            fencing_token: self.token.get(),
             lease: Duration::from_millis(u64::from(self.lease_ms)),
         }
     }
@@ -400,7 +402,7 @@ impl Shared {
         } else if let (Some(holder), Some(queue)) = (&lock.holder, &mut lock.queue)
             && queue.timer.is_none()
         {
-            let timer = (holder.deadline, holder.token);
+            let timer = (holder.deadline, holder.token.get());
             timers.insert(timer, key.into());
             queue.timer = Some(timer);
         }
@@ -440,7 +442,7 @@ impl Shared {
     fn new_holder(&self, request_id: Id, lease_ms: u32, label: Option<Label>, now: u64) -> Holder {
         self.held.fetch_add(1, Ordering::Relaxed);
         Holder {
-            token: self.next_token(),
+            token: NonZeroU64::new(self.next_token()).unwrap_or(NonZeroU64::MIN),
             deadline: now + u64::from(lease_ms) * 1000,
             acquired: now,
             lease_ms,
@@ -452,7 +454,7 @@ impl Shared {
 
     fn holder_view(&self, holder: &Holder, now: u64) -> HolderView {
         HolderView {
-            fencing_token: holder.token,
+            fencing_token: holder.token.get(),
             acquired_at: self.origin_wall + Duration::from_micros(holder.acquired),
             expires_in: Duration::from_micros(holder.deadline.saturating_sub(now)),
             label: holder.label.as_deref().cloned(),
@@ -676,7 +678,7 @@ impl Drop for PendingWait<'_> {
             if let Some(holder) = lock
                 .holder
                 .as_mut()
-                .filter(|h| h.token == grant.fencing_token)
+                .filter(|h| h.token.get() == grant.fencing_token)
             {
                 holder.deadline = holder.deadline.min(now + micros(self.shared.config.grace));
                 // Re-arm the expiry timer for the earlier deadline.
