@@ -52,6 +52,10 @@ struct Args {
     #[arg(long, env = "DISTRIBUTED_LOCK_KEY_FILE")]
     key_file: Option<PathBuf>,
 
+    /// How often to check the key file for changes (0: only on SIGHUP).
+    #[arg(long, env = "DISTRIBUTED_LOCK_KEY_CHECK_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    key_check_interval: Duration,
+
     /// PEM certificate chain: serve HTTPS (with --tls-key).
     #[arg(long, env = "DISTRIBUTED_LOCK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -185,7 +189,9 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
         .idle_timeout(args.idle_timeout)
         .handshake_timeout(args.handshake_timeout);
     if let Some(path) = &args.key_file {
-        builder = builder.key_file(path);
+        builder = builder
+            .key_file(path)
+            .key_reload_interval(args.key_check_interval);
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         builder = builder.tls(cert, key);

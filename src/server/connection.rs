@@ -71,11 +71,14 @@ pub(crate) async fn serve(
                         continue;
                     }
                 };
-                if connections.len() >= limits.max_connections {
+                                // The gauge goes down as soon as a connection ends (the JoinSet only when
+                // it is reaped).
+                if app.metrics.connections_open.get() >= limits.max_connections as i64 {
                     app.metrics.connections_refused.inc();
                     drop(tcp);
                     continue;
                 }
+                                app.metrics.connections_open.inc();
                 connections.spawn(connection(
                     tcp,
                     app.clone(),
@@ -174,7 +177,6 @@ async fn connection(
 ) {
     let _ = tcp.set_nodelay(true);
     app.metrics.connections.inc();
-    app.metrics.connections_open.inc();
     let _open = scopeguard(|| {
         app.metrics.connections_open.dec();
     });

@@ -27,6 +27,8 @@ pub(crate) struct Limits {
     pub min_lease: Duration,
     pub max_lease: Duration,
     pub max_poll: Duration,
+    /// Time a client has to send a request body once its header is in.
+    pub body_read_timeout: Duration,
 }
 
 /// Everything a request handler needs.
@@ -324,9 +326,16 @@ impl App {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
-        let bytes = Limited::new(request.into_body(), limit)
-            .collect()
+        let collect = Limited::new(request.into_body(), limit).collect();
+        let bytes = tokio::time::timeout(self.limits.body_read_timeout, collect)
             .await
+            .map_err(|_| {
+                Failure::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    codes::INVALID_ARGUMENT,
+                    "the request body did not arrive in time",
+                )
+            })?
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     too_large()

@@ -76,6 +76,7 @@ impl Server {
                 min_lease: Duration::from_millis(10),
                 max_lease: Duration::from_secs(3600),
                 max_poll: Duration::from_secs(20),
+                body_read_timeout: Duration::from_secs(10),
             },
             conn: ConnLimits::default(),
             key_file: None,
@@ -149,7 +150,8 @@ impl ServerBuilder {
         self
     }
 
-    /// How often the key file is checked for changes (default 1 s).
+    /// How often the key file is checked for changes (default 1 s; zero: never, reload
+    /// only through [`Server::reload_keys`] or the binary's SIGHUP).
     pub fn key_reload_interval(mut self, interval: Duration) -> ServerBuilder {
         self.key_reload_interval = interval;
         self
@@ -213,10 +215,12 @@ impl ServerBuilder {
         self
     }
 
-    /// Time a client has to send a request's header (default 10 s): protects against
-    /// connections that trickle bytes to hold server resources (slowloris).
+    /// Time a client has to send a request's header, and then its body (default 10 s
+    /// each): protects against connections that trickle bytes to hold server resources
+    /// (slowloris). Late headers close the connection; late bodies get `408`.
     pub fn header_read_timeout(mut self, timeout: Duration) -> ServerBuilder {
         self.conn.header_read_timeout = timeout;
+        self.limits.body_read_timeout = timeout;
         self
     }
 
@@ -308,7 +312,7 @@ impl ServerBuilder {
             limits: self.limits,
             stopping: stopping.clone(),
         });
-        if self.key_file.is_some() {
+        if self.key_file.is_some() && !self.key_reload_interval.is_zero() {
             tokio::spawn(watch_key_file(
                 app.clone(),
                 self.key_reload_interval,
