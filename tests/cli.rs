@@ -283,9 +283,9 @@ async fn a_lost_lease_stops_the_command_before_anyone_else_gets_the_lock() {
     let run = run_sh(
         &proxy.url(),
         "lost",
-        &["--expires-in", "3s", "--kill-after", "1s"],
+        &["--expires-in", "4s", "--kill-after", "1500ms"],
         &format!(
-            "trap 'echo stopping >> {log}; exit 0' TERM
+            "trap 'echo stopping >> {log}; sleep 0.6; exit 0' TERM
              echo started >> '{log}'
              while :; do sleep 0.05; done"
         ),
@@ -305,6 +305,8 @@ async fn a_lost_lease_stops_the_command_before_anyone_else_gets_the_lock() {
     })
     .await;
 
+    // The command takes 0.6 s to stop after SIGTERM: more than the SDK's default safety
+    // margin (0.4 s), less than what the CLI asks for (--kill-after + 0.4 s).
     proxy.cut();
     let output = finish(run).await;
     let exited = Instant::now();
@@ -352,20 +354,27 @@ async fn a_server_restarted_without_state_revokes_the_lease_and_stops_the_comman
 async fn max_hold_stops_the_command_with_sigterm_then_sigkill() {
     let server = TestServer::start().await;
     let dir = TempDir::new("max-hold");
-    let log = dir.file("log");
-    // A command that stops on SIGTERM.
+    let (log, pid_file) = (dir.file("log"), dir.file("pid"));
+    // A command that stops on SIGTERM, and has started something in the background.
     let run = run_sh(
         &server.url(),
         "max-hold",
         &["--max-hold", "300ms"],
         &format!(
             "trap 'echo stopping >> {log}; exit 0' TERM
+             sleep 60 &
+             echo $! > '{pid_file}'
              while :; do sleep 0.05; done"
         ),
     );
     let output = finish(run).await;
     assert_eq!(output.status.code(), Some(78), "{output:?}");
     assert!(file_contains(&log, "stopping").await);
+    let background: u32 = read(&pid_file).trim().parse().unwrap();
+    eventually(BOUND, "the background process is stopped too", || async {
+        !is_running(background)
+    })
+    .await;
     assert_eq!(server.inspect("p", "max-hold").await, (None, 0), "released");
 
     // A command that ignores SIGTERM (its children inherit that) gets SIGKILL.
@@ -631,4 +640,25 @@ async fn on_a_terminal_the_command_can_read_from_it() {
         String::from_utf8_lossy(&output.stdout).contains("got:hello"),
         "{output:?}"
     );
+}
+
+#[tokio::test]
+async fn a_kill_after_too_long_for_the_lease_is_warned_about() {
+    let server = TestServer::start().await;
+    let output = finish(run_sh(
+        &server.url(),
+        "warn",
+        &["--expires-in", "4s"],
+        "exit 0",
+    ))
+    .await;
+    assert!(output.status.success(), "{output:?}");
+    let err = stderr(&output);
+    assert!(
+        err.contains("warning") && err.contains("--kill-after 10s"),
+        "{err}"
+    );
+    // The defaults are consistent.
+    let output = finish(run_sh(&server.url(), "warn", &[], "exit 0")).await;
+    assert!(output.stderr.is_empty(), "{output:?}");
 }

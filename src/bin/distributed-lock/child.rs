@@ -83,14 +83,21 @@ pub fn spawn(command: &[OsString], env: &[(&str, String)]) -> io::Result<Running
 }
 
 impl Running {
-    /// Sends `signal` to the command's whole process group. Call it only while the child
-    /// has not been reaped, so that the group id cannot belong to anyone else.
+    /// Sends `signal` to the command's whole process group, then SIGCONT so that a stopped
+    /// command acts on it (as GNU timeout does).
+    ///
+    /// The group id cannot name anyone else while the child is unreaped. After that it still
+    /// reaches what is left of the group (a group id is not reused while any member lives);
+    /// when nothing is left it finds no one.
     pub fn signal_group(&self, signal: libc::c_int) {
         if self.pid > 0 {
             // SAFETY: kill has no memory-safety preconditions. ESRCH (the group is gone)
             // needs no handling.
             unsafe {
                 libc::kill(-self.pid, signal);
+                if signal != libc::SIGKILL && signal != libc::SIGCONT {
+                    libc::kill(-self.pid, libc::SIGCONT);
+                }
             }
         }
     }

@@ -60,15 +60,19 @@ fn help() -> String {
 
 Durations: 250ms, 10s, 5m, 1h.
 
-If the lease is lost, the command gets SIGTERM at least --kill-after plus 1s before the
-server could give the lock to anyone else (as long as that is at most half of --expires-in),
-so that it has stopped before the next holder starts. The command runs in its own process
-group: signals reach everything it started.
+If the lease is lost (the server cannot be reached for most of a lease, or restarted
+without its state), the command gets SIGTERM early enough that even the SIGKILL that follows
+--kill-after later comes before the server could give the lock to anyone else. That holds
+while --kill-after is under about half of --expires-in (as with the defaults); otherwise a
+warning says so. The command runs in its own process group: signals reach all of it.
 
 {}",
         exit::HELP
     )
 }
+
+/// Longest wait for the server to confirm the release after the command ended.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Why the command was stopped before it ended by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,8 +90,18 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
         return exit::fail(exit::USAGE, "--max-hold must be longer than zero");
     }
     // Presume the lease lost early enough that the command can be stopped, SIGKILL included,
-    // before the server could expire the lease (the SDK caps this at half the lease).
+    // before the server could expire the lease: --kill-after on top of the SDK's own margin.
+    // The SDK caps a margin at half the lease.
     let margin = args.kill_after + (args.expires_in / 10).min(Duration::from_secs(1));
+    if margin > args.expires_in / 2 {
+        eprintln!(
+            "distributed-lock: warning: with --kill-after {} and --expires-in {}, a command \
+             stopped after a lost lease may still run when the lock goes to someone else; \
+             use a longer --expires-in or a shorter --kill-after",
+            human(args.kill_after),
+            human(args.expires_in)
+        );
+    }
     let dl = match server.client(|builder| builder.safety_margin(margin)) {
         Ok(dl) => dl,
         Err(error) => return exit::fail(exit::for_error(&error), error),
@@ -111,7 +125,7 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
     let mut running = match child::spawn(&args.command, &env) {
         Ok(running) => running,
         Err(error) => {
-            let _ = guard.release().await;
+            let _ = release(guard).await;
             let code = match error.kind() {
                 io::ErrorKind::NotFound => exit::NOT_FOUND,
                 _ => exit::CANNOT_EXECUTE,
@@ -128,7 +142,7 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
         Err(error) => {
             // Should not happen; make sure nothing of the command outlives the lock.
             running.signal_group(libc::SIGKILL);
-            let _ = guard.release().await;
+            let _ = release(guard).await;
             return exit::fail(
                 exit::CANNOT_EXECUTE,
                 format!("lost track of the command: {error}"),
@@ -141,8 +155,9 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
     }
     drop(running);
 
-    match (stop, guard.release().await) {
-        (Some(Stop::LeaseLost), _) => exit::fail(
+    let release_problem = release(guard).await;
+    match stop {
+        Some(Stop::LeaseLost) => exit::fail(
             exit::LEASE_LOST,
             format!(
                 "lost the lease on lock {:?}; the command was stopped ({})",
@@ -150,7 +165,7 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
                 describe(status)
             ),
         ),
-        (Some(Stop::MaxHold), _) => exit::fail(
+        Some(Stop::MaxHold) => exit::fail(
             exit::MAX_HOLD,
             format!(
                 "held lock {:?} for --max-hold {}; the command was stopped ({})",
@@ -159,19 +174,33 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
                 describe(status)
             ),
         ),
-        (None, Ok(())) => ExitCode::from(exit::for_status(status)),
-        (None, Err(error)) => {
-            // The command ended while the lease was believed held; pass its status on, but
-            // say that the release did not go as planned.
-            let note = if error.is_lock_lost() {
-                "the lease was already gone when releasing the lock after the command ended"
-                    .to_owned()
-            } else {
-                format!("releasing the lock failed; it frees itself when the lease ends: {error}")
-            };
-            eprintln!("distributed-lock: {note}");
+        None => {
+            // The command ended while the lease was believed held: pass its status on, and
+            // say so if the release did not go as planned.
+            if let Some(problem) = release_problem {
+                eprintln!("distributed-lock: {problem}");
+            }
             ExitCode::from(exit::for_status(status))
         }
+    }
+}
+
+/// Releases the lock, waiting at most `RELEASE_WAIT` (an unreachable server could otherwise
+/// hold us up until the lease ends by itself). Says what went wrong, if anything.
+async fn release(guard: LockGuard) -> Option<String> {
+    match tokio::time::timeout(RELEASE_WAIT, guard.release()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) if error.is_lock_lost() => Some(
+            "the lease was already gone when the lock was released after the command ended".into(),
+        ),
+        Ok(Err(error)) => Some(format!(
+            "releasing the lock failed; it frees itself when the lease ends: {error}"
+        )),
+        Err(_) => Some(format!(
+            "the server did not confirm the release within {}; the lock frees itself when \
+             the lease ends",
+            human(RELEASE_WAIT)
+        )),
     }
 }
 
