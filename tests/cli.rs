@@ -1,4 +1,5 @@
 //! The `distributed-lock` command line, as real processes against a real server.
+#![cfg(unix)]
 
 mod support;
 
