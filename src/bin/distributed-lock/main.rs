@@ -2,7 +2,8 @@
 //!
 //! `run NAME -- CMD ARGS...` runs a command while holding a lock (`run.rs`, with the child
 //! process in `child.rs` and the waiting display in `waiting.rs`); `status NAME` shows who
-//! holds it (`status.rs`). The command line itself is in `cli.rs`, exit codes in `exit.rs`.
+//! holds it (`status.rs`). The command line itself is in `cli.rs`, exit codes in `exit.rs`,
+//! the signals passed on to the command in `signals.rs`.
 //! Unix only: it relies on process groups and signals.
 
 #[cfg(unix)]
@@ -15,6 +16,8 @@ mod duration;
 mod exit;
 #[cfg(unix)]
 mod run;
+#[cfg(unix)]
+mod signals;
 #[cfg(unix)]
 mod status;
 #[cfg(unix)]

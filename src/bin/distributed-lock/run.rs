@@ -4,6 +4,7 @@ use crate::child::{self, Running};
 use crate::cli::ServerArgs;
 use crate::duration::{self, human};
 use crate::exit;
+use crate::signals::Signals;
 use crate::waiting::{self, Queue, Seen, StatusLine};
 use distributed_lock::{DistributedLock, Error, LockGuard};
 use std::ffi::OsString;
@@ -11,7 +12,6 @@ use std::future::IntoFuture;
 use std::io;
 use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 
 /// Run a command while holding a lock.
@@ -328,35 +328,5 @@ fn describe(status: ExitStatus) -> String {
         (Some(code), _) => format!("it exited with {code}"),
         (None, Some(signal)) => format!("it died of signal {signal}"),
         (None, None) => "it ended".to_owned(),
-    }
-}
-
-/// The signals passed on to the command: SIGINT, SIGTERM, SIGHUP.
-///
-/// Once these are handled here they no longer end distributed-lock by themselves: while it
-/// waits for the lock they end the wait, and while the command runs they go to the command.
-struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-    hangup: Signal,
-}
-
-impl Signals {
-    fn new() -> io::Result<Signals> {
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-            hangup: signal(SignalKind::hangup())?,
-        })
-    }
-
-    /// The next signal received.
-    async fn recv(&mut self) -> libc::c_int {
-        tokio::select! {
-            Some(()) = self.interrupt.recv() => libc::SIGINT,
-            Some(()) = self.terminate.recv() => libc::SIGTERM,
-            Some(()) = self.hangup.recv() => libc::SIGHUP,
-            else => std::future::pending().await,
-        }
     }
 }
