@@ -1,0 +1,35 @@
+//! `distributed-lock`: take a distributed lock from the shell.
+//!
+//! `run NAME -- CMD ARGS...` runs a command while holding a lock (`run.rs`, with the child
+//! process in `child.rs` and the waiting display in `waiting.rs`); `status NAME` shows who
+//! holds it (`status.rs`). The command line itself is in `cli.rs`, exit codes in `exit.rs`,
+//! the signals passed on to the command in `signals.rs`.
+//! Unix only: it relies on process groups and signals.
+
+#[cfg(unix)]
+mod child;
+#[cfg(unix)]
+mod cli;
+#[cfg(unix)]
+mod duration;
+#[cfg(unix)]
+mod exit;
+#[cfg(unix)]
+mod run;
+#[cfg(unix)]
+mod signals;
+#[cfg(unix)]
+mod status;
+#[cfg(unix)]
+mod waiting;
+
+#[cfg(unix)]
+fn main() -> std::process::ExitCode {
+    cli::main()
+}
+
+#[cfg(not(unix))]
+fn main() -> std::process::ExitCode {
+    eprintln!("distributed-lock: the command-line client runs on Unix-like systems only");
+    std::process::ExitCode::from(69)
+}

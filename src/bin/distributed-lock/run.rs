@@ -1,0 +1,332 @@
+//! `run NAME -- CMD ARGS...`: take the lock, run the command while the lease lives, release.
+
+use crate::child::{self, Running};
+use crate::cli::ServerArgs;
+use crate::duration::{self, human};
+use crate::exit;
+use crate::signals::Signals;
+use crate::waiting::{self, Queue, Seen, StatusLine};
+use distributed_lock::{DistributedLock, Error, LockGuard};
+use std::ffi::OsString;
+use std::future::IntoFuture;
+use std::io;
+use std::process::{ExitCode, ExitStatus};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Run a command while holding a lock.
+///
+/// Waits for the lock, runs the command with DISTRIBUTED_LOCK_NAME and
+/// DISTRIBUTED_LOCK_FENCING_TOKEN in its environment, and releases the lock as soon as the
+/// command ends. SIGINT, SIGTERM and SIGHUP are passed on to the command. If the lease is lost
+/// or --max-hold is reached, the command gets SIGTERM, then SIGKILL after --kill-after.
+#[derive(Debug, clap::Args)]
+#[command(after_help = help())]
+pub struct RunArgs {
+    /// Name of the lock.
+    name: String,
+
+    /// Lease length. The lease renews itself while the command runs; it bounds how long the
+    /// lock stays taken if this process dies.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration::parse)]
+    expires_in: Duration,
+
+    /// Longest wait for the lock; then exit 75 without running the command. 0 tries once.
+    /// [default: wait as long as it takes]
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    timeout: Option<Duration>,
+
+    /// Longest time the command may run holding the lock; then it is stopped and
+    /// distributed-lock exits 78. [default: no limit]
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    max_hold: Option<Duration>,
+
+    /// How long the command has to exit after SIGTERM before it gets SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration::parse)]
+    kill_after: Duration,
+
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+fn help() -> String {
+    format!(
+        "Examples:
+  # cron: run the nightly report on one machine only; skip if it is still running
+  distributed-lock run reports/nightly --timeout 0 -- ./nightly-report.sh
+  # deploy: wait up to 10 minutes for other migrations; stop ours after an hour
+  distributed-lock run db/migrate --timeout 10m --max-hold 1h -- ./manage.py migrate
+
+Durations: 250ms, 10s, 5m, 1h.
+
+If the lease is lost (the server cannot be reached for most of a lease, or restarted
+without its state), the command gets SIGTERM early enough that even the SIGKILL that follows
+--kill-after later comes before the server could give the lock to anyone else. That holds
+while --kill-after is under about half of --expires-in (as with the defaults); otherwise a
+warning says so. The command runs in its own process group: signals reach all of it.
+
+{}",
+        exit::HELP
+    )
+}
+
+/// Longest wait for the server to confirm the release after the command ended.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Why the command was stopped before it ended by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    LeaseLost,
+    MaxHold,
+}
+
+/// Runs `run`.
+pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
+    if args.expires_in.is_zero() {
+        return exit::fail(exit::USAGE, "--expires-in must be longer than zero");
+    }
+    if args.max_hold == Some(Duration::ZERO) {
+        return exit::fail(exit::USAGE, "--max-hold must be longer than zero");
+    }
+    // Presume the lease lost early enough that the command can be stopped, SIGKILL included,
+    // before the server could expire the lease: --kill-after on top of the SDK's own margin.
+    // The SDK caps a margin at half the lease.
+    let margin = args.kill_after + (args.expires_in / 10).min(Duration::from_secs(1));
+    if margin > args.expires_in / 2 {
+        eprintln!(
+            "distributed-lock: warning: with --kill-after {} and --expires-in {}, a command \
+             stopped after a lost lease may still run when the lock goes to someone else; \
+             use a longer --expires-in or a shorter --kill-after",
+            human(args.kill_after),
+            human(args.expires_in)
+        );
+    }
+    let dl = match server.client(|builder| builder.safety_margin(margin)) {
+        Ok(dl) => dl,
+        Err(error) => return exit::fail(exit::for_error(&error), error),
+    };
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(error) => {
+            return exit::fail(exit::UNAVAILABLE, format!("cannot handle signals: {error}"));
+        }
+    };
+
+    let guard = match acquire(&dl, &args, &mut signals).await {
+        Ok(guard) => guard,
+        Err(code) => return code,
+    };
+    let token = guard.fencing_token();
+    let env = [
+        ("DISTRIBUTED_LOCK_NAME", args.name.clone()),
+        ("DISTRIBUTED_LOCK_FENCING_TOKEN", token.to_string()),
+    ];
+    let mut running = match child::spawn(&args.command, &env) {
+        Ok(running) => running,
+        Err(error) => {
+            let _ = release(guard).await;
+            let code = match error.kind() {
+                io::ErrorKind::NotFound => exit::NOT_FOUND,
+                _ => exit::CANNOT_EXECUTE,
+            };
+            let program = args.command[0].to_string_lossy();
+            return exit::fail(code, format!("cannot run {program:?}: {error}"));
+        }
+    };
+
+    let (stop, status) = supervise(&mut running, &guard, &args, &mut signals).await;
+    running.reclaim_terminal();
+    let status = match status {
+        Ok(status) => status,
+        Err(error) => {
+            // Should not happen; make sure nothing of the command outlives the lock.
+            running.signal_group(libc::SIGKILL);
+            let _ = release(guard).await;
+            return exit::fail(
+                exit::CANNOT_EXECUTE,
+                format!("lost track of the command: {error}"),
+            );
+        }
+    };
+    if stop.is_some() {
+        // What the command started may outlive it: nothing of it may run without the lock.
+        running.signal_group(libc::SIGKILL);
+    }
+    drop(running);
+
+    let release_problem = release(guard).await;
+    match stop {
+        Some(Stop::LeaseLost) => exit::fail(
+            exit::LEASE_LOST,
+            format!(
+                "lost the lease on lock {:?}; the command was stopped ({})",
+                args.name,
+                describe(status)
+            ),
+        ),
+        Some(Stop::MaxHold) => exit::fail(
+            exit::MAX_HOLD,
+            format!(
+                "held lock {:?} for --max-hold {}; the command was stopped ({})",
+                args.name,
+                human(args.max_hold.unwrap_or_default()),
+                describe(status)
+            ),
+        ),
+        None => {
+            // The command ended while the lease was believed held: pass its status on, and
+            // say so if the release did not go as planned.
+            if let Some(problem) = release_problem {
+                eprintln!("distributed-lock: {problem}");
+            }
+            ExitCode::from(exit::for_status(status))
+        }
+    }
+}
+
+/// Releases the lock, waiting at most `RELEASE_WAIT` (an unreachable server could otherwise
+/// hold us up until the lease ends by itself). Says what went wrong, if anything.
+async fn release(guard: LockGuard) -> Option<String> {
+    match tokio::time::timeout(RELEASE_WAIT, guard.release()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) if error.is_lock_lost() => Some(
+            "the lease was already gone when the lock was released after the command ended".into(),
+        ),
+        Ok(Err(error)) => Some(format!(
+            "releasing the lock failed; it frees itself when the lease ends: {error}"
+        )),
+        Err(_) => Some(format!(
+            "the server did not confirm the release within {}; the lock frees itself when \
+             the lease ends",
+            human(RELEASE_WAIT)
+        )),
+    }
+}
+
+/// Waits for the lock, showing a status line on a terminal. A signal ends the wait (the
+/// waiter is withdrawn) with 128+N.
+async fn acquire(
+    dl: &DistributedLock,
+    args: &RunArgs,
+    signals: &mut Signals,
+) -> Result<LockGuard, ExitCode> {
+    let mut line = StatusLine::if_terminal();
+    // Those already waiting are ahead of us: look once before joining the line.
+    let before = match line {
+        Some(_) => tokio::time::timeout(Duration::from_secs(1), dl.inspect(&args.name))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|info| Seen::from(&info)),
+        None => None,
+    };
+    let mut request = dl.lock(&args.name).expires_in(args.expires_in);
+    if let Some(timeout) = args.timeout {
+        request = request.timeout(timeout);
+    }
+    let mut acquire = request.into_future();
+    let result = tokio::select! {
+        result = &mut acquire => result,
+        () = waiting::show(dl, &args.name, line.as_mut(), Queue::joined_after(before)) => {
+            unreachable!("the status line never ends")
+        }
+        signal = signals.recv() => {
+            drop(acquire); // withdraws the waiter
+            if let Some(line) = line.as_mut() {
+                line.clear();
+            }
+            // Give the withdrawal a moment to reach the server; if it does not, the server
+            // drops the waiter when it notices the connection is gone.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Err(exit::fail(
+                exit::for_signal(signal),
+                format!(
+                    "got signal {signal} while waiting for lock {:?}; the command was not run",
+                    args.name
+                ),
+            ));
+        }
+    };
+    drop(line);
+    result.map_err(|error| match error {
+        Error::Timeout { .. } => exit::fail(
+            exit::TIMEOUT,
+            format!(
+                "timed out after {} waiting for lock {:?}; the command was not run",
+                human(args.timeout.unwrap_or_default()),
+                args.name
+            ),
+        ),
+        error => exit::fail(exit::for_error(&error), error),
+    })
+}
+
+/// Waits for the command to end, passing signals on, and stops it if the lease is lost or
+/// `--max-hold` is reached. Returns why it was stopped, if it was, and how it ended.
+async fn supervise(
+    running: &mut Running,
+    guard: &LockGuard,
+    args: &RunArgs,
+    signals: &mut Signals,
+) -> (Option<Stop>, io::Result<ExitStatus>) {
+    let hold_deadline = args.max_hold.map(|d| Instant::now() + d);
+    let mut stop: Option<Stop> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut lease_lost = false;
+    loop {
+        tokio::select! {
+            biased;
+            status = running.child.wait() => return (stop, status),
+            signal = signals.recv() => running.signal_group(signal),
+            () = guard.lost(), if !lease_lost => {
+                lease_lost = true;
+                if stop.is_none() {
+                    stop = Some(Stop::LeaseLost);
+                    eprintln!(
+                        "distributed-lock: lost the lease on lock {:?}; stopping the command (SIGTERM, SIGKILL after {})",
+                        args.name,
+                        human(args.kill_after)
+                    );
+                    running.signal_group(libc::SIGTERM);
+                    kill_at = Some(Instant::now() + args.kill_after);
+                }
+            }
+            () = sleep_until(hold_deadline), if stop.is_none() => {
+                stop = Some(Stop::MaxHold);
+                eprintln!(
+                    "distributed-lock: held lock {:?} for --max-hold {}; stopping the command (SIGTERM, SIGKILL after {})",
+                    args.name,
+                    human(args.max_hold.unwrap_or_default()),
+                    human(args.kill_after)
+                );
+                running.signal_group(libc::SIGTERM);
+                kill_at = Some(Instant::now() + args.kill_after);
+            }
+            () = sleep_until(kill_at) => {
+                kill_at = None;
+                eprintln!(
+                    "distributed-lock: the command did not stop within {}; sending SIGKILL",
+                    human(args.kill_after)
+                );
+                running.signal_group(libc::SIGKILL);
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("it exited with {code}"),
+        (None, Some(signal)) => format!("it died of signal {signal}"),
+        (None, None) => "it ended".to_owned(),
+    }
+}

@@ -1,0 +1,245 @@
+//! The live status line shown on an interactive stderr while `run` waits for the lock.
+
+use crate::duration::human;
+use distributed_lock::{DistributedLock, LockInfo};
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often the line is refreshed (each refresh asks the server once).
+const REFRESH: Duration = Duration::from_secs(1);
+/// Uncontended grants take milliseconds: do not flash a line for them.
+const FIRST_DRAW: Duration = Duration::from_millis(500);
+
+/// One line on stderr, redrawn in place. Exists only when stderr is a terminal.
+#[derive(Debug)]
+pub struct StatusLine {
+    drawn: bool,
+}
+
+impl StatusLine {
+    /// A status line if stderr is a terminal; `None` keeps `run` quiet.
+    pub fn if_terminal() -> Option<StatusLine> {
+        std::io::stderr()
+            .is_terminal()
+            .then_some(StatusLine { drawn: false })
+    }
+
+    fn draw(&mut self, text: &str) {
+        let text = truncate(text, terminal_width().saturating_sub(1));
+        let mut stderr = std::io::stderr().lock();
+        // Carriage return and "erase line": the line is redrawn in place.
+        let _ = write!(stderr, "\r\x1b[2K{text}");
+        let _ = stderr.flush();
+        self.drawn = true;
+    }
+
+    /// Erases the line, if one was drawn.
+    pub fn clear(&mut self) {
+        if std::mem::take(&mut self.drawn) {
+            let mut stderr = std::io::stderr().lock();
+            let _ = write!(stderr, "\r\x1b[2K");
+            let _ = stderr.flush();
+        }
+    }
+}
+
+impl Drop for StatusLine {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// What one inspection showed: holder (fencing token, lease left) and waiter count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub holder: Option<(u64, Duration)>,
+    pub waiters: u64,
+}
+
+impl From<&LockInfo> for Seen {
+    fn from(info: &LockInfo) -> Seen {
+        Seen {
+            holder: info
+                .holder
+                .as_ref()
+                .map(|h| (h.fencing_token, h.expires_in)),
+            waiters: info.waiters,
+        }
+    }
+}
+
+/// Where we stand in line, as far as the server's counts tell.
+///
+/// The server reports how many wait, not in what order. Those waiting just before we joined
+/// are ahead of us; each later change of holder took one of them; and never more are ahead
+/// than wait besides us. Changes of holder between two looks are missed, so the figure is an
+/// upper bound.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Queue {
+    ahead: Option<u64>,
+    holder: Option<u64>,
+}
+
+impl Queue {
+    /// Starts from what the server showed just before we joined the line.
+    pub fn joined_after(before: Option<Seen>) -> Queue {
+        Queue {
+            ahead: before.map(|seen| seen.waiters),
+            holder: before.and_then(|seen| seen.holder.map(|(token, _)| token)),
+        }
+    }
+
+    /// Takes in one inspection made while we wait in line.
+    pub fn observe(&mut self, seen: Seen) {
+        let others = seen.waiters.saturating_sub(1);
+        let token = seen.holder.map(|(token, _)| token);
+        let mut ahead = self.ahead.map_or(others, |a| a.min(others));
+        if matches!((self.holder, token), (Some(before), Some(now)) if now > before) {
+            ahead = ahead.saturating_sub(1);
+        }
+        self.ahead = Some(ahead);
+        self.holder = token.or(self.holder);
+    }
+
+    /// How many are ahead of us, if known.
+    pub fn ahead(&self) -> Option<u64> {
+        self.ahead
+    }
+}
+
+/// Redraws the status line about every second until dropped (it never returns). Without a
+/// line it only waits.
+pub async fn show(
+    dl: &DistributedLock,
+    name: &str,
+    line: Option<&mut StatusLine>,
+    mut queue: Queue,
+) {
+    let Some(line) = line else {
+        return std::future::pending().await;
+    };
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval_at(started + FIRST_DRAW, REFRESH);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let seen = tokio::time::timeout(REFRESH, dl.inspect(name))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|info| Seen::from(&info));
+        if let Some(seen) = seen {
+            queue.observe(seen);
+        }
+        line.draw(&render(name, started.elapsed(), seen, &queue));
+    }
+}
+
+/// The text of the line, such as
+/// `waiting for "deploy": 12s; 2 ahead; held by token 42 (8s left)`: the most useful first,
+/// since a narrow terminal cuts the end off.
+pub fn render(name: &str, waited: Duration, seen: Option<Seen>, queue: &Queue) -> String {
+    let whole_seconds = |d: Duration| human(Duration::from_secs(d.as_secs()));
+    let mut text = format!("waiting for {name:?}: {}", whole_seconds(waited));
+    let Some(seen) = seen else {
+        text.push_str("; no answer from the server");
+        return text;
+    };
+    if let Some(ahead) = queue.ahead() {
+        text.push_str(&format!("; {ahead} ahead"));
+    }
+    match seen.holder {
+        Some((token, left)) => text.push_str(&format!(
+            "; held by token {token} ({} left)",
+            whole_seconds(left)
+        )),
+        None => text.push_str("; being handed over"),
+    }
+    text
+}
+
+fn truncate(text: &str, width: usize) -> &str {
+    match text.char_indices().nth(width) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ fills a plain `winsize` struct, which may be all zeroes.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer is to a live `winsize`, as TIOCGWINSZ expects.
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    if ok && size.ws_col > 0 {
+        usize::from(size.ws_col)
+    } else {
+        80
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(holder: Option<u64>, waiters: u64) -> Seen {
+        Seen {
+            holder: holder.map(|token| (token, Duration::from_secs(8))),
+            waiters,
+        }
+    }
+
+    #[test]
+    fn counts_those_ahead_down() {
+        // Two waited before us; nobody joins behind us yet.
+        let mut queue = Queue::joined_after(Some(seen(Some(10), 2)));
+        queue.observe(seen(Some(10), 3));
+        assert_eq!(queue.ahead(), Some(2));
+        // Others join behind us: still two ahead.
+        queue.observe(seen(Some(10), 6));
+        assert_eq!(queue.ahead(), Some(2));
+        // A hand-over took one from the front.
+        queue.observe(seen(Some(11), 5));
+        assert_eq!(queue.ahead(), Some(1));
+        // The one ahead gave up: only we and those behind wait... bounded by the count.
+        queue.observe(seen(Some(11), 1));
+        assert_eq!(queue.ahead(), Some(0));
+    }
+
+    #[test]
+    fn without_a_first_look_the_count_bounds_it() {
+        let mut queue = Queue::joined_after(None);
+        assert_eq!(queue.ahead(), None);
+        queue.observe(seen(Some(10), 4));
+        assert_eq!(queue.ahead(), Some(3));
+    }
+
+    #[test]
+    fn renders_what_is_known() {
+        let queue = Queue::joined_after(Some(seen(Some(42), 2)));
+        assert_eq!(
+            render(
+                "deploy",
+                Duration::from_millis(12_400),
+                Some(seen(Some(42), 3)),
+                &queue
+            ),
+            "waiting for \"deploy\": 12s; 2 ahead; held by token 42 (8s left)"
+        );
+        assert_eq!(
+            render("deploy", Duration::from_secs(75), None, &queue),
+            "waiting for \"deploy\": 1m15s; no answer from the server"
+        );
+        assert_eq!(
+            render(
+                "d",
+                Duration::ZERO,
+                Some(seen(None, 1)),
+                &Queue::joined_after(None)
+            ),
+            "waiting for \"d\": 0s; being handed over"
+        );
+        assert_eq!(truncate("abcdef", 3), "abc");
+        assert_eq!(truncate("ab", 3), "ab");
+    }
+}
