@@ -24,7 +24,6 @@ pub enum Error {
         "timed out after {waited:?} waiting for lock {name:?}{}",
         held_by(holder)
     )]
-    #[non_exhaustive]
     Timeout {
         /// The lock waited for.
         name: String,

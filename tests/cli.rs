@@ -461,10 +461,15 @@ async fn status_shows_the_holder_and_the_waiters() {
     let free: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         free,
-        serde_json::json!({"name": "st", "holder": null, "waiters": 0})
+        serde_json::json!({"name": "st", "holder": null, "waiters": 0, "oldest_wait_ms": null})
     );
 
-    let holder = server.client("p").lock("st").await.unwrap();
+    let holder = server
+        .client("p")
+        .lock("st")
+        .metadata("host-a/job-42")
+        .await
+        .unwrap();
     let dl = server.client("p");
     let _waiter = tokio::spawn(async move { dl.lock("st").await });
     eventually(BOUND, "one waits", || async {
@@ -480,6 +485,9 @@ async fn status_shows_the_holder_and_the_waiters() {
     assert_eq!(held["name"], "st");
     assert_eq!(held["waiters"], 1);
     assert_eq!(held["holder"]["fencing_token"], holder.fencing_token());
+    assert_eq!(held["holder"]["label"], "host-a/job-42");
+    assert!(held["holder"]["since"].as_str().unwrap().ends_with('Z'));
+    assert!(held["oldest_wait_ms"].as_u64().is_some());
     assert!(held["holder"]["expires_in_ms"].as_u64().unwrap() <= 10_000);
     assert!(
         held["holder"]["lease_deadline"]
@@ -492,12 +500,16 @@ async fn status_shows_the_holder_and_the_waiters() {
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(
-        text.contains(&format!("fencing token {}", holder.fencing_token())),
+        text.contains(&format!(
+            "host-a/job-42 (fencing token {})",
+            holder.fencing_token()
+        )),
         "{text}"
     );
+    assert!(text.contains("since:"), "{text}");
     assert!(
         text.lines()
-            .any(|l| l.starts_with("waiters:") && l.ends_with(" 1")),
+            .any(|l| l.starts_with("waiters:") && l.contains(" 1 (the first has waited")),
         "{text}"
     );
 }

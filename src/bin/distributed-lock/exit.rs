@@ -94,6 +94,7 @@ mod tests {
         let timeout = Error::Timeout {
             name: "n".into(),
             waited: std::time::Duration::ZERO,
+            holder: None,
         };
         assert_eq!(for_error(&timeout), TIMEOUT);
         assert_eq!(for_error(&Error::LockLost { name: "n".into() }), LEASE_LOST);

@@ -41,6 +41,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
     max_hold: Option<Duration>,
 
+    /// Label others see in `status` while this run holds the lock.
+    /// [default: HOSTNAME:PID]
+    #[arg(long, value_name = "TEXT")]
+    label: Option<String>,
+
     /// How long the command has to exit after SIGTERM before it gets SIGKILL.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration::parse)]
     kill_after: Duration,
@@ -221,7 +226,11 @@ async fn acquire(
             .map(|info| Seen::from(&info)),
         None => None,
     };
-    let mut request = dl.lock(&args.name).expires_in(args.expires_in);
+    let label = args.label.clone().unwrap_or_else(default_label);
+    let mut request = dl
+        .lock(&args.name)
+        .expires_in(args.expires_in)
+        .metadata(label);
     if let Some(timeout) = args.timeout {
         request = request.timeout(timeout);
     }
@@ -329,4 +338,19 @@ fn describe(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("it died of signal {signal}"),
         (None, None) => "it ended".to_owned(),
     }
+}
+
+/// `HOSTNAME:PID`, so that `status` says where the holder runs.
+fn default_label() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
+    // fails.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let host = if ok {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "unknown-host".to_owned()
+    };
+    format!("{host}:{}", std::process::id())
 }

@@ -16,8 +16,11 @@ Examples:
   distributed-lock status db/migrate --json | jq .holder.fencing_token
 
 JSON: {\"name\": \"db/migrate\", \"holder\": null | {\"fencing_token\": 42,
-\"expires_in_ms\": 8200, \"lease_deadline\": \"2025-06-01T12:00:08.200Z\"}, \"waiters\": 2}
-lease_deadline is this machine's clock plus expires_in_ms. Fields may be added later.
+\"since\": \"2025-06-01T11:59:58.000Z\", \"expires_in_ms\": 8200,
+\"lease_deadline\": \"2025-06-01T12:00:08.200Z\", \"label\": null | \"host-a/job-42\"},
+\"waiters\": 2, \"oldest_wait_ms\": null | 1500}
+since is the server's clock; lease_deadline is this machine's clock plus expires_in_ms.
+Fields may be added later.
 
 Exit codes: 0 (whether held or not), 64 invalid name, 69 server unavailable, 77 API key
 refused.")]
@@ -32,24 +35,29 @@ pub struct StatusArgs {
 
 /// The lock as `status` shows it.
 ///
-/// Built from the SDK's `LockInfo`. When the server reports more about a holder (such as
-/// since when it holds the lock, or its label), add the field to `Holder`, fill it in
-/// `Status::new` and give it a row in `Status::rows`: JSON follows by itself.
+/// Built from the SDK's `LockInfo`. A new field goes into `Holder` (or `Status`), is filled
+/// in `Status::new` and gets a row in `Status::rows`: JSON follows by itself.
 #[derive(Debug, Serialize, PartialEq)]
 struct Status {
     name: String,
     holder: Option<Holder>,
     /// How many wait in line.
     waiters: u64,
+    /// How long the first in line has waited.
+    oldest_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
 struct Holder {
     fencing_token: u64,
+    /// When the lock was granted, by the server's clock (RFC 3339, UTC).
+    since: String,
     /// Time left on the lease when the server answered (unless renewed).
     expires_in_ms: u64,
     /// When the lease ends unless renewed, by this machine's clock (RFC 3339, UTC).
     lease_deadline: String,
+    /// The holder's label (`run --label`, or `metadata` in the SDK).
+    label: Option<String>,
 }
 
 impl Status {
@@ -58,10 +66,13 @@ impl Status {
             name: info.name.clone(),
             holder: info.holder.as_ref().map(|holder| Holder {
                 fencing_token: holder.fencing_token,
+                since: rfc3339(holder.acquired_at),
                 expires_in_ms: holder.expires_in.as_millis() as u64,
                 lease_deadline: rfc3339(now + holder.expires_in),
+                label: holder.metadata.clone(),
             }),
             waiters: info.waiters,
+            oldest_wait_ms: info.oldest_wait.map(|d| d.as_millis() as u64),
         }
     }
 
@@ -71,7 +82,12 @@ impl Status {
         match &self.holder {
             None => rows.push(("holder", "none (the lock is free)".into())),
             Some(holder) => {
-                rows.push(("holder", format!("fencing token {}", holder.fencing_token)));
+                let who = match &holder.label {
+                    Some(label) => format!("{label} (fencing token {})", holder.fencing_token),
+                    None => format!("fencing token {}", holder.fencing_token),
+                };
+                rows.push(("holder", who));
+                rows.push(("since", holder.since.clone()));
                 rows.push((
                     "lease ends",
                     format!(
@@ -82,7 +98,15 @@ impl Status {
                 ));
             }
         }
-        rows.push(("waiters", self.waiters.to_string()));
+        let waiters = match self.oldest_wait_ms {
+            Some(ms) if self.waiters > 0 => format!(
+                "{} (the first has waited {})",
+                self.waiters,
+                human(Duration::from_millis(ms))
+            ),
+            _ => self.waiters.to_string(),
+        };
+        rows.push(("waiters", waiters));
         rows
     }
 
@@ -160,17 +184,21 @@ mod tests {
             name: "db/migrate".into(),
             holder: Some(Holder {
                 fencing_token: 42,
+                since: "2025-06-01T11:59:58.000Z".into(),
                 expires_in_ms: 8200,
                 lease_deadline: "2025-06-01T12:00:08.200Z".into(),
+                label: Some("host-a/job-42".into()),
             }),
             waiters: 2,
+            oldest_wait_ms: Some(1500),
         };
         assert_eq!(
             status.text(),
             "lock:       db/migrate\n\
-             holder:     fencing token 42\n\
+             holder:     host-a/job-42 (fencing token 42)\n\
+             since:      2025-06-01T11:59:58.000Z\n\
              lease ends: 2025-06-01T12:00:08.200Z (in 8.2s, unless renewed)\n\
-             waiters:    2\n"
+             waiters:    2 (the first has waited 1.5s)\n"
         );
         assert_eq!(
             serde_json::to_value(&status).unwrap(),
@@ -178,16 +206,20 @@ mod tests {
                 "name": "db/migrate",
                 "holder": {
                     "fencing_token": 42,
+                    "since": "2025-06-01T11:59:58.000Z",
                     "expires_in_ms": 8200,
                     "lease_deadline": "2025-06-01T12:00:08.200Z",
+                    "label": "host-a/job-42",
                 },
                 "waiters": 2,
+                "oldest_wait_ms": 1500,
             })
         );
         let free = Status {
             name: "x".into(),
             holder: None,
             waiters: 0,
+            oldest_wait_ms: None,
         };
         assert_eq!(
             free.text(),
