@@ -8,7 +8,9 @@
 
 use distributed_lock::protocol::Id;
 use distributed_lock::server::store::memory::{MemoryConfig, MemoryStore};
-use distributed_lock::server::store::{AcquireOutcome, AcquireSpec, LockStore, Quota, Release};
+use distributed_lock::server::store::{
+    AcquireOutcome, AcquireSpec, LockStore, Project, Quota, Release,
+};
 use std::time::{Duration, Instant};
 
 fn rss_bytes() -> u64 {
@@ -28,6 +30,10 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let store = MemoryStore::open(MemoryConfig::default()).unwrap();
+        let project = Project {
+            id: 1,
+            name: "bench".into(),
+        };
         // Names like a real deployment's: "jobs/<n>" (9 to 12 bytes).
         let names: Vec<String> = (0..n).map(|i| format!("jobs/{i}")).collect();
         let before = rss_bytes();
@@ -35,7 +41,7 @@ fn main() {
         let mut leases = Vec::with_capacity(n as usize);
         for name in &names {
             let spec = AcquireSpec {
-                project: 1,
+                project: project.clone(),
                 name: name.clone(),
                 lease: Duration::from_secs(3600),
                 wait: Some(Duration::ZERO),
@@ -61,7 +67,7 @@ fn main() {
         println!("held locks reported by the store: {}", store.stats().held);
 
         for (name, lease_id) in names.iter().zip(&leases) {
-                        assert_eq!(store.release(1, name, *lease_id).await.unwrap(), Release::Released);
+                        assert_eq!(store.release(&project, name, *lease_id).await.unwrap(), Release::Released);
         }
         drop(leases);
         // Each shard's sweep (once a second) shrinks its table after the burst.

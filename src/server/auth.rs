@@ -9,7 +9,7 @@
 //! Keys themselves are never stored or logged; logs name the key id at most.
 
 use crate::error::Error;
-use crate::server::store::{ProjectId, Quota};
+use crate::server::store::{Project, ProjectId, Quota};
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use serde::Deserialize;
@@ -38,7 +38,7 @@ pub(crate) enum Refusal {
 /// Who is calling, as far as the server's limits are concerned.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
-    pub project: ProjectId,
+    pub project: Project,
     pub quota: Quota,
     /// The key's rate limiter, if its project has a rate limit.
     pub bucket: Option<Arc<Mutex<Bucket>>>,
@@ -210,7 +210,10 @@ impl Auth {
                     project.name
                 ));
             }
-            let project_id = self.project_id(&project.name);
+            let project_ref = Project {
+                id: self.project_id(&project.name),
+                name: project.name.as_str().into(),
+            };
             let quota = Quota {
                 max_locks: project.max_locks,
                 max_waiters_per_lock: project.max_waiters_per_lock,
@@ -235,7 +238,7 @@ impl Auth {
                     ));
                 }
                 let caller = Caller {
-                    project: project_id,
+                    project: project_ref.clone(),
                     quota,
                     bucket: limit
                         .map(|(rate, burst)| Arc::new(Mutex::new(Bucket::new(rate, burst)))),
@@ -275,8 +278,12 @@ impl Auth {
                 if next >= MAX_OPEN_PROJECTS && !projects.contains_key(&digest) {
                     return Err(Refusal::TooManyProjects);
                 }
+                let id = *projects.entry(digest).or_insert(next as ProjectId);
                 Ok(Caller {
-                    project: *projects.entry(digest).or_insert(next as ProjectId),
+                    project: Project {
+                        id,
+                        name: hex(&digest).into(),
+                    },
                     quota: Quota::default(),
                     bucket: None,
                     key_id: None,
@@ -380,6 +387,7 @@ mod tests {
         let a = auth.caller(&headers(&["Bearer key-a"])).unwrap().project;
         let b = auth.caller(&headers(&["bearer key-b"])).unwrap().project;
         assert_ne!(a, b);
+        assert_ne!(a.name, b.name);
         assert_eq!(auth.caller(&headers(&["Bearer key-a"])).unwrap().project, a);
     }
 

@@ -373,7 +373,7 @@ impl App {
             Duration::from_millis(ms).min(self.limits.max_poll)
         });
         let spec = AcquireSpec {
-            project: caller.project,
+            project: caller.project.clone(),
             name: req.name,
             lease,
             wait: req.wait_ms.map(Duration::from_millis),
@@ -447,7 +447,7 @@ impl App {
             .collect();
         let results: Vec<RenewResult> = self
             .store
-            .renew(caller.project, leases)
+            .renew(&caller.project, leases)
             .await?
             .into_iter()
             .map(|renewed| match renewed {
@@ -466,7 +466,7 @@ impl App {
         Self::check_name(&req.name)?;
         match self
             .store
-            .release(caller.project, &req.name, req.lease_id)
+            .release(&caller.project, &req.name, req.lease_id)
             .await?
         {
             Release::Released => {
@@ -489,7 +489,7 @@ impl App {
         Self::check_name(&req.name)?;
         let cancelled = self
             .store
-            .cancel(caller.project, &req.name, req.request_id)
+            .cancel(&caller.project, &req.name, req.request_id)
             .await?;
         Ok(json_reply(StatusCode::OK, &CancelResponse { cancelled }))
     }
@@ -500,7 +500,7 @@ impl App {
         Self::check_name(&name)?;
         let view = self
             .store
-            .inspect(caller.project, &name)
+            .inspect(&caller.project, &name)
             .await?
             .ok_or_else(|| no_such_lock(&name))?;
         Ok(json_reply(

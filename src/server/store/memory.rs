@@ -9,8 +9,8 @@
 //!   waiter is kept for it for the grace period too.
 
 use super::{
-    AcquireOutcome, AcquireSpec, Grant, HolderView, LockStore, LockView, ProjectId, Quota, Release,
-    StoreError, StoreFuture, StoreStats,
+    AcquireOutcome, AcquireSpec, Grant, HolderView, LockStore, LockView, Project, ProjectId, Quota,
+    Release, StoreError, StoreFuture, StoreStats,
 };
 use crate::id::Id;
 use crate::server::state_file::{Boot, StateFile, wall_micros};
@@ -722,7 +722,7 @@ impl MemoryStore {
         let mut state = shared.shard(shard);
         let ShardState { locks, timers } = &mut *state;
         if !locks.contains_key(key) {
-            shared.check_lock_quota(spec.project, spec.quota)?;
+            shared.check_lock_quota(spec.project.id, spec.quota)?;
             locks.insert(key.into(), LockState::default());
             shared.count_lock(key, true);
         }
@@ -820,7 +820,7 @@ impl MemoryStore {
 impl LockStore for MemoryStore {
     fn acquire(&self, spec: AcquireSpec) -> StoreFuture<'_, AcquireOutcome> {
         Box::pin(async move {
-            let key = lock_key(spec.project, &spec.name);
+            let key = lock_key(spec.project.id, &spec.name);
             let shard = self.shared.shard_of(&key);
             let rx = match self.begin_acquire(&spec, shard, &key)? {
                 Step::Done(outcome) => return Ok(outcome),
@@ -850,27 +850,26 @@ impl LockStore for MemoryStore {
 
     fn renew(
         &self,
-        project: ProjectId,
+        project: &Project,
         leases: Vec<(String, Id)>,
     ) -> StoreFuture<'_, Vec<Option<Duration>>> {
-        Box::pin(async move {
-            Ok(leases
-                .iter()
-                .map(|(name, lease_id)| {
-                    self.on_lock(project, name, |_, lock, _, now| {
-                        let holder = lock.holder.as_mut().filter(|h| h.lease_id == *lease_id)?;
-                        holder.deadline = now + u64::from(holder.lease_ms) * 1000;
-                        Some(Duration::from_millis(u64::from(holder.lease_ms)))
-                    })
-                    .flatten()
+        let renewed = leases
+            .iter()
+            .map(|(name, lease_id)| {
+                self.on_lock(project.id, name, |_, lock, _, now| {
+                    let holder = lock.holder.as_mut().filter(|h| h.lease_id == *lease_id)?;
+                    holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+                    Some(Duration::from_millis(u64::from(holder.lease_ms)))
                 })
-                .collect())
-        })
+                .flatten()
+            })
+            .collect();
+        Box::pin(async move { Ok(renewed) })
     }
 
-    fn release(&self, project: ProjectId, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {
+    fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {
         let outcome = self
-            .on_lock(project, name, |shared, lock, timers, _| {
+            .on_lock(project.id, name, |shared, lock, timers, _| {
                 if lock.holder.as_ref().is_some_and(|h| h.lease_id == lease_id) {
                     shared.drop_holder(timers, lock);
                     Release::Released
@@ -882,9 +881,9 @@ impl LockStore for MemoryStore {
         Box::pin(async move { Ok(outcome) })
     }
 
-    fn cancel(&self, project: ProjectId, name: &str, request_id: Id) -> StoreFuture<'_, bool> {
+    fn cancel(&self, project: &Project, name: &str, request_id: Id) -> StoreFuture<'_, bool> {
         let cancelled = self
-            .on_lock(project, name, |shared, lock, timers, _| {
+            .on_lock(project.id, name, |shared, lock, timers, _| {
                 if let Some(queue) = &mut lock.queue
                     && let Some(pos) = queue
                         .waiters
@@ -909,9 +908,11 @@ impl LockStore for MemoryStore {
         Box::pin(async move { Ok(cancelled) })
     }
 
-    fn inspect(&self, project: ProjectId, name: &str) -> StoreFuture<'_, Option<LockView>> {
+    fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>> {
         let view = self
-            .on_lock(project, name, |shared, lock, _, now| shared.view(lock, now))
+            .on_lock(project.id, name, |shared, lock, _, now| {
+                shared.view(lock, now)
+            })
             // A lock whose holder just expired, with nobody waiting, no longer exists.
             .filter(|view| view.holder.is_some() || view.waiters > 0);
         Box::pin(async move { Ok(view) })

@@ -7,19 +7,30 @@ pub mod memory;
 use crate::id::Id;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// A boxed future borrowing the store.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// Identifies a project: locks of different projects never meet.
+/// A project's number on this server (dense, for compact tables).
 pub type ProjectId = u32;
+
+/// A project: locks of different projects never meet.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Project {
+    /// Dense number, stable for the life of this server process only.
+    pub id: ProjectId,
+    /// Stable name, the same on every server of a deployment: the key file's project name,
+    /// or in open development mode the hex SHA-256 of the API key. Shared stores key on it.
+    pub name: Arc<str>,
+}
 
 /// One acquire (or re-poll of the same acquire).
 #[derive(Debug, Clone)]
 pub struct AcquireSpec {
     /// The caller's project.
-    pub project: ProjectId,
+    pub project: Project,
     /// Lock name (already validated).
     pub name: String,
     /// Lease length.
@@ -146,18 +157,18 @@ pub trait LockStore: Send + Sync + 'static {
     /// Returns, in order, the lease length for renewed leases and `None` for gone ones.
     fn renew(
         &self,
-        project: ProjectId,
+        project: &Project,
         leases: Vec<(String, Id)>,
     ) -> StoreFuture<'_, Vec<Option<Duration>>>;
 
     /// Releases the lease if it is held (nothing changes otherwise).
-    fn release(&self, project: ProjectId, name: &str, lease_id: Id) -> StoreFuture<'_, Release>;
+    fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release>;
 
     /// Withdraws the waiter with this request id, or releases the lease granted to it.
-    fn cancel(&self, project: ProjectId, name: &str, request_id: Id) -> StoreFuture<'_, bool>;
+    fn cancel(&self, project: &Project, name: &str, request_id: Id) -> StoreFuture<'_, bool>;
 
     /// Shows a lock without changing it; `None` if nobody holds or waits for it.
-    fn inspect(&self, project: ProjectId, name: &str) -> StoreFuture<'_, Option<LockView>>;
+    fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>>;
 
     /// Store-wide figures.
     fn stats(&self) -> StoreStats;
