@@ -375,3 +375,19 @@ async fn the_new_key_subcommand_makes_a_key_the_server_accepts_and_sighup_reload
     }
     assert!(!log.iter().any(|l| l.contains(&key)), "{log:?}");
 }
+
+#[tokio::test]
+async fn the_example_key_file_works_with_its_documented_key() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/keys.toml");
+    let server = TestServer::start_with(move |b| b.key_file(path)).await;
+    let key = "dlk_4cfb1ae5_45a1049c0b2bcd73695594eb17fc810bb084ee41";
+    let dl = client_for(&server.url(), key);
+    assert_eq!(dl.with_lock("example", || async { 1 }).await.unwrap(), 1);
+    assert!(
+        client_for(&server.url(), "dlk_4cfb1ae5_wrong")
+            .inspect("example")
+            .await
+            .unwrap_err()
+            .is_unauthorized()
+    );
+}
