@@ -202,11 +202,18 @@ impl App {
         self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<Reply, std::convert::Infallible> {
-        let route = Route::of(request.uri().path());
+                let route = Route::of(request.uri().path());
+        let started = Instant::now();
         let reply = self
             .route(route, request)
             .await
             .unwrap_or_else(|failure| failure.into_reply(route));
+        tracing::debug!(
+            route = route.label(),
+            status = reply.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "request"
+        );
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -272,13 +279,16 @@ impl App {
         }
     }
 
-    fn caller(&self, headers: &HeaderMap) -> Result<Caller, Failure> {
+        fn caller(&self, headers: &HeaderMap) -> Result<Caller, Failure> {
         self.auth.caller(headers).map_err(|refusal| match refusal {
-            Refusal::BadKey => Failure::new(
-                StatusCode::UNAUTHORIZED,
-                codes::UNAUTHORIZED,
-                "missing or unknown API key (expected `Authorization: Bearer <key>`)",
-            ),
+            Refusal::BadKey => {
+                tracing::debug!("refused a request: missing or unknown API key");
+                Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    codes::UNAUTHORIZED,
+                    "missing or unknown API key (expected `Authorization: Bearer <key>`)",
+                )
+            }
             Refusal::TooManyProjects => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 codes::UNAVAILABLE,
