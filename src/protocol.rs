@@ -75,8 +75,13 @@ pub struct Granted {
     pub lease_id: Id,
     /// Strictly increasing per lock name, across server restarts too.
     pub fencing_token: u64,
-    /// Lease length granted, in milliseconds, counted from when the server answered.
+    /// Lease length granted, in milliseconds.
     pub lease_ms: u64,
+    /// How long after the server received this request the lease started (rounded down):
+    /// the lease ends `waited_ms + lease_ms` after the request arrived. A client counts its
+    /// lease from when it sent the request plus this.
+    #[serde(default)]
+    pub waited_ms: u64,
 }
 
 /// `202` answer to an acquire: still queued; poll again with the same request id.

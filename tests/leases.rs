@@ -286,3 +286,34 @@ async fn plain_expiry_frees_the_lock_after_expires_in() {
     );
     assert_eq!(server.metric("distributed_lock_renewals_total").await, 0.0);
 }
+
+/// Regression (found by the fault suite): a waiter granted after waiting longer than its
+/// lease counted its lease from when it started waiting, and so believed it lost at once.
+#[tokio::test]
+async fn a_grant_after_a_wait_longer_than_the_lease_is_held() {
+    let server = TestServer::start().await;
+    let holder = server.client("p").lock("long-wait").await.unwrap();
+    let dl = server.client("p");
+    let waiter = tokio::spawn(async move {
+        dl.lock("long-wait")
+            .expires_in(Duration::from_millis(300))
+            .await
+            .unwrap()
+    });
+    eventually(BOUND, "waiter queued", || async {
+        server.inspect("p", "long-wait").await.1 == 1
+    })
+    .await;
+    // The scenario itself: the waiter waits twice its 300 ms lease before the hand-over.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(holder);
+    let guard = within(BOUND, waiter).await.unwrap();
+    assert!(guard.is_held(), "a fresh grant is held");
+    // And stays held through renewals.
+    let renewed = server.metric("distributed_lock_renewals_total").await;
+    eventually(BOUND, "renewed twice", || async {
+        server.metric("distributed_lock_renewals_total").await >= renewed + 2.0
+    })
+    .await;
+    assert!(guard.is_held());
+}

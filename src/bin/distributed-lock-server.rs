@@ -114,6 +114,11 @@ struct Args {
     #[arg(long, env = "DISTRIBUTED_LOCK_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
 
+    /// Append an audit trail of every grant, renewal, release and expiry to this file
+    /// (JSON lines).
+    #[arg(long, env = "DISTRIBUTED_LOCK_EVENT_LOG")]
+    event_log: Option<PathBuf>,
+
     /// Worker threads (default: one per core).
     #[arg(long, env = "DISTRIBUTED_LOCK_THREADS")]
     threads: Option<usize>,
@@ -188,6 +193,9 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
         .header_read_timeout(args.header_read_timeout)
         .idle_timeout(args.idle_timeout)
         .handshake_timeout(args.handshake_timeout);
+    if let Some(path) = &args.event_log {
+        builder = builder.event_log(path);
+    }
     if let Some(path) = &args.key_file {
         builder = builder
             .key_file(path)

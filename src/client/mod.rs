@@ -52,6 +52,7 @@ pub(crate) struct Inner {
     next_key: AtomicU64,
     unavailable_after: Duration,
     safety_margin: Option<Duration>,
+    lease_clock: renewer::LeaseClock,
 }
 
 impl DistributedLock {
@@ -71,6 +72,7 @@ impl DistributedLock {
                 next_key: AtomicU64::new(0),
                 unavailable_after: settings.0,
                 safety_margin: settings.1,
+                lease_clock: renewer::LeaseClock::FromSend,
             }),
         })
     }
@@ -85,6 +87,7 @@ impl DistributedLock {
             unavailable_after: Duration::from_secs(30),
             safety_margin: None,
             http1_only: false,
+            lease_clock: renewer::LeaseClock::FromSend,
             #[cfg(feature = "tls")]
             tls: tls::TlsSettings::default(),
             error: None,
@@ -142,7 +145,7 @@ impl Inner {
         match &*slot {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
-                let tx = renewer::spawn(self.transport().clone());
+                let tx = renewer::spawn(self.transport().clone(), self.lease_clock);
                 *slot = Some(tx.clone());
                 tx
             }
@@ -185,6 +188,7 @@ pub struct DistributedLockBuilder {
     unavailable_after: Duration,
     safety_margin: Option<Duration>,
     http1_only: bool,
+    lease_clock: renewer::LeaseClock,
     #[cfg(feature = "tls")]
     tls: tls::TlsSettings,
     error: Option<Error>,
@@ -275,6 +279,15 @@ impl DistributedLockBuilder {
         self
     }
 
+    /// Counts leases from when the server's answer arrived instead of from when the request
+    /// was sent: a deliberately wrong client, so that the fault tests can show that their
+    /// checks catch a loss signal that comes too late. Never use it.
+    #[doc(hidden)]
+    pub fn count_lease_from_answer_for_tests(mut self) -> DistributedLockBuilder {
+        self.lease_clock = renewer::LeaseClock::FromAnswer;
+        self
+    }
+
     /// Speak HTTP/1.1 instead of HTTP/2, for proxies that cannot carry HTTP/2 without TLS.
     /// Each concurrent request then needs its own connection.
     pub fn http1_only(mut self) -> DistributedLockBuilder {
@@ -316,6 +329,7 @@ impl DistributedLockBuilder {
                 next_key: AtomicU64::new(0),
                 unavailable_after: self.unavailable_after,
                 safety_margin: self.safety_margin,
+                lease_clock: self.lease_clock,
             }),
         })
     }

@@ -76,7 +76,27 @@ struct BatchOutcome {
 /// Longest pause between two ticks that renew; a thirtieth of the lease when shorter.
 const TICK_GAP: Duration = Duration::from_millis(25);
 
+/// Where a lease's local deadline is counted from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseClock {
+    /// From when the request was sent: always earlier than the server's clock starts.
+    FromSend,
+    /// From when the answer arrived: the naive (wrong) way, kept only so that the fault
+    /// tests can show their checks catch a late loss signal.
+    FromAnswer,
+}
+
+impl LeaseClock {
+    pub fn base(self, sent: Instant) -> Instant {
+        match self {
+            LeaseClock::FromSend => sent,
+            LeaseClock::FromAnswer => Instant::now(),
+        }
+    }
+}
+
 pub(crate) struct Renewer {
+    lease_clock: LeaseClock,
     transport: Arc<Transport>,
     leases: HashMap<u64, Tracked>,
     /// Next event of each lease: its renewal for auto-renewed leases, its deadline otherwise.
@@ -88,9 +108,13 @@ pub(crate) struct Renewer {
 }
 
 /// Starts the renewer on the current runtime.
-pub(crate) fn spawn(transport: Arc<Transport>) -> mpsc::UnboundedSender<Command> {
+pub(crate) fn spawn(
+    transport: Arc<Transport>,
+    lease_clock: LeaseClock,
+) -> mpsc::UnboundedSender<Command> {
     let (tx, rx) = mpsc::unbounded_channel();
     let renewer = Renewer {
+        lease_clock,
         transport,
         leases: HashMap::new(),
         queue: BTreeSet::new(),
@@ -315,7 +339,8 @@ impl Renewer {
             let next = match (results.get(i), retry_at) {
                 (Some(RenewResult::Renewed { lease_ms }), _) => {
                     let length = Duration::from_millis(*lease_ms);
-                    lease.deadline = Lease::deadline_after(outcome.sent, length, lease.margin);
+                    let base = self.lease_clock.base(outcome.sent);
+                    lease.deadline = Lease::deadline_after(base, length, lease.margin);
                     lease.state.send_replace(Some(lease.deadline));
                     lease.due_after(outcome.sent)
                 }

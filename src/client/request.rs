@@ -226,7 +226,12 @@ impl crate::client::Inner {
     ) -> LockGuard {
         let length = Duration::from_millis(granted.lease_ms);
         let margin = self.margin_for(length);
-        let deadline = Lease::deadline_after(sent, length, margin);
+        // The lease started `waited_ms` after the server received the request, so no
+        // earlier than that long after it was sent.
+        let started = self
+            .lease_clock
+            .base(sent + Duration::from_millis(granted.waited_ms));
+        let deadline = Lease::deadline_after(started, length, margin);
         let (state_tx, state_rx) = watch::channel(Some(deadline));
         let key = self.next_key();
         let lease = Lease {
@@ -238,7 +243,11 @@ impl crate::client::Inner {
             deadline,
             state: state_tx,
         };
-        let _ = commands.send(Command::Track { key, lease, sent });
+        let _ = commands.send(Command::Track {
+            key,
+            lease,
+            sent: started,
+        });
         LockGuard {
             name,
             lease_id: granted.lease_id,

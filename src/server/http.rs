@@ -202,7 +202,7 @@ impl App {
         self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<Reply, std::convert::Infallible> {
-                let route = Route::of(request.uri().path());
+        let route = Route::of(request.uri().path());
         let started = Instant::now();
         let reply = self
             .route(route, request)
@@ -279,7 +279,7 @@ impl App {
         }
     }
 
-        fn caller(&self, headers: &HeaderMap) -> Result<Caller, Failure> {
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, Failure> {
         self.auth.caller(headers).map_err(|refusal| match refusal {
             Refusal::BadKey => {
                 tracing::debug!("refused a request: missing or unknown API key");
@@ -419,6 +419,7 @@ impl App {
                         lease_id: grant.lease_id,
                         fencing_token: grant.fencing_token,
                         lease_ms: grant.lease.as_millis() as u64,
+                        waited_ms: grant.waited.as_millis() as u64,
                     },
                 ))
             }

@@ -52,6 +52,7 @@ pub struct ServerBuilder {
     key_file: Option<PathBuf>,
     key_reload_interval: Duration,
     tls: Option<(PathBuf, PathBuf)>,
+    event_log: Option<PathBuf>,
 }
 
 /// A running lock server. Dropping it stops the server without waiting; prefer
@@ -82,6 +83,7 @@ impl Server {
             key_file: None,
             key_reload_interval: Duration::from_secs(1),
             tls: None,
+            event_log: None,
         }
     }
 
@@ -203,6 +205,20 @@ impl ServerBuilder {
         self
     }
 
+    /// Sends the store's audit trail (every grant, deadline change, release, cancel, expiry
+    /// and departed waiter) to `sink`. See also [`event_log`](Self::event_log).
+    pub fn events(mut self, sink: store::EventSink) -> ServerBuilder {
+        self.memory.events = Some(sink);
+        self
+    }
+
+    /// Appends the store's audit trail to `path` as JSON lines (see [`store::StoreEvent`]).
+    /// Lines are written as events happen, so a crash loses at most the last few.
+    pub fn event_log(mut self, path: impl Into<PathBuf>) -> ServerBuilder {
+        self.event_log = Some(path.into());
+        self
+    }
+
     /// Most waiters one lock may have (default 100,000); more get `429`.
     pub fn max_waiters_per_lock(mut self, max: usize) -> ServerBuilder {
         self.memory.max_waiters_per_lock = max;
@@ -277,8 +293,21 @@ impl ServerBuilder {
     }
 
     /// Binds the socket, opens the store and starts serving on the current runtime.
-    pub async fn start(self) -> Result<Server, Error> {
+    pub async fn start(mut self) -> Result<Server, Error> {
         self.check()?;
+        if let Some(path) = &self.event_log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| Error::Io {
+                    context: format!("cannot open event log {}", path.display()),
+                    source,
+                })?;
+            let (sink, events) = tokio::sync::mpsc::unbounded_channel();
+            tokio::task::spawn_blocking(move || write_events(file, events));
+            self.memory.events = Some(sink);
+        }
         let auth = match &self.key_file {
             Some(path) => Auth::from_file(path)?,
             None => Auth::open(),
@@ -333,6 +362,28 @@ impl ServerBuilder {
             task: Some(task),
             app,
         })
+    }
+}
+
+/// Writes events as JSON lines until every sender is gone; flushes whenever it catches up.
+fn write_events(
+    file: std::fs::File,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<store::StoreEvent>,
+) {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(file);
+    while let Some(event) = events.blocking_recv() {
+        let mut next = Some(event);
+        while let Some(event) = next {
+            let line = serde_json::to_string(&event).expect("events serialize");
+            if writeln!(out, "{line}").is_err() {
+                return;
+            }
+            next = events.try_recv().ok();
+        }
+        if out.flush().is_err() {
+            return;
+        }
     }
 }
 

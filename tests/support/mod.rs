@@ -2,6 +2,8 @@
 //! on conditions with generous bounds (never fixed sleeps).
 #![allow(dead_code)]
 
+pub mod history;
+pub mod process;
 pub mod proxy;
 
 use distributed_lock::DistributedLock;

@@ -9,8 +9,8 @@
 //!   waiter is kept for it for the grace period too.
 
 use super::{
-    AcquireOutcome, AcquireSpec, Grant, HolderView, LockStore, LockView, Project, ProjectId, Quota,
-    Release, StoreError, StoreFuture, StoreStats,
+    AcquireOutcome, AcquireSpec, EventKind, EventSink, Grant, HolderView, LockStore, LockView,
+    Project, ProjectId, Quota, Release, StoreError, StoreEvent, StoreFuture, StoreStats,
 };
 use crate::id::Id;
 use crate::server::state_file::{Boot, StateFile, wall_micros};
@@ -40,6 +40,8 @@ pub struct MemoryConfig {
     pub state_file: Option<PathBuf>,
     /// Project ids below this have their lock count kept, for quotas.
     pub max_projects: u32,
+    /// Where to send the audit trail of every grant, renewal, release and expiry.
+    pub events: Option<EventSink>,
 }
 
 impl Default for MemoryConfig {
@@ -51,6 +53,7 @@ impl Default for MemoryConfig {
             sweep_interval: Duration::from_secs(1),
             state_file: None,
             max_projects: 100_000,
+            events: None,
         }
     }
 }
@@ -181,14 +184,19 @@ struct Waiter {
     detached_at: u64,
     /// When it joined the line (µs since origin).
     queued_at: u64,
+    /// When the long poll now attached began (µs since origin).
+    poll_started: u64,
 }
 
 impl Holder {
-    fn grant(&self) -> Grant {
+    /// The grant as the acquire call that began at `call_started` sees it; the lease's
+    /// clock (re)started at `lease_started`.
+    fn grant(&self, call_started: u64, lease_started: u64) -> Grant {
         Grant {
             lease_id: self.lease_id,
             fencing_token: self.token.get(),
             lease: Duration::from_millis(u64::from(self.lease_ms)),
+            waited: Duration::from_micros(lease_started.saturating_sub(call_started)),
         }
     }
 }
@@ -210,6 +218,11 @@ type Label = Box<String>;
 
 fn micros(d: Duration) -> u64 {
     d.as_micros() as u64
+}
+
+/// A request id as events show it: its first half.
+fn short(id: &Id) -> String {
+    id.to_string()[..16].to_owned()
 }
 
 fn project_of(key: &[u8]) -> ProjectId {
@@ -386,12 +399,17 @@ impl Shared {
         lock: &mut LockState,
         now: u64,
     ) {
-        if lock.holder.as_ref().is_some_and(|h| h.deadline <= now) {
+        if let Some(holder) = lock.holder.as_ref().filter(|h| h.deadline <= now) {
+            let (token, deadline) = (holder.token.get(), holder.deadline);
+            self.emit(key, now, || EventKind::Expired {
+                token,
+                deadline_us: self.unix_us(deadline),
+            });
             self.drop_holder(timers, lock);
             self.expirations.fetch_add(1, Ordering::Relaxed);
         }
         if lock.holder.is_none() && now >= self.hold_back_until {
-            self.grant_next(lock, now);
+            self.grant_next(key, lock, now);
         }
         if lock.waiters() == 0 {
             if let Some(queue) = lock.queue.take()
@@ -420,7 +438,7 @@ impl Shared {
     }
 
     /// Gives a free lock to the first waiter in line.
-    fn grant_next(&self, lock: &mut LockState, now: u64) {
+    fn grant_next(&self, key: &[u8], lock: &mut LockState, now: u64) {
         let Some(queue) = &mut lock.queue else {
             return;
         };
@@ -429,14 +447,50 @@ impl Shared {
         };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         let holder = self.new_holder(waiter.request_id, waiter.lease_ms, waiter.label, now);
-        let grant = holder.grant();
+        let grant = holder.grant(waiter.poll_started, now);
         let delivered = waiter.notify.is_some_and(|tx| tx.send(grant).is_ok());
         let mut holder = holder;
         if !delivered {
             // Nobody is listening right now: keep the grant for a returning poll only briefly.
             holder.deadline = holder.deadline.min(now + micros(self.config.grace));
         }
+        self.emit_granted(key, &holder, now);
         lock.holder = Some(holder);
+    }
+
+    fn emit_granted(&self, key: &[u8], holder: &Holder, now: u64) {
+        self.emit(key, now, || EventKind::Granted {
+            token: holder.token.get(),
+            request: short(&holder.request_id),
+            deadline_us: self.unix_us(holder.deadline),
+        });
+    }
+
+    fn emit_deadline(&self, key: &[u8], holder: &Holder, now: u64) {
+        self.emit(key, now, || EventKind::Deadline {
+            token: holder.token.get(),
+            deadline_us: self.unix_us(holder.deadline),
+        });
+    }
+
+    /// Sends an event to the audit trail, if one is configured.
+    fn emit(&self, key: &[u8], now: u64, kind: impl FnOnce() -> EventKind) {
+        if let Some(events) = &self.config.events {
+            let _ = events.send(StoreEvent {
+                at_us: self.unix_us(now),
+                project: project_of(key).to_string(),
+                lock: String::from_utf8_lossy(&key[4..]).into_owned(),
+                kind: kind(),
+            });
+        }
+    }
+
+    /// Unix microseconds of a store instant.
+    fn unix_us(&self, micros_since_origin: u64) -> u64 {
+        let wall = self.origin_wall + Duration::from_micros(micros_since_origin);
+        wall.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64
     }
 
     fn new_holder(&self, request_id: Id, lease_ms: u32, label: Option<Label>, now: u64) -> Holder {
@@ -533,12 +587,17 @@ impl Shared {
         let ShardState { locks, timers } = state;
         locks.retain(|key, lock| {
             if let Some(queue) = &mut lock.queue {
-                let before = queue.waiters.len();
-                queue
-                    .waiters
-                    .retain(|w| w.notify.is_some() || now < w.detached_at + grace);
-                let gone = before - queue.waiters.len();
-                self.waiting.fetch_sub(gone as u64, Ordering::Relaxed);
+                queue.waiters.retain(|w| {
+                    let stays = w.notify.is_some() || now < w.detached_at + grace;
+                    if !stays {
+                        self.waiting.fetch_sub(1, Ordering::Relaxed);
+                        self.emit(key, now, || EventKind::WaiterLeft {
+                            request: short(&w.request_id),
+                            reason: "abandoned".into(),
+                        });
+                    }
+                    stays
+                });
             }
             self.settle(timers, key, lock, now);
             if lock.is_empty() {
@@ -597,6 +656,8 @@ struct PendingWait<'a> {
     key: Box<[u8]>,
     request_id: Id,
     rx: Option<oneshot::Receiver<Grant>>,
+    /// When the store began this call (µs since origin).
+    started: u64,
 }
 
 impl PendingWait<'_> {
@@ -617,7 +678,8 @@ impl PendingWait<'_> {
             .filter(|h| h.request_id == self.request_id)
         {
             holder.deadline = now + u64::from(holder.lease_ms) * 1000;
-            AcquireOutcome::Granted(holder.grant())
+            self.shared.emit_deadline(&self.key, holder, now);
+            AcquireOutcome::Granted(holder.grant(self.started, now))
         } else if let Some(queue) = &mut lock.queue
             && let Some(pos) = queue
                 .waiters
@@ -627,6 +689,10 @@ impl PendingWait<'_> {
             if timed_out {
                 queue.waiters.remove(pos);
                 self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.shared.emit(&self.key, now, || EventKind::WaiterLeft {
+                    request: short(&self.request_id),
+                    reason: "timeout".into(),
+                });
                 AcquireOutcome::TimedOut {
                     holder: lock
                         .holder
@@ -681,6 +747,7 @@ impl Drop for PendingWait<'_> {
                 .filter(|h| h.token.get() == grant.fencing_token)
             {
                 holder.deadline = holder.deadline.min(now + micros(self.shared.config.grace));
+                self.shared.emit_deadline(&self.key, holder, now);
                 // Re-arm the expiry timer for the earlier deadline.
                 if let Some(queue) = &mut lock.queue
                     && let Some(timer) = queue.timer.take()
@@ -704,7 +771,8 @@ impl Drop for PendingWait<'_> {
 
 enum Step {
     Done(AcquireOutcome),
-    Wait(oneshot::Receiver<Grant>),
+    /// Wait on the receiver; the lease clock of a grant is compared to the second field.
+    Wait(oneshot::Receiver<Grant>, u64),
 }
 
 impl MemoryStore {
@@ -736,7 +804,8 @@ impl MemoryStore {
             .filter(|h| h.request_id == spec.request_id)
         {
             holder.deadline = now + u64::from(holder.lease_ms) * 1000;
-            return Ok(Step::Done(AcquireOutcome::Granted(holder.grant())));
+            shared.emit_deadline(key, holder, now);
+            return Ok(Step::Done(AcquireOutcome::Granted(holder.grant(now, now))));
         }
         let (tx, rx) = oneshot::channel();
         if let Some(queue) = &mut lock.queue
@@ -746,13 +815,15 @@ impl MemoryStore {
                 .find(|w| w.request_id == spec.request_id)
         {
             waiter.notify = Some(tx);
-            return Ok(Step::Wait(rx));
+            waiter.poll_started = now;
+            return Ok(Step::Wait(rx, now));
         }
 
         let label = spec.label.clone().map(Box::new);
         if lock.holder.is_none() && lock.queue.is_none() && now >= shared.hold_back_until {
             let holder = shared.new_holder(spec.request_id, lease_ms, label, now);
-            let grant = holder.grant();
+            shared.emit_granted(key, &holder, now);
+            let grant = holder.grant(now, now);
             lock.holder = Some(holder);
             return Ok(Step::Done(AcquireOutcome::Granted(grant)));
         }
@@ -782,10 +853,11 @@ impl MemoryStore {
                     notify: Some(tx),
                     detached_at: 0,
                     queued_at: now,
+                    poll_started: now,
                 });
             shared.waiting.fetch_add(1, Ordering::Relaxed);
             shared.settle(timers, key, lock, now);
-            return Ok(Step::Wait(rx));
+            return Ok(Step::Wait(rx, now));
         };
         if lock.is_empty() {
             shared.remove_lock(locks, key);
@@ -798,7 +870,7 @@ impl MemoryStore {
         &self,
         project: ProjectId,
         name: &str,
-        f: impl FnOnce(&Shared, &mut LockState, &mut BTreeMap<(u64, u64), Box<[u8]>>, u64) -> T,
+        f: impl FnOnce(&Shared, &[u8], &mut LockState, &mut BTreeMap<(u64, u64), Box<[u8]>>, u64) -> T,
     ) -> Option<T> {
         let shared = &*self.shared;
         let key = lock_key(project, name);
@@ -808,7 +880,7 @@ impl MemoryStore {
         let ShardState { locks, timers } = &mut *state;
         let lock = locks.get_mut(&key)?;
         shared.settle(timers, &key, lock, now);
-        let out = f(shared, lock, timers, now);
+        let out = f(shared, &key, lock, timers, now);
         shared.settle(timers, &key, lock, now);
         if lock.is_empty() {
             shared.remove_lock(locks, &key);
@@ -822,9 +894,9 @@ impl LockStore for MemoryStore {
         Box::pin(async move {
             let key = lock_key(spec.project.id, &spec.name);
             let shard = self.shared.shard_of(&key);
-            let rx = match self.begin_acquire(&spec, shard, &key)? {
+            let (rx, started) = match self.begin_acquire(&spec, shard, &key)? {
                 Step::Done(outcome) => return Ok(outcome),
-                Step::Wait(rx) => rx,
+                Step::Wait(rx, started) => (rx, started),
             };
             let mut pending = PendingWait {
                 shared: &self.shared,
@@ -832,6 +904,7 @@ impl LockStore for MemoryStore {
                 key,
                 request_id: spec.request_id,
                 rx: Some(rx),
+                started,
             };
             let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
             let timed_out = spec.wait.is_some_and(|w| w <= spec.poll);
@@ -856,9 +929,10 @@ impl LockStore for MemoryStore {
         let renewed = leases
             .iter()
             .map(|(name, lease_id)| {
-                self.on_lock(project.id, name, |_, lock, _, now| {
+                self.on_lock(project.id, name, |shared, key, lock, _, now| {
                     let holder = lock.holder.as_mut().filter(|h| h.lease_id == *lease_id)?;
                     holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+                    shared.emit_deadline(key, holder, now);
                     Some(Duration::from_millis(u64::from(holder.lease_ms)))
                 })
                 .flatten()
@@ -869,8 +943,10 @@ impl LockStore for MemoryStore {
 
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {
         let outcome = self
-            .on_lock(project.id, name, |shared, lock, timers, _| {
-                if lock.holder.as_ref().is_some_and(|h| h.lease_id == lease_id) {
+            .on_lock(project.id, name, |shared, key, lock, timers, now| {
+                if let Some(holder) = lock.holder.as_ref().filter(|h| h.lease_id == lease_id) {
+                    let token = holder.token.get();
+                    shared.emit(key, now, || EventKind::Released { token });
                     shared.drop_holder(timers, lock);
                     Release::Released
                 } else {
@@ -883,7 +959,7 @@ impl LockStore for MemoryStore {
 
     fn cancel(&self, project: &Project, name: &str, request_id: Id) -> StoreFuture<'_, bool> {
         let cancelled = self
-            .on_lock(project.id, name, |shared, lock, timers, _| {
+            .on_lock(project.id, name, |shared, key, lock, timers, now| {
                 if let Some(queue) = &mut lock.queue
                     && let Some(pos) = queue
                         .waiters
@@ -892,12 +968,19 @@ impl LockStore for MemoryStore {
                 {
                     queue.waiters.remove(pos);
                     shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                    shared.emit(key, now, || EventKind::Cancelled {
+                        token: None,
+                        request: short(&request_id),
+                    });
                     true
-                } else if lock
-                    .holder
-                    .as_ref()
-                    .is_some_and(|h| h.request_id == request_id)
+                } else if let Some(holder) =
+                    lock.holder.as_ref().filter(|h| h.request_id == request_id)
                 {
+                    let token = holder.token.get();
+                    shared.emit(key, now, || EventKind::Cancelled {
+                        token: Some(token),
+                        request: short(&request_id),
+                    });
                     shared.drop_holder(timers, lock);
                     true
                 } else {
@@ -910,7 +993,7 @@ impl LockStore for MemoryStore {
 
     fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>> {
         let view = self
-            .on_lock(project.id, name, |shared, lock, _, now| {
+            .on_lock(project.id, name, |shared, _, lock, _, now| {
                 shared.view(lock, now)
             })
             // A lock whose holder just expired, with nobody waiting, no longer exists.

@@ -66,6 +66,9 @@ pub struct Grant {
     pub fencing_token: u64,
     /// Lease length, counted from when the store granted (or re-confirmed) it.
     pub lease: Duration,
+    /// How long after this acquire call began the lease started (never more than the
+    /// truth): a waiter granted after a long wait learns that its lease started late.
+    pub waited: Duration,
 }
 
 /// How an acquire call ended.
@@ -109,6 +112,73 @@ pub struct HolderView {
     /// The holder's label, if it gave one.
     pub label: Option<String>,
 }
+
+/// What happened to a lock, in the order the store saw it: an audit trail, used by the fault
+/// tests to check every grant against every other.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreEvent {
+    /// When, in Unix microseconds by the store's clock.
+    pub at_us: u64,
+    /// The project (its number on this server for the memory store).
+    pub project: String,
+    /// The lock.
+    pub lock: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The kinds of [`StoreEvent`]. Request ids appear as their first 16 hex digits: enough to
+/// follow a request, not enough to act for it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The lock was granted; the lease ends at `deadline_us` unless renewed.
+    Granted {
+        /// Fencing token of the grant.
+        token: u64,
+        /// The acquire it was granted to.
+        request: String,
+        /// Lease end, Unix µs.
+        deadline_us: u64,
+    },
+    /// The lease's end moved (renewal, re-poll, or a grant nobody collected being cut short).
+    Deadline {
+        /// Fencing token of the lease.
+        token: u64,
+        /// New lease end, Unix µs.
+        deadline_us: u64,
+    },
+    /// The holder released the lease.
+    Released {
+        /// Fencing token of the lease.
+        token: u64,
+    },
+    /// A cancel withdrew a waiter (`token` absent) or undid a grant.
+    Cancelled {
+        /// Fencing token of the undone grant, if it was one.
+        token: Option<u64>,
+        /// The acquire cancelled.
+        request: String,
+    },
+    /// The lease ran out at `deadline_us` (noticed at `at_us`).
+    Expired {
+        /// Fencing token of the lease.
+        token: u64,
+        /// When it ended, Unix µs.
+        deadline_us: u64,
+    },
+    /// A waiter left the line without the lock.
+    WaiterLeft {
+        /// The acquire.
+        request: String,
+        /// `timeout` (its wait ran out) or `abandoned` (gone past its grace period).
+        reason: String,
+    },
+}
+
+/// Where a store sends its [`StoreEvent`]s.
+pub type EventSink = tokio::sync::mpsc::UnboundedSender<StoreEvent>;
 
 /// How a release ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,343 @@
+//! The fault suite's record of what happened, a resource protected by fencing tokens, and
+//! the offline checks run on the record.
+//!
+//! Server-side facts come from the store's audit trail ([`StoreEvent`]s, one list per server
+//! run); client-side facts from the clients in the test; writes from the resource.
+
+use distributed_lock::server::store::{EventKind, StoreEvent};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// What a client saw or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientKind {
+    /// Its acquire returned this token.
+    Acquired(u64),
+    /// `is_held()` said true (just before it wrote).
+    Held(u64),
+    /// `lost()` resolved.
+    Lost(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientEvent {
+    pub at_us: u64,
+    pub client: String,
+    pub lock: String,
+    pub kind: ClientKind,
+}
+
+/// Client events, shared by every client task of a test.
+#[derive(Debug, Clone, Default)]
+pub struct Clients(Arc<Mutex<Vec<ClientEvent>>>);
+
+impl Clients {
+    pub fn record(&self, client: &str, lock: &str, kind: ClientKind) {
+        self.0.lock().unwrap().push(ClientEvent {
+            at_us: now_us(),
+            client: client.to_owned(),
+            lock: lock.to_owned(),
+            kind,
+        });
+    }
+
+    pub fn events(&self) -> Vec<ClientEvent> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// One write the resource saw.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub at_us: u64,
+    /// The lock that protects what was written (each lock guards its own record).
+    pub lock: String,
+    pub client: String,
+    pub token: u64,
+    pub accepted: bool,
+}
+
+/// A store protected by the lock: it rejects a write whose fencing token is lower than the
+/// highest it has accepted. With `checking` off it accepts everything (the negative
+/// control), and the offline check must then find the stale writes.
+#[derive(Debug, Clone)]
+pub struct Resource {
+    checking: bool,
+    state: Arc<Mutex<Ledger>>,
+}
+
+/// Highest accepted token per lock, and every write in order.
+#[derive(Debug, Default)]
+struct Ledger {
+    highest: HashMap<String, u64>,
+    writes: Vec<Write>,
+}
+
+impl Resource {
+    pub fn new(checking: bool) -> Resource {
+        Resource {
+            checking,
+            state: Arc::default(),
+        }
+    }
+
+    /// Writes the record guarded by `lock`.
+    pub fn write(&self, lock: &str, client: &str, token: u64) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let highest = state.highest.entry(lock.to_owned()).or_default();
+        let accepted = !self.checking || token >= *highest;
+        if accepted {
+            *highest = (*highest).max(token);
+        }
+        state.writes.push(Write {
+            at_us: now_us(),
+            lock: lock.to_owned(),
+            client: client.to_owned(),
+            token,
+            accepted,
+        });
+        accepted
+    }
+
+    pub fn writes(&self) -> Vec<Write> {
+        self.state.lock().unwrap().writes.clone()
+    }
+
+    /// Serves writes from other processes: a line `W <lock> <client> <token>` is answered
+    /// `OK` or `STALE`.
+    pub async fn serve(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let resource = self.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let resource = resource.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = tcp.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let mut parts = line.split_whitespace();
+                        let (Some("W"), Some(lock), Some(client), Some(token)) =
+                            (parts.next(), parts.next(), parts.next(), parts.next())
+                        else {
+                            break;
+                        };
+                        let Ok(token) = token.parse() else { break };
+                        let answer = if resource.write(lock, client, token) {
+                            "OK\n"
+                        } else {
+                            "STALE\n"
+                        };
+                        if write.write_all(answer.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+}
+
+/// A server-side lease: from its grant to its end (release, cancel, or the deadline it
+/// expired at or would have, if the server died first).
+#[derive(Debug, Clone)]
+struct Interval {
+    token: u64,
+    start: u64,
+    end: u64,
+}
+
+/// The outcome of the offline checks.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub violations: Vec<String>,
+    pub grants: usize,
+    pub writes_accepted: usize,
+    pub writes_rejected: usize,
+    pub held_claims: usize,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        format!(
+            "{} grants, {} writes accepted, {} rejected as stale, {} held-claims checked, {} violations",
+            self.grants,
+            self.writes_accepted,
+            self.writes_rejected,
+            self.held_claims,
+            self.violations.len()
+        )
+    }
+}
+
+/// Runs every offline check. `runs` holds the audit trail of each server run in order (a
+/// restart starts a new run).
+pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]) -> Report {
+    let mut report = Report::default();
+    let mut intervals: HashMap<String, Vec<Interval>> = HashMap::new();
+    let mut last_token: HashMap<String, u64> = HashMap::new();
+    for events in runs {
+        let mut open: HashMap<u64, (String, Interval)> = HashMap::new();
+        let mut gone_requests: HashSet<String> = HashSet::new();
+        for e in events {
+            let lock = format!("{}/{}", e.project, e.lock);
+            match &e.kind {
+                EventKind::Granted {
+                    token,
+                    request,
+                    deadline_us,
+                } => {
+                    report.grants += 1;
+                    // (1) no token regressions, across runs too.
+                    if let Some(prev) = last_token.get(&lock)
+                        && token <= prev
+                    {
+                        report
+                            .violations
+                            .push(format!("{lock}: token {token} granted after {prev}"));
+                    }
+                    last_token.insert(lock.clone(), *token);
+                    // (5) no grant to a waiter that had already gone.
+                    if gone_requests.contains(&format!("{lock} {request}")) {
+                        report.violations.push(format!(
+                            "{lock}: granted to request {request} after it left"
+                        ));
+                    }
+                    open.insert(
+                        *token,
+                        (
+                            lock.clone(),
+                            Interval {
+                                token: *token,
+                                start: e.at_us,
+                                end: *deadline_us,
+                            },
+                        ),
+                    );
+                }
+                EventKind::Deadline { token, deadline_us } => {
+                    if let Some((_, interval)) = open.get_mut(token) {
+                        interval.end = *deadline_us;
+                    }
+                }
+                EventKind::Released { token }
+                | EventKind::Cancelled {
+                    token: Some(token), ..
+                } => {
+                    if let Some((lock, mut interval)) = open.remove(token) {
+                        interval.end = e.at_us.min(interval.end);
+                        intervals.entry(lock).or_default().push(interval);
+                    }
+                    if let EventKind::Cancelled { request, .. } = &e.kind {
+                        gone_requests.insert(format!("{lock} {request}"));
+                    }
+                }
+                EventKind::Expired { token, deadline_us } => {
+                    if let Some((lock, mut interval)) = open.remove(token) {
+                        interval.end = *deadline_us;
+                        intervals.entry(lock).or_default().push(interval);
+                    }
+                }
+                EventKind::Cancelled {
+                    token: None,
+                    request,
+                }
+                | EventKind::WaiterLeft { request, .. } => {
+                    gone_requests.insert(format!("{lock} {request}"));
+                }
+            }
+        }
+        // The run ended (shutdown or crash): what was open counts until its deadline.
+        for (_, (lock, interval)) in open {
+            intervals.entry(lock).or_default().push(interval);
+        }
+    }
+    // (3) no two unexpired server-side leases at once.
+    for (lock, list) in &mut intervals {
+        list.sort_by_key(|i| (i.start, i.token));
+        let mut latest_end: Option<(u64, u64)> = None;
+        for i in list.iter() {
+            if let Some((end, token)) = latest_end
+                && i.start < end
+            {
+                report.violations.push(format!(
+                    "{lock}: lease {} granted {} µs before lease {token} ended",
+                    i.token,
+                    end - i.start
+                ));
+            }
+            if latest_end.is_none_or(|(end, _)| i.end > end) {
+                latest_end = Some((i.end, i.token));
+            }
+        }
+    }
+    let by_token: HashMap<u64, &Interval> =
+        intervals.values().flatten().map(|i| (i.token, i)).collect();
+    // Client-side checks. (An acquire's answer may arrive late, after a newer grant, when
+    // the network held it back: that is not a regression as long as the client never
+    // believes it holds the lock outside the lease, which is what is checked.)
+    for e in clients {
+        match e.kind {
+            ClientKind::Acquired(_) => {}
+            // (4) no client reporting the lock as held outside its server-side lease.
+            ClientKind::Held(token) => {
+                report.held_claims += 1;
+                match by_token.get(&token) {
+                    Some(i) if i.start <= e.at_us && e.at_us < i.end => {}
+                    Some(i) => report.violations.push(format!(
+                        "{}: client {} believed token {token} held {} µs outside its server lease",
+                        e.lock,
+                        e.client,
+                        if e.at_us >= i.end {
+                            e.at_us - i.end
+                        } else {
+                            i.start - e.at_us
+                        }
+                    )),
+                    None => report.violations.push(format!(
+                        "{}: client {} held token {token} the server never granted",
+                        e.lock, e.client
+                    )),
+                }
+            }
+            ClientKind::Lost(_) => {}
+        }
+    }
+    // (2) no stale write accepted.
+    let mut highest: HashMap<&str, u64> = HashMap::new();
+    for w in writes {
+        if w.accepted {
+            report.writes_accepted += 1;
+            let highest = highest.entry(&w.lock).or_default();
+            if w.token < *highest {
+                report.violations.push(format!(
+                    "stale write accepted: {} wrote {} with token {} after {highest}",
+                    w.client, w.lock, w.token
+                ));
+            }
+            *highest = (*highest).max(w.token);
+        } else {
+            report.writes_rejected += 1;
+        }
+    }
+    report
+}
+
+/// Reads an event log written by `distributed-lock-server --event-log`.
+pub fn read_event_log(path: &std::path::Path) -> Vec<StoreEvent> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}

@@ -1,0 +1,99 @@
+//! Real processes for the fault suite: the server binary and the `distributed-lock` CLI.
+
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_distributed-lock-server");
+pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_distributed-lock");
+
+/// A `distributed-lock-server` process.
+pub struct ServerProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl ServerProcess {
+    /// Starts the server with `args` and waits (with a generous bound) until it listens.
+    pub async fn start(args: &[&str]) -> ServerProcess {
+        let mut child = Command::new(SERVER_BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("server binary starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = super::within(Duration::from_secs(20), async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .expect("the server printed its address");
+                if let Some((_, url)) = line.split_once("listening on ") {
+                    return url.trim().to_owned();
+                }
+            }
+        })
+        .await;
+        // Keep draining its output so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess { child, url }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+
+    /// SIGTERM (graceful shutdown), and wait for it to exit.
+    pub async fn terminate(mut self) {
+        signal(self.pid(), libc::SIGTERM);
+        super::within(Duration::from_secs(20), self.child.wait())
+            .await
+            .unwrap();
+    }
+}
+
+/// Sends `signal` to process `pid`.
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) with a pid this test started; an error only means it is gone.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// `distributed-lock run NAME OPTIONS -- bash -c SCRIPT` against `url`.
+pub fn cli_run(url: &str, name: &str, options: &[&str], script: &str) -> Child {
+    Command::new(CLI_BIN)
+        .args(["--url", url, "--api-key", "faults", "run", name])
+        .args(options)
+        .args(["--", "bash", "-c", script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the CLI starts")
+}
+
+/// A bash loop that writes the record of the lock it runs under to the fenced resource at
+/// `addr` every 50 ms, as `client`, with the token `run` put in its environment.
+pub fn writer_loop(addr: std::net::SocketAddr, client: &str) -> String {
+    format!(
+        "while :; do exec 3<>/dev/tcp/{}/{} || exit 1; echo \"W $DISTRIBUTED_LOCK_NAME {client} $DISTRIBUTED_LOCK_FENCING_TOKEN\" >&3; read -r answer <&3; exec 3>&-; sleep 0.05; done",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// One write to the resource, then exit.
+pub fn write_once(addr: std::net::SocketAddr, client: &str) -> String {
+    format!(
+        "exec 3<>/dev/tcp/{}/{} && echo \"W $DISTRIBUTED_LOCK_NAME {client} $DISTRIBUTED_LOCK_FENCING_TOKEN\" >&3 && read -r answer <&3",
+        addr.ip(),
+        addr.port()
+    )
+}
