@@ -271,7 +271,7 @@ impl DistributedLockBuilder {
     /// How long before the server could expire a lease the guard presumes it lost (default:
     /// a tenth of the lease, at most 1 s; never more than half the lease).
     ///
-        /// The guard counts its lease from when the acquire or renewal was *sent*, which is
+    /// The guard counts its lease from when the acquire or renewal was *sent*, which is
     /// already earlier than the server's clock starts; the margin absorbs clock-rate drift.
     /// Raise it to give the application time to stop its work after [`LockGuard::lost`]
     /// fires and before anyone else can get the lock (the `distributed-lock` command adds

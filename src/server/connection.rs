@@ -8,10 +8,14 @@ use crate::server::stopped;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -49,9 +53,33 @@ impl Default for ConnLimits {
     }
 }
 
+/// Where the server gets its connections: a TCP listener by default, or anything else
+/// that yields byte streams, such as a simulated network in tests (turmoil).
+pub trait Listener: Send + 'static {
+    /// Waits for the next connection.
+    fn accept(&mut self) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send + '_>>;
+    /// The address it listens on.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl Listener for TcpListener {
+    fn accept(&mut self) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send + '_>> {
+        Box::pin(async move {
+            let (tcp, _) = TcpListener::accept(self).await?;
+            // Without it every small HTTP/2 frame waits on Nagle's algorithm.
+            let _ = tcp.set_nodelay(true);
+            Ok(Box::new(tcp) as Box<dyn Io>)
+        })
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        TcpListener::local_addr(self)
+    }
+}
+
 /// Accepts connections until told to stop, then drains them.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    mut listener: Box<dyn Listener>,
     app: Arc<App>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ConnLimits,
@@ -62,8 +90,8 @@ pub(crate) async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let tcp = match accepted {
-                    Ok((tcp, _)) => tcp,
+                                let stream = match accepted {
+                    Ok(stream) => stream,
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
@@ -74,13 +102,13 @@ pub(crate) async fn serve(
                                 // The gauge goes down as soon as a connection ends (the JoinSet only when
                 // it is reaped).
                 if app.metrics.connections_open.get() >= limits.max_connections as i64 {
-                    app.metrics.connections_refused.inc();
-                    drop(tcp);
+                                        app.metrics.connections_refused.inc();
+                    drop(stream);
                     continue;
                 }
                                 app.metrics.connections_open.inc();
-                connections.spawn(connection(
-                    tcp,
+                                connections.spawn(connection(
+                    stream,
                     app.clone(),
                     builder.clone(),
                     tls.clone(),
@@ -168,22 +196,21 @@ impl Drop for Busy {
 }
 
 async fn connection(
-    tcp: TcpStream,
+    stream: Box<dyn Io>,
     app: Arc<App>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ConnLimits,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let _ = tcp.set_nodelay(true);
     app.metrics.connections.inc();
     let _open = scopeguard(|| {
         app.metrics.connections_open.dec();
     });
     let io: Box<dyn Io> = match tls {
-        None => Box::new(tcp),
+        None => stream,
         Some(acceptor) => {
-            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => Box::new(stream),
                 Ok(Err(e)) => {
                     app.metrics.tls_handshake_failures.inc();

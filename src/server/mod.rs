@@ -40,10 +40,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use auth::new_key;
+pub use connection::Listener;
 
 /// Configures and starts a [`Server`].
 #[must_use = "a builder does nothing until start() is awaited"]
-#[derive(Debug)]
 pub struct ServerBuilder {
     bind: String,
     memory: MemoryConfig,
@@ -53,6 +53,7 @@ pub struct ServerBuilder {
     key_reload_interval: Duration,
     tls: Option<(PathBuf, PathBuf)>,
     event_log: Option<PathBuf>,
+    listener: Option<Box<dyn Listener>>,
 }
 
 /// A running lock server. Dropping it stops the server without waiting; prefer
@@ -84,6 +85,7 @@ impl Server {
             key_reload_interval: Duration::from_secs(1),
             tls: None,
             event_log: None,
+            listener: None,
         }
     }
 
@@ -138,10 +140,28 @@ impl fmt::Debug for Server {
     }
 }
 
+impl fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("bind", &self.bind)
+            .field("key_file", &self.key_file)
+            .field("tls", &self.tls)
+            .field("custom_listener", &self.listener.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl ServerBuilder {
     /// Address to listen on, such as `127.0.0.1:7878` or `0.0.0.0:0` (any free port).
     pub fn bind(mut self, addr: impl Into<String>) -> ServerBuilder {
         self.bind = addr.into();
+        self
+    }
+
+    /// Serves connections from `listener` instead of binding a TCP socket (`bind` is then
+    /// ignored): for example a simulated network in tests.
+    pub fn listener(mut self, listener: impl Listener) -> ServerBuilder {
+        self.listener = Some(Box::new(listener));
         self
     }
 
@@ -318,12 +338,17 @@ impl ServerBuilder {
             )?)),
             None => None,
         };
-        let listener = TcpListener::bind(&self.bind)
-            .await
-            .map_err(|source| Error::Io {
-                context: format!("cannot listen on {}", self.bind),
-                source,
-            })?;
+        let listener: Box<dyn Listener> = match self.listener.take() {
+            Some(listener) => listener,
+            None => Box::new(
+                TcpListener::bind(&self.bind)
+                    .await
+                    .map_err(|source| Error::Io {
+                        context: format!("cannot listen on {}", self.bind),
+                        source,
+                    })?,
+            ),
+        };
         let addr = listener.local_addr().map_err(|source| Error::Io {
             context: "cannot read the bound address".into(),
             source,
