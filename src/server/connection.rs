@@ -53,17 +53,20 @@ impl Default for ConnLimits {
     }
 }
 
+/// The future a [`Listener`] returns.
+pub type AcceptFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send + 'a>>;
+
 /// Where the server gets its connections: a TCP listener by default, or anything else
 /// that yields byte streams, such as a simulated network in tests (turmoil).
 pub trait Listener: Send + 'static {
     /// Waits for the next connection.
-    fn accept(&mut self) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send + '_>>;
+    fn accept(&mut self) -> AcceptFuture<'_>;
     /// The address it listens on.
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
 impl Listener for TcpListener {
-    fn accept(&mut self) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send + '_>> {
+    fn accept(&mut self) -> AcceptFuture<'_> {
         Box::pin(async move {
             let (tcp, _) = TcpListener::accept(self).await?;
             // Without it every small HTTP/2 frame waits on Nagle's algorithm.

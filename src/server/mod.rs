@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use auth::new_key;
-pub use connection::Listener;
+pub use connection::{AcceptFuture, Listener};
 
 /// Configures and starts a [`Server`].
 #[must_use = "a builder does nothing until start() is awaited"]
