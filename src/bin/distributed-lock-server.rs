@@ -1,6 +1,11 @@
 //! `distributed-lock-server`: the lock server as a command.
 
 use clap::Parser;
+
+// The duration syntax (`250ms`, `10s`, `5m`, `1h`) is the command-line client's.
+#[allow(dead_code)]
+#[path = "distributed-lock/duration.rs"]
+mod duration;
 use distributed_lock::server::Server;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,7 +58,7 @@ struct Args {
     key_file: Option<PathBuf>,
 
     /// How often to check the key file for changes (0: only on SIGHUP).
-    #[arg(long, env = "DISTRIBUTED_LOCK_KEY_CHECK_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "DISTRIBUTED_LOCK_KEY_CHECK_INTERVAL", default_value = "1s", value_parser = duration::parse)]
     key_check_interval: Duration,
 
     /// PEM certificate chain: serve HTTPS (with --tls-key).
@@ -79,11 +84,11 @@ struct Args {
     no_state_file: bool,
 
     /// Longest lease a client may ask for, such as `1h` or `90s` (at most 24h).
-    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_LEASE", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_LEASE", default_value = "1h", value_parser = duration::parse)]
     max_lease: Duration,
 
     /// Longest time one long poll is held open.
-    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_POLL", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_POLL", default_value = "20s", value_parser = duration::parse)]
     max_poll: Duration,
 
     /// Most waiters one lock may have.
@@ -103,15 +108,15 @@ struct Args {
     max_connections: usize,
 
     /// Time a client has to send a request header (slowloris protection).
-    #[arg(long, env = "DISTRIBUTED_LOCK_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "DISTRIBUTED_LOCK_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     header_read_timeout: Duration,
 
     /// Close connections with no request in flight for this long.
-    #[arg(long, env = "DISTRIBUTED_LOCK_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "DISTRIBUTED_LOCK_IDLE_TIMEOUT", default_value = "60s", value_parser = duration::parse)]
     idle_timeout: Duration,
 
     /// Time a client has to complete the TLS handshake.
-    #[arg(long, env = "DISTRIBUTED_LOCK_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "DISTRIBUTED_LOCK_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     handshake_timeout: Duration,
 
     /// Append an audit trail of every grant, renewal, release and expiry to this file
@@ -122,24 +127,6 @@ struct Args {
     /// Worker threads (default: one per core).
     #[arg(long, env = "DISTRIBUTED_LOCK_THREADS")]
     threads: Option<usize>,
-}
-
-/// Parses `250ms`, `10s`, `5m`, `1h`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 10s, 5m or 1h"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" | "" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Ok(Duration::from_millis(ms))
 }
 
 fn main() -> ExitCode {

@@ -1,7 +1,6 @@
 //! Durations on the command line (`250ms`, `10s`, `5m`, `1h`) and in messages.
 //!
-//! `parse` accepts what `distributed-lock-server` accepts (its copy lives in that binary;
-//! the two binaries share no private module).
+//! `distributed-lock-server` includes this file too, so both commands read durations alike.
 
 use std::time::Duration;
 
