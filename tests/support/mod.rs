@@ -2,6 +2,7 @@
 //! on conditions with generous bounds (never fixed sleeps).
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod proxy;
 
 use distributed_lock::DistributedLock;
@@ -34,12 +35,75 @@ fn watch_panics() {
     });
 }
 
+/// Which store a test server keeps its locks in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    /// A one-member etcd cluster of its own, started for the server.
+    Etcd,
+}
+
+impl Backend {
+    /// The lease this backend grants when `wanted` is asked for: etcd counts whole seconds,
+    /// and its minimum TTL (with its default timing) is 2 s.
+    pub fn lease(self, wanted: Duration) -> Duration {
+        match self {
+            Backend::Memory => wanted,
+            Backend::Etcd => Duration::from_secs(wanted.as_millis().div_ceil(1000) as u64)
+                .max(Duration::from_secs(2)),
+        }
+    }
+
+    /// How much later than an inspected `expires_in_ms` the lease may really end: etcd
+    /// reports remaining TTLs in whole seconds, rounded down.
+    pub fn expiry_slack(self) -> Duration {
+        match self {
+            Backend::Memory => Duration::ZERO,
+            Backend::Etcd => Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs each listed `async fn name(backend: Backend)` as two tests, `name::memory` and
+/// `name::etcd`: the conformance suite both stores must pass. Prefix the list with
+/// `multi_thread:` for a two-worker runtime.
+#[macro_export]
+macro_rules! on_both_backends {
+    (multi_thread: $($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name($crate::support::Backend::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                super::$name($crate::support::Backend::Etcd).await
+            }
+        }
+    )+};
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn memory() {
+                super::$name($crate::support::Backend::Memory).await
+            }
+            #[tokio::test]
+            async fn etcd() {
+                super::$name($crate::support::Backend::Etcd).await
+            }
+        }
+    )+};
+}
+
 /// An in-process lock server on an ephemeral port. Shuts down on drop, and fails the test if
 /// anything panicked meanwhile (server tasks included).
 pub struct TestServer {
     server: Option<Server>,
     pub addr: SocketAddr,
     panics_at_start: usize,
+    pub backend: Backend,
+    /// The etcd the server keeps its locks in (etcd backend); dropped after the server.
+    pub etcd: Option<etcd::EtcdCluster>,
 }
 
 impl TestServer {
@@ -48,8 +112,40 @@ impl TestServer {
     }
 
     pub async fn start_with(configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> TestServer {
+        TestServer::start_on_with(Backend::Memory, configure).await
+    }
+
+    /// A server on `backend`; for etcd, with a one-member etcd cluster of its own.
+    pub async fn start_on(backend: Backend) -> TestServer {
+        TestServer::start_on_with(backend, |b| b).await
+    }
+
+    pub async fn start_on_with(
+        backend: Backend,
+        configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+    ) -> TestServer {
+        let etcd = match backend {
+            Backend::Memory => None,
+            Backend::Etcd => Some(etcd::EtcdCluster::start(1).await),
+        };
+        let mut server = TestServer::start_over(etcd.as_ref(), configure).await;
+        server.backend = backend;
+        server.etcd = etcd;
+        server
+    }
+
+    /// A server over `etcd` (if given; else on the memory store). Several servers started
+    /// over one cluster share their locks.
+    pub async fn start_over(
+        etcd: Option<&etcd::EtcdCluster>,
+        configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+    ) -> TestServer {
         watch_panics();
-        let server = configure(Server::builder().bind("127.0.0.1:0"))
+        let mut builder = Server::builder().bind("127.0.0.1:0");
+        if let Some(cluster) = etcd {
+            builder = builder.etcd(cluster.endpoints());
+        }
+        let server = configure(builder)
             .start()
             .await
             .expect("test server starts");
@@ -57,7 +153,18 @@ impl TestServer {
             addr: server.local_addr(),
             server: Some(server),
             panics_at_start: PANICS.load(Ordering::SeqCst),
+            backend: if etcd.is_some() {
+                Backend::Etcd
+            } else {
+                Backend::Memory
+            },
+            etcd: None,
         }
+    }
+
+    /// The lease this server grants when `wanted` is asked for.
+    pub fn lease(&self, wanted: Duration) -> Duration {
+        self.backend.lease(wanted)
     }
 
     /// Starts a server on the address a previous one used, waiting for it to be released.
@@ -77,6 +184,8 @@ impl TestServer {
                         addr: server.local_addr(),
                         server: Some(server),
                         panics_at_start: PANICS.load(Ordering::SeqCst),
+                        backend: Backend::Memory,
+                        etcd: None,
                     };
                 }
                 Err(e) if tokio::time::Instant::now() < deadline => {
