@@ -327,6 +327,13 @@ pub async fn within<T>(bound: Duration, f: impl std::future::IntoFuture<Output =
         .unwrap_or_else(|_| panic!("did not finish within {bound:?}"))
 }
 
+/// Serializes the tests of one test binary that load the whole (small) machine, so that
+/// they do not starve each other's timers. Hold the guard for the test's duration.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 /// Waits until `condition` holds, checking every few milliseconds, failing after `bound`.
 pub async fn eventually<F, Fut>(bound: Duration, what: &str, mut condition: F)
 where
