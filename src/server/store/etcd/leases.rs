@@ -38,7 +38,14 @@ pub(super) fn ttl_for(lease: Duration) -> i64 {
 #[derive(Debug)]
 pub(super) struct Leases {
     etcd: Etcd,
-    spares: Mutex<HashMap<i64, Vec<Lease>>>,
+    /// Per requested TTL: the spares, and how many grants for it are in flight.
+    spares: Mutex<HashMap<i64, Spares>>,
+}
+
+#[derive(Debug, Default)]
+struct Spares {
+    ready: Vec<Lease>,
+    granting: usize,
 }
 
 impl Leases {
@@ -53,11 +60,11 @@ impl Leases {
     pub async fn take(self: &Arc<Self>, ttl: i64) -> Result<Lease, EtcdError> {
         let spare = {
             let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-            let list = spares.entry(ttl).or_default();
+            let spares = spares.entry(ttl).or_default();
             // A spare must outlive the keep-alive sent with the acquire's transaction.
             let fresh_enough = Instant::now() + Duration::from_millis(500);
-            list.retain(|l| l.until > fresh_enough);
-            list.pop()
+            spares.ready.retain(|l| l.until > fresh_enough);
+            spares.ready.pop()
         };
         self.refill(ttl);
         match spare {
@@ -69,9 +76,9 @@ impl Leases {
     /// Puts back a lease taken but not used (it has no keys).
     pub fn put_back(&self, ttl: i64, lease: Lease) {
         let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-        let list = spares.entry(ttl).or_default();
-        if list.len() < SPARES {
-            list.push(Lease {
+        let spares = spares.entry(ttl).or_default();
+        if spares.ready.len() < SPARES {
+            spares.ready.push(Lease {
                 fresh: false,
                 ..lease
             });
@@ -80,18 +87,28 @@ impl Leases {
         }
     }
 
-    /// Grants spares in the background until there are enough.
+    /// Grants a spare in the background unless there are enough (or enough coming).
     fn refill(self: &Arc<Self>, ttl: i64) {
-        let missing = {
-            let spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-            SPARES.saturating_sub(spares.get(&ttl).map_or(0, Vec::len))
-        };
-        if missing == 0 {
-            return;
+        {
+            let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+            let spares = spares.entry(ttl).or_default();
+            if spares.ready.len() + spares.granting >= SPARES {
+                return;
+            }
+            spares.granting += 1;
         }
         let leases = self.clone();
         tokio::spawn(async move {
-            if let Ok(lease) = leases.grant(ttl).await {
+            let granted = leases.grant(ttl).await;
+            if let Some(spares) = leases
+                .spares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&ttl)
+            {
+                spares.granting -= 1;
+            }
+            if let Ok(lease) = granted {
                 leases.put_back(ttl, lease);
             }
         });
@@ -126,7 +143,7 @@ impl Leases {
     pub async fn revoke_spares(&self) {
         let spares: Vec<Lease> = {
             let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-            spares.drain().flat_map(|(_, list)| list).collect()
+            spares.drain().flat_map(|(_, s)| s.ready).collect()
         };
         for lease in spares {
             let _ = self.etcd.revoke(lease.id).await;

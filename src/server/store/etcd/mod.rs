@@ -467,10 +467,14 @@ impl Inner {
                     },
                     _ = tokio::time::sleep_until(next_keep_alive) => {
                         next_keep_alive = Instant::now() + keep_alive_every;
-                        match self.etcd.keep_alive(place.lease.etcd).await {
-                            Ok(()) => {}
-                            Err(EtcdError::LeaseGone) => continue 'check,
-                            Err(e) => tracing::warn!(error = ?e, "keeping a waiter alive failed"),
+                        let kept = self.etcd.keep_alive(place.lease.etcd);
+                        match tokio::time::timeout_at(poll_end, kept).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(EtcdError::LeaseGone)) => continue 'check,
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = ?e, "keeping a waiter alive failed")
+                            }
+                            Err(_) => break 'check,
                         }
                     }
                     _ = tokio::time::sleep_until(poll_end) => break 'check,
