@@ -1,10 +1,12 @@
-//! etcd leases: one per acquire, granted ahead of need so that an acquire costs one write.
+//! etcd leases: one per acquire, kept ready so that an acquire costs one write.
 //!
-//! Granting a lease is a raft write of its own. A small pool of spare leases per TTL keeps
-//! that write off the acquire's path: an acquire takes a spare, refreshes it with a
-//! keep-alive (leader-local, no disk write) at the same time as its transaction, and a
-//! background task grants the next spare. A spare never serves two acquires, and spares
-//! that get old are left to expire.
+//! Granting a lease is a raft write of its own, and so is revoking one. So a server keeps
+//! spare leases per TTL: the etcd lease of a released lock (its key deleted) is kept for the
+//! next acquire with the same TTL instead of being revoked, and when there is no spare, the
+//! acquire grants one and another is granted in the background. An acquire refreshes its
+//! spare with a keep-alive (leader-local, no disk write) at the same time as its
+//! transaction. A lease serves one acquire at a time; spares that get old are dropped and
+//! expire in etcd.
 
 use super::call::{Etcd, EtcdError};
 use etcd_client::LeaseGrantOptions;
@@ -13,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Spares kept per TTL.
-const SPARES: usize = 2;
+/// Most spares kept per TTL; more are revoked.
+const MAX_SPARES: usize = 64;
 
 /// An etcd lease for one acquire.
 #[derive(Debug, Clone, Copy)]
@@ -38,14 +40,8 @@ pub(super) fn ttl_for(lease: Duration) -> i64 {
 #[derive(Debug)]
 pub(super) struct Leases {
     etcd: Etcd,
-    /// Per requested TTL: the spares, and how many grants for it are in flight.
-    spares: Mutex<HashMap<i64, Spares>>,
-}
-
-#[derive(Debug, Default)]
-struct Spares {
-    ready: Vec<Lease>,
-    granting: usize,
+    /// Spares by the TTL asked for.
+    spares: Mutex<HashMap<i64, Vec<Lease>>>,
 }
 
 impl Leases {
@@ -56,62 +52,40 @@ impl Leases {
         }
     }
 
-    /// A lease of at least `ttl` seconds: a spare if one is young enough, else a new one.
+    /// A lease of at least `ttl` seconds: a spare young enough to outlive the keep-alive
+    /// sent with the acquire, else a new one (and a spare granted in the background).
     pub async fn take(self: &Arc<Self>, ttl: i64) -> Result<Lease, EtcdError> {
         let spare = {
             let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-            let spares = spares.entry(ttl).or_default();
-            // A spare must outlive the keep-alive sent with the acquire's transaction.
-            let fresh_enough = Instant::now() + Duration::from_millis(500);
-            spares.ready.retain(|l| l.until > fresh_enough);
-            spares.ready.pop()
+            let list = spares.entry(ttl).or_default();
+            let young_enough = Instant::now() + Duration::from_millis(500);
+            list.retain(|l| l.until > young_enough);
+            list.pop()
         };
-        self.refill(ttl);
-        match spare {
-            Some(lease) => Ok(lease),
-            None => self.grant(ttl).await,
+        if let Some(lease) = spare {
+            return Ok(lease);
         }
+        let leases = self.clone();
+        tokio::spawn(async move {
+            if let Ok(lease) = leases.grant(ttl).await {
+                leases.put_back(ttl, lease);
+            }
+        });
+        self.grant(ttl).await
     }
 
-    /// Puts back a lease taken but not used (it has no keys).
+    /// Keeps a lease that no key uses any more for a later acquire asking `ttl`.
     pub fn put_back(&self, ttl: i64, lease: Lease) {
         let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-        let spares = spares.entry(ttl).or_default();
-        if spares.ready.len() < SPARES {
-            spares.ready.push(Lease {
+        let list = spares.entry(ttl).or_default();
+        if list.len() < MAX_SPARES {
+            list.push(Lease {
                 fresh: false,
                 ..lease
             });
         } else {
             self.etcd.revoke_later(lease.id);
         }
-    }
-
-    /// Grants a spare in the background unless there are enough (or enough coming).
-    fn refill(self: &Arc<Self>, ttl: i64) {
-        {
-            let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-            let spares = spares.entry(ttl).or_default();
-            if spares.ready.len() + spares.granting >= SPARES {
-                return;
-            }
-            spares.granting += 1;
-        }
-        let leases = self.clone();
-        tokio::spawn(async move {
-            let granted = leases.grant(ttl).await;
-            if let Some(spares) = leases
-                .spares
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(&ttl)
-            {
-                spares.granting -= 1;
-            }
-            if let Ok(lease) = granted {
-                leases.put_back(ttl, lease);
-            }
-        });
     }
 
     /// Grants a lease with a random id: the id is half of the secret clients hold.
@@ -143,7 +117,7 @@ impl Leases {
     pub async fn revoke_spares(&self) {
         let spares: Vec<Lease> = {
             let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
-            spares.drain().flat_map(|(_, s)| s.ready).collect()
+            spares.drain().flat_map(|(_, list)| list).collect()
         };
         for lease in spares {
             let _ = self.etcd.revoke(lease.id).await;

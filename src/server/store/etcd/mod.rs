@@ -1,41 +1,38 @@
 //! The etcd backend: every lock, waiter and lease lives in etcd, so any number of servers
 //! can serve the same locks, and a server that dies loses nothing.
 //!
-//! The recipe is etcd's own mutex (`concurrency/mutex.go`), one etcd lease per acquire:
+//! The recipe is etcd's own mutex (`concurrency/mutex.go`), with one etcd lease per acquire:
 //!
-//! * **Queue.** An acquire writes its queue key under the lock's prefix, attached to its own
-//!   etcd lease, in one transaction with a request key (request id -> lease id). The key
-//!   with the lowest create revision holds the lock; the others wait in create-revision
-//!   order (FIFO). The fencing token is the holder's create revision.
-//! * **Waiting.** A waiter watches only the key just before it (and its own key, to notice
-//!   a cancel), and re-checks when that key is deleted. While a server serves a waiter's long
-//!   poll it keeps the waiter's lease alive; after the poll, the waiter keeps its place for
-//!   its TTL, the etcd backend's grace period.
-//! * **Leases.** The etcd lease's TTL is the lease length rounded up to whole seconds (etcd
-//!   may raise it to its minimum); the answer reports what etcd granted. Renew = keep-alive,
-//!   then a linearizable read confirming the key still exists under that lease. Release and
-//!   cancel revoke the lease, which deletes both keys.
-//! * **Idempotency.** A re-poll or retried acquire, on any server, finds the request key and
-//!   resumes the same place, or returns the same grant.
+//! * **Queue.** An acquire writes one key under the lock's prefix, attached to its own etcd
+//!   lease. The key with the lowest create revision holds the lock; the others wait in
+//!   create-revision order (FIFO). The fencing token is the holder's create revision.
+//! * **Idempotency.** The key is named after a hash of the request id, so a re-poll or a
+//!   retried acquire, on any server, finds the same place or the same grant.
+//! * **Waiting.** A waiter watches only the key just ahead of it (and its own, to notice a
+//!   cancel), and looks again when that key is deleted. While a server serves a waiter's
+//!   long poll it keeps the waiter's lease alive; after the poll, the waiter keeps its place
+//!   for its TTL: the etcd backend's grace period.
+//! * **Leases.** The etcd TTL is the lease rounded up to whole seconds (etcd may raise it to
+//!   its minimum); grants report what etcd granted. Renew = a keep-alive, then a
+//!   linearizable read confirming that the key is still there under that lease. Release
+//!   deletes the key if it is attached to the caller's etcd lease (one write; the next
+//!   waiter's watch fires at once), and keeps the etcd lease for a later acquire.
+//!
+//! See `keys.rs` for the layout, `acquire.rs` for the waiting, `leases.rs` for the leases.
 
+mod acquire;
 mod call;
 mod keys;
 mod leases;
 
 use super::{
-    AcquireOutcome, AcquireSpec, Grant, HolderView, LockStore, LockView, Project, Release,
-    StoreError, StoreFuture, StoreStats,
+    HolderView, LockStore, LockView, Project, Release, StoreError, StoreFuture, StoreStats,
 };
 use crate::id::Id;
-use call::{
-    EtcdError, absent, ahead_of, count, count_of, delete, empty, exists, first, first_since, get,
-    kvs, put, queue_oldest, revision,
-};
-use etcd_client::{
-    Client, ConnectOptions, GetOptions, KeyValue, Txn, WatchFilterType, WatchOptions,
-};
+use call::{EtcdError, count, count_of, delete, first, get, kvs, queue_oldest};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn};
 use keys::{Entry, LeaseId, LockKeys, from_unix_ms, unix_ms};
-use leases::{Leases, ttl_for};
+use leases::Leases;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -91,6 +88,8 @@ impl EtcdStore {
         if config.endpoints.is_empty() {
             return Err(StoreError::Unavailable("no etcd endpoint given".into()));
         }
+        // etcd refuses client pings more often than every 5 s (--grpc-keepalive-min-time)
+        // and pings on idle connections.
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
@@ -103,12 +102,11 @@ impl EtcdStore {
             client,
             timeout: config.call_timeout,
         };
-        let prefix = config.prefix.trim_end_matches('/').to_owned();
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 leases: Arc::new(Leases::new(etcd.clone())),
                 etcd,
-                prefix,
+                prefix: config.prefix.trim_end_matches('/').to_owned(),
                 max_waiters_per_lock: config.max_waiters_per_lock,
                 stats: Mutex::new((None, StoreStats::default())),
                 refreshing: AtomicBool::new(false),
@@ -117,40 +115,31 @@ impl EtcdStore {
     }
 }
 
-/// An acquire's place in a lock's queue.
-#[derive(Debug, Clone)]
-struct Place {
-    lease: LeaseId,
-    /// The create revision of its queue key: its order in line, and its fencing token.
-    revision: i64,
-    entry: Entry,
-    queue_key: Vec<u8>,
-    request_key: Vec<u8>,
+/// True when `key` exists and is attached to the etcd lease `lease`.
+fn held_by(key: Vec<u8>, lease: i64) -> Compare {
+    Compare::lease(key, CompareOp::Equal, lease)
 }
 
-impl Place {
-    fn grant(&self) -> Grant {
-        Grant {
-            lease_id: self.lease.to_id(),
-            fencing_token: self.revision as u64,
-            lease: self.entry.lease(),
-        }
+/// `Gone` when the lock exists (someone else holds or waits), else `NoSuchLock`.
+fn gone_or_missing(keys_in_line: i64) -> Release {
+    if keys_in_line > 0 {
+        Release::Gone
+    } else {
+        Release::NoSuchLock
     }
 }
 
-enum Placed {
-    Done(AcquireOutcome),
-    Waiting(Place),
-}
-
-/// Where a waiter stands.
-enum Standing {
-    /// Its key is gone (cancelled, or its lease ran out).
-    Gone,
-    /// First in line: it holds the lock.
-    Head,
-    /// Behind `predecessor`, as of `revision`.
-    Behind { predecessor: Vec<u8>, revision: i64 },
+/// How many distinct locks these queue keys belong to (keys come sorted by name).
+fn count_locks(kvs: &[KeyValue]) -> u64 {
+    let mut locks: Vec<&[u8]> = kvs
+        .iter()
+        .filter_map(|kv| {
+            let end = kv.key().iter().rposition(|&b| b == b'/')?;
+            Some(&kv.key()[..end])
+        })
+        .collect();
+    locks.dedup();
+    locks.len() as u64
 }
 
 impl Inner {
@@ -158,433 +147,9 @@ impl Inner {
         LockKeys::new(&self.prefix, &project.name, name)
     }
 
-    async fn acquire(&self, spec: AcquireSpec) -> Result<AcquireOutcome, EtcdError> {
-        let arrived = Instant::now();
-        let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
-        let last_poll = spec.wait.is_some_and(|w| w <= spec.poll);
-        let keys = self.keys(&spec.project, &spec.name);
-        let place = match self.find_or_queue(&spec, &keys).await? {
-            Placed::Done(outcome) => return Ok(outcome),
-            Placed::Waiting(place) => place,
-        };
-        self.wait(&keys, place, arrived + poll, last_poll).await
-    }
-
-    /// Resumes the request's place, or queues it (granting at once if the lock is free).
-    async fn find_or_queue(
-        &self,
-        spec: &AcquireSpec,
-        keys: &LockKeys,
-    ) -> Result<Placed, EtcdError> {
-        let ttl = ttl_for(spec.lease);
-        let request_key = keys.request_key(spec.request_id);
-        let try_once = spec.wait == Some(Duration::ZERO);
-        // A stale request key or a spare lease that ran out costs a round; a few suffice.
-        for _ in 0..4 {
-            if spec.quota.max_locks.is_some() {
-                self.check_lock_quota(spec, keys).await?;
-            }
-            let lease = self.leases.take(ttl).await?;
-            let id = LeaseId {
-                etcd: lease.id,
-                secret: rand::random(),
-            };
-            let queue_key = keys.queue_key(id);
-            let entry = Entry {
-                ttl: lease.ttl,
-                at: unix_ms(SystemTime::now()),
-                granted: None,
-                label: spec.label.clone(),
-            };
-            let mut when = vec![absent(request_key.clone())];
-            if try_once {
-                when.push(empty(keys.queue()));
-            }
-            let txn = Txn::new()
-                .when(when)
-                .and_then(vec![
-                    put(queue_key.clone(), entry.encode(), lease.id),
-                    put(request_key.clone(), id.request_value(), lease.id),
-                    count(keys.queue()),
-                ])
-                .or_else(vec![
-                    get(request_key.clone()),
-                    queue_oldest(keys.queue(), 1),
-                ]);
-            // A spare lease is refreshed at the same time, so that it runs a full TTL from
-            // now; a fresh one was granted for this request.
-            let (answer, kept) = tokio::join!(self.etcd.txn("queue", txn), async {
-                if lease.fresh {
-                    Ok(())
-                } else {
-                    self.etcd.keep_alive(lease.id).await
-                }
-            });
-            let answer = match answer {
-                // The spare expired before the transaction: nothing was written.
-                Err(EtcdError::LeaseGone) => continue,
-                other => other?,
-            };
-            if !answer.succeeded() {
-                if kept.is_ok() {
-                    self.leases.put_back(ttl, lease);
-                }
-                match first(&answer, 0) {
-                    Some(request) => {
-                        if let Some(placed) = self.resume(keys, &request).await? {
-                            return Ok(placed);
-                        }
-                        // The request key outlived its place; forget it and queue anew.
-                        self.forget_request(&request).await?;
-                        continue;
-                    }
-                    None => {
-                        // Tried once, and the lock is taken.
-                        let holder = match first(&answer, 1) {
-                            Some(kv) => self.holder_view(&kv).await?,
-                            None => None,
-                        };
-                        return Ok(Placed::Done(AcquireOutcome::TimedOut { holder }));
-                    }
-                }
-            }
-            match kept {
-                Ok(()) => {}
-                // The spare ran out between the write and the keep-alive: so did our keys.
-                Err(EtcdError::LeaseGone) => continue,
-                Err(e) => {
-                    // Unknown whether the spare still runs: give the place up.
-                    self.etcd.revoke_later(lease.id);
-                    return Err(e);
-                }
-            }
-            let place = Place {
-                lease: id,
-                revision: revision(&answer),
-                entry,
-                queue_key,
-                request_key,
-            };
-            let in_line = count_of(&answer, 2);
-            if in_line <= 1 {
-                return Ok(Placed::Done(AcquireOutcome::Granted(place.grant())));
-            }
-            let max_waiters = spec
-                .quota
-                .max_waiters_per_lock
-                .map_or(self.max_waiters_per_lock as u64, |q| {
-                    q.min(self.max_waiters_per_lock as u64)
-                });
-            if in_line as u64 - 1 > max_waiters {
-                self.etcd.revoke_later(lease.id);
-                return Err(EtcdError::Full(format!(
-                    "lock already has {} waiters, the most allowed",
-                    in_line - 2
-                )));
-            }
-            return Ok(Placed::Waiting(place));
-        }
-        Err(EtcdError::Unavailable(
-            "could not queue the acquire (leases kept vanishing)".into(),
-        ))
-    }
-
-    /// The place a request key points to, refreshed with a keep-alive; `None` if the place
-    /// is gone (released, cancelled, expired).
-    async fn resume(
-        &self,
-        keys: &LockKeys,
-        request: &KeyValue,
-    ) -> Result<Option<Placed>, EtcdError> {
-        let Some(id) = LeaseId::from_request_value(request.value()) else {
-            return Ok(None);
-        };
-        let queue_key = keys.queue_key(id);
-        let (found, kept) = tokio::join!(
-            self.etcd.get("resume", &queue_key, None),
-            self.etcd.keep_alive(id.etcd)
-        );
-        match kept {
-            Ok(()) => {}
-            Err(EtcdError::LeaseGone) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        let Some(kv) = found?.take_kvs().into_iter().next() else {
-            return Ok(None);
-        };
-        Ok(Some(Placed::Waiting(Place {
-            lease: id,
-            revision: kv.create_revision(),
-            entry: Entry::decode(kv.value()),
-            queue_key,
-            request_key: request.key().to_vec(),
-        })))
-    }
-
-    /// Deletes a request key whose place is gone (unless it changed meanwhile).
-    async fn forget_request(&self, request: &KeyValue) -> Result<(), EtcdError> {
-        let txn = Txn::new()
-            .when(vec![etcd_client::Compare::mod_revision(
-                request.key(),
-                etcd_client::CompareOp::Equal,
-                request.mod_revision(),
-            )])
-            .and_then(vec![delete(request.key().to_vec())]);
-        self.etcd.txn("forget request", txn).await.map(drop)
-    }
-
-    /// Refuses a new lock beyond the project's lock quota. Checked before queueing, so two
-    /// servers creating locks at the same moment may both pass.
-    async fn check_lock_quota(&self, spec: &AcquireSpec, keys: &LockKeys) -> Result<(), EtcdError> {
-        let Some(max) = spec.quota.max_locks else {
-            return Ok(());
-        };
-        let project = keys::project_queues(&self.prefix, &spec.project.name);
-        let answer = self
-            .etcd
-            .txn(
-                "lock quota",
-                Txn::new().and_then(vec![count(keys.queue()), count(&project)]),
-            )
-            .await?;
-        if count_of(&answer, 0) > 0 || (count_of(&answer, 1) as u64) < max {
-            // The lock exists already, or the project has fewer keys than the quota.
-            return Ok(());
-        }
-        // Count locks, not keys: a lock with waiters has several.
-        let all = self
-            .etcd
-            .get(
-                "lock quota",
-                &project,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await?;
-        let mut locks: Vec<&[u8]> = all
-            .kvs()
-            .iter()
-            .filter_map(|kv| lock_of(kv.key()))
-            .collect();
-        locks.dedup();
-        if locks.len() as u64 >= max {
-            return Err(EtcdError::Full(format!(
-                "the project has {} locks held or waited for, the most allowed",
-                locks.len()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Where a waiter stands now.
-    async fn standing(&self, keys: &LockKeys, place: &Place) -> Result<Standing, EtcdError> {
-        let answer = self
-            .etcd
-            .txn(
-                "standing",
-                Txn::new().and_then(vec![
-                    get(place.queue_key.clone()),
-                    ahead_of(keys.queue(), place.revision, 1),
-                ]),
-            )
-            .await?;
-        if first(&answer, 0).is_none() {
-            return Ok(Standing::Gone);
-        }
-        Ok(match first(&answer, 1) {
-            None => Standing::Head,
-            Some(predecessor) => Standing::Behind {
-                predecessor: predecessor.key().to_vec(),
-                revision: revision(&answer),
-            },
-        })
-    }
-
-    /// Waits in line until granted, or until the poll ends.
-    async fn wait(
-        &self,
-        keys: &LockKeys,
-        place: Place,
-        poll_end: Instant,
-        last_poll: bool,
-    ) -> Result<AcquireOutcome, EtcdError> {
-        // The lease was refreshed as this request began; keep it alive while the poll lasts.
-        let keep_alive_every = Duration::from_secs(place.entry.ttl.max(1) as u64) / 3;
-        let mut next_keep_alive = Instant::now() + keep_alive_every;
-        'check: loop {
-            if Instant::now() >= poll_end {
-                break;
-            }
-            let standing =
-                match tokio::time::timeout_at(poll_end, self.standing(keys, &place)).await {
-                    Ok(standing) => standing?,
-                    Err(_) => break,
-                };
-            let (predecessor, at) = match standing {
-                Standing::Gone => return self.withdrawn(keys).await,
-                Standing::Head => {
-                    self.note_granted(&place);
-                    return Ok(AcquireOutcome::Granted(place.grant()));
-                }
-                Standing::Behind {
-                    predecessor,
-                    revision,
-                } => (predecessor, revision),
-            };
-            // Watch the predecessor (and our own key, to see a cancel) for deletion, from
-            // just after the revision we looked at: nothing in between is missed.
-            let watch = async {
-                let options = || {
-                    WatchOptions::new()
-                        .with_start_revision(at + 1)
-                        .with_filters([WatchFilterType::NoPut])
-                };
-                let mut client = self.etcd.client.watch_client();
-                let mut stream = client.watch(predecessor, Some(options())).await?;
-                stream
-                    .watch(place.queue_key.clone(), Some(options()))
-                    .await?;
-                Ok::<_, etcd_client::Error>(stream)
-            };
-            let mut stream = match tokio::time::timeout_at(poll_end, watch).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "etcd watch failed; checking again");
-                    tokio::time::sleep_until(
-                        poll_end.min(Instant::now() + Duration::from_millis(100)),
-                    )
-                    .await;
-                    continue 'check;
-                }
-                Err(_) => break,
-            };
-            loop {
-                tokio::select! {
-                    message = stream.message() => match message {
-                        // The watches' creation acknowledgements.
-                        Ok(Some(m)) if m.events().is_empty() && !m.canceled() => {}
-                        // A deletion, a cancelled watch or a broken stream: look again.
-                        _ => continue 'check,
-                    },
-                    _ = tokio::time::sleep_until(next_keep_alive) => {
-                        next_keep_alive = Instant::now() + keep_alive_every;
-                        let kept = self.etcd.keep_alive(place.lease.etcd);
-                        match tokio::time::timeout_at(poll_end, kept).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(EtcdError::LeaseGone)) => continue 'check,
-                            Ok(Err(e)) => {
-                                tracing::warn!(error = ?e, "keeping a waiter alive failed")
-                            }
-                            Err(_) => break 'check,
-                        }
-                    }
-                    _ = tokio::time::sleep_until(poll_end) => break 'check,
-                }
-            }
-        }
-        self.end_poll(keys, place, last_poll).await
-    }
-
-    /// The poll is over: a grant that raced wins; else the waiter leaves the line
-    /// (`last_poll`) or keeps its place for its TTL, counted from now.
-    async fn end_poll(
-        &self,
-        keys: &LockKeys,
-        place: Place,
-        last_poll: bool,
-    ) -> Result<AcquireOutcome, EtcdError> {
-        if last_poll {
-            let txn = Txn::new()
-                .when(vec![first_since(keys.queue(), place.revision)])
-                .and_then(vec![get(place.queue_key.clone())])
-                .or_else(vec![
-                    delete(place.queue_key.clone()),
-                    delete(place.request_key.clone()),
-                    queue_oldest(keys.queue(), 1),
-                ]);
-            let answer = self.etcd.txn("end wait", txn).await?;
-            if answer.succeeded() && first(&answer, 0).is_some() {
-                self.note_granted(&place);
-                return Ok(AcquireOutcome::Granted(place.grant()));
-            }
-            self.etcd.revoke_later(place.lease.etcd);
-            let holder = match first(&answer, 2) {
-                Some(kv) => self.holder_view(&kv).await?,
-                None => None,
-            };
-            return Ok(AcquireOutcome::TimedOut { holder });
-        }
-        let txn = Txn::new().and_then(vec![
-            get(place.queue_key.clone()),
-            ahead_of(keys.queue(), place.revision, 0),
-        ]);
-        let (answer, kept) = tokio::join!(
-            self.etcd.txn("end poll", txn),
-            self.etcd.keep_alive(place.lease.etcd)
-        );
-        let answer = answer?;
-        match kept {
-            Ok(()) if first(&answer, 0).is_some() => {}
-            Ok(()) | Err(EtcdError::LeaseGone) => return self.withdrawn(keys).await,
-            Err(e) => return Err(e),
-        }
-        let ahead = kvs(&answer, 1).len() as u64;
-        if ahead == 0 {
-            self.note_granted(&place);
-            return Ok(AcquireOutcome::Granted(place.grant()));
-        }
-        Ok(AcquireOutcome::StillWaiting {
-            position: ahead - 1,
-        })
-    }
-
-    /// The answer to a waiter withdrawn meanwhile (cancelled, or out of time).
-    async fn withdrawn(&self, keys: &LockKeys) -> Result<AcquireOutcome, EtcdError> {
-        let answer = self
-            .etcd
-            .txn(
-                "holder",
-                Txn::new().and_then(vec![queue_oldest(keys.queue(), 1)]),
-            )
-            .await?;
-        let holder = match first(&answer, 0) {
-            Some(kv) => self.holder_view(&kv).await?,
-            None => None,
-        };
-        Ok(AcquireOutcome::TimedOut { holder })
-    }
-
-    /// Records, in the background, when a waiter got the lock (for inspection).
-    fn note_granted(&self, place: &Place) {
-        if place.entry.granted.is_some() {
-            return;
-        }
-        let entry = Entry {
-            granted: Some(unix_ms(SystemTime::now())),
-            ..place.entry.clone()
-        };
-        let txn = Txn::new()
-            .when(vec![etcd_client::Compare::create_revision(
-                place.queue_key.clone(),
-                etcd_client::CompareOp::Equal,
-                place.revision,
-            )])
-            .and_then(vec![put(
-                place.queue_key.clone(),
-                entry.encode(),
-                place.lease.etcd,
-            )]);
-        let etcd = self.etcd.clone();
-        tokio::spawn(async move {
-            let _ = etcd.txn("note grant", txn).await;
-        });
-    }
-
-    /// What inspection shows of the holder whose queue key this is.
+    /// What inspection shows of the holder whose key this is.
     async fn holder_view(&self, kv: &KeyValue) -> Result<Option<HolderView>, EtcdError> {
-        let Some(lease) = LeaseId::from_queue_key(kv.key()) else {
-            return Ok(None);
-        };
-        let Some(left) = self.etcd.time_to_live(lease.etcd).await? else {
+        let Some(left) = self.etcd.time_to_live(kv.lease()).await? else {
             return Ok(None);
         };
         let entry = Entry::decode(kv.value());
@@ -605,7 +170,7 @@ impl Inner {
             .iter()
             .map(|(name, id)| {
                 let lease = LeaseId::from_id(*id)?;
-                Some((lease, self.keys(project, name).queue_key(lease)))
+                Some((lease, self.keys(project, name).key(lease.slot)))
             })
             .collect();
         // 1. Which leases hold their lock (a foreign or made-up id names no key).
@@ -614,11 +179,9 @@ impl Inner {
         let mut alive = vec![false; targets.len()];
         let mut tasks = tokio::task::JoinSet::new();
         let limit = Arc::new(tokio::sync::Semaphore::new(64));
-        for (i, target) in targets.iter().enumerate() {
-            if let (Some((lease, _)), Some(_)) = (target, &before[i]) {
-                let etcd = self.etcd.clone();
-                let lease = lease.etcd;
-                let limit = limit.clone();
+        for (i, found) in before.iter().enumerate() {
+            if let Some((_, lease, _)) = found {
+                let (etcd, lease, limit) = (self.etcd.clone(), *lease, limit.clone());
                 tasks.spawn(async move {
                     let _permit = limit.acquire_owned().await;
                     (i, etcd.keep_alive(lease).await)
@@ -633,7 +196,7 @@ impl Inner {
                 Err(e) => return Err(e),
             }
         }
-        // 3. A keep-alive alone is not proof: etcd 3.4 can answer one for a lease whose keys
+        // 3. A keep-alive alone is no proof: etcd 3.4 can answer one for a lease whose keys
         //    its revocation is deleting. The key must still be there, afterwards.
         let kept: Vec<Option<(LeaseId, Vec<u8>)>> = targets
             .into_iter()
@@ -645,7 +208,7 @@ impl Inner {
             .into_iter()
             .zip(after)
             .map(|(b, a)| match (b, a) {
-                (Some((rev, _)), Some((rev_after, entry))) if rev == rev_after => {
+                (Some((rev, _, _)), Some((rev_after, _, entry))) if rev == rev_after => {
                     Some(entry.lease())
                 }
                 _ => None,
@@ -653,59 +216,80 @@ impl Inner {
             .collect())
     }
 
-    /// Reads queue keys in a few transactions: (create revision, entry) of those that exist.
+    /// Reads keys in a few transactions: (create revision, etcd lease, entry) of each that
+    /// exists under the etcd lease its lease id names.
     async fn read_keys(
         &self,
         targets: &[Option<(LeaseId, Vec<u8>)>],
-    ) -> Result<Vec<Option<(i64, Entry)>>, EtcdError> {
+    ) -> Result<Vec<Option<(i64, i64, Entry)>>, EtcdError> {
         let mut out = vec![None; targets.len()];
-        let wanted: Vec<(usize, &Vec<u8>)> = targets
+        let wanted: Vec<(usize, LeaseId, &Vec<u8>)> = targets
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| t.as_ref().map(|(_, key)| (i, key)))
+            .filter_map(|(i, t)| t.as_ref().map(|(lease, key)| (i, *lease, key)))
             .collect();
         // etcd allows 128 operations per transaction by default.
         for chunk in wanted.chunks(100) {
-            let txn = Txn::new().and_then(
-                chunk
-                    .iter()
-                    .map(|(_, key)| get((*key).clone()))
-                    .collect::<Vec<_>>(),
-            );
-            let answer = self.etcd.txn("read leases", txn).await?;
-            for (j, (i, _)) in chunk.iter().enumerate() {
-                out[*i] =
-                    first(&answer, j).map(|kv| (kv.create_revision(), Entry::decode(kv.value())));
+            let ops: Vec<_> = chunk
+                .iter()
+                .map(|(_, _, key)| get((*key).clone()))
+                .collect();
+            let answer = self
+                .etcd
+                .txn("read leases", Txn::new().and_then(ops))
+                .await?;
+            for (j, (i, lease, _)) in chunk.iter().enumerate() {
+                out[*i] = first(&answer, j)
+                    .filter(|kv| kv.lease() == lease.etcd)
+                    .map(|kv| (kv.create_revision(), kv.lease(), Entry::decode(kv.value())));
             }
         }
         Ok(out)
     }
 
+    /// Deletes the holder's key if this lease id names it (one write: the next waiter's
+    /// watch fires at once), and keeps the etcd lease for a later acquire.
     async fn release(&self, project: &Project, name: &str, id: Id) -> Result<Release, EtcdError> {
         let keys = self.keys(project, name);
-        let lease = LeaseId::from_id(id);
-        let held = lease.map(|l| keys.queue_key(l));
-        let txn = match &held {
-            Some(key) => Txn::new()
-                .when(vec![exists(key.clone())])
-                .or_else(vec![count(keys.queue())]),
-            None => Txn::new()
-                .when(vec![empty(keys.queue())])
-                .or_else(vec![count(keys.queue())]),
+        let Some(lease) = LeaseId::from_id(id) else {
+            return self.not_held(&keys).await;
         };
+        let key = keys.key(lease.slot);
+        let txn = Txn::new()
+            .when(vec![held_by(key.clone(), lease.etcd)])
+            .and_then(vec![get(key.clone()), delete(key)])
+            .or_else(vec![count(keys.queue())]);
         let answer = self.etcd.txn("release", txn).await?;
-        match (lease, answer.succeeded()) {
-            (Some(lease), true) => match self.etcd.revoke(lease.etcd).await {
-                Ok(()) => Ok(Release::Released),
-                Err(EtcdError::LeaseGone) => Ok(Release::Gone),
-                Err(e) => Err(e),
-            },
-            (None, true) => Ok(Release::NoSuchLock),
-            (_, false) if count_of(&answer, 0) > 0 => Ok(Release::Gone),
-            (_, false) => Ok(Release::NoSuchLock),
+        if !answer.succeeded() {
+            return Ok(gone_or_missing(count_of(&answer, 0)));
         }
+        match first(&answer, 0).map(|kv| Entry::decode(kv.value())) {
+            Some(entry) => self.leases.put_back(
+                entry.ask,
+                leases::Lease {
+                    id: lease.etcd,
+                    ttl: entry.ttl,
+                    fresh: false,
+                    // Renewed by its holder about every third of its TTL.
+                    until: Instant::now() + entry.lease() / 3,
+                },
+            ),
+            None => self.etcd.revoke_later(lease.etcd),
+        }
+        Ok(Release::Released)
     }
 
+    /// The answer for a lease id that names no key.
+    async fn not_held(&self, keys: &LockKeys) -> Result<Release, EtcdError> {
+        let answer = self
+            .etcd
+            .txn("release", Txn::new().and_then(vec![count(keys.queue())]))
+            .await?;
+        Ok(gone_or_missing(count_of(&answer, 0)))
+    }
+
+    /// Withdraws the request's waiter, or releases its grant, then revokes its etcd lease
+    /// off the caller's path.
     async fn cancel(
         &self,
         project: &Project,
@@ -713,22 +297,21 @@ impl Inner {
         request_id: Id,
     ) -> Result<bool, EtcdError> {
         let keys = self.keys(project, name);
-        let found = self
+        let key = keys.key(keys::Slot::of(request_id));
+        let answer = self
             .etcd
-            .get("cancel", &keys.request_key(request_id), None)
+            .txn(
+                "cancel",
+                Txn::new()
+                    .when(vec![call::exists(key.clone())])
+                    .and_then(vec![get(key.clone()), delete(key)]),
+            )
             .await?;
-        let Some(lease) = found
-            .kvs()
-            .first()
-            .and_then(|kv| LeaseId::from_request_value(kv.value()))
-        else {
+        let Some(kv) = first(&answer, 0) else {
             return Ok(false);
         };
-        match self.etcd.revoke(lease.etcd).await {
-            Ok(()) => Ok(true),
-            Err(EtcdError::LeaseGone) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.etcd.revoke_later(kv.lease());
+        Ok(true)
     }
 
     async fn inspect(&self, project: &Project, name: &str) -> Result<Option<LockView>, EtcdError> {
@@ -767,36 +350,21 @@ impl Inner {
                 Some(GetOptions::new().with_prefix().with_keys_only()),
             )
             .await?;
-        let mut queued = 0u64;
-        let mut locks: Vec<&[u8]> = Vec::new();
-        for kv in all.kvs() {
-            if let Some(lock) = lock_of(kv.key()) {
-                queued += 1;
-                locks.push(lock);
-            }
-        }
-        locks.dedup();
+        let queued = all.kvs().len() as u64;
+        let held = count_locks(all.kvs());
         Ok(StoreStats {
-            held: locks.len() as u64,
-            waiters: queued - locks.len() as u64,
+            held,
+            waiters: queued - held,
             expirations: 0,
         })
     }
-}
-
-/// The lock part (`.../q/<name>/`) of a queue key; `None` for request keys.
-fn lock_of(key: &[u8]) -> Option<&[u8]> {
-    let end = key.iter().rposition(|&b| b == b'/')?;
-    let lock = &key[..end];
-    let name_start = lock.iter().rposition(|&b| b == b'/')?;
-    lock[..name_start].ends_with(b"/q").then_some(lock)
 }
 
 /// How often the store-wide figures for `/metrics` may be recounted.
 const STATS_EVERY: Duration = Duration::from_secs(5);
 
 impl LockStore for EtcdStore {
-    fn acquire(&self, spec: AcquireSpec) -> StoreFuture<'_, AcquireOutcome> {
+    fn acquire(&self, spec: super::AcquireSpec) -> StoreFuture<'_, super::AcquireOutcome> {
         Box::pin(async move { Ok(self.inner.acquire(spec).await?) })
     }
 
@@ -824,7 +392,7 @@ impl LockStore for EtcdStore {
         Box::pin(async move { Ok(self.inner.inspect(&project, &name).await?) })
     }
 
-    /// The last count of held locks and waiters in the whole store (all servers), refreshed
+    /// The last count of held locks and waiters in the whole store (all servers), recounted
     /// in the background when older than a few seconds. Expirations are not counted.
     fn stats(&self) -> StoreStats {
         let (counted, stats) = *self.inner.stats.lock().unwrap_or_else(|p| p.into_inner());
