@@ -4,7 +4,7 @@
 use super::Inner;
 use super::call::{
     EtcdError, absent, ahead_of, count, count_of, delete, empty, first, first_since, get, kvs, put,
-    queue_oldest, revision,
+    queue_newest, queue_oldest, revision,
 };
 use super::keys::{Entry, LeaseId, LockKeys, Slot, project_queues, unix_ms};
 use super::leases::ttl_for;
@@ -37,7 +37,8 @@ impl Place {
 
 enum Placed {
     Done(AcquireOutcome),
-    Waiting(Place),
+    /// In line; where it stands, if known already.
+    Waiting(Place, Option<Standing>),
 }
 
 /// Where a waiter stands.
@@ -56,11 +57,12 @@ impl Inner {
         let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
         let last_poll = spec.wait.is_some_and(|w| w <= spec.poll);
         let keys = self.keys(&spec.project, &spec.name);
-        let place = match self.find_or_queue(&spec, &keys).await? {
+        let (place, standing) = match self.find_or_queue(&spec, &keys).await? {
             Placed::Done(outcome) => return Ok(outcome),
-            Placed::Waiting(place) => place,
+            Placed::Waiting(place, standing) => (place, standing),
         };
-        self.wait(&keys, place, arrived + poll, last_poll).await
+        self.wait(&keys, place, standing, arrived + poll, last_poll)
+            .await
     }
 
     /// Resumes the request's place, or queues it (granting at once if the lock is free).
@@ -95,7 +97,8 @@ impl Inner {
                 .when(when)
                 .and_then(vec![
                     put(key.clone(), entry.encode(), lease.id),
-                    count(keys.queue()),
+                    // The new key and the one just ahead of it (if any).
+                    queue_newest(keys.queue(), 2),
                 ])
                 .or_else(vec![get(key.clone()), queue_oldest(keys.queue(), 1)]);
             // A spare is refreshed at the same time, so that it runs a full TTL from now; a
@@ -118,7 +121,7 @@ impl Inner {
                 }
                 match first(&answer, 0) {
                     Some(existing) => match self.resume(spec, &existing).await? {
-                        Some(place) => return Ok(Placed::Waiting(place)),
+                        Some(place) => return Ok(Placed::Waiting(place, None)),
                         // Its lease ran out: etcd is deleting the key. Look again.
                         None => continue,
                     },
@@ -152,9 +155,9 @@ impl Inner {
                 key,
             };
             let in_line = count_of(&answer, 1);
-            if in_line <= 1 {
+            let Some(predecessor) = kvs(&answer, 1).get(1).map(|kv| kv.key().to_vec()) else {
                 return Ok(Placed::Done(AcquireOutcome::Granted(place.grant())));
-            }
+            };
             let max_waiters = spec
                 .quota
                 .max_waiters_per_lock
@@ -168,7 +171,11 @@ impl Inner {
                     in_line - 2
                 )));
             }
-            return Ok(Placed::Waiting(place));
+            let standing = Standing::Behind {
+                predecessor,
+                revision: place.revision,
+            };
+            return Ok(Placed::Waiting(place, Some(standing)));
         }
         Err(EtcdError::Unavailable(
             "could not queue the acquire (leases kept running out)".into(),
@@ -283,6 +290,7 @@ impl Inner {
         &self,
         keys: &LockKeys,
         place: Place,
+        mut known: Option<Standing>,
         poll_end: Instant,
         last_poll: bool,
     ) -> Result<AcquireOutcome, EtcdError> {
@@ -293,11 +301,15 @@ impl Inner {
             if Instant::now() >= poll_end {
                 break;
             }
-            let standing =
-                match tokio::time::timeout_at(poll_end, self.standing(keys, &place)).await {
-                    Ok(standing) => standing?,
-                    Err(_) => break,
-                };
+            let standing = match known.take() {
+                Some(standing) => standing,
+                None => {
+                    match tokio::time::timeout_at(poll_end, self.standing(keys, &place)).await {
+                        Ok(standing) => standing?,
+                        Err(_) => break,
+                    }
+                }
+            };
             let (predecessor, at) = match standing {
                 Standing::Gone => return self.withdrawn(keys).await,
                 Standing::Head => {
@@ -436,13 +448,16 @@ impl Inner {
         Ok(AcquireOutcome::TimedOut { holder })
     }
 
-    /// Records, in the background, when a waiter got the lock (for inspection).
+    /// Records, in the background, when a waiter got the lock, for inspection. Skipped when
+    /// it waited less than a second: the time it queued is then close enough, and a busy
+    /// lock's hand-overs do not each cost an extra write.
     fn note_granted(&self, place: &Place) {
-        if place.entry.granted.is_some() {
+        let now = unix_ms(SystemTime::now());
+        if place.entry.granted.is_some() || now.saturating_sub(place.entry.at) < 1000 {
             return;
         }
         let entry = Entry {
-            granted: Some(unix_ms(SystemTime::now())),
+            granted: Some(now),
             ..place.entry.clone()
         };
         let txn = Txn::new()

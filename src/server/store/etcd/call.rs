@@ -194,6 +194,21 @@ pub(super) fn queue_oldest(prefix: &[u8], limit: i64) -> TxnOp {
     )
 }
 
+/// The newest keys of a lock's queue (names only), newest first. The count of the answer
+/// is the whole queue's.
+pub(super) fn queue_newest(prefix: &[u8], limit: i64) -> TxnOp {
+    TxnOp::get(
+        prefix,
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_limit(limit),
+        ),
+    )
+}
+
 /// How many keys a prefix holds.
 pub(super) fn count(prefix: &[u8]) -> TxnOp {
     TxnOp::get(
