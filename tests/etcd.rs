@@ -297,6 +297,8 @@ async fn projects_and_names_that_share_prefixes_never_meet() {
 /// no lock is granted twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_server_that_holds_the_connections_loses_nothing() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
     let etcd = EtcdCluster::start(1).await;
     let mut first = ServerProcess::spawn(&etcd).await;
     let second = ServerProcess::spawn(&etcd).await;
@@ -361,6 +363,8 @@ async fn killing_the_server_that_holds_the_connections_loses_nothing() {
 /// acquires carry on (after a new leader is elected); the member comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_an_etcd_member_does_not_stop_the_service() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
     let mut etcd = EtcdCluster::start(3).await;
     let server = TestServer::start_over(Some(&etcd), |b| b).await;
     let lease = Duration::from_secs(4);
@@ -407,6 +411,8 @@ async fn losing_an_etcd_member_does_not_stop_the_service() {
 /// (they are etcd revisions, which survive restarts).
 #[tokio::test]
 async fn a_quick_etcd_restart_keeps_leases() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
     let server = TestServer::start_on(support::Backend::Etcd).await;
     let mut server = server;
     let lease = Duration::from_secs(6);
@@ -441,6 +447,8 @@ async fn a_quick_etcd_restart_keeps_leases() {
 /// TTL later, and the next grant has a larger token.
 #[tokio::test]
 async fn a_long_etcd_outage_loses_leases_as_documented() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
     let mut server = TestServer::start_on(support::Backend::Etcd).await;
     let lease = Duration::from_secs(2);
     let guard = server
@@ -471,4 +479,57 @@ async fn a_long_etcd_outage_loses_leases_as_documented() {
         "{:?}",
         back.elapsed()
     );
+}
+
+/// A crowd of 1,000 on one lock, queued through two servers: every waiter gets its turn, one at a
+/// time, in create-revision order (each waiter watches only the key ahead of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_on_one_lock_through_two_servers_is_served_one_at_a_time() {
+    let _alone = support::heavy().await;
+    let etcd = EtcdCluster::start(1).await;
+    let a = TestServer::start_over(Some(&etcd), |b| b).await;
+    let b = TestServer::start_over(Some(&etcd), |b| b).await;
+    let holder = a.client("p").lock("crowded").await.unwrap();
+    let crowd = 1000u64;
+    let inside = Arc::new(AtomicBool::new(false));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = tokio::task::JoinSet::new();
+    for i in 0..crowd {
+        let dl = if i % 2 == 0 {
+            a.client("p")
+        } else {
+            b.client("p")
+        };
+        let (inside, tokens) = (inside.clone(), tokens.clone());
+        waiters.spawn(async move {
+            // A lease longer than the wait: the SDK counts it from the poll's start.
+            let guard = dl
+                .lock("crowded")
+                .expires_in(Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+            tokens.lock().unwrap().push(guard.fencing_token());
+            inside.store(false, Ordering::SeqCst);
+            guard.release().await.unwrap();
+        });
+    }
+    eventually(Duration::from_secs(60), "the crowd queued", || async {
+        b.inspect("p", "crowded").await.1 == crowd
+    })
+    .await;
+    holder.release().await.unwrap();
+    within(Duration::from_secs(120), async {
+        while let Some(done) = waiters.join_next().await {
+            done.unwrap();
+        }
+    })
+    .await;
+    let tokens = tokens.lock().unwrap();
+    assert_eq!(tokens.len() as u64, crowd);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "grants in queue order"
+    );
+    assert_eq!(a.inspect("p", "crowded").await, (None, 0));
 }
