@@ -525,7 +525,7 @@ async fn a_crowd_on_one_lock_through_two_servers_is_served_one_at_a_time() {
         }
     })
     .await;
-    let tokens = tokens.lock().unwrap();
+    let tokens = tokens.lock().unwrap().clone();
     assert_eq!(tokens.len() as u64, crowd);
     assert!(
         tokens.windows(2).all(|w| w[0] < w[1]),

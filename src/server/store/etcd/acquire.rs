@@ -3,8 +3,8 @@
 
 use super::Inner;
 use super::call::{
-    EtcdError, absent, ahead_of, count, count_of, delete, empty, first, first_since, get, kvs, put,
-    queue_newest, queue_oldest, revision,
+    self, EtcdError, absent, ahead_of, count, count_of, delete, empty, first, first_since, get,
+    kvs, put, queue_newest, queue_oldest, revision,
 };
 use super::keys::{Entry, LeaseId, LockKeys, Slot, project_queues, unix_ms};
 use super::leases::ttl_for;
@@ -141,7 +141,15 @@ impl Inner {
                 Err(EtcdError::LeaseGone) => continue,
                 Err(e) => {
                     // Unknown whether the spare still runs: give the place up.
-                    self.etcd.revoke_later(lease.id);
+                    self.give_up(&Place {
+                        lease: LeaseId {
+                            slot,
+                            etcd: lease.id,
+                        },
+                        revision: revision(&answer),
+                        entry,
+                        key,
+                    });
                     return Err(e);
                 }
             }
@@ -208,7 +216,9 @@ impl Inner {
         }))
     }
 
-    /// Leaves the line: deletes the key, then revokes its etcd lease off the caller's path.
+    /// Leaves the line off the caller's path: deletes the key if it is still attached to the
+    /// place's etcd lease, and only then revokes that lease. (Had the key gone another way,
+    /// a release may have handed the etcd lease to a new acquire meanwhile.)
     fn give_up(&self, place: &Place) {
         let txn = Txn::new()
             .when(vec![Compare::lease(
@@ -220,8 +230,11 @@ impl Inner {
         let etcd = self.etcd.clone();
         let lease = place.lease.etcd;
         tokio::spawn(async move {
-            let _ = etcd.txn("give up", txn).await;
-            let _ = etcd.revoke(lease).await;
+            if let Ok(answer) = etcd.txn("give up", txn).await
+                && answer.succeeded()
+            {
+                let _ = etcd.revoke(lease).await;
+            }
         });
     }
 
@@ -400,7 +413,12 @@ impl Inner {
                 self.note_granted(&place);
                 return Ok(AcquireOutcome::Granted(place.grant()));
             }
-            self.etcd.revoke_later(place.lease.etcd);
+            // Revoke the etcd lease only if this left the line: had the key gone another way
+            // (say, granted through another server and released), a release may have handed
+            // the etcd lease to a new acquire meanwhile.
+            if call::nested_succeeded(&answer, 0) {
+                self.etcd.revoke_later(place.lease.etcd);
+            }
             let holder = match first(&answer, 1) {
                 Some(kv) => self.holder_view(&kv).await?,
                 None => None,

@@ -276,6 +276,14 @@ pub(super) fn count_of(response: &TxnResponse, i: usize) -> i64 {
     range(response, i).map_or(0, |r| r.count())
 }
 
+/// True when the `i`-th operation was a nested transaction whose comparisons held.
+pub(super) fn nested_succeeded(response: &TxnResponse, i: usize) -> bool {
+    matches!(
+        response.op_responses().into_iter().nth(i),
+        Some(TxnOpResponse::Txn(nested)) if nested.succeeded()
+    )
+}
+
 /// The revision a response was served at.
 pub(super) fn revision(response: &TxnResponse) -> i64 {
     response.header().map_or(0, |h| h.revision())
