@@ -129,7 +129,10 @@ async fn run() {
             .map(|(after, before)| (after - before) / (pairs + 20) as f64 * 1e3)
             .collect();
         let (acquire, release) = halves(&dl, pairs).await;
+        let memory_cpu_before = cpu(&[memory.child.id()])[0];
         let (memory_acquire, memory_release) = halves(&on_memory, pairs).await;
+        let memory_cpu =
+            (cpu(&[memory.child.id()])[0] - memory_cpu_before) / (pairs + 20) as f64 * 1e3;
         println!(
             "etcd lock service pair (lock+unlock, session lease): p50 {:.2} ms  p99 {:.2} ms",
             ms(own.p50),
@@ -142,7 +145,7 @@ async fn run() {
             pair.p50.as_secs_f64() / floor.two_writes.as_secs_f64()
         );
         println!(
-            "  CPU per pair: server {:.2} ms, etcd {:.2} ms, client (this process) {:.2} ms",
+            "  CPU per pair: server {:.2} ms (memory store: {memory_cpu:.2} ms), etcd {:.2} ms, client (this process) {:.2} ms",
             cpu_used[0], cpu_used[1], cpu_used[2]
         );
         println!(
@@ -184,6 +187,8 @@ async fn floor(client: &Client, n: usize) -> Floor {
         }
     })
     .await;
+    let me = std::process::id();
+    let cpu_before = cpu(&[me])[0];
     let two = sample(n, || {
         let mut c = c.clone();
         async move {
@@ -192,6 +197,7 @@ async fn floor(client: &Client, n: usize) -> Floor {
         }
     })
     .await;
+    let client_cpu_per_call = (cpu(&[me])[0] - cpu_before) / ((n + 20) * 2) as f64 * 1e3;
     let read = sample(n, || {
         let mut c = c.clone();
         async move {
@@ -280,6 +286,7 @@ async fn floor(client: &Client, n: usize) -> Floor {
         ms(txn.p50),
         ms(revoke.p50)
     );
+    println!("                etcd-client CPU per call in this build: {client_cpu_per_call:.2} ms");
     Floor {
         two_writes: two.p50,
     }
