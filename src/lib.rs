@@ -72,6 +72,8 @@
 //! # Features
 //! * `server`: the lock server (the `server` module and the `distributed-lock-server` binary).
 //!   Off by default, so the SDK's dependency tree stays small.
+//! * `etcd`: the server's etcd backend (`--backend etcd`), so that several servers share
+//!   their locks through one etcd cluster. Implies `server`; building it needs `protoc`.
 //! * `cli`: the `distributed-lock` command (`run` a command while holding a lock, `status`).
 //!   Off by default; adds clap and libc.
 #![deny(missing_docs, missing_debug_implementations)]

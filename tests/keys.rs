@@ -1,11 +1,12 @@
-//! API keys and projects: key files, reloads, isolation, quotas, rate limits.
+//! API keys and projects: key files, reloads, isolation, quotas, rate limits. Isolation and
+//! quotas run against both stores (`name::memory`, `name::etcd`).
 
 mod support;
 
 use distributed_lock::server::new_key;
 use std::path::PathBuf;
 use std::time::Duration;
-use support::{TestServer, client_for, eventually, raw, within};
+use support::{Backend, TestServer, client_for, eventually, raw, within};
 
 const BOUND: Duration = Duration::from_secs(10);
 
@@ -47,21 +48,29 @@ fn project(name: &str, extra: &str, lines: &[&str]) -> String {
 }
 
 async fn start_with_keys(file: &KeyFile) -> TestServer {
+    start_with_keys_on(Backend::Memory, file).await
+}
+
+async fn start_with_keys_on(backend: Backend, file: &KeyFile) -> TestServer {
     let path = file.path.clone();
-    TestServer::start_with(move |b| {
+    TestServer::start_on_with(backend, move |b| {
         b.key_file(path)
             .key_reload_interval(Duration::from_millis(20))
     })
     .await
 }
 
-#[tokio::test]
-async fn projects_are_isolated_and_other_projects_locks_answer_404() {
+on_both_backends!(
+    projects_are_isolated_and_other_projects_locks_answer_404,
+    project_quotas_answer_429_and_limit_only_that_project,
+);
+
+async fn projects_are_isolated_and_other_projects_locks_answer_404(backend: Backend) {
     let (a, a_line) = new_key("alpha");
     let (b, b_line) = new_key("beta");
-    let file = KeyFile::new("isolated");
+    let file = KeyFile::new(&format!("isolated-{backend:?}"));
     file.write(&(project("alpha", "", &[&a_line]) + &project("beta", "", &[&b_line])));
-    let server = start_with_keys(&file).await;
+    let server = start_with_keys_on(backend, &file).await;
     assert!(server.addr.port() > 0);
 
     // Alpha takes "shared"; the raw answer gives us alpha's lease id.
@@ -189,11 +198,10 @@ async fn keys_are_added_and_revoked_without_a_restart_and_held_locks_survive() {
     );
 }
 
-#[tokio::test]
-async fn project_quotas_answer_429_and_limit_only_that_project() {
+async fn project_quotas_answer_429_and_limit_only_that_project(backend: Backend) {
     let (small, small_line) = new_key("small");
     let (big, big_line) = new_key("big");
-    let file = KeyFile::new("quota");
+    let file = KeyFile::new(&format!("quota-{backend:?}"));
     file.write(
         &(project(
             "small",
@@ -201,7 +209,7 @@ async fn project_quotas_answer_429_and_limit_only_that_project() {
             &[&small_line],
         ) + &project("big", "", &[&big_line])),
     );
-    let server = start_with_keys(&file).await;
+    let server = start_with_keys_on(backend, &file).await;
     let dl = client_for(&server.url(), &small);
     let _one = dl.lock("one").await.unwrap();
     let _two = dl.lock("two").await.unwrap();

@@ -1,4 +1,5 @@
 //! Taking turns: mutual exclusion, FIFO waiting on the server, timeouts, cancellation.
+//! Each test runs against both stores (`name::memory`, `name::etcd`).
 
 mod support;
 
@@ -7,14 +8,22 @@ use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::{TestServer, eventually, within};
+use support::{Backend, TestServer, eventually, within};
 use tokio::time::Instant;
 
 const BOUND: Duration = Duration::from_secs(10);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn never_two_holders_and_tokens_increase() {
-    let server = TestServer::start().await;
+on_both_backends!(multi_thread: never_two_holders_and_tokens_increase);
+on_both_backends!(
+    waiters_are_served_in_fifo_order_by_the_server,
+    timeout_ends_the_wait_no_earlier_than_asked,
+    zero_timeout_tries_once,
+    dropping_a_waiting_acquire_withdraws_it,
+    a_grant_that_races_the_drop_is_released_at_once,
+);
+
+async fn never_two_holders_and_tokens_increase(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let inside = Arc::new(AtomicBool::new(false));
     let tokens = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = tokio::task::JoinSet::new();
@@ -48,9 +57,8 @@ async fn never_two_holders_and_tokens_increase() {
     );
 }
 
-#[tokio::test]
-async fn waiters_are_served_in_fifo_order_by_the_server() {
-    let server = TestServer::start().await;
+async fn waiters_are_served_in_fifo_order_by_the_server(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let holder = server.client("p").lock("queue").await.unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
@@ -87,9 +95,8 @@ async fn waiters_are_served_in_fifo_order_by_the_server() {
     assert_eq!(server.metric("distributed_lock_acquires_total").await, 6.0);
 }
 
-#[tokio::test]
-async fn timeout_ends_the_wait_no_earlier_than_asked() {
-    let server = TestServer::start().await;
+async fn timeout_ends_the_wait_no_earlier_than_asked(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let dl = server.client("p");
     let _holder = dl.lock("busy").await.unwrap();
     let other = server.client("p");
@@ -115,9 +122,8 @@ async fn timeout_ends_the_wait_no_earlier_than_asked() {
     assert_eq!(server.inspect("p", "busy").await.1, 0);
 }
 
-#[tokio::test]
-async fn zero_timeout_tries_once() {
-    let server = TestServer::start().await;
+async fn zero_timeout_tries_once(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let dl = server.client("p");
     let held = dl
         .lock("once")
@@ -144,13 +150,14 @@ async fn zero_timeout_tries_once() {
     );
 }
 
-#[tokio::test]
-async fn dropping_a_waiting_acquire_withdraws_it() {
-    // A long grace: only the SDK's explicit withdrawal can clear the waiter this fast.
-    let server = TestServer::start_with(|b| b.grace(Duration::from_secs(120))).await;
+async fn dropping_a_waiting_acquire_withdraws_it(backend: Backend) {
+    // A long grace (memory) and a long lease (etcd keeps a detached waiter for its lease's
+    // TTL): only the SDK's explicit withdrawal can clear the waiter this fast.
+    let server = TestServer::start_on_with(backend, |b| b.grace(Duration::from_secs(120))).await;
     let _holder = server.client("p").lock("c").await.unwrap();
     let dl = server.client("p");
-    let waiting = tokio::spawn(async move { dl.lock("c").await });
+    let waiting =
+        tokio::spawn(async move { dl.lock("c").expires_in(Duration::from_secs(120)).await });
     eventually(BOUND, "waiter queued", || async {
         server.inspect("p", "c").await.1 == 1
     })
@@ -162,9 +169,8 @@ async fn dropping_a_waiting_acquire_withdraws_it() {
     .await;
 }
 
-#[tokio::test]
-async fn a_grant_that_races_the_drop_is_released_at_once() {
-    let server = TestServer::start_with(|b| b.grace(Duration::from_secs(120))).await;
+async fn a_grant_that_races_the_drop_is_released_at_once(backend: Backend) {
+    let server = TestServer::start_on_with(backend, |b| b.grace(Duration::from_secs(120))).await;
     let holder = server.client("p").lock("race").await.unwrap();
     let dl = server.client("p");
     let mut acquire = Box::pin(

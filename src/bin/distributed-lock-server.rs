@@ -83,6 +83,28 @@ struct Args {
     #[arg(long)]
     no_state_file: bool,
 
+    /// Where locks are kept: `memory` (this process only) or `etcd` (shared by every server
+    /// over the same etcd cluster; needs the crate's `etcd` feature).
+    #[arg(long, env = "DISTRIBUTED_LOCK_BACKEND", value_enum, default_value_t = Backend::Memory)]
+    backend: Backend,
+
+    /// etcd client URLs for `--backend etcd`, comma-separated.
+    #[arg(
+        long,
+        env = "DISTRIBUTED_LOCK_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd_endpoints: Vec<String>,
+
+    /// Key prefix in etcd: servers with the same prefix share their locks.
+    #[arg(
+        long,
+        env = "DISTRIBUTED_LOCK_ETCD_PREFIX",
+        default_value = "/distributed-lock"
+    )]
+    etcd_prefix: String,
+
     /// Longest lease a client may ask for, such as `1h` or `90s` (at most 24h).
     #[arg(long, env = "DISTRIBUTED_LOCK_MAX_LEASE", default_value = "1h", value_parser = duration::parse)]
     max_lease: Duration,
@@ -127,6 +149,14 @@ struct Args {
     /// Worker threads (default: one per core).
     #[arg(long, env = "DISTRIBUTED_LOCK_THREADS")]
     threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    /// Locks live in this process (with a restart state file).
+    Memory,
+    /// Locks live in etcd, shared by every server with the same etcd and prefix.
+    Etcd,
 }
 
 fn main() -> ExitCode {
@@ -191,12 +221,12 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         builder = builder.tls(cert, key);
     }
-    if args.no_state_file {
-        tracing::warn!(
+    match args.backend {
+        Backend::Etcd => builder = etcd_backend(builder, &args)?,
+        Backend::Memory if args.no_state_file => tracing::warn!(
             "no state file: after a restart, locks may be granted that clients still believe they hold"
-        );
-    } else {
-        builder = builder.state_file(&args.state_file);
+        ),
+        Backend::Memory => builder = builder.state_file(&args.state_file),
     }
     let server = builder.start().await?;
     if server.is_open_mode() {
@@ -216,6 +246,37 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_backend(
+    builder: distributed_lock::server::ServerBuilder,
+    args: &Args,
+) -> Result<distributed_lock::server::ServerBuilder, distributed_lock::Error> {
+    let endpoints: Vec<String> = args
+        .etcd_endpoints
+        .iter()
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    tracing::info!(
+        endpoints = %endpoints.join(","),
+        prefix = %args.etcd_prefix,
+        "etcd backend: locks are shared by every server over this etcd cluster and prefix"
+    );
+    Ok(builder.etcd(endpoints).etcd_prefix(&args.etcd_prefix))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_backend(
+    _: distributed_lock::server::ServerBuilder,
+    _: &Args,
+) -> Result<distributed_lock::server::ServerBuilder, distributed_lock::Error> {
+    Err(distributed_lock::Error::InvalidArgument {
+        message: "--backend etcd: this build has no etcd backend; build the server with the \
+                  `etcd` cargo feature (cargo install distributed-lock --features etcd)"
+            .into(),
+    })
 }
 
 enum Signal {

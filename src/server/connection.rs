@@ -58,7 +58,7 @@ pub type AcceptFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>>
 
 /// Where the server gets its connections: a TCP listener by default, or anything else
 /// that yields byte streams, such as a simulated network in tests (turmoil).
-pub trait Listener: Send + 'static {
+pub trait Listener: Send + Sync + 'static {
     /// Waits for the next connection.
     fn accept(&mut self) -> AcceptFuture<'_>;
     /// The address it listens on.

@@ -54,6 +54,8 @@ pub struct ServerBuilder {
     tls: Option<(PathBuf, PathBuf)>,
     event_log: Option<PathBuf>,
     listener: Option<Box<dyn Listener>>,
+    #[cfg(feature = "etcd")]
+    etcd: Option<store::etcd::EtcdConfig>,
 }
 
 /// A running lock server. Dropping it stops the server without waiting; prefer
@@ -86,6 +88,8 @@ impl Server {
             tls: None,
             event_log: None,
             listener: None,
+            #[cfg(feature = "etcd")]
+            etcd: None,
         }
     }
 
@@ -190,6 +194,41 @@ impl ServerBuilder {
     /// crash). Without it, every start is treated as a first start.
     pub fn state_file(mut self, path: impl Into<PathBuf>) -> ServerBuilder {
         self.memory.state_file = Some(path.into());
+        self
+    }
+
+    /// Keeps every lock in the etcd cluster at these client URLs (such as
+    /// `http://10.0.0.1:2379`) instead of in memory, so that several servers can serve the
+    /// same locks (feature `etcd`). See the README's "Scaling out with etcd".
+    ///
+    /// etcd counts lease TTLs in whole seconds: leases are rounded up, and etcd raises them
+    /// to its minimum TTL (2 s with etcd's default timing); grants report the length etcd
+    /// granted. A waiter whose client went away keeps its place for its lease's TTL (the
+    /// [`grace`](ServerBuilder::grace) setting does not apply), and the state file is not
+    /// used.
+    #[cfg(feature = "etcd")]
+    pub fn etcd<I, S>(mut self, endpoints: I) -> ServerBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let endpoints = endpoints.into_iter().map(Into::into).collect();
+        match &mut self.etcd {
+            Some(config) => config.endpoints = endpoints,
+            None => self.etcd = Some(store::etcd::EtcdConfig::new(endpoints)),
+        }
+        self
+    }
+
+    /// The key prefix of the etcd backend (default `/distributed-lock`): servers with the
+    /// same prefix share their locks; different prefixes keep deployments apart on one etcd
+    /// cluster. Has an effect only with [`etcd`](ServerBuilder::etcd).
+    #[cfg(feature = "etcd")]
+    pub fn etcd_prefix(mut self, prefix: impl Into<String>) -> ServerBuilder {
+        let config = self
+            .etcd
+            .get_or_insert_with(|| store::etcd::EtcdConfig::new(Vec::new()));
+        config.prefix = prefix.into();
         self
     }
 
@@ -312,6 +351,30 @@ impl ServerBuilder {
         Ok(())
     }
 
+    async fn open_store(&self) -> Result<Arc<dyn LockStore>, Error> {
+        #[cfg(feature = "etcd")]
+        if let Some(config) = &self.etcd {
+            if config.endpoints.is_empty() {
+                return Err(Error::invalid(
+                    "the etcd backend needs at least one etcd endpoint",
+                ));
+            }
+            let config = store::etcd::EtcdConfig {
+                max_waiters_per_lock: self.memory.max_waiters_per_lock,
+                ..config.clone()
+            };
+            let store = store::etcd::EtcdStore::connect(config)
+                .await
+                .map_err(|e| Error::invalid(e.to_string()))?;
+            return Ok(Arc::new(store));
+        }
+        let store = MemoryStore::open(self.memory.clone()).map_err(|source| Error::Io {
+            context: "cannot open the memory store's state file".into(),
+            source,
+        })?;
+        Ok(Arc::new(store))
+    }
+
     /// Binds the socket, opens the store and starts serving on the current runtime.
     pub async fn start(mut self) -> Result<Server, Error> {
         self.check()?;
@@ -353,11 +416,7 @@ impl ServerBuilder {
             context: "cannot read the bound address".into(),
             source,
         })?;
-        let store: Arc<dyn LockStore> =
-            Arc::new(MemoryStore::open(self.memory).map_err(|source| Error::Io {
-                context: "cannot open the memory store's state file".into(),
-                source,
-            })?);
+        let store = self.open_store().await?;
         let (stop, stopping) = watch::channel(false);
         let app = Arc::new(App {
             store: store.clone(),

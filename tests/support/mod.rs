@@ -2,6 +2,8 @@
 //! on conditions with generous bounds (never fixed sleeps).
 #![allow(dead_code)]
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod history;
 pub mod process;
 pub mod proxy;
@@ -36,12 +38,94 @@ fn watch_panics() {
     });
 }
 
+/// Which store a test server keeps its locks in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    /// A one-member etcd cluster of its own, started for the server.
+    Etcd,
+}
+
+impl Backend {
+    /// The lease this backend grants when `wanted` is asked for: etcd counts whole seconds,
+    /// and its minimum TTL (with its default timing) is 2 s.
+    pub fn lease(self, wanted: Duration) -> Duration {
+        match self {
+            Backend::Memory => wanted,
+            Backend::Etcd => Duration::from_secs(wanted.as_millis().div_ceil(1000) as u64)
+                .max(Duration::from_secs(2)),
+        }
+    }
+
+    /// How much later than an inspected `expires_in_ms` the lease may really end: etcd
+    /// reports remaining TTLs in whole seconds, rounded down.
+    pub fn expiry_slack(self) -> Duration {
+        match self {
+            Backend::Memory => Duration::ZERO,
+            Backend::Etcd => Duration::from_secs(1),
+        }
+    }
+}
+
+/// Without the `etcd` feature there is no etcd to start: the etcd halves of the conformance
+/// suite are not compiled, and nothing can reach this.
+#[cfg(not(feature = "etcd"))]
+pub mod etcd {
+    pub enum EtcdCluster {}
+
+    impl EtcdCluster {
+        pub async fn start(_members: usize) -> EtcdCluster {
+            panic!("the etcd backend's tests need the `etcd` feature (cargo test --all-features)")
+        }
+
+        pub fn endpoints(&self) -> Vec<String> {
+            match *self {}
+        }
+    }
+}
+
+/// Runs each listed `async fn name(backend: Backend)` as two tests, `name::memory` and
+/// `name::etcd`: the conformance suite both stores must pass. Prefix the list with
+/// `multi_thread:` for a two-worker runtime.
+#[macro_export]
+macro_rules! on_both_backends {
+    (multi_thread: $($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name($crate::support::Backend::Memory).await
+            }
+            #[cfg(feature = "etcd")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                super::$name($crate::support::Backend::Etcd).await
+            }
+        }
+    )+};
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn memory() {
+                super::$name($crate::support::Backend::Memory).await
+            }
+            #[cfg(feature = "etcd")]
+            #[tokio::test]
+            async fn etcd() {
+                super::$name($crate::support::Backend::Etcd).await
+            }
+        }
+    )+};
+}
+
 /// An in-process lock server on an ephemeral port. Shuts down on drop, and fails the test if
 /// anything panicked meanwhile (server tasks included).
 pub struct TestServer {
     server: Option<Server>,
     pub addr: SocketAddr,
     panics_at_start: usize,
+    pub backend: Backend,
+    /// The etcd the server keeps its locks in (etcd backend); dropped after the server.
+    pub etcd: Option<etcd::EtcdCluster>,
 }
 
 impl TestServer {
@@ -50,8 +134,45 @@ impl TestServer {
     }
 
     pub async fn start_with(configure: impl FnOnce(ServerBuilder) -> ServerBuilder) -> TestServer {
+        TestServer::start_on_with(Backend::Memory, configure).await
+    }
+
+    /// A server on `backend`; for etcd, with a one-member etcd cluster of its own.
+    pub async fn start_on(backend: Backend) -> TestServer {
+        TestServer::start_on_with(backend, |b| b).await
+    }
+
+    pub async fn start_on_with(
+        backend: Backend,
+        configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+    ) -> TestServer {
+        let etcd = match backend {
+            Backend::Memory => None,
+            Backend::Etcd => Some(etcd::EtcdCluster::start(1).await),
+        };
+        let mut server = TestServer::start_over(etcd.as_ref(), configure).await;
+        server.backend = backend;
+        server.etcd = etcd;
+        server
+    }
+
+    /// A server over `etcd` (if given; else on the memory store). Several servers started
+    /// over one cluster share their locks.
+    pub async fn start_over(
+        etcd: Option<&etcd::EtcdCluster>,
+        configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+    ) -> TestServer {
         watch_panics();
-        let server = configure(Server::builder().bind("127.0.0.1:0"))
+        let mut builder = Server::builder().bind("127.0.0.1:0");
+        if let Some(cluster) = etcd {
+            #[cfg(feature = "etcd")]
+            {
+                builder = builder.etcd(cluster.endpoints());
+            }
+            #[cfg(not(feature = "etcd"))]
+            let _ = cluster.endpoints();
+        }
+        let server = configure(builder)
             .start()
             .await
             .expect("test server starts");
@@ -59,7 +180,18 @@ impl TestServer {
             addr: server.local_addr(),
             server: Some(server),
             panics_at_start: PANICS.load(Ordering::SeqCst),
+            backend: if etcd.is_some() {
+                Backend::Etcd
+            } else {
+                Backend::Memory
+            },
+            etcd: None,
         }
+    }
+
+    /// The lease this server grants when `wanted` is asked for.
+    pub fn lease(&self, wanted: Duration) -> Duration {
+        self.backend.lease(wanted)
     }
 
     /// Starts a server on the address a previous one used, waiting for it to be released.
@@ -79,6 +211,8 @@ impl TestServer {
                         addr: server.local_addr(),
                         server: Some(server),
                         panics_at_start: PANICS.load(Ordering::SeqCst),
+                        backend: Backend::Memory,
+                        etcd: None,
                     };
                 }
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -218,6 +352,13 @@ pub async fn within<T>(bound: Duration, f: impl std::future::IntoFuture<Output =
     tokio::time::timeout(bound, f)
         .await
         .unwrap_or_else(|_| panic!("did not finish within {bound:?}"))
+}
+
+/// Serializes the tests of one test binary that load the whole (small) machine, so that
+/// they do not starve each other's timers. Hold the guard for the test's duration.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
 }
 
 /// Waits until `condition` holds, checking every few milliseconds, failing after `bound`.

@@ -2,6 +2,8 @@
 //!
 //! A store knows projects, names, leases and waiters; it never sees HTTP or wire types.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod memory;
 
 use crate::id::Id;

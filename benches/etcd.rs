@@ -1,0 +1,476 @@
+//! The etcd backend against etcd itself, measured in the same run.
+//!
+//! `cargo bench --bench etcd` starts a one-member etcd (the `etcd` on PATH, data in a
+//! temporary directory, fsync on as in production) and the real `distributed-lock-server
+//! --backend etcd` as a separate process, then measures on loopback, 3 rounds each:
+//!
+//! * the floor: single etcd operations through etcd-client (a put, a put+delete pair = two
+//!   writes, a linearizable read, a lease grant, a keep-alive, a revoke, the backend's
+//!   acquire transaction);
+//! * etcd's own lock service (`etcdctl lock`'s v3lock API) with a session lease: an
+//!   uncontended lock+unlock pair, and the hand-over gap with 8 contending tasks;
+//! * the SDK through the server: an uncontended acquire+release pair (and each half), and
+//!   the hand-over gap with 8 contending tasks (from the release being sent to the next
+//!   holder's grant arriving).
+//!
+//! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
+//! `BENCH_SECS` (seconds per hand-over round, default 3).
+
+#[path = "../tests/support/etcd.rs"]
+#[allow(dead_code)]
+mod etcd_support;
+
+use distributed_lock::DistributedLock;
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, LockOptions, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp,
+};
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run());
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Stats {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Latencies of `n` sequential runs of `f`, after 20 to warm up.
+async fn sample<F, Fut>(n: usize, mut f: F) -> Stats
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for _ in 0..20 {
+        f().await;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        f().await;
+        samples.push(start.elapsed());
+    }
+    stats(samples)
+}
+
+async fn run() {
+    let pairs = env_num("BENCH_PAIRS", 500) as usize;
+    let secs = env_num("BENCH_SECS", 3);
+    let etcd = etcd_support::EtcdCluster::start(1).await;
+    let endpoint = etcd.endpoint(0);
+    let server = Spawned::start(
+        Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
+            .args(["--listen", "127.0.0.1:0", "--backend", "etcd"])
+            .args(["--etcd-endpoints", &endpoint])
+            .env("RUST_LOG", "warn,distributed_lock_server=info"),
+    );
+    // The same server on the memory store: what HTTP and the SDK cost without etcd.
+    let memory = Spawned::start(
+        Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
+            .args(["--listen", "127.0.0.1:0", "--no-state-file"])
+            .env("RUST_LOG", "warn,distributed_lock_server=info"),
+    );
+    let on_memory = DistributedLock::builder("bench")
+        .endpoint(&memory.url)
+        .build()
+        .unwrap();
+    let client = Client::connect([endpoint.as_str()], None).await.unwrap();
+    let etcd_pid = etcd.pid(0).expect("etcd runs");
+    let dl = DistributedLock::builder("bench")
+        .endpoint(&server.url)
+        .build()
+        .unwrap();
+    println!(
+        "etcd {} (one member, fsync on), server {} (--backend etcd); {pairs} samples per figure",
+        endpoint, server.url
+    );
+    for round in 1..=3 {
+        println!("\n== round {round} ==");
+        let floor = floor(&client, pairs).await;
+        let own = etcd_lock_pair(&client, pairs).await;
+        let cpu_before = cpu(&[server.child.id(), etcd_pid, std::process::id()]);
+        let pair = sample(pairs, || async {
+            dl.lock("solo").await.unwrap().release().await.unwrap();
+        })
+        .await;
+        let cpu_used: Vec<f64> = cpu(&[server.child.id(), etcd_pid, std::process::id()])
+            .iter()
+            .zip(&cpu_before)
+            .map(|(after, before)| (after - before) / (pairs + 20) as f64 * 1e3)
+            .collect();
+        let (acquire, release) = halves(&dl, pairs).await;
+        let memory_cpu_before = cpu(&[memory.child.id()])[0];
+        let (memory_acquire, memory_release) = halves(&on_memory, pairs).await;
+        let memory_cpu =
+            (cpu(&[memory.child.id()])[0] - memory_cpu_before) / (pairs + 20) as f64 * 1e3;
+        println!(
+            "etcd lock service pair (lock+unlock, session lease): p50 {:.2} ms  p99 {:.2} ms",
+            ms(own.p50),
+            ms(own.p99)
+        );
+        println!(
+            "SDK acquire+release pair:                           p50 {:.2} ms  p99 {:.2} ms  = {:.2}x two etcd writes (p50)",
+            ms(pair.p50),
+            ms(pair.p99),
+            pair.p50.as_secs_f64() / floor.two_writes.as_secs_f64()
+        );
+        println!(
+            "  CPU per pair: server {:.2} ms (memory store: {memory_cpu:.2} ms), etcd {:.2} ms, client (this process) {:.2} ms",
+            cpu_used[0], cpu_used[1], cpu_used[2]
+        );
+        println!(
+            "  of which acquire p50 {:.2} ms, release p50 {:.2} ms (memory store, same build: {:.2} ms, {:.2} ms)",
+            ms(acquire.p50),
+            ms(release.p50),
+            ms(memory_acquire.p50),
+            ms(memory_release.p50)
+        );
+        let (gap, repeats, grants) = sdk_handoff(&server.url, 8, Duration::from_secs(secs)).await;
+        println!(
+            "SDK hand-over, 8 tasks:  gap p50 {:.2} ms  p99 {:.2} ms  ({grants} grants, {repeats} to the same task twice in a row)",
+            ms(gap.p50),
+            ms(gap.p99)
+        );
+        let (gap, grants) = etcd_lock_handoff(&client, 8, Duration::from_secs(secs)).await;
+        println!(
+            "etcd lock service hand-over, 8 tasks: gap p50 {:.2} ms  p99 {:.2} ms  ({grants} grants)",
+            ms(gap.p50),
+            ms(gap.p99)
+        );
+    }
+    drop(server);
+    drop(memory);
+    drop(etcd);
+}
+
+struct Floor {
+    two_writes: Duration,
+}
+
+/// Single etcd operations, as the backend uses them.
+async fn floor(client: &Client, n: usize) -> Floor {
+    let c = client.clone();
+    let put = sample(n, || {
+        let mut c = c.clone();
+        async move {
+            c.put("bench/floor", "v", None).await.unwrap();
+        }
+    })
+    .await;
+    let me = std::process::id();
+    let cpu_before = cpu(&[me])[0];
+    let two = sample(n, || {
+        let mut c = c.clone();
+        async move {
+            c.put("bench/floor", "v", None).await.unwrap();
+            c.delete("bench/floor", None).await.unwrap();
+        }
+    })
+    .await;
+    let client_cpu_per_call = (cpu(&[me])[0] - cpu_before) / ((n + 20) * 2) as f64 * 1e3;
+    let read = sample(n, || {
+        let mut c = c.clone();
+        async move {
+            c.get("bench/floor", None).await.unwrap();
+        }
+    })
+    .await;
+    let lease = c.clone().lease_grant(10, None).await.unwrap().id();
+    let keep_alive = sample(n, || {
+        let mut c = c.clone();
+        async move {
+            c.lease_keep_alive(lease).await.unwrap();
+        }
+    })
+    .await;
+    let grant = sample(n / 5, || {
+        let mut c = c.clone();
+        async move {
+            let id = c.lease_grant(10, None).await.unwrap().id();
+            // Revoked outside the measurement's concern: it is a second write.
+            std::mem::drop(tokio::spawn(async move {
+                let _ = c.lease_revoke(id).await;
+            }));
+        }
+    })
+    .await;
+    // The backend's acquire transaction on a free lock, then its revoke.
+    let mut txn_samples = Vec::new();
+    let mut revoke_samples = Vec::new();
+    for i in 0..n / 5 {
+        let mut c = c.clone();
+        let id = c.lease_grant(10, None).await.unwrap().id();
+        let key = format!("bench/q/{i}");
+        let rkey = format!("bench/r/{i}");
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                rkey.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![
+                TxnOp::put(key, "{}", Some(PutOptions::new().with_lease(id))),
+                TxnOp::put(rkey, "id", Some(PutOptions::new().with_lease(id))),
+                TxnOp::get(
+                    "bench/q/",
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                ),
+            ]);
+        let start = Instant::now();
+        c.txn(txn).await.unwrap();
+        txn_samples.push(start.elapsed());
+        let start = Instant::now();
+        c.lease_revoke(id).await.unwrap();
+        revoke_samples.push(start.elapsed());
+    }
+    let (txn, revoke) = (stats(txn_samples), stats(revoke_samples));
+    // The backend's "who is first" read (a sorted range).
+    let first = sample(n, || {
+        let mut c = c.clone();
+        async move {
+            c.get(
+                "bench/q/",
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(1),
+                ),
+            )
+            .await
+            .unwrap();
+        }
+    })
+    .await;
+    println!(
+        "etcd floor p50: put {:.2} ms | put+delete (two writes) {:.2} ms | linearizable read {:.2} ms | sorted range {:.2} ms",
+        ms(put.p50),
+        ms(two.p50),
+        ms(read.p50),
+        ms(first.p50)
+    );
+    println!(
+        "                lease grant {:.2} ms | keep-alive {:.2} ms | acquire txn {:.2} ms | revoke {:.2} ms",
+        ms(grant.p50),
+        ms(keep_alive.p50),
+        ms(txn.p50),
+        ms(revoke.p50)
+    );
+    println!("                etcd-client CPU per call in this build: {client_cpu_per_call:.2} ms");
+    Floor {
+        two_writes: two.p50,
+    }
+}
+
+/// etcd's lock service with one session lease: lock + unlock.
+async fn etcd_lock_pair(client: &Client, n: usize) -> Stats {
+    let mut c = client.clone();
+    let session = c.lease_grant(60, None).await.unwrap().id();
+    let stats = sample(n, || {
+        let mut c = c.clone();
+        async move {
+            let key = c
+                .lock(
+                    "bench/etcd-lock-solo",
+                    Some(LockOptions::new().with_lease(session)),
+                )
+                .await
+                .unwrap()
+                .key()
+                .to_vec();
+            c.unlock(key).await.unwrap();
+        }
+    })
+    .await;
+    let _ = c.lease_revoke(session).await;
+    stats
+}
+
+/// Acquire and release latencies, measured apart.
+async fn halves(dl: &DistributedLock, n: usize) -> (Stats, Stats) {
+    let (mut acquires, mut releases) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n + 20 {
+        let start = Instant::now();
+        let guard = dl.lock("halves").await.unwrap();
+        let acquired = start.elapsed();
+        let start = Instant::now();
+        guard.release().await.unwrap();
+        if i >= 20 {
+            acquires.push(acquired);
+            releases.push(start.elapsed());
+        }
+    }
+    (stats(acquires), stats(releases))
+}
+
+/// 8 tasks take turns on one lock through the SDK.
+async fn sdk_handoff(url: &str, tasks: usize, duration: Duration) -> (Stats, usize, usize) {
+    let origin = Instant::now();
+    let released_at = Arc::new(AtomicU64::new(0));
+    let log = Arc::new(Mutex::new(Vec::<(usize, Duration)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = tokio::task::JoinSet::new();
+    for id in 0..tasks {
+        // Separate clients, as separate processes would be.
+        let dl = DistributedLock::builder("bench")
+            .endpoint(url)
+            .build()
+            .unwrap();
+        let (released_at, log, stop) = (released_at.clone(), log.clone(), stop.clone());
+        set.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let guard = dl
+                    .lock("hot")
+                    .expires_in(Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                let granted = origin.elapsed();
+                let released = Duration::from_nanos(released_at.load(Ordering::SeqCst));
+                log.lock()
+                    .unwrap()
+                    .push((id, granted.saturating_sub(released)));
+                released_at.store(origin.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                guard.release().await.unwrap();
+            }
+        });
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    while set.join_next().await.is_some() {}
+    let log = log.lock().unwrap();
+    let steady = &log[tasks.min(log.len())..];
+    let repeats = steady.windows(2).filter(|w| w[0].0 == w[1].0).count();
+    (
+        stats(steady.iter().map(|(_, gap)| *gap).collect()),
+        repeats,
+        steady.len(),
+    )
+}
+
+/// 8 tasks take turns on one lock through etcd's lock service, each with its own session.
+async fn etcd_lock_handoff(client: &Client, tasks: usize, duration: Duration) -> (Stats, usize) {
+    let origin = Instant::now();
+    let released_at = Arc::new(AtomicU64::new(0));
+    let log = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..tasks {
+        let mut c = client.clone();
+        let (released_at, log, stop) = (released_at.clone(), log.clone(), stop.clone());
+        set.spawn(async move {
+            let session = c.lease_grant(60, None).await.unwrap().id();
+            while !stop.load(Ordering::Relaxed) {
+                let key = c
+                    .lock(
+                        "bench/etcd-lock-hot",
+                        Some(LockOptions::new().with_lease(session)),
+                    )
+                    .await
+                    .unwrap()
+                    .key()
+                    .to_vec();
+                let granted = origin.elapsed();
+                let released = Duration::from_nanos(released_at.load(Ordering::SeqCst));
+                log.lock().unwrap().push(granted.saturating_sub(released));
+                released_at.store(origin.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                c.unlock(key).await.unwrap();
+            }
+            let _ = c.lease_revoke(session).await;
+        });
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    while set.join_next().await.is_some() {}
+    let log = log.lock().unwrap();
+    let steady = log[tasks.min(log.len())..].to_vec();
+    let n = steady.len();
+    (stats(steady), n)
+}
+
+/// CPU seconds (user + system) each process has used so far (Linux `/proc`).
+fn cpu(pids: &[u32]) -> Vec<f64> {
+    // Clock ticks per second: 100 on Linux (USER_HZ).
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which ends with ')'): utime is the 12th, stime
+            // the 13th.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            (ticks(11) + ticks(12)) / 100.0
+        })
+        .collect()
+}
+
+/// The server process; its address is read from its log.
+struct Spawned {
+    child: Child,
+    url: String,
+}
+
+impl Spawned {
+    fn start(command: &mut Command) -> Spawned {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server process starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some((_, url)) = line.split_once("listening on ") {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server printed its address");
+        Spawned { child, url }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

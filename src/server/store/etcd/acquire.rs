@@ -1,0 +1,280 @@
+//! Acquire on etcd: take a place in line, or find the one a request already has (the
+//! waiting itself is in `wait.rs`).
+
+use super::Inner;
+use super::call::{
+    EtcdError, absent, count, count_of, delete, empty, first, get, kvs, put, queue_newest,
+    queue_oldest, revision,
+};
+use super::keys::{Entry, LeaseId, LockKeys, Slot, project_queues, unix_ms};
+use super::leases::ttl_for;
+use crate::server::store::{AcquireOutcome, AcquireSpec, Grant};
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// An acquire's place in a lock's queue.
+#[derive(Debug, Clone)]
+pub(super) struct Place {
+    pub lease: LeaseId,
+    /// The create revision of its key: its order in line, and its fencing token.
+    pub revision: i64,
+    pub entry: Entry,
+    pub key: Vec<u8>,
+}
+
+impl Place {
+    /// The grant, to an acquire call whose lease was last kept alive `waited` after the
+    /// call began (so etcd ends it no earlier than `waited + lease` after that).
+    pub(super) fn grant(&self, waited: Duration) -> Grant {
+        Grant {
+            lease_id: self.lease.to_id(),
+            fencing_token: self.revision as u64,
+            lease: self.entry.lease(),
+            waited,
+        }
+    }
+}
+
+enum Placed {
+    Done(AcquireOutcome),
+    /// In line; where it stands, if known already.
+    Waiting(Place, Option<Standing>),
+}
+
+/// Where a waiter stands.
+pub(super) enum Standing {
+    /// Its key is gone (cancelled, or its lease ran out).
+    Gone,
+    /// First in line: it holds the lock.
+    Head,
+    /// Behind `predecessor`, as of `revision`.
+    Behind { predecessor: Vec<u8>, revision: i64 },
+}
+
+impl Inner {
+    pub(super) async fn acquire(&self, spec: AcquireSpec) -> Result<AcquireOutcome, EtcdError> {
+        let arrived = Instant::now();
+        let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
+        let last_poll = spec.wait.is_some_and(|w| w <= spec.poll);
+        let keys = self.keys(&spec.project, &spec.name);
+        let (place, standing) = match self.find_or_queue(&spec, &keys).await? {
+            Placed::Done(outcome) => return Ok(outcome),
+            Placed::Waiting(place, standing) => (place, standing),
+        };
+        self.wait(&keys, place, standing, arrived, arrived + poll, last_poll)
+            .await
+    }
+
+    /// Resumes the request's place, or queues it (granting at once if the lock is free).
+    async fn find_or_queue(
+        &self,
+        spec: &AcquireSpec,
+        keys: &LockKeys,
+    ) -> Result<Placed, EtcdError> {
+        let ask = ttl_for(spec.lease);
+        let slot = Slot::of(spec.request_id);
+        let key = keys.key(slot);
+        let try_once = spec.wait == Some(Duration::ZERO);
+        // A key whose lease just ran out, or a spare that did, costs a round; a few suffice.
+        for _ in 0..4 {
+            if spec.quota.max_locks.is_some() {
+                self.check_lock_quota(spec, keys).await?;
+            }
+            let lease = self.leases.take(ask).await?;
+            let entry = Entry {
+                request_id: spec.request_id.to_string(),
+                ttl: lease.ttl,
+                ask,
+                at: unix_ms(SystemTime::now()),
+                granted: None,
+                label: spec.label.clone(),
+            };
+            let mut when = vec![absent(key.clone())];
+            if try_once {
+                when.push(empty(keys.queue()));
+            }
+            let txn = Txn::new()
+                .when(when)
+                .and_then(vec![
+                    put(key.clone(), entry.encode(), lease.id),
+                    // The new key and the one just ahead of it (if any).
+                    queue_newest(keys.queue(), 2),
+                ])
+                .or_else(vec![get(key.clone()), queue_oldest(keys.queue(), 1)]);
+            // A spare is refreshed at the same time, so that it runs a full TTL from now; a
+            // fresh lease was granted for this request.
+            let (answer, kept) = tokio::join!(self.etcd.txn("queue", txn), async {
+                if lease.fresh {
+                    Ok(())
+                } else {
+                    self.etcd.keep_alive(lease.id).await
+                }
+            });
+            let answer = match answer {
+                // The spare ran out before the transaction: nothing was written.
+                Err(EtcdError::LeaseGone) => continue,
+                other => other?,
+            };
+            if !answer.succeeded() {
+                if kept.is_ok() {
+                    self.leases.put_back(ask, lease);
+                }
+                match first(&answer, 0) {
+                    Some(existing) => match self.resume(spec, &existing).await? {
+                        Some(place) => return Ok(Placed::Waiting(place, None)),
+                        // Its lease ran out: etcd is deleting the key. Look again.
+                        None => continue,
+                    },
+                    None => {
+                        // Tried once, and the lock is taken.
+                        let holder = match first(&answer, 1) {
+                            Some(kv) => self.holder_view(&kv).await?,
+                            None => None,
+                        };
+                        return Ok(Placed::Done(AcquireOutcome::TimedOut { holder }));
+                    }
+                }
+            }
+            match kept {
+                Ok(()) => {}
+                // The spare ran out between the write and the keep-alive: so did the key.
+                Err(EtcdError::LeaseGone) => continue,
+                Err(e) => {
+                    // Unknown whether the spare still runs: give the place up.
+                    self.give_up(&Place {
+                        lease: LeaseId {
+                            slot,
+                            etcd: lease.id,
+                        },
+                        revision: revision(&answer),
+                        entry,
+                        key,
+                    });
+                    return Err(e);
+                }
+            }
+            let place = Place {
+                lease: LeaseId {
+                    slot,
+                    etcd: lease.id,
+                },
+                revision: revision(&answer),
+                entry,
+                key,
+            };
+            let in_line = count_of(&answer, 1);
+            let Some(predecessor) = kvs(&answer, 1).get(1).map(|kv| kv.key().to_vec()) else {
+                // The lease was refreshed (or granted) after this call began.
+                return Ok(Placed::Done(AcquireOutcome::Granted(
+                    place.grant(Duration::ZERO),
+                )));
+            };
+            let max_waiters = spec
+                .quota
+                .max_waiters_per_lock
+                .map_or(self.max_waiters_per_lock as u64, |q| {
+                    q.min(self.max_waiters_per_lock as u64)
+                });
+            if in_line as u64 - 1 > max_waiters {
+                self.give_up(&place);
+                return Err(EtcdError::Full(format!(
+                    "lock already has {} waiters, the most allowed",
+                    in_line - 2
+                )));
+            }
+            let standing = Standing::Behind {
+                predecessor,
+                revision: place.revision,
+            };
+            return Ok(Placed::Waiting(place, Some(standing)));
+        }
+        Err(EtcdError::Unavailable(
+            "could not queue the acquire (leases kept running out)".into(),
+        ))
+    }
+
+    /// The place a request already has, refreshed with a keep-alive; `None` if its lease
+    /// has run out.
+    async fn resume(&self, spec: &AcquireSpec, kv: &KeyValue) -> Result<Option<Place>, EtcdError> {
+        let entry = Entry::decode(kv.value());
+        if entry.request_id != spec.request_id.to_string() {
+            // Two request ids with the same 64-bit slot: astronomically rare.
+            return Err(EtcdError::Unavailable(
+                "request id collision; retry with a new request id".into(),
+            ));
+        }
+        match self.etcd.keep_alive(kv.lease()).await {
+            Ok(()) => {}
+            Err(EtcdError::LeaseGone) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        Ok(Some(Place {
+            lease: LeaseId {
+                slot: Slot::of(spec.request_id),
+                etcd: kv.lease(),
+            },
+            revision: kv.create_revision(),
+            entry,
+            key: kv.key().to_vec(),
+        }))
+    }
+
+    /// Leaves the line off the caller's path: deletes the key if it is still attached to the
+    /// place's etcd lease, and only then revokes that lease. (Had the key gone another way,
+    /// a release may have handed the etcd lease to a new acquire meanwhile.)
+    fn give_up(&self, place: &Place) {
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                place.key.clone(),
+                CompareOp::Equal,
+                place.lease.etcd,
+            )])
+            .and_then(vec![delete(place.key.clone())]);
+        let etcd = self.etcd.clone();
+        let lease = place.lease.etcd;
+        tokio::spawn(async move {
+            if let Ok(answer) = etcd.txn("give up", txn).await
+                && answer.succeeded()
+            {
+                let _ = etcd.revoke(lease).await;
+            }
+        });
+    }
+
+    /// Refuses a new lock beyond the project's lock quota. Checked before queueing, so two
+    /// servers creating locks at the same moment may both pass.
+    async fn check_lock_quota(&self, spec: &AcquireSpec, keys: &LockKeys) -> Result<(), EtcdError> {
+        let Some(max) = spec.quota.max_locks else {
+            return Ok(());
+        };
+        let project = project_queues(&self.prefix, &spec.project.name);
+        let answer = self
+            .etcd
+            .txn(
+                "lock quota",
+                Txn::new().and_then(vec![count(keys.queue()), count(&project)]),
+            )
+            .await?;
+        if count_of(&answer, 0) > 0 || (count_of(&answer, 1) as u64) < max {
+            // The lock exists already, or the project has fewer keys than locks allowed.
+            return Ok(());
+        }
+        // Count locks, not keys: a lock with waiters has several.
+        let all = self
+            .etcd
+            .get(
+                "lock quota",
+                &project,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let locks = super::count_locks(all.kvs());
+        if locks >= max {
+            return Err(EtcdError::Full(format!(
+                "the project has {locks} locks held or waited for, the most allowed"
+            )));
+        }
+        Ok(())
+    }
+}

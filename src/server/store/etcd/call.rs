@@ -1,0 +1,290 @@
+//! Calls to etcd: each bounded in time, retried while etcd is unreachable or electing a
+//! leader, and mapped to the store's errors.
+
+use crate::server::store::StoreError;
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, KeyValue, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// gRPC status codes worth another attempt: CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, ABORTED,
+/// INTERNAL, UNAVAILABLE (etcd's "no leader", "leader changed", "request timed out").
+const RETRYABLE_CODES: [i32; 6] = [1, 2, 4, 10, 13, 14];
+
+/// Why an etcd call failed.
+#[derive(Debug)]
+pub(super) enum EtcdError {
+    /// The etcd lease does not exist (expired or revoked).
+    LeaseGone,
+    /// etcd could not be reached, or refused, within the call's time.
+    Unavailable(String),
+    /// A store limit.
+    Full(String),
+}
+
+impl From<EtcdError> for StoreError {
+    fn from(e: EtcdError) -> StoreError {
+        match e {
+            EtcdError::LeaseGone => StoreError::Unavailable("etcd lease vanished; retry".into()),
+            EtcdError::Unavailable(message) => {
+                StoreError::Unavailable(format!("etcd unavailable: {message}"))
+            }
+            EtcdError::Full(message) => StoreError::Full(message),
+        }
+    }
+}
+
+/// How a failed attempt goes on.
+enum Failure {
+    Gone,
+    Retry(String),
+    Fatal(String),
+}
+
+fn classify(error: etcd_client::Error) -> Failure {
+    match &error {
+        etcd_client::Error::GRpcStatus(status) => {
+            if status.message().contains("lease not found") {
+                return Failure::Gone;
+            }
+            if RETRYABLE_CODES.contains(&(status.code() as i32)) {
+                Failure::Retry(error.to_string())
+            } else {
+                Failure::Fatal(error.to_string())
+            }
+        }
+        etcd_client::Error::LeaseKeepAliveError(message) if message.contains("not found") => {
+            Failure::Gone
+        }
+        _ => Failure::Retry(error.to_string()),
+    }
+}
+
+/// The etcd client with the backend's call discipline.
+#[derive(Clone)]
+pub(super) struct Etcd {
+    pub client: Client,
+    /// Longest time one logical call (all its attempts) may take.
+    pub timeout: Duration,
+}
+
+impl Etcd {
+    /// Runs `attempt` until it succeeds, fails for good, or the call's time is up.
+    pub async fn call<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let outcome = tokio::time::timeout_at(deadline, attempt(self.client.clone())).await;
+            let reason = match outcome {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => match classify(error) {
+                    Failure::Gone => return Err(EtcdError::LeaseGone),
+                    Failure::Fatal(reason) => {
+                        return Err(EtcdError::Unavailable(format!("{what}: {reason}")));
+                    }
+                    Failure::Retry(reason) => reason,
+                },
+                Err(_) => format!("no answer within {:?}", self.timeout),
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(EtcdError::Unavailable(format!("{what}: {reason}")));
+            }
+            tracing::debug!(what, %reason, "etcd call failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    pub async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, EtcdError> {
+        self.call(what, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    pub async fn get(
+        &self,
+        what: &str,
+        key: &[u8],
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse, EtcdError> {
+        self.call(what, |mut c| {
+            let options = options.clone();
+            async move { c.get(key, options).await }
+        })
+        .await
+    }
+
+    /// Revokes an etcd lease, deleting every key attached to it. `LeaseGone` if it had
+    /// already ended.
+    pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
+        self.call("revoke", |mut c| async move { c.lease_revoke(lease).await })
+            .await
+            .map(drop)
+    }
+
+    /// Revokes in the background (best effort): the keys go now rather than at expiry.
+    pub fn revoke_later(&self, lease: i64) {
+        let etcd = self.clone();
+        tokio::spawn(async move {
+            let _ = etcd.revoke(lease).await;
+        });
+    }
+
+    /// One keep-alive. `LeaseGone` if the lease has ended (etcd answered a TTL of 0 or less).
+    pub async fn keep_alive(&self, lease: i64) -> Result<(), EtcdError> {
+        self.call("keep-alive", |mut c| async move {
+            // The first answer is checked by etcd-client: a TTL <= 0 is "lease not found".
+            c.lease_keep_alive(lease).await.map(drop)
+        })
+        .await
+    }
+
+    /// Remaining TTL of a lease in whole seconds (rounded down), `None` once it has ended.
+    pub async fn time_to_live(&self, lease: i64) -> Result<Option<i64>, EtcdError> {
+        let answer = self
+            .call("time-to-live", |mut c| async move {
+                c.lease_time_to_live(lease, None).await
+            })
+            .await?;
+        Ok((answer.ttl() >= 0).then_some(answer.ttl()))
+    }
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+// Small builders, so the recipe reads as the recipe.
+
+pub(super) fn put(key: Vec<u8>, value: impl Into<Vec<u8>>, lease: i64) -> TxnOp {
+    TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))
+}
+
+pub(super) fn get(key: Vec<u8>) -> TxnOp {
+    TxnOp::get(key, None)
+}
+
+pub(super) fn delete(key: Vec<u8>) -> TxnOp {
+    TxnOp::delete(key, None::<DeleteOptions>)
+}
+
+/// Every key of a lock's queue, oldest first (`limit` 0: all).
+pub(super) fn queue_oldest(prefix: &[u8], limit: i64) -> TxnOp {
+    TxnOp::get(
+        prefix,
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_limit(limit),
+        ),
+    )
+}
+
+/// The newest keys of a lock's queue (names only), newest first. The count of the answer
+/// is the whole queue's.
+pub(super) fn queue_newest(prefix: &[u8], limit: i64) -> TxnOp {
+    TxnOp::get(
+        prefix,
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_limit(limit),
+        ),
+    )
+}
+
+/// How many keys a prefix holds.
+pub(super) fn count(prefix: &[u8]) -> TxnOp {
+    TxnOp::get(
+        prefix,
+        Some(GetOptions::new().with_prefix().with_count_only()),
+    )
+}
+
+/// The queue keys created before `revision` (names only), newest first.
+pub(super) fn ahead_of(prefix: &[u8], revision: i64, limit: i64) -> TxnOp {
+    TxnOp::get(
+        prefix,
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_max_create_revision(revision - 1)
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_limit(limit),
+        ),
+    )
+}
+
+/// True when the key exists.
+pub(super) fn exists(key: Vec<u8>) -> Compare {
+    Compare::create_revision(key, CompareOp::Greater, 0)
+}
+
+/// True when the key does not exist.
+pub(super) fn absent(key: Vec<u8>) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, 0)
+}
+
+/// True when no key has the prefix.
+pub(super) fn empty(prefix: &[u8]) -> Compare {
+    Compare::create_revision(prefix, CompareOp::Equal, 0).with_prefix()
+}
+
+/// True when every key with the prefix was created at `revision` or later: the key created
+/// at `revision` is first in line (or gone).
+pub(super) fn first_since(prefix: &[u8], revision: i64) -> Compare {
+    Compare::create_revision(prefix, CompareOp::Greater, revision - 1).with_prefix()
+}
+
+/// The range answer of the `i`-th operation of a transaction.
+pub(super) fn range(response: &TxnResponse, i: usize) -> Option<GetResponse> {
+    match response.op_responses().into_iter().nth(i) {
+        Some(TxnOpResponse::Get(get)) => Some(get),
+        _ => None,
+    }
+}
+
+/// The key-value pairs of the `i`-th operation's range answer.
+pub(super) fn kvs(response: &TxnResponse, i: usize) -> Vec<KeyValue> {
+    range(response, i).map_or_else(Vec::new, |mut r| r.take_kvs())
+}
+
+/// The first key-value pair of the `i`-th operation's range answer.
+pub(super) fn first(response: &TxnResponse, i: usize) -> Option<KeyValue> {
+    kvs(response, i).into_iter().next()
+}
+
+/// The key count of the `i`-th operation's range answer (filters do not apply to it).
+pub(super) fn count_of(response: &TxnResponse, i: usize) -> i64 {
+    range(response, i).map_or(0, |r| r.count())
+}
+
+/// True when the `i`-th operation was a nested transaction whose comparisons held.
+pub(super) fn nested_succeeded(response: &TxnResponse, i: usize) -> bool {
+    matches!(
+        response.op_responses().into_iter().nth(i),
+        Some(TxnOpResponse::Txn(nested)) if nested.succeeded()
+    )
+}
+
+/// The revision a response was served at.
+pub(super) fn revision(response: &TxnResponse) -> i64 {
+    response.header().map_or(0, |h| h.revision())
+}

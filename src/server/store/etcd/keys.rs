@@ -1,0 +1,215 @@
+//! Where the etcd backend keeps things: the key layout and the values.
+//!
+//! ```text
+//! <prefix>/p/<hex project name>/q/<hex lock name>/<hex slot>    one key per acquire
+//! ```
+//!
+//! An acquire's key is attached to the acquire's own etcd lease, and ordered among the
+//! lock's keys by create revision. Its *slot* is the first 8 bytes of the SHA-256 of the
+//! request id, so a re-poll or a retried acquire finds the same key (the full request id is
+//! in the value, to tell the 2^-64 collision apart). Hex has no `/`, and every hex field is
+//! followed by a `/`, so no project, lock name or slot can alias another: project `a`
+//! (`61/`) is not a prefix of project `ab` (`6162/`), and lock names containing `/` stay one
+//! segment.
+//!
+//! The lease id clients hold is the slot followed by the etcd lease id: renew and release
+//! find the key from it, and check that the key is attached to that etcd lease. The etcd
+//! lease id is random (63 bits) and the slot is derived from the client's secret request id,
+//! so lease ids cannot be guessed, and a made-up or foreign one names no key.
+
+use crate::id::Id;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The key prefix of every project (for store-wide figures).
+pub(super) fn all_projects(prefix: &str) -> Vec<u8> {
+    format!("{prefix}/p/").into_bytes()
+}
+
+/// The prefix of every queue key of a project (for its lock quota).
+pub(super) fn project_queues(prefix: &str, project: &str) -> Vec<u8> {
+    format!("{prefix}/p/{}/q/", hex(project.as_bytes())).into_bytes()
+}
+
+/// The keys of one lock.
+#[derive(Debug, Clone)]
+pub(super) struct LockKeys {
+    /// `<prefix>/p/<project>/q/<name>/`: every acquire of the lock, ordered by create revision.
+    queue: Vec<u8>,
+}
+
+impl LockKeys {
+    pub fn new(prefix: &str, project: &str, name: &str) -> LockKeys {
+        LockKeys {
+            queue: format!(
+                "{prefix}/p/{}/q/{}/",
+                hex(project.as_bytes()),
+                hex(name.as_bytes())
+            )
+            .into_bytes(),
+        }
+    }
+
+    /// The prefix under which the lock's keys live.
+    pub fn queue(&self) -> &[u8] {
+        &self.queue
+    }
+
+    /// The key of the acquire in `slot`.
+    pub fn key(&self, slot: Slot) -> Vec<u8> {
+        let mut key = self.queue.clone();
+        key.extend_from_slice(hex(&slot.0).as_bytes());
+        key
+    }
+}
+
+/// Where a request's key lives: the first 8 bytes of the SHA-256 of its request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slot(pub [u8; 8]);
+
+impl Slot {
+    pub fn of(request_id: Id) -> Slot {
+        let digest = Sha256::digest(request_id.0);
+        Slot(digest[..8].try_into().expect("8 bytes"))
+    }
+}
+
+/// The lease id clients see: the slot of their key and its etcd lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LeaseId {
+    pub slot: Slot,
+    /// The etcd lease (positive).
+    pub etcd: i64,
+}
+
+impl LeaseId {
+    pub fn to_id(self) -> Id {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.slot.0);
+        bytes[8..].copy_from_slice(&self.etcd.to_be_bytes());
+        Id(bytes)
+    }
+
+    /// `None` for ids this backend never hands out.
+    pub fn from_id(id: Id) -> Option<LeaseId> {
+        let slot = Slot(id.0[..8].try_into().expect("8 bytes"));
+        let etcd = i64::from_be_bytes(id.0[8..].try_into().expect("8 bytes"));
+        (etcd > 0).then_some(LeaseId { slot, etcd })
+    }
+}
+
+/// The value of a queue key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Entry {
+    /// The request id (hex).
+    #[serde(rename = "r")]
+    pub request_id: String,
+    /// The etcd lease's TTL in seconds, as granted.
+    pub ttl: i64,
+    /// The TTL asked for (the lease length rounded up), under which a released etcd lease is
+    /// kept for reuse.
+    pub ask: i64,
+    /// When the acquire was queued (Unix ms).
+    pub at: u64,
+    /// When a waiter was seen to get the lock (Unix ms), if that happened after it queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("entries always serialize")
+    }
+
+    /// A value this backend did not write reads as an entry with a 1 s TTL and no label.
+    pub fn decode(value: &[u8]) -> Entry {
+        serde_json::from_slice(value).unwrap_or(Entry {
+            request_id: String::new(),
+            ttl: 1,
+            ask: 1,
+            at: 0,
+            granted: None,
+            label: None,
+        })
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.ttl.max(1) as u64)
+    }
+}
+
+pub(super) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+pub(super) fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projects_and_names_never_alias() {
+        let slot = Slot::of(Id([7; 16]));
+        let a = LockKeys::new("/dl", "a", "b/c");
+        let ab = LockKeys::new("/dl", "ab", "/c");
+        let a2 = LockKeys::new("/dl", "a", "b");
+        // No lock's prefix is a prefix of another lock's keys.
+        for (x, y) in [(&a, &ab), (&ab, &a), (&a, &a2), (&a2, &a)] {
+            assert!(!y.key(slot).starts_with(x.queue()));
+        }
+        assert!(!ab.key(slot).starts_with(&project_queues("/dl", "a")));
+        assert!(a.key(slot).starts_with(&project_queues("/dl", "a")));
+        assert!(a.key(slot).starts_with(&all_projects("/dl")));
+        // The project's prefix, then the lock's: plain hex segments.
+        assert_eq!(a.queue(), b"/dl/p/61/q/622f63/");
+    }
+
+    #[test]
+    fn lease_ids_round_trip_and_name_their_key() {
+        let keys = LockKeys::new("/x", "p", "n");
+        let slot = Slot::of(Id([1; 16]));
+        assert_ne!(slot, Slot::of(Id([2; 16])));
+        let lease = LeaseId {
+            slot,
+            etcd: 0x1234_5678_9abc_def0,
+        };
+        assert_eq!(LeaseId::from_id(lease.to_id()), Some(lease));
+        assert!(keys.key(slot).ends_with(hex(&slot.0).as_bytes()));
+        // Ids with a non-positive etcd lease are never ours.
+        assert_eq!(LeaseId::from_id(Id([0; 16])), None);
+        assert_eq!(LeaseId::from_id(Id([0xff; 16])), None);
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let entry = Entry {
+            request_id: "ab".into(),
+            ttl: 3,
+            ask: 2,
+            at: 42,
+            granted: None,
+            label: Some("host/1".into()),
+        };
+        let back = Entry::decode(&entry.encode());
+        assert_eq!(
+            (back.request_id, back.ttl, back.ask, back.at, back.label),
+            ("ab".into(), 3, 2, 42, entry.label)
+        );
+        assert_eq!(Entry::decode(b"junk").ttl, 1);
+    }
+}

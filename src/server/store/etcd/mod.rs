@@ -1,0 +1,339 @@
+//! The etcd backend: every lock, waiter and lease lives in etcd, so any number of servers
+//! can serve the same locks, and a server that dies loses nothing.
+//!
+//! The recipe is etcd's own mutex (`concurrency/mutex.go`), with one etcd lease per acquire:
+//!
+//! * **Queue.** An acquire writes one key under the lock's prefix, attached to its own etcd
+//!   lease. The key with the lowest create revision holds the lock; the others wait in
+//!   create-revision order (FIFO). The fencing token is the holder's create revision.
+//! * **Idempotency.** The key is named after a hash of the request id, so a re-poll or a
+//!   retried acquire, on any server, finds the same place or the same grant.
+//! * **Waiting.** A waiter watches only the key just ahead of it (and its own, to notice a
+//!   cancel), and looks again when that key is deleted. While a server serves a waiter's
+//!   long poll it keeps the waiter's lease alive; after the poll, the waiter keeps its place
+//!   for its TTL: the etcd backend's grace period.
+//! * **Leases.** The etcd TTL is the lease rounded up to whole seconds (etcd may raise it to
+//!   its minimum); grants report what etcd granted. Renew = a keep-alive, then a
+//!   linearizable read confirming that the key is still there under that lease. Release
+//!   deletes the key if it is attached to the caller's etcd lease (one write; the next
+//!   waiter's watch fires at once), and keeps the etcd lease for a later acquire.
+//!
+//! See `keys.rs` for the layout, `acquire.rs` and `wait.rs` for acquiring, `leases.rs` for
+//! the leases.
+
+mod acquire;
+mod call;
+mod keys;
+mod leases;
+mod renew;
+mod wait;
+
+use super::{
+    HolderView, LockStore, LockView, Project, Release, StoreError, StoreFuture, StoreStats,
+};
+use crate::id::Id;
+use call::{EtcdError, count, count_of, delete, first, get, kvs, queue_oldest};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn};
+use keys::{Entry, LeaseId, LockKeys, from_unix_ms, unix_ms};
+use leases::Leases;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// Settings of the etcd backend.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// etcd client URLs, such as `http://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Every key lives under this prefix (default `/distributed-lock`), so one etcd cluster
+    /// can serve several independent deployments.
+    pub prefix: String,
+    /// Most waiters one lock may have.
+    pub max_waiters_per_lock: usize,
+    /// Longest time one store operation may wait for etcd (all retries included) before the
+    /// request fails with a retryable `503`.
+    pub call_timeout: Duration,
+}
+
+impl EtcdConfig {
+    /// Settings for these endpoints, with defaults for the rest.
+    pub fn new(endpoints: Vec<String>) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            prefix: "/distributed-lock".into(),
+            max_waiters_per_lock: 100_000,
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The etcd [`LockStore`].
+#[derive(Debug)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    etcd: call::Etcd,
+    leases: Arc<Leases>,
+    prefix: String,
+    max_waiters_per_lock: usize,
+    stats: Mutex<(Option<Instant>, StoreStats)>,
+    refreshing: AtomicBool,
+}
+
+impl EtcdStore {
+    /// Connects to etcd. Fails only on malformed settings: an unreachable etcd is reported
+    /// by each request (`503`) until it can be reached.
+    pub async fn connect(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
+        if config.endpoints.is_empty() {
+            return Err(StoreError::Unavailable("no etcd endpoint given".into()));
+        }
+        // etcd refuses client pings more often than every 5 s (--grpc-keepalive-min-time)
+        // and pings on idle connections.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(false)
+            .with_require_leader(true);
+        let client = Client::connect(&config.endpoints, Some(options))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("etcd client: {e}")))?;
+        let etcd = call::Etcd {
+            client,
+            timeout: config.call_timeout,
+        };
+        Ok(EtcdStore {
+            inner: Arc::new(Inner {
+                leases: Arc::new(Leases::new(etcd.clone())),
+                etcd,
+                prefix: config.prefix.trim_end_matches('/').to_owned(),
+                max_waiters_per_lock: config.max_waiters_per_lock,
+                stats: Mutex::new((None, StoreStats::default())),
+                refreshing: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+/// True when `key` exists and is attached to the etcd lease `lease`.
+fn held_by(key: Vec<u8>, lease: i64) -> Compare {
+    Compare::lease(key, CompareOp::Equal, lease)
+}
+
+/// `Gone` when the lock exists (someone else holds or waits), else `NoSuchLock`.
+fn gone_or_missing(keys_in_line: i64) -> Release {
+    if keys_in_line > 0 {
+        Release::Gone
+    } else {
+        Release::NoSuchLock
+    }
+}
+
+/// How many distinct locks these queue keys belong to (keys come sorted by name).
+fn count_locks(kvs: &[KeyValue]) -> u64 {
+    let mut locks: Vec<&[u8]> = kvs
+        .iter()
+        .filter_map(|kv| {
+            let end = kv.key().iter().rposition(|&b| b == b'/')?;
+            Some(&kv.key()[..end])
+        })
+        .collect();
+    locks.dedup();
+    locks.len() as u64
+}
+
+impl Inner {
+    fn keys(&self, project: &Project, name: &str) -> LockKeys {
+        LockKeys::new(&self.prefix, &project.name, name)
+    }
+
+    /// What inspection shows of the holder whose key this is.
+    async fn holder_view(&self, kv: &KeyValue) -> Result<Option<HolderView>, EtcdError> {
+        let Some(left) = self.etcd.time_to_live(kv.lease()).await? else {
+            return Ok(None);
+        };
+        let entry = Entry::decode(kv.value());
+        Ok(Some(HolderView {
+            fencing_token: kv.create_revision() as u64,
+            acquired_at: from_unix_ms(entry.granted.unwrap_or(entry.at)),
+            expires_in: Duration::from_secs(left as u64),
+            label: entry.label,
+        }))
+    }
+
+    /// Deletes the holder's key if this lease id names it (one write: the next waiter's
+    /// watch fires at once), and keeps the etcd lease for a later acquire.
+    async fn release(&self, project: &Project, name: &str, id: Id) -> Result<Release, EtcdError> {
+        let keys = self.keys(project, name);
+        let Some(lease) = LeaseId::from_id(id) else {
+            return self.not_held(&keys).await;
+        };
+        let key = keys.key(lease.slot);
+        let txn = Txn::new()
+            .when(vec![held_by(key.clone(), lease.etcd)])
+            .and_then(vec![get(key.clone()), delete(key)])
+            .or_else(vec![count(keys.queue())]);
+        let answer = self.etcd.txn("release", txn).await?;
+        if !answer.succeeded() {
+            return Ok(gone_or_missing(count_of(&answer, 0)));
+        }
+        match first(&answer, 0).map(|kv| Entry::decode(kv.value())) {
+            Some(entry) => self.leases.put_back(
+                entry.ask,
+                leases::Lease {
+                    id: lease.etcd,
+                    ttl: entry.ttl,
+                    fresh: false,
+                    // Renewed by its holder about every third of its TTL.
+                    until: Instant::now() + entry.lease() / 3,
+                },
+            ),
+            None => self.etcd.revoke_later(lease.etcd),
+        }
+        Ok(Release::Released)
+    }
+
+    /// The answer for a lease id that names no key.
+    async fn not_held(&self, keys: &LockKeys) -> Result<Release, EtcdError> {
+        let answer = self
+            .etcd
+            .txn("release", Txn::new().and_then(vec![count(keys.queue())]))
+            .await?;
+        Ok(gone_or_missing(count_of(&answer, 0)))
+    }
+
+    /// Withdraws the request's waiter, or releases its grant, then revokes its etcd lease
+    /// off the caller's path.
+    async fn cancel(
+        &self,
+        project: &Project,
+        name: &str,
+        request_id: Id,
+    ) -> Result<bool, EtcdError> {
+        let keys = self.keys(project, name);
+        let key = keys.key(keys::Slot::of(request_id));
+        let answer = self
+            .etcd
+            .txn(
+                "cancel",
+                Txn::new()
+                    .when(vec![call::exists(key.clone())])
+                    .and_then(vec![get(key.clone()), delete(key)]),
+            )
+            .await?;
+        let Some(kv) = first(&answer, 0) else {
+            return Ok(false);
+        };
+        self.etcd.revoke_later(kv.lease());
+        Ok(true)
+    }
+
+    async fn inspect(&self, project: &Project, name: &str) -> Result<Option<LockView>, EtcdError> {
+        let keys = self.keys(project, name);
+        let answer = self
+            .etcd
+            .txn(
+                "inspect",
+                Txn::new().and_then(vec![queue_oldest(keys.queue(), 2)]),
+            )
+            .await?;
+        let in_line = count_of(&answer, 0);
+        let oldest = kvs(&answer, 0);
+        let Some(head) = oldest.first() else {
+            return Ok(None);
+        };
+        let holder = self.holder_view(head).await?;
+        let now = unix_ms(SystemTime::now());
+        let view = LockView {
+            waiters: in_line.saturating_sub(1) as u64,
+            oldest_wait: oldest
+                .get(1)
+                .map(|kv| Duration::from_millis(now.saturating_sub(Entry::decode(kv.value()).at))),
+            holder,
+        };
+        Ok((view.holder.is_some() || view.waiters > 0).then_some(view))
+    }
+
+    /// Counts held locks and waiters over the whole prefix (keys only).
+    async fn count_all(&self) -> Result<StoreStats, EtcdError> {
+        let all = self
+            .etcd
+            .get(
+                "stats",
+                &keys::all_projects(&self.prefix),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let queued = all.kvs().len() as u64;
+        let held = count_locks(all.kvs());
+        Ok(StoreStats {
+            held,
+            waiters: queued - held,
+            expirations: 0,
+        })
+    }
+}
+
+/// How often the store-wide figures for `/metrics` may be recounted.
+const STATS_EVERY: Duration = Duration::from_secs(5);
+
+impl LockStore for EtcdStore {
+    fn acquire(&self, spec: super::AcquireSpec) -> StoreFuture<'_, super::AcquireOutcome> {
+        Box::pin(async move { Ok(self.inner.acquire(spec).await?) })
+    }
+
+    fn renew(
+        &self,
+        project: &Project,
+        leases: Vec<(String, Id)>,
+    ) -> StoreFuture<'_, Vec<Option<Duration>>> {
+        let project = project.clone();
+        Box::pin(async move { Ok(self.inner.renew(&project, leases).await?) })
+    }
+
+    fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {
+        let (project, name) = (project.clone(), name.to_owned());
+        Box::pin(async move { Ok(self.inner.release(&project, &name, lease_id).await?) })
+    }
+
+    fn cancel(&self, project: &Project, name: &str, request_id: Id) -> StoreFuture<'_, bool> {
+        let (project, name) = (project.clone(), name.to_owned());
+        Box::pin(async move { Ok(self.inner.cancel(&project, &name, request_id).await?) })
+    }
+
+    fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>> {
+        let (project, name) = (project.clone(), name.to_owned());
+        Box::pin(async move { Ok(self.inner.inspect(&project, &name).await?) })
+    }
+
+    /// The last count of held locks and waiters in the whole store (all servers), recounted
+    /// in the background when older than a few seconds. Expirations are not counted.
+    fn stats(&self) -> StoreStats {
+        let (counted, stats) = *self.inner.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = counted.is_none_or(|at| at.elapsed() >= STATS_EVERY);
+        if stale
+            && tokio::runtime::Handle::try_current().is_ok()
+            && !self.inner.refreshing.swap(true, Ordering::AcqRel)
+        {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                if let Ok(fresh) = inner.count_all().await {
+                    *inner.stats.lock().unwrap_or_else(|p| p.into_inner()) =
+                        (Some(Instant::now()), fresh);
+                }
+                inner.refreshing.store(false, Ordering::Release);
+            });
+        }
+        stats
+    }
+
+    fn shutdown(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner.leases.revoke_spares().await;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,98 @@
+//! Renewing on etcd: a keep-alive per lease, between two reads of the keys.
+
+use super::Inner;
+use super::call::{EtcdError, first, get};
+use super::keys::{Entry, LeaseId};
+use crate::id::Id;
+use crate::server::store::Project;
+use etcd_client::Txn;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Inner {
+    pub(super) async fn renew(
+        &self,
+        project: &Project,
+        leases: Vec<(String, Id)>,
+    ) -> Result<Vec<Option<Duration>>, EtcdError> {
+        let targets: Vec<Option<(LeaseId, Vec<u8>)>> = leases
+            .iter()
+            .map(|(name, id)| {
+                let lease = LeaseId::from_id(*id)?;
+                Some((lease, self.keys(project, name).key(lease.slot)))
+            })
+            .collect();
+        // 1. Which leases hold their lock (a foreign or made-up id names no key).
+        let before = self.read_keys(&targets).await?;
+        // 2. Keep those alive.
+        let mut alive = vec![false; targets.len()];
+        let mut tasks = tokio::task::JoinSet::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(64));
+        for (i, found) in before.iter().enumerate() {
+            if let Some((_, lease, _)) = found {
+                let (etcd, lease, limit) = (self.etcd.clone(), *lease, limit.clone());
+                tasks.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    (i, etcd.keep_alive(lease).await)
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            let Ok((i, result)) = done else { continue };
+            match result {
+                Ok(()) => alive[i] = true,
+                Err(EtcdError::LeaseGone) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // 3. A keep-alive alone is no proof: etcd 3.4 can answer one for a lease whose keys
+        //    its revocation is deleting. The key must still be there, afterwards.
+        let kept: Vec<Option<(LeaseId, Vec<u8>)>> = targets
+            .into_iter()
+            .zip(&alive)
+            .map(|(t, &a)| t.filter(|_| a))
+            .collect();
+        let after = self.read_keys(&kept).await?;
+        Ok(before
+            .into_iter()
+            .zip(after)
+            .map(|(b, a)| match (b, a) {
+                (Some((rev, _, _)), Some((rev_after, _, entry))) if rev == rev_after => {
+                    Some(entry.lease())
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Reads keys in a few transactions: (create revision, etcd lease, entry) of each that
+    /// exists under the etcd lease its lease id names.
+    async fn read_keys(
+        &self,
+        targets: &[Option<(LeaseId, Vec<u8>)>],
+    ) -> Result<Vec<Option<(i64, i64, Entry)>>, EtcdError> {
+        let mut out = vec![None; targets.len()];
+        let wanted: Vec<(usize, LeaseId, &Vec<u8>)> = targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|(lease, key)| (i, *lease, key)))
+            .collect();
+        // etcd allows 128 operations per transaction by default.
+        for chunk in wanted.chunks(100) {
+            let ops: Vec<_> = chunk
+                .iter()
+                .map(|(_, _, key)| get((*key).clone()))
+                .collect();
+            let answer = self
+                .etcd
+                .txn("read leases", Txn::new().and_then(ops))
+                .await?;
+            for (j, (i, lease, _)) in chunk.iter().enumerate() {
+                out[*i] = first(&answer, j)
+                    .filter(|kv| kv.lease() == lease.etcd)
+                    .map(|kv| (kv.create_revision(), kv.lease(), Entry::decode(kv.value())));
+            }
+        }
+        Ok(out)
+    }
+}

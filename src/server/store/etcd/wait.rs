@@ -1,0 +1,245 @@
+//! Waiting in line on etcd: watch the key just ahead until it goes, keep the place's lease
+//! alive while the poll lasts, and settle the poll when it ends.
+
+use super::Inner;
+use super::acquire::{Place, Standing};
+use super::call::{
+    self, EtcdError, ahead_of, delete, first, first_since, get, kvs, put, queue_oldest, revision,
+};
+use super::keys::{Entry, LockKeys, unix_ms};
+use crate::server::store::AcquireOutcome;
+use etcd_client::{Compare, CompareOp, Txn, TxnOp, WatchFilterType, WatchOptions};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+impl Inner {
+    /// Where a waiter stands now.
+    async fn standing(&self, keys: &LockKeys, place: &Place) -> Result<Standing, EtcdError> {
+        let answer = self
+            .etcd
+            .txn(
+                "standing",
+                Txn::new().and_then(vec![
+                    get(place.key.clone()),
+                    ahead_of(keys.queue(), place.revision, 1),
+                ]),
+            )
+            .await?;
+        if first(&answer, 0).is_none_or(|kv| kv.lease() != place.lease.etcd) {
+            return Ok(Standing::Gone);
+        }
+        Ok(match first(&answer, 1) {
+            None => Standing::Head,
+            Some(predecessor) => Standing::Behind {
+                predecessor: predecessor.key().to_vec(),
+                revision: revision(&answer),
+            },
+        })
+    }
+
+    /// Waits in line until granted, or until the poll ends.
+    pub(super) async fn wait(
+        &self,
+        keys: &LockKeys,
+        place: Place,
+        mut known: Option<Standing>,
+        arrived: Instant,
+        poll_end: Instant,
+        last_poll: bool,
+    ) -> Result<AcquireOutcome, EtcdError> {
+        // The lease was refreshed after this request arrived; keep it alive while the poll
+        // lasts. `refreshed` is when the last keep-alive that etcd confirmed was sent: etcd
+        // ends the lease no earlier than a TTL after it, which is what a grant reports.
+        let keep_alive_every = Duration::from_secs(place.entry.ttl.max(1) as u64) / 3;
+        let mut next_keep_alive = Instant::now() + keep_alive_every;
+        let mut refreshed = arrived;
+        'check: loop {
+            if Instant::now() >= poll_end {
+                break;
+            }
+            let standing = match known.take() {
+                Some(standing) => standing,
+                None => {
+                    match tokio::time::timeout_at(poll_end, self.standing(keys, &place)).await {
+                        Ok(standing) => standing?,
+                        Err(_) => break,
+                    }
+                }
+            };
+            let (predecessor, at) = match standing {
+                Standing::Gone => return self.withdrawn(keys).await,
+                Standing::Head => {
+                    self.note_granted(&place);
+                    return Ok(AcquireOutcome::Granted(place.grant(refreshed - arrived)));
+                }
+                Standing::Behind {
+                    predecessor,
+                    revision,
+                } => (predecessor, revision),
+            };
+            // Watch the key just ahead (and our own, to see a cancel) for deletion, from just
+            // after the revision we looked at: nothing in between is missed.
+            let watch = async {
+                let options = || {
+                    WatchOptions::new()
+                        .with_start_revision(at + 1)
+                        .with_filters([WatchFilterType::NoPut])
+                };
+                let mut client = self.etcd.client.watch_client();
+                let mut stream = client.watch(predecessor, Some(options())).await?;
+                stream.watch(place.key.clone(), Some(options())).await?;
+                Ok::<_, etcd_client::Error>(stream)
+            };
+            let mut stream = match tokio::time::timeout_at(poll_end, watch).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "etcd watch failed; looking again");
+                    let pause = Instant::now() + Duration::from_millis(100);
+                    tokio::time::sleep_until(poll_end.min(pause)).await;
+                    continue 'check;
+                }
+                Err(_) => break,
+            };
+            loop {
+                tokio::select! {
+                    message = stream.message() => match message {
+                        // The watches' creation acknowledgements.
+                        Ok(Some(m)) if m.events().is_empty() && !m.canceled() => {}
+                        // A deletion, a cancelled watch or a broken stream: look again.
+                        _ => continue 'check,
+                    },
+                    _ = tokio::time::sleep_until(next_keep_alive) => {
+                                                let sent = Instant::now();
+                        next_keep_alive = sent + keep_alive_every;
+                        let kept = self.etcd.keep_alive(place.lease.etcd);
+                        match tokio::time::timeout_at(poll_end, kept).await {
+                            Ok(Ok(())) => refreshed = sent,
+                            Ok(Err(EtcdError::LeaseGone)) => continue 'check,
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = ?e, "keeping a waiter alive failed")
+                            }
+                            Err(_) => break 'check,
+                        }
+                    }
+                    _ = tokio::time::sleep_until(poll_end) => break 'check,
+                }
+            }
+        }
+        self.end_poll(keys, place, refreshed - arrived, last_poll)
+            .await
+    }
+
+    /// The poll is over: a grant that raced wins; else the waiter leaves the line
+    /// (`last_poll`) or keeps its place for its TTL, counted from now.
+    /// `waited`: how long after the call began the lease was last kept alive.
+    async fn end_poll(
+        &self,
+        keys: &LockKeys,
+        place: Place,
+        waited: Duration,
+        last_poll: bool,
+    ) -> Result<AcquireOutcome, EtcdError> {
+        if last_poll {
+            let mine = Compare::lease(place.key.clone(), CompareOp::Equal, place.lease.etcd);
+            let txn = Txn::new()
+                .when(vec![
+                    mine.clone(),
+                    first_since(keys.queue(), place.revision),
+                ])
+                .or_else(vec![
+                    // Leave the line, if still in it under this lease.
+                    TxnOp::txn(
+                        Txn::new()
+                            .when(vec![mine])
+                            .and_then(vec![delete(place.key.clone())]),
+                    ),
+                    queue_oldest(keys.queue(), 1),
+                ]);
+            let answer = self.etcd.txn("end wait", txn).await?;
+            if answer.succeeded() {
+                self.note_granted(&place);
+                return Ok(AcquireOutcome::Granted(place.grant(waited)));
+            }
+            // Revoke the etcd lease only if this left the line: had the key gone another way
+            // (say, granted through another server and released), a release may have handed
+            // the etcd lease to a new acquire meanwhile.
+            if call::nested_succeeded(&answer, 0) {
+                self.etcd.revoke_later(place.lease.etcd);
+            }
+            let holder = match first(&answer, 1) {
+                Some(kv) => self.holder_view(&kv).await?,
+                None => None,
+            };
+            return Ok(AcquireOutcome::TimedOut { holder });
+        }
+        let txn = Txn::new().and_then(vec![
+            get(place.key.clone()),
+            ahead_of(keys.queue(), place.revision, 0),
+        ]);
+        // This keep-alive is sent after `waited`: reporting `waited` stays on the safe side.
+        let (answer, kept) = tokio::join!(
+            self.etcd.txn("end poll", txn),
+            self.etcd.keep_alive(place.lease.etcd)
+        );
+        let answer = answer?;
+        let mine = first(&answer, 0).is_some_and(|kv| kv.lease() == place.lease.etcd);
+        match kept {
+            Ok(()) if mine => {}
+            Ok(()) | Err(EtcdError::LeaseGone) => return self.withdrawn(keys).await,
+            Err(e) => return Err(e),
+        }
+        let ahead = kvs(&answer, 1).len() as u64;
+        if ahead == 0 {
+            self.note_granted(&place);
+            return Ok(AcquireOutcome::Granted(place.grant(waited)));
+        }
+        Ok(AcquireOutcome::StillWaiting {
+            position: ahead - 1,
+        })
+    }
+
+    /// The answer to a waiter withdrawn meanwhile (cancelled, or out of time).
+    async fn withdrawn(&self, keys: &LockKeys) -> Result<AcquireOutcome, EtcdError> {
+        let answer = self
+            .etcd
+            .txn(
+                "holder",
+                Txn::new().and_then(vec![queue_oldest(keys.queue(), 1)]),
+            )
+            .await?;
+        let holder = match first(&answer, 0) {
+            Some(kv) => self.holder_view(&kv).await?,
+            None => None,
+        };
+        Ok(AcquireOutcome::TimedOut { holder })
+    }
+
+    /// Records, in the background, when a waiter got the lock, for inspection. Skipped when
+    /// it waited less than a second: the time it queued is then close enough, and a busy
+    /// lock's hand-overs do not each cost an extra write.
+    fn note_granted(&self, place: &Place) {
+        let now = unix_ms(SystemTime::now());
+        if place.entry.granted.is_some() || now.saturating_sub(place.entry.at) < 1000 {
+            return;
+        }
+        let entry = Entry {
+            granted: Some(now),
+            ..place.entry.clone()
+        };
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                place.key.clone(),
+                CompareOp::Equal,
+                place.revision,
+            )])
+            .and_then(vec![put(
+                place.key.clone(),
+                entry.encode(),
+                place.lease.etcd,
+            )]);
+        let etcd = self.etcd.clone();
+        tokio::spawn(async move {
+            let _ = etcd.txn("note grant", txn).await;
+        });
+    }
+}

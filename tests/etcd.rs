@@ -1,0 +1,536 @@
+//! The etcd backend beyond the shared conformance suite: several servers over one etcd,
+//! servers and etcd members that die, etcd restarts, lease rounding, the key layout.
+//! Every test runs real etcd processes (see `support/etcd.rs`).
+#![cfg(feature = "etcd")]
+
+mod support;
+
+use distributed_lock::DistributedLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::etcd::EtcdCluster;
+use support::{TestServer, eventually, raw, within};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+
+const BOUND: Duration = Duration::from_secs(20);
+
+fn client(endpoints: &[String], key: &str) -> DistributedLock {
+    DistributedLock::builder(key)
+        .endpoints(endpoints.iter().cloned())
+        .build()
+        .expect("client builds")
+}
+
+fn acquire_body(name: &str, lease_ms: u64, poll_ms: u64, request_id: &str) -> String {
+    format!(
+        r#"{{"name":"{name}","lease_ms":{lease_ms},"poll_ms":{poll_ms},"request_id":"{request_id}"}}"#
+    )
+}
+
+async fn post(server: &TestServer, path: &str, key: &str, body: &str) -> (u16, serde_json::Value) {
+    let auth = format!("Bearer {key}");
+    let (status, text) = raw(server.addr, "POST", path, &[("authorization", &auth)], body).await;
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+/// A `distributed-lock-server --backend etcd` process, killed on drop.
+struct ServerProcess {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl ServerProcess {
+    async fn spawn(etcd: &EtcdCluster) -> ServerProcess {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
+            .args(["--listen", "127.0.0.1:0", "--backend", "etcd"])
+            .args(["--etcd-endpoints", &etcd.endpoints().join(",")])
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("server binary starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = within(BOUND, async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .expect("server printed its address");
+                if let Some((_, url)) = line.split_once("listening on ") {
+                    return url.trim().to_owned();
+                }
+            }
+        })
+        .await;
+        // Keep draining its log so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess { child, url }
+    }
+
+    /// SIGKILL: no shutdown, connections reset by the kernel.
+    async fn kill(&mut self) {
+        self.child.kill().await.expect("kill the server");
+    }
+}
+
+/// Inspects `name` through `url`: (holder token, waiters).
+async fn inspect_at(url: &str, key: &str, name: &str) -> (Option<u64>, u64) {
+    let addr = url.trim_start_matches("http://").parse().unwrap();
+    let (status, body) = raw(
+        addr,
+        "GET",
+        &format!("/v1/locks/{}", support::encode(name)),
+        &[("authorization", &format!("Bearer {key}"))],
+        "",
+    )
+    .await;
+    if status == 404 {
+        return (None, 0);
+    }
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (
+        info["holder"]["fencing_token"].as_u64(),
+        info["waiters"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn servers_over_one_etcd_share_locks_and_keep_fifo_order() {
+    let etcd = EtcdCluster::start(1).await;
+    let a = TestServer::start_over(Some(&etcd), |b| b).await;
+    let b = TestServer::start_over(Some(&etcd), |b| b).await;
+    let holder = a.client("p").lock("shared").await.unwrap();
+    assert_eq!(
+        b.inspect("p", "shared").await,
+        (Some(holder.fencing_token()), 0)
+    );
+    // Waiters queue alternately through both servers, one after another.
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..4u64 {
+        let dl = if i % 2 == 0 { &a } else { &b }.client("p");
+        let order = order.clone();
+        waiters.push(tokio::spawn(async move {
+            let guard = dl
+                .lock("shared")
+                .expires_in(Duration::from_secs(30))
+                .await
+                .unwrap();
+            order.lock().unwrap().push((i, guard.fencing_token()));
+            guard.release().await.unwrap();
+        }));
+        eventually(BOUND, "waiter queued", || async {
+            a.inspect("p", "shared").await.1 == i + 1
+        })
+        .await;
+    }
+    let first_token = holder.fencing_token();
+    holder.release().await.unwrap();
+    for w in waiters {
+        within(BOUND, w).await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    let mut last = first_token;
+    for (_, token) in order {
+        assert!(token > last, "tokens increase: {token} after {last}");
+        last = token;
+    }
+}
+
+#[tokio::test]
+async fn a_request_id_finds_its_grant_and_its_place_through_any_server() {
+    let etcd = EtcdCluster::start(1).await;
+    let a = TestServer::start_over(Some(&etcd), |b| b).await;
+    let b = TestServer::start_over(Some(&etcd), |b| b).await;
+    let first = "11111111111111111111111111111111";
+    let second = "22222222222222222222222222222222";
+    // A grant, repeated through the other server: the same lease and token, no second
+    // holder.
+    let (status, granted) = post(
+        &a,
+        "/v1/acquire",
+        "p",
+        &acquire_body("x", 5000, 1000, first),
+    )
+    .await;
+    assert_eq!(status, 200, "{granted}");
+    let (status, again) = post(
+        &b,
+        "/v1/acquire",
+        "p",
+        &acquire_body("x", 5000, 1000, first),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(granted["lease_id"], again["lease_id"]);
+    assert_eq!(granted["fencing_token"], again["fencing_token"]);
+    assert_eq!(a.inspect("p", "x").await.1, 0);
+    // A waiter polls through A, then through B: still one waiter, still first in line.
+    let (status, waiting) =
+        post(&a, "/v1/acquire", "p", &acquire_body("x", 5000, 50, second)).await;
+    assert_eq!((status, waiting["position"].as_u64()), (202, Some(0)));
+    let (status, waiting) =
+        post(&b, "/v1/acquire", "p", &acquire_body("x", 5000, 50, second)).await;
+    assert_eq!((status, waiting["position"].as_u64()), (202, Some(0)));
+    assert_eq!(b.inspect("p", "x").await.1, 1);
+    // The holder releases through B; the waiter's next poll, through A, gets the lock.
+    let release = format!(r#"{{"name":"x","lease_id":{}}}"#, granted["lease_id"]);
+    let (status, _) = post(&b, "/v1/release", "p", &release).await;
+    assert_eq!(status, 200);
+    let (status, next) = post(
+        &a,
+        "/v1/acquire",
+        "p",
+        &acquire_body("x", 5000, 1000, second),
+    )
+    .await;
+    assert_eq!(status, 200, "{next}");
+    assert!(next["fencing_token"].as_u64() > granted["fencing_token"].as_u64());
+    // Releasing the old lease again, anywhere: gone.
+    let (status, _) = post(&a, "/v1/release", "p", &release).await;
+    assert_eq!(status, 410);
+}
+
+#[tokio::test]
+async fn leases_are_whole_seconds_and_never_shorter_than_asked() {
+    let server = TestServer::start_on(support::Backend::Etcd).await;
+    for (asked, at_least) in [(300, 2000), (2500, 3000), (4000, 4000)] {
+        let id = format!("{asked:032x}");
+        let (status, granted) = post(
+            &server,
+            "/v1/acquire",
+            "p",
+            &acquire_body(&format!("l{asked}"), asked, 1000, &id),
+        )
+        .await;
+        assert_eq!(status, 200, "{granted}");
+        let lease_ms = granted["lease_ms"].as_u64().unwrap();
+        assert_eq!(lease_ms % 1000, 0, "whole seconds: {lease_ms}");
+        assert!(
+            lease_ms >= at_least,
+            "{asked} ms asked, {lease_ms} ms granted"
+        );
+        // Renewals report the same length.
+        let renew = format!(
+            r#"{{"leases":[{{"name":"l{asked}","lease_id":{}}}]}}"#,
+            granted["lease_id"]
+        );
+        let (status, renewed) = post(&server, "/v1/renew", "p", &renew).await;
+        assert_eq!(status, 200);
+        assert_eq!(renewed["results"][0]["lease_ms"].as_u64(), Some(lease_ms));
+    }
+    // A made-up lease id renews nothing and releases nothing.
+    let renew = r#"{"leases":[{"name":"l300","lease_id":"7fffffffffffffff0000000000000000"}]}"#;
+    let (_, renewed) = post(&server, "/v1/renew", "p", renew).await;
+    assert_eq!(renewed["results"][0]["status"], "gone");
+}
+
+#[tokio::test]
+async fn projects_and_names_that_share_prefixes_never_meet() {
+    use distributed_lock::server::new_key;
+    let (a, a_line) = new_key("a");
+    let (ab, ab_line) = new_key("ab");
+    let dir = std::env::temp_dir().join(format!("dl-etcd-layout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[projects]]\nname = \"a\"\nmax_locks = 2\nkeys = [\n{a_line}\n]\n\
+             [[projects]]\nname = \"ab\"\nkeys = [\n{ab_line}\n]\n"
+        ),
+    )
+    .unwrap();
+    let server = TestServer::start_on_with(support::Backend::Etcd, |b| b.key_file(&file)).await;
+    let in_a = server.client(&a);
+    let in_ab = server.client(&ab);
+    // Names that would alias under a naive `project/name` layout.
+    let held: Vec<_> = [(&in_a, "b/c"), (&in_a, "b"), (&in_ab, "c"), (&in_ab, "/c")]
+        .into_iter()
+        .map(|(dl, name)| async move { dl.lock(name).timeout(Duration::ZERO).await.unwrap() })
+        .collect();
+    let mut guards = Vec::new();
+    for guard in held {
+        guards.push(within(BOUND, guard).await);
+    }
+    assert_eq!(
+        server.inspect(&a, "b/c").await.0,
+        Some(guards[0].fencing_token())
+    );
+    assert_eq!(
+        server.inspect(&a, "b").await.0,
+        Some(guards[1].fencing_token())
+    );
+    assert_eq!(
+        server.inspect(&ab, "c").await.0,
+        Some(guards[2].fencing_token())
+    );
+    assert_eq!(
+        server.inspect(&ab, "/c").await.0,
+        Some(guards[3].fencing_token())
+    );
+    assert_eq!(server.inspect(&a, "c").await, (None, 0));
+    assert_eq!(server.inspect(&ab, "b/c").await, (None, 0));
+    // Project a's quota of 2 locks counts only its own.
+    let err = in_a
+        .lock("third")
+        .timeout(Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(err.is_limit_reached(), "{err}");
+    assert!(in_ab.lock("third").timeout(Duration::ZERO).await.is_ok());
+    drop(guards);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Failure test 1: two server processes over one etcd; the one that holds every connection of
+/// a guard and of queued waiters is killed (SIGKILL). Nothing is lost: the guard renews
+/// through the other server, the waiters keep their places and are served in order, and
+/// no lock is granted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_server_that_holds_the_connections_loses_nothing() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
+    let etcd = EtcdCluster::start(1).await;
+    let mut first = ServerProcess::spawn(&etcd).await;
+    let second = ServerProcess::spawn(&etcd).await;
+    // Every client tries the first server first.
+    let endpoints = vec![first.url.clone(), second.url.clone()];
+    let lease = Duration::from_secs(3);
+    let holder = client(&endpoints, "p")
+        .lock("k")
+        .expires_in(lease)
+        .await
+        .unwrap();
+    let inside = Arc::new(AtomicBool::new(true));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..3u64 {
+        let dl = client(&endpoints, "p");
+        let (inside, order) = (inside.clone(), order.clone());
+        waiters.push(tokio::spawn(async move {
+            let guard = dl
+                .lock("k")
+                .expires_in(Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+            order.lock().unwrap().push((i, guard.fencing_token()));
+            inside.store(false, Ordering::SeqCst);
+            guard.release().await.unwrap();
+        }));
+        eventually(BOUND, "waiter queued", || async {
+            inspect_at(&second.url, "p", "k").await.1 == i + 1
+        })
+        .await;
+    }
+    first.kill().await;
+    // The guard keeps its lease through the other server for two lease lengths and more.
+    let lost = tokio::time::timeout(lease * 2 + Duration::from_secs(1), holder.lost()).await;
+    assert!(
+        lost.is_err(),
+        "the guard lost its lease after the server died"
+    );
+    assert!(holder.is_held());
+    // The waiters (their long polls reset) are still queued, in the same places.
+    assert_eq!(
+        inspect_at(&second.url, "p", "k").await,
+        (Some(holder.fencing_token()), 3)
+    );
+    let token = holder.fencing_token();
+    inside.store(false, Ordering::SeqCst);
+    holder.release().await.unwrap();
+    for w in waiters {
+        within(BOUND, w).await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert!(order.windows(2).all(|w| w[0].1 < w[1].1) && order[0].1 > token);
+}
+
+/// Failure test 2: a three-member etcd cluster loses its leader. Leases, waiters and new
+/// acquires carry on (after a new leader is elected); the member comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_an_etcd_member_does_not_stop_the_service() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
+    let mut etcd = EtcdCluster::start(3).await;
+    let server = TestServer::start_over(Some(&etcd), |b| b).await;
+    let lease = Duration::from_secs(4);
+    let dl = server.client("p");
+    let holder = dl.lock("held").expires_in(lease).await.unwrap();
+    let waiter = tokio::spawn({
+        let dl = server.client("p");
+        async move {
+            dl.lock("held")
+                .expires_in(Duration::from_secs(30))
+                .await
+                .map(|g| g.fencing_token())
+        }
+    });
+    eventually(BOUND, "waiter queued", || async {
+        server.inspect("p", "held").await.1 == 1
+    })
+    .await;
+    let leader = etcd.leader().await;
+    etcd.kill(leader);
+    // New locks are granted and released while the member is down.
+    for i in 0..5 {
+        let guard = within(BOUND, dl.lock(format!("during-{i}"))).await.unwrap();
+        within(BOUND, guard.release()).await.unwrap();
+    }
+    // The holder kept its lease through the election.
+    let lost = tokio::time::timeout(lease * 2, holder.lost()).await;
+    assert!(
+        lost.is_err(),
+        "the guard lost its lease when an etcd member died"
+    );
+    etcd.restart(leader).await;
+    let token = holder.fencing_token();
+    holder.release().await.unwrap();
+    let next = within(BOUND, waiter).await.unwrap().unwrap();
+    assert!(next > token);
+    // And the cluster, all three again, still serves.
+    let again = within(BOUND, dl.lock("after")).await.unwrap();
+    assert!(again.fencing_token() > next);
+}
+
+/// Failure test 3a: the whole etcd restarts quickly. A guard whose lease outlasts the outage
+/// keeps it (its renewals retry until its deadline), and fencing tokens keep increasing
+/// (they are etcd revisions, which survive restarts).
+#[tokio::test]
+async fn a_quick_etcd_restart_keeps_leases() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
+    let server = TestServer::start_on(support::Backend::Etcd).await;
+    let mut server = server;
+    let lease = Duration::from_secs(6);
+    let guard = server
+        .client("p")
+        .lock("kept")
+        .expires_in(lease)
+        .await
+        .unwrap();
+    let etcd = server.etcd.as_mut().unwrap();
+    let down = Instant::now();
+    etcd.kill_all();
+    etcd.restart_all().await;
+    let outage = down.elapsed();
+    assert!(outage < lease / 2, "etcd took {outage:?} to come back");
+    let lost = tokio::time::timeout(lease + Duration::from_secs(1), guard.lost()).await;
+    assert!(
+        lost.is_err(),
+        "the guard lost its lease over a {outage:?} outage"
+    );
+    let token = guard.fencing_token();
+    guard.release().await.unwrap();
+    let next = within(BOUND, server.client("p").lock("kept"))
+        .await
+        .unwrap();
+    assert!(next.fencing_token() > token);
+}
+
+/// Failure test 3b: etcd is down for longer than a lease. The guard learns it lost the lease
+/// (before anyone else could get it); requests meanwhile fail as unavailable; when etcd
+/// returns, every lease restarts with a full TTL, so the lost holder's lock frees itself one
+/// TTL later, and the next grant has a larger token.
+#[tokio::test]
+async fn a_long_etcd_outage_loses_leases_as_documented() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
+    let mut server = TestServer::start_on(support::Backend::Etcd).await;
+    let lease = Duration::from_secs(2);
+    let guard = server
+        .client("p")
+        .lock("lapsed")
+        .expires_in(lease)
+        .await
+        .unwrap();
+    let token = guard.fencing_token();
+    server.etcd.as_mut().unwrap().kill_all();
+    within(BOUND, guard.lost()).await;
+    let err = server
+        .client("p")
+        .lock("other")
+        .timeout(Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    server.etcd.as_mut().unwrap().restart_all().await;
+    let back = Instant::now();
+    let next = within(BOUND, server.client("p").lock("lapsed"))
+        .await
+        .unwrap();
+    assert!(next.fencing_token() > token);
+    // Freed by expiry: within the TTL (plus etcd's expiry tick and a little slack).
+    assert!(
+        back.elapsed() < lease + Duration::from_secs(3),
+        "{:?}",
+        back.elapsed()
+    );
+}
+
+/// A crowd of 1,000 on one lock, queued through two servers: every waiter gets its turn, one at a
+/// time, in create-revision order (each waiter watches only the key ahead of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_on_one_lock_through_two_servers_is_served_one_at_a_time() {
+    let _alone = support::heavy().await;
+    let etcd = EtcdCluster::start(1).await;
+    let a = TestServer::start_over(Some(&etcd), |b| b).await;
+    let b = TestServer::start_over(Some(&etcd), |b| b).await;
+    let holder = a.client("p").lock("crowded").await.unwrap();
+    let crowd = 1000u64;
+    let inside = Arc::new(AtomicBool::new(false));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = tokio::task::JoinSet::new();
+    for i in 0..crowd {
+        let dl = if i % 2 == 0 {
+            a.client("p")
+        } else {
+            b.client("p")
+        };
+        let (inside, tokens) = (inside.clone(), tokens.clone());
+        waiters.spawn(async move {
+            // A lease longer than the wait: the SDK counts it from the poll's start.
+            let guard = dl
+                .lock("crowded")
+                .expires_in(Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+            tokens.lock().unwrap().push(guard.fencing_token());
+            inside.store(false, Ordering::SeqCst);
+            guard.release().await.unwrap();
+        });
+    }
+    eventually(Duration::from_secs(60), "the crowd queued", || async {
+        b.inspect("p", "crowded").await.1 == crowd
+    })
+    .await;
+    holder.release().await.unwrap();
+    within(Duration::from_secs(120), async {
+        while let Some(done) = waiters.join_next().await {
+            done.unwrap();
+        }
+    })
+    .await;
+    let tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len() as u64, crowd);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "grants in queue order"
+    );
+    assert_eq!(a.inspect("p", "crowded").await, (None, 0));
+}
