@@ -2,32 +2,41 @@
 //! real SDK clients on turmoil hosts, under randomised latency, partitions (both ways and one
 //! way), held messages, client crashes and server crashes, replayable by seed.
 //!
-//! Each seed draws a plan (clients, lease, latency, a fault schedule), runs it on simulated
-//! time, heals every fault, checks that each lock can be acquired again within lease + grace
-//! + 2 s, and runs the offline checks of `support::history` on what the server's audit trail,
-//! the clients and the fencing-checked resource recorded, every time on the simulated clock.
+//! Each seed draws a plan (clients, lease, latencies, a fault schedule, the clients' choices),
+//! runs it on simulated time, heals every fault, checks that each lock can be acquired again
+//! within lease + grace + 2 s, and runs the offline checks of `support::history` on what the
+//! server's audit trail, the clients and the fencing-checked resource recorded, every time
+//! on the simulated clock (see `support::sim` for how the audit trail gets there).
 //!
-//! `DISTRIBUTED_LOCK_SIM_SEEDS=N` (seeds 0 to N-1), `=A..B` or `=A,B,C` runs other seeds in
-//! `seeds_from_env`. A seed that ever failed gets its own `regression_seed_*` test.
+//! Environment:
+//! * `DISTRIBUTED_LOCK_SIM_SEEDS`: `N` (seeds 0 to N-1), `A..B` or `A,B,C`, run by
+//!   `seeds_from_env` (CI runs `CI_SEEDS`). A seed that ever failed gets its own test in
+//!   `regression`.
+//! * `DISTRIBUTED_LOCK_SIM_REPEAT`: runs each seed that many times (see
+//!   `the_same_seed_gives_the_same_history` for what a replay does and does not repeat).
+//! * `DISTRIBUTED_LOCK_SIM_TRACE=DIR`: writes each seed's timeline to `DIR/seed-N.txt`.
+//! * `DISTRIBUTED_LOCK_SIM_LOG=FILTER`: the crate's (and hyper's, h2's) tracing on stderr,
+//!   stamped with simulated µs, such as `distributed_lock=debug`.
 
 mod support;
 
 use distributed_lock::DistributedLock;
 use distributed_lock::server::Server;
+use distributed_lock::server::store::StoreEvent;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::history::{self, ClientKind, Clients, Report, Resource};
+use support::history::{self, ClientEvent, ClientKind, Clients, Report, Resource};
 use support::sim::{ServerRuns, SimConnect, SimListener, now_us};
 
 /// The seeds CI runs.
-const CI_SEEDS: std::ops::Range<u64> = 1..13;
+const CI_SEEDS: std::ops::Range<u64> = 1..17;
 const PROJECT: &str = "sim";
 const LOCKS: [&str; 2] = ["alpha", "beta"];
 const PORT: u16 = 7878;
@@ -190,6 +199,9 @@ impl Plan {
     }
 }
 
+/// A lock, and how long after healing the probe got it (or why it did not).
+type ProbeResult = (String, Result<Duration, String>);
+
 /// What the hosts of one simulation share with the test.
 #[derive(Clone)]
 struct World {
@@ -203,8 +215,16 @@ struct World {
     /// Simulated µs at which every fault was healed (0: not yet).
     healed_at: Arc<AtomicU64>,
     /// The liveness probe's results: per lock, how long after healing it got the lock.
-    probe: Arc<Mutex<Vec<(String, Result<Duration, String>)>>>,
+    probe: Arc<Mutex<Vec<ProbeResult>>>,
     probe_done: Arc<AtomicBool>,
+    /// What the clients did besides the checked events, for the trace file.
+    notes: Arc<Mutex<Vec<(u64, String)>>>,
+}
+
+impl World {
+    fn note(&self, text: String) {
+        self.notes.lock().unwrap().push((now_us(), text));
+    }
 }
 
 fn client(margin: Option<Duration>) -> DistributedLock {
@@ -219,14 +239,14 @@ fn client(margin: Option<Duration>) -> DistributedLock {
 
 /// The server host: the real server on simulated TCP, with its state file, its audit trail
 /// received on this host (see `support::sim`).
-async fn server(world: World) -> turmoil::Result {
+async fn server(runs: ServerRuns, state_file: PathBuf) -> turmoil::Result {
     let listener =
         turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT)).await?;
-    let (events, run) = world.runs.start();
+    let (events, run) = runs.start();
     let server = Server::builder()
         .listener(SimListener(listener))
         .events(events)
-        .state_file(&world.state_file)
+        .state_file(state_file)
         .grace(GRACE)
         .start()
         .await?;
@@ -258,14 +278,28 @@ async fn contender(world: World, i: usize, incarnation: u64) -> turmoil::Result 
         }
         let acquired = if rng.u8(..8) == 0 {
             // Gives up early by dropping the acquire: its waiter is withdrawn.
-            match tokio::time::timeout(ms(rng.u64(5..1000)), request).await {
+            let give_up = ms(rng.u64(5..1000));
+            world.note(format!(
+                "{name} {lock} acquire, timeout {timeout:?}, dropped after {give_up:?}"
+            ));
+            match tokio::time::timeout(give_up, request).await {
                 Ok(acquired) => acquired,
-                Err(_) => continue,
+                Err(_) => {
+                    world.note(format!("{name} {lock} acquire dropped"));
+                    continue;
+                }
             }
         } else {
+            world.note(format!("{name} {lock} acquire, timeout {timeout:?}"));
             request.await
         };
-        let Ok(guard) = acquired else { continue };
+        let guard = match acquired {
+            Ok(guard) => guard,
+            Err(e) => {
+                world.note(format!("{name} {lock} acquire failed: {e}"));
+                continue;
+            }
+        };
         let token = guard.fencing_token();
         world
             .clients
@@ -299,7 +333,18 @@ async fn contender(world: World, i: usize, incarnation: u64) -> turmoil::Result 
         } else {
             drop(guard);
         }
+        if rng.u8(..8) == 0 {
+            // A late write with the old token, as from a process that was paused while it
+            // held the lock: the resource must refuse it once a newer holder has written.
+            tokio::time::sleep(ms(rng.u64(0..lease.as_millis() as u64 * 2))).await;
+            world.resource.write(lock, &name, token);
+        }
     }
+    // The process stays up, idle: turmoil stops running a host whose software returned, which
+    // would freeze its background tasks (withdrawals, releases) and leave its connections
+    // open but silent, like a process stopped forever.
+    std::future::pending::<()>().await;
+    drop(dl);
     Ok(())
 }
 
@@ -349,11 +394,13 @@ async fn probe(world: World) -> turmoil::Result {
 struct Outcome {
     plan: Arc<Plan>,
     report: Report,
-    probe: Vec<(String, Result<Duration, String>)>,
+    probe: Vec<ProbeResult>,
     /// Simulated time when the run ended.
     simulated: Duration,
     server_runs: usize,
     late_events: usize,
+    /// Acquires whose guard was lost already when the acquire returned.
+    born_lost: usize,
     panics: usize,
     /// A digest of the history that leaves out what is random by nature (tokens follow the
     /// wall clock, ids are random): same seed, same fingerprint, if the run is deterministic.
@@ -418,6 +465,9 @@ impl fmt::Display for Outcome {
             self.simulated,
             self.fingerprint,
         )?;
+        if self.born_lost > 0 {
+            write!(f, "; {} acquires returned a lost guard", self.born_lost)?;
+        }
         if self.late_events > 0 {
             write!(f, " ({} events received late)", self.late_events)?;
         }
@@ -481,17 +531,23 @@ impl Network {
     }
 }
 
-/// Runs one seed and checks nothing: see [`Outcome::failures`].
-fn simulate(seed: u64) -> Outcome {
-    let plan = Arc::new(Plan::new(seed));
+/// A fresh directory for one simulation's state file.
+fn temp_dir(label: &str) -> PathBuf {
     static RUN: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "dl-sim-{}-{seed}-{}",
+        "dl-sim-{}-{label}-{}",
         std::process::id(),
         RUN.fetch_add(1, Ordering::SeqCst)
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs one seed and checks nothing: see [`Outcome::failures`].
+fn simulate(seed: u64) -> Outcome {
+    let plan = Arc::new(Plan::new(seed));
+    let dir = temp_dir(&format!("seed-{seed}"));
     let world = World {
         plan: plan.clone(),
         clients: Clients::default(),
@@ -502,7 +558,32 @@ fn simulate(seed: u64) -> Outcome {
         healed_at: Arc::default(),
         probe: Arc::default(),
         probe_done: Arc::default(),
+        notes: Arc::default(),
     };
+    // DISTRIBUTED_LOCK_SIM_LOG: a tracing filter (such as `distributed_lock=debug`); lines
+    // go to stderr, stamped with simulated µs and the host.
+    let _log = std::env::var("DISTRIBUTED_LOCK_SIM_LOG")
+        .ok()
+        .map(|filter| {
+            struct SimTime;
+            impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+                fn format_time(
+                    &self,
+                    w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+                ) -> fmt::Result {
+                    match turmoil::sim_elapsed() {
+                        Some(t) => write!(w, "{:>10}", t.as_micros()),
+                        None => write!(w, "{:>10}", "-"),
+                    }
+                }
+            }
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_timer(SimTime)
+                .with_writer(std::io::stderr)
+                .finish();
+            tracing::subscriber::set_default(subscriber)
+        });
     let panics_before = support::crate_panics();
     // The SDK's retry jitter (backon) draws from this thread's fastrand generator.
     fastrand::seed(seed);
@@ -521,7 +602,9 @@ fn simulate(seed: u64) -> Outcome {
         .build();
     {
         let world = world.clone();
-        sim.host("server", move || server(world.clone()));
+        sim.host("server", move || {
+            server(world.runs.clone(), world.state_file.clone())
+        });
     }
     for i in 0..plan.clients {
         let world = world.clone();
@@ -615,29 +698,8 @@ fn simulate(seed: u64) -> Outcome {
         }
         h.finish()
     };
-    if let Ok(path) = std::env::var("DL_SIM_DUMP") {
-        let mut lines: Vec<(u64, String)> = Vec::new();
-        for (r, run) in trail.runs.iter().enumerate() {
-            for e in run {
-                let kind = format!("{:?}", e.kind);
-                let kind = kind.split([' ', '{']).next().unwrap().to_owned();
-                lines.push((e.at_us, format!("S{r} {} {kind}", e.lock)));
-            }
-        }
-        for e in &clients {
-            let kind = format!("{:?}", e.kind);
-            lines.push((e.at_us, format!("{} {} {}", e.client, e.lock, &kind[..4])));
-        }
-        for f in &plan.faults {
-            lines.push((
-                f.start.as_micros() as u64,
-                format!("FAULT START {:?}", f.fault),
-            ));
-            lines.push((f.end.as_micros() as u64, format!("FAULT END {:?}", f.fault)));
-        }
-        lines.sort();
-        let text: Vec<String> = lines.iter().map(|(t, l)| format!("{t} {l}")).collect();
-        std::fs::write(format!("{path}.{seed}"), text.join("\n")).unwrap();
+    if let Ok(dir) = std::env::var("DISTRIBUTED_LOCK_SIM_TRACE") {
+        write_trace(Path::new(&dir), &world, &trail.runs, &clients);
     }
     let _ = std::fs::remove_dir_all(&dir);
     let probe = world.probe.lock().unwrap().clone();
@@ -647,10 +709,47 @@ fn simulate(seed: u64) -> Outcome {
         probe,
         simulated,
         server_runs: trail.runs.len(),
+        born_lost: clients
+            .windows(2)
+            .filter(|w| {
+                matches!(w[0].kind, ClientKind::Acquired(_))
+                    && matches!(w[1].kind, ClientKind::Lost(_))
+                    && (w[0].at_us, &w[0].client) == (w[1].at_us, &w[1].client)
+            })
+            .count(),
         late_events: trail.late,
         panics: support::crate_panics() - panics_before,
         fingerprint,
     }
+}
+
+/// Writes one seed's timeline (faults, server events, client events and notes, by simulated
+/// µs) to `<dir>/seed-<seed>.txt`: the first thing to read when a seed fails.
+fn write_trace(dir: &Path, world: &World, runs: &[Vec<StoreEvent>], clients: &[ClientEvent]) {
+    let mut lines: Vec<(u64, String)> = Vec::new();
+    for f in &world.plan.faults {
+        lines.push((f.start.as_micros() as u64, format!("start {:?}", f.fault)));
+        lines.push((f.end.as_micros() as u64, format!("end {:?}", f.fault)));
+    }
+    for (run, events) in runs.iter().enumerate() {
+        for e in events {
+            lines.push((
+                e.at_us,
+                format!("server run {run}: {} {:?}", e.lock, e.kind),
+            ));
+        }
+    }
+    for e in clients {
+        lines.push((e.at_us, format!("{} {} {:?}", e.client, e.lock, e.kind)));
+    }
+    lines.extend(world.notes.lock().unwrap().iter().cloned());
+    lines.sort();
+    let text: String = lines
+        .iter()
+        .map(|(t, l)| format!("{t:>10} {l}\n"))
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(format!("seed-{}.txt", world.plan.seed)), text).unwrap();
 }
 
 fn replay_hint(seed: u64) -> String {
@@ -660,20 +759,26 @@ fn replay_hint(seed: u64) -> String {
     )
 }
 
-/// Runs the seeds, printing one line each, and fails listing every failing seed.
+/// Runs the seeds (each `DISTRIBUTED_LOCK_SIM_REPEAT` times, default once), printing one
+/// line per run, and fails listing every failing seed.
 fn run_seeds(seeds: impl IntoIterator<Item = u64>) {
+    let repeat: usize = std::env::var("DISTRIBUTED_LOCK_SIM_REPEAT")
+        .map(|r| r.parse().expect("DISTRIBUTED_LOCK_SIM_REPEAT is a count"))
+        .unwrap_or(1);
     let mut failed = Vec::new();
     for seed in seeds {
-        let started = std::time::Instant::now();
-        let outcome = simulate(seed);
-        println!("{outcome} [{:?} wall]", started.elapsed());
-        let failures = outcome.failures();
-        if !failures.is_empty() {
-            failed.push(format!(
-                "seed {seed} failed:\n  {}\n  {}",
-                failures.join("\n  "),
-                replay_hint(seed)
-            ));
+        for _ in 0..repeat {
+            let started = std::time::Instant::now();
+            let outcome = simulate(seed);
+            println!("{outcome} [{:?} wall]", started.elapsed());
+            let failures = outcome.failures();
+            if !failures.is_empty() {
+                failed.push(format!(
+                    "seed {seed} failed:\n  {}\n  {}",
+                    failures.join("\n  "),
+                    replay_hint(seed)
+                ));
+            }
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
@@ -692,9 +797,15 @@ fn seeds_from(var: &str) -> Vec<u64> {
     }
 }
 
+// The CI seeds, in two tests that run side by side.
 #[test]
-fn ci_seeds() {
-    run_seeds(CI_SEEDS);
+fn ci_seeds_first_half() {
+    run_seeds(CI_SEEDS.start..CI_SEEDS.start + 8);
+}
+
+#[test]
+fn ci_seeds_second_half() {
+    run_seeds(CI_SEEDS.start + 8..CI_SEEDS.end);
 }
 
 #[test]
@@ -719,7 +830,198 @@ fn plans_are_replayable_and_varied() {
         7,
         "CI seeds cover every kind of fault: {kinds:?}"
     );
+    assert_eq!(CI_SEEDS.count(), 16);
     assert_eq!(seeds_from("3"), vec![0, 1, 2]);
     assert_eq!(seeds_from("5..7"), vec![5, 6]);
     assert_eq!(seeds_from("4, 9"), vec![4, 9]);
+}
+
+/// The same seed must give the same history, to the microsecond. It does not yet, for two
+/// reasons outside this file: tokio's `select!` polls its branches in random order unless
+/// the build has `--cfg tokio_unstable` (then turmoil seeds every host's runtime), and the
+/// memory store picks a lock's shard with a randomly keyed hasher (`RandomState` in
+/// `MemoryStore::open`), which moves the shard's sweeps. With both made deterministic (the
+/// second by a fixed-key hasher), 40 seeds gave identical histories run after run. Until
+/// then a seed replays its plan exactly (faults, latencies, client choices, retry jitter),
+/// not every interleaving; `DISTRIBUTED_LOCK_SIM_REPEAT` replays a seed several times.
+#[test]
+#[ignore = "needs: a fixed-key hasher for the memory store's shards, and --cfg tokio_unstable"]
+fn the_same_seed_gives_the_same_history() {
+    for seed in [2, 5, 84] {
+        let (a, b) = (simulate(seed), simulate(seed));
+        assert_eq!(
+            a.fingerprint, b.fingerprint,
+            "seed {seed} gave two histories:\n{a}\n{b}"
+        );
+    }
+}
+
+/// Seeds that failed once, each kept as its own test.
+mod regression {
+    use super::*;
+
+    /// Failed while the simulation let two events share a simulated millisecond (no minimum
+    /// latency): the probe's `is_held()` and the server's release of the same lease were
+    /// stamped alike, and the check could not order them.
+    #[test]
+    fn seed_12() {
+        run_seeds([12]);
+    }
+
+    /// Failed while a client host whose software had returned stopped being run by turmoil:
+    /// its acquires stayed queued on the server on silent connections, each granted a full
+    /// lease in turn after healing, and the probe waited past the bound.
+    #[test]
+    fn seed_84() {
+        run_seeds([84]);
+    }
+}
+
+/// Bugs in the crate the simulation found, each shown by a small deterministic scenario.
+mod bugs {
+    use super::*;
+
+    fn quiet_sim<'a>() -> turmoil::Sim<'a> {
+        turmoil::Builder::new()
+            .tick_duration(ms(1))
+            .min_message_latency(ms(1))
+            .max_message_latency(ms(1))
+            .simulation_duration(Duration::from_secs(120))
+            .build()
+    }
+
+    /// An acquire sent while the server is down is retried until it is back, then granted
+    /// at once: the guard must be held. The SDK counts the lease from when the *first*
+    /// attempt was sent (`sent` in `LockRequest::acquire`, before `Transport::post` retries),
+    /// so after an outage longer than the lease the guard comes back already lost
+    /// (`is_held()` false, `lost()` resolved), and `release()` then skips the server, leaving
+    /// the lease held there, orphaned, until it expires.
+    #[test]
+    #[ignore = "bug: an acquire granted on a retried attempt counts its lease from the first \
+                attempt's send, so after an outage longer than the lease it returns an \
+                already-lost guard (see the test's doc)"]
+    fn an_acquire_retried_through_a_server_outage_returns_a_held_guard() {
+        let mut sim = quiet_sim();
+        let dir = temp_dir("outage");
+        let runs = ServerRuns::default();
+        {
+            let (runs, state) = (runs.clone(), dir.join("state.json"));
+            sim.host("server", move || server(runs.clone(), state.clone()));
+        }
+        sim.crash("server");
+        let seen: Arc<Mutex<Option<(bool, Duration)>>> = Arc::default();
+        {
+            let seen = seen.clone();
+            sim.client("client", async move {
+                let started = tokio::time::Instant::now();
+                let guard = client(None)
+                    .lock("job")
+                    .expires_in(Duration::from_secs(1))
+                    .timeout(Duration::from_secs(10))
+                    .await?;
+                *seen.lock().unwrap() = Some((guard.is_held(), started.elapsed()));
+                guard.release().await.ok();
+                Ok(())
+            });
+        }
+        let mut restarted = false;
+        while !sim.step().unwrap() {
+            if !restarted && sim.elapsed() >= Duration::from_secs(3) {
+                sim.bounce("server");
+                restarted = true;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let (held, waited) = seen.lock().unwrap().expect("acquired");
+        assert!(
+            held,
+            "granted {waited:?} after the acquire began (the server was down for 3 s of it), \
+             the guard was already lost"
+        );
+    }
+
+    /// After a crash, the memory store holds grants back for the longest lease it issued.
+    /// Waiters queued meanwhile must get the lock when the hold-back ends. In `shard_task`,
+    /// `hold_back_ending` is computed against `next_sweep` before a due sweep moves it a
+    /// sweep interval on, so for 15 shards of 16 no wake-up is set for the end of the
+    /// hold-back: the waiters wait for the shard's next sweep, (index + 1) / 16 of the sweep
+    /// interval (62 ms to 1 s) later, or for some other request to touch their lock. Which
+    /// shard a lock lands on is random (`RandomState`), so four locks are waited on.
+    #[test]
+    #[ignore = "bug: after a crash restart, waiters are granted at the shard's next sweep \
+                (up to 1 s late), not when the hold-back ends (see the test's doc)"]
+    fn waiters_get_the_lock_when_the_hold_back_after_a_crash_ends() {
+        const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+        let lease = Duration::from_secs(2);
+        let mut sim = quiet_sim();
+        let dir = temp_dir("hold-back");
+        let runs = ServerRuns::default();
+        {
+            let (runs, state) = (runs.clone(), dir.join("state.json"));
+            sim.host("server", move || server(runs.clone(), state.clone()));
+        }
+        let phase = Arc::new(AtomicU64::new(0));
+        {
+            let phase = phase.clone();
+            sim.client("client", async move {
+                let dl = client(None);
+                // A 2 s lease, so that a crash holds grants back for 2 s.
+                dl.lock("first").expires_in(lease).await?.release().await?;
+                phase.store(1, Ordering::SeqCst);
+                while phase.load(Ordering::SeqCst) < 2 {
+                    tokio::time::sleep(ms(1)).await;
+                }
+                // The server is back, holding grants back: wait in line for four locks.
+                let take = |name: &'static str| {
+                    let dl = dl.clone();
+                    async move {
+                        let request = dl.lock(name).timeout(Duration::from_secs(10));
+                        request.await.map(drop)
+                    }
+                };
+                let (a, b, c, d) = tokio::join!(
+                    take(NAMES[0]),
+                    take(NAMES[1]),
+                    take(NAMES[2]),
+                    take(NAMES[3])
+                );
+                a?;
+                b?;
+                c?;
+                d?;
+                Ok(())
+            });
+        }
+        let mut restarted_at = None;
+        while !sim.step().unwrap() {
+            if restarted_at.is_none() && phase.load(Ordering::SeqCst) == 1 {
+                sim.crash("server");
+                sim.bounce("server");
+                restarted_at = Some(sim.elapsed());
+                phase.store(2, Ordering::SeqCst);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let hold_back_end = restarted_at.expect("restarted") + lease;
+        let trail = runs.trail();
+        assert_eq!(trail.runs.len(), 2);
+        let late: Vec<String> = trail.runs[1]
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    distributed_lock::server::store::EventKind::Granted { .. }
+                )
+            })
+            .map(|e| {
+                (
+                    e.lock.clone(),
+                    Duration::from_micros(e.at_us).saturating_sub(hold_back_end),
+                )
+            })
+            .filter(|(_, late)| *late > ms(50))
+            .map(|(lock, late)| format!("{lock} granted {late:?} after the hold-back ended"))
+            .collect();
+        assert!(late.is_empty(), "{late:#?}");
+    }
 }
