@@ -65,7 +65,7 @@ enum Fault {
     PartitionFromServer(usize),
     /// Segments between client `i` and the server are held back, then delivered at once.
     Hold(usize),
-    /// Latency between client `i` and the server goes up to this.
+    /// Latency between client `i` and the server is this, far above its usual.
     Slow(usize, Duration),
     /// Client `i`'s host crashes (every task and socket gone), then starts again.
     CrashClient(usize),
