@@ -546,12 +546,17 @@ fn temp_dir(label: &str) -> PathBuf {
 
 /// Runs one seed and checks nothing: see [`Outcome::failures`].
 fn simulate(seed: u64) -> Outcome {
+    simulate_with(seed, true)
+}
+
+/// Runs one seed; `fencing` off makes the resource accept every write (a negative control).
+fn simulate_with(seed: u64, fencing: bool) -> Outcome {
     let plan = Arc::new(Plan::new(seed));
     let dir = temp_dir(&format!("seed-{seed}"));
     let world = World {
         plan: plan.clone(),
         clients: Clients::default(),
-        resource: Resource::new(true),
+        resource: Resource::new(fencing),
         runs: ServerRuns::default(),
         state_file: dir.join("state.json"),
         stop: Arc::default(),
@@ -834,6 +839,93 @@ fn plans_are_replayable_and_varied() {
     assert_eq!(seeds_from("3"), vec![0, 1, 2]);
     assert_eq!(seeds_from("5..7"), vec![5, 6]);
     assert_eq!(seeds_from("4, 9"), vec![4, 9]);
+}
+
+/// The checks can fail on simulated histories too: with a resource that does not check
+/// tokens, the clients' late writes with old tokens are accepted, and found. (Seeds whose
+/// runs with the check had several writes refused.)
+#[test]
+fn negative_control_without_token_checks_late_writes_are_found() {
+    let mut stale = 0;
+    for seed in [0, 8, 12] {
+        let outcome = simulate_with(seed, false);
+        println!("control, no token check: {outcome}");
+        stale += outcome
+            .report
+            .violations
+            .iter()
+            .filter(|v| v.starts_with("stale write accepted"))
+            .count();
+    }
+    assert!(stale > 0, "the checker must find the stale writes");
+}
+
+/// A plain-expiry lease of 500 ms over a link with 100 ms of latency each way, watched by a
+/// loop that records `is_held()` every 5 ms until `lost()`; then someone else takes the lock
+/// (so that the server's expiry is in the trail). Returns the offline report.
+fn held_claims_under_latency(count_from_answer: bool) -> Report {
+    let mut sim = turmoil::Builder::new()
+        .tick_duration(ms(1))
+        .min_message_latency(ms(100))
+        .max_message_latency(ms(100))
+        .build();
+    let dir = temp_dir("held-claims");
+    let runs = ServerRuns::default();
+    {
+        let (runs, state) = (runs.clone(), dir.join("state.json"));
+        sim.host("server", move || server(runs.clone(), state.clone()));
+    }
+    let clients = Clients::default();
+    {
+        let clients = clients.clone();
+        sim.client("client", async move {
+            let mut builder = DistributedLock::builder(PROJECT)
+                .endpoint(URL)
+                .connector(SimConnect)
+                .safety_margin(Duration::ZERO);
+            if count_from_answer {
+                builder = builder.count_lease_from_answer_for_tests();
+            }
+            let dl = builder.build()?;
+            let guard = dl.lock("job").expires_in(ms(500)).auto_renew(false).await?;
+            let token = guard.fencing_token();
+            clients.record_at(now_us(), "a", "job", ClientKind::Acquired(token));
+            while guard.is_held() {
+                clients.record_at(now_us(), "a", "job", ClientKind::Held(token));
+                tokio::time::sleep(ms(5)).await;
+            }
+            clients.record_at(now_us(), "a", "job", ClientKind::Lost(token));
+            drop(dl.lock("job").timeout(Duration::from_secs(5)).await?);
+            Ok(())
+        });
+    }
+    sim.run().unwrap();
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
+    history::check(&runs.trail().runs, &clients.events(), &[])
+}
+
+#[test]
+fn with_no_safety_margin_the_loss_signal_comes_in_time() {
+    let report = held_claims_under_latency(false);
+    println!("margin 0, counted from the send: {}", report.summary());
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert!(report.held_claims > 10);
+}
+
+/// The clock placement of `support::sim` is exact enough to catch a loss signal 100 ms late.
+#[test]
+fn negative_control_counting_from_the_answer_is_found() {
+    let report = held_claims_under_latency(true);
+    println!("control, counted from the answer: {}", report.summary());
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.contains("outside its server lease")),
+        "{:#?}",
+        report.violations
+    );
 }
 
 /// The same seed must give the same history, to the microsecond. It does not yet, for two
