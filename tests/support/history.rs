@@ -43,8 +43,14 @@ pub struct Clients(Arc<Mutex<Vec<ClientEvent>>>);
 
 impl Clients {
     pub fn record(&self, client: &str, lock: &str, kind: ClientKind) {
+        self.record_at(now_us(), client, lock, kind);
+    }
+
+    /// Records an event at a time of the caller's clock (the simulation's, for instance),
+    /// which must be the clock of the server events it is checked against.
+    pub fn record_at(&self, at_us: u64, client: &str, lock: &str, kind: ClientKind) {
         self.0.lock().unwrap().push(ClientEvent {
-            at_us: now_us(),
+            at_us,
             client: client.to_owned(),
             lock: lock.to_owned(),
             kind,

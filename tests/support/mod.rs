@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod history;
 pub mod process;
 pub mod proxy;
+pub mod sim;
 
 use distributed_lock::DistributedLock;
 use distributed_lock::server::{Server, ServerBuilder};
@@ -115,6 +116,13 @@ macro_rules! on_both_backends {
             }
         }
     )+};
+}
+
+/// Panics raised so far in the crate's own code (`src/`), in any thread or task of this
+/// test binary; starts counting at the first call.
+pub fn crate_panics() -> usize {
+    watch_panics();
+    PANICS.load(Ordering::SeqCst)
 }
 
 /// An in-process lock server on an ephemeral port. Shuts down on drop, and fails the test if
