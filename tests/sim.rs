@@ -928,16 +928,16 @@ fn negative_control_counting_from_the_answer_is_found() {
     );
 }
 
-/// The same seed must give the same history, to the microsecond. It does not yet, for two
-/// reasons outside this file: tokio's `select!` polls its branches in random order unless
-/// the build has `--cfg tokio_unstable` (then turmoil seeds every host's runtime), and the
-/// memory store picks a lock's shard with a randomly keyed hasher (`RandomState` in
-/// `MemoryStore::open`), which moves the shard's sweeps. With both made deterministic (the
-/// second by a fixed-key hasher), 40 seeds gave identical histories run after run. Until
-/// then a seed replays its plan exactly (faults, latencies, client choices, retry jitter),
-/// not every interleaving; `DISTRIBUTED_LOCK_SIM_REPEAT` replays a seed several times.
+/// The same seed must give the same history, to the microsecond. It does so only in a
+/// build with `--cfg tokio_unstable`: otherwise tokio's `select!` polls its branches in
+/// random order, which turmoil can seed only then. (The memory store's shard choice is
+/// already deterministic.) With it, 40 seeds gave identical histories run after run:
+/// `RUSTFLAGS="--cfg tokio_unstable" cargo test --all-features --test sim -- --ignored`.
+/// Without it a seed replays its plan exactly (faults, latencies, client choices, retry
+/// jitter), not every interleaving; `DISTRIBUTED_LOCK_SIM_REPEAT` replays a seed several
+/// times.
 #[test]
-#[ignore = "needs: a fixed-key hasher for the memory store's shards, and --cfg tokio_unstable"]
+#[ignore = "needs --cfg tokio_unstable (RUSTFLAGS), so that turmoil can seed tokio's select! order"]
 fn the_same_seed_gives_the_same_history() {
     for seed in [2, 5, 84] {
         let (a, b) = (simulate(seed), simulate(seed));
@@ -969,7 +969,8 @@ mod regression {
     }
 }
 
-/// Bugs in the crate the simulation found, each shown by a small deterministic scenario.
+/// Bugs in the crate the simulation found (now fixed), each kept as a small deterministic
+/// regression scenario.
 mod bugs {
     use super::*;
 
@@ -983,15 +984,12 @@ mod bugs {
     }
 
     /// An acquire sent while the server is down is retried until it is back, then granted
-    /// at once: the guard must be held. The SDK counts the lease from when the *first*
-    /// attempt was sent (`sent` in `LockRequest::acquire`, before `Transport::post` retries),
-    /// so after an outage longer than the lease the guard comes back already lost
-    /// (`is_held()` false, `lost()` resolved), and `release()` then skips the server, leaving
-    /// the lease held there, orphaned, until it expires.
+    /// at once: the guard must be held. The SDK used to count the lease from when the
+    /// *first* attempt was sent, so after an outage longer than the lease the guard came back
+    /// already lost (`is_held()` false, `lost()` resolved), and `release()` then skipped the
+    /// server, leaving the lease held there until it expired. Leases now count from the
+    /// attempt that was answered (`Reply::sent`).
     #[test]
-    #[ignore = "bug: an acquire granted on a retried attempt counts its lease from the first \
-                attempt's send, so after an outage longer than the lease it returns an \
-                already-lost guard (see the test's doc)"]
     fn an_acquire_retried_through_a_server_outage_returns_a_held_guard() {
         let mut sim = quiet_sim();
         let dir = temp_dir("outage");
@@ -1033,15 +1031,11 @@ mod bugs {
     }
 
     /// After a crash, the memory store holds grants back for the longest lease it issued.
-    /// Waiters queued meanwhile must get the lock when the hold-back ends. In `shard_task`,
-    /// `hold_back_ending` is computed against `next_sweep` before a due sweep moves it a
-    /// sweep interval on, so for 15 shards of 16 no wake-up is set for the end of the
-    /// hold-back: the waiters wait for the shard's next sweep, (index + 1) / 16 of the sweep
-    /// interval (62 ms to 1 s) later, or for some other request to touch their lock. Which
-    /// shard a lock lands on is random (`RandomState`), so four locks are waited on.
+    /// Waiters queued meanwhile must get the lock when the hold-back ends. `shard_task` used
+    /// to compute the end of the hold-back against a sweep time that a due sweep then moved
+    /// on, so for 15 shards of 16 no wake-up was set for it: the waiters waited for the
+    /// shard's next sweep, 62 ms to 1 s late. Four locks cover several shards.
     #[test]
-    #[ignore = "bug: after a crash restart, waiters are granted at the shard's next sweep \
-                (up to 1 s late), not when the hold-back ends (see the test's doc)"]
     fn waiters_get_the_lock_when_the_hold_back_after_a_crash_ends() {
         const NAMES: [&str; 4] = ["a", "b", "c", "d"];
         let lease = Duration::from_secs(2);

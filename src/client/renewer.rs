@@ -293,12 +293,17 @@ impl Renewer {
                 per_attempt: (deadline.saturating_duration_since(sent) / 2)
                     .max(Duration::from_millis(50)),
             };
+            let mut sent = sent;
             let results = match transport.post(Route::Renew, body, attempts).await {
-                Ok(reply) if reply.status.is_success() => reply
-                    .json::<RenewResponse>()
-                    .ok()
-                    .map(|r| r.results)
-                    .filter(|r| r.len() == keys.len()),
+                Ok(reply) if reply.status.is_success() => {
+                    // Count from the attempt that was answered (see `Reply::sent`).
+                    sent = reply.sent;
+                    reply
+                        .json::<RenewResponse>()
+                        .ok()
+                        .map(|r| r.results)
+                        .filter(|r| r.len() == keys.len())
+                }
                 Ok(reply) => {
                     tracing::warn!(error = %reply.into_error(), "renewal refused");
                     None

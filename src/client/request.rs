@@ -189,7 +189,7 @@ impl LockRequest {
                 StatusCode::OK => {
                     let granted: Granted = reply.json()?;
                     withdraw.disarm();
-                    return Ok(client.hold(name, granted, sent, self.auto_renew, commands));
+                    return Ok(client.hold(name, granted, reply.sent, self.auto_renew, commands));
                 }
                 StatusCode::ACCEPTED => continue,
                 StatusCode::CONFLICT => {

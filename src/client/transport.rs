@@ -134,6 +134,10 @@ pub(crate) struct Reply {
     pub attempts: u32,
     /// The `Retry-After` header, in seconds.
     pub retry_after: Option<Duration>,
+    /// When the attempt that got this answer was sent. Earlier attempts may have reached
+    /// the server too, but a repeat resets what they set (a renewal's deadline, a grant's
+    /// lease), so leases are counted from this one.
+    pub sent: Instant,
 }
 
 impl Reply {
@@ -281,8 +285,8 @@ impl Transport {
             attempt += 1;
             let index = self.current.load(Ordering::Relaxed);
             let endpoint = &self.endpoints[index % self.endpoints.len()];
-            let answer_by =
-                (attempts.deadline + ANSWER_GRACE).saturating_duration_since(Instant::now());
+            let sent = Instant::now();
+            let answer_by = (attempts.deadline + ANSWER_GRACE).saturating_duration_since(sent);
             let failure = match self
                 .attempt(
                     method.clone(),
@@ -299,6 +303,7 @@ impl Transport {
                         endpoint: endpoint.base.clone(),
                         attempts: attempt,
                         retry_after: answer.retry_after,
+                        sent,
                     });
                 }
                 Ok(answer) => format!("answered {}", answer.status),

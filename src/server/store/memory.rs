@@ -115,7 +115,9 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Shared {
     shards: Box<[Shard]>,
-    hasher: std::hash::RandomState,
+    /// Fixed keys: a lock lands on the same shard in every run, so simulations replay
+    /// exactly. The tables inside the shards keep random keys against hash flooding.
+    hasher: ShardHasher,
     origin: Instant,
     /// The wall-clock time of `origin`, to show grant times.
     origin_wall: SystemTime,
@@ -211,6 +213,8 @@ impl LockState {
     }
 }
 
+type ShardHasher = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
 /// A holder's label, boxed twice so that the many locks without one pay a thin pointer
 /// (8 bytes) rather than a `String` (24).
 #[allow(clippy::box_collection)]
@@ -267,7 +271,7 @@ impl MemoryStore {
             .collect();
         let shared = Arc::new(Shared {
             shards,
-            hasher: std::hash::RandomState::new(),
+            hasher: ShardHasher::default(),
             origin: Instant::now(),
             origin_wall: SystemTime::now(),
             project_locks: (0..config.max_projects)
@@ -305,6 +309,8 @@ impl Drop for MemoryStore {
 async fn shard_task(shared: Weak<Shared>, index: usize, wake: Arc<Notify>) {
     // Spread the shards' sweeps over the interval.
     let mut next_sweep = 0u64;
+    // Waiters queued during a hold-back are granted by a sweep right when it ends.
+    let mut hold_back_over = false;
     loop {
         let next_wake = {
             let Some(shared) = shared.upgrade() else {
@@ -318,16 +324,15 @@ async fn shard_task(shared: Weak<Shared>, index: usize, wake: Arc<Notify>) {
             let now = shared.now();
             let mut state = shared.shard(index);
             shared.fire_timers(&mut state, now);
-            let hold_back_ending =
-                now < shared.hold_back_until && shared.hold_back_until <= next_sweep;
-            if now >= next_sweep {
+            let hold_back_ends = !hold_back_over && now >= shared.hold_back_until;
+            hold_back_over |= hold_back_ends;
+            if now >= next_sweep || hold_back_ends {
                 shared.sweep(&mut state, now);
                 next_sweep = now + micros(shared.config.sweep_interval);
             }
             let mut at = next_sweep;
-            if hold_back_ending {
-                at = shared.hold_back_until;
-                next_sweep = at;
+            if !hold_back_over {
+                at = at.min(shared.hold_back_until);
             }
             if let Some(&(deadline, _)) = state.timers.keys().next() {
                 at = at.min(deadline);
