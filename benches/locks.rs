@@ -6,7 +6,8 @@
 //! The client side runs here, in this process, so client and server never share a runtime.
 //!
 //! Scenarios, each run 3 times, alternating floor and SDK:
-//! * uncontended: one task, acquire + release of one lock, pair latency p50 / p99;
+//! * uncontended: one task, acquire + release of one lock, pair latency p50 / p99 (floor and
+//!   SDK alternate in blocks of 250 pairs);
 //! * handoff: 8 tasks on one lock; the gap from a release being sent to the next holder's
 //!   grant arriving, and whether every successive grant went to a different task;
 //! * throughput: 32 tasks on distinct locks, pairs per second.
@@ -78,8 +79,8 @@ async fn run(client_rt: String) {
     for proto in protos {
         println!("\n== {proto:?} ==");
         let floor = Floor::new(&baseline.url, proto);
-        let dl = {
-            let b = DistributedLock::builder("bench").endpoint(&server.url);
+        let sdk_for = |url: &str| {
+            let b = DistributedLock::builder("bench").endpoint(url);
             match proto {
                 Proto::H1 => b.http1_only(),
                 Proto::H2 => b,
@@ -87,16 +88,27 @@ async fn run(client_rt: String) {
             .build()
             .unwrap()
         };
+        let dl = sdk_for(&server.url);
+        let sdk_on_floor = sdk_for(&baseline.url);
+        let floor_on_server = Floor::new(&server.url, proto);
+        let paths = Paths {
+            floor: &floor,
+            sdk_on_floor: &sdk_on_floor,
+            floor_on_server: &floor_on_server,
+            sdk: &dl,
+        };
         for round in 1..=3 {
-            let f = uncontended_floor(&floor, settings.pairs).await;
-            let s = uncontended_sdk(&dl, settings.pairs).await;
+            let [f, sdk_on_floor, floor_on_server, s] = uncontended(&paths, settings.pairs).await;
             println!(
-                "uncontended pair  round {round}: floor p50 {:>7.1} µs p99 {:>7.1} µs | sdk p50 {:>7.1} µs p99 {:>7.1} µs | ratio p50 {:.2}",
+                "uncontended pair  round {round}: floor p50 {:>7.1} µs p99 {:>7.1} µs | sdk p50 {:>7.1} µs p99 {:>7.1} µs | ratio p50 {:.2} \
+                 (sdk client on the bare server {:.1} µs, bare client on the lock server {:.1} µs)",
                 us(f.p50),
                 us(f.p99),
                 us(s.p50),
                 us(s.p99),
-                s.p50.as_secs_f64() / f.p50.as_secs_f64()
+                s.p50.as_secs_f64() / f.p50.as_secs_f64(),
+                us(sdk_on_floor.p50),
+                us(floor_on_server.p50),
             );
         }
         for round in 1..=3 {
@@ -153,18 +165,50 @@ fn stats(mut samples: Vec<Duration>) -> Stats {
 
 // ---------- the SDK ----------
 
-async fn uncontended_sdk(dl: &DistributedLock, pairs: usize) -> Stats {
-    for _ in 0..200 {
-        dl.lock("solo").await.unwrap().release().await.unwrap();
+/// Acquire+release pair latencies of four client/server combinations, measured in turns
+/// of 250 pairs so that the machine's slow and fast spells hit all alike: the bare-hyper
+/// floor, the SDK against the bare server, the bare client against the lock server, and
+/// the SDK against the lock server. The middle two say which side adds what.
+async fn uncontended(paths: &Paths<'_>, pairs: usize) -> [Stats; 4] {
+    for _ in 0..500 {
+        for path in 0..4 {
+            paths.pair(path).await;
+        }
     }
-    let mut samples = Vec::with_capacity(pairs);
-    for _ in 0..pairs {
-        let start = Instant::now();
-        let guard = dl.lock("solo").await.unwrap();
-        guard.release().await.unwrap();
-        samples.push(start.elapsed());
+    let mut samples: [Vec<Duration>; 4] = Default::default();
+    while samples[0].len() < pairs {
+        for (path, samples) in samples.iter_mut().enumerate() {
+            for _ in 0..250 {
+                let start = Instant::now();
+                paths.pair(path).await;
+                samples.push(start.elapsed());
+            }
+        }
     }
-    stats(samples)
+    samples.map(stats)
+}
+
+/// The four ways to take and release a lock that `uncontended` compares.
+struct Paths<'a> {
+    floor: &'a Floor,
+    sdk_on_floor: &'a DistributedLock,
+    floor_on_server: &'a Floor,
+    sdk: &'a DistributedLock,
+}
+
+impl Paths<'_> {
+    async fn pair(&self, path: usize) {
+        match path {
+            0 => self.floor.pair("solo").await,
+            1 => sdk_pair(self.sdk_on_floor).await,
+            2 => self.floor_on_server.pair("solo").await,
+            _ => sdk_pair(self.sdk).await,
+        }
+    }
+}
+
+async fn sdk_pair(dl: &DistributedLock) {
+    dl.lock("solo").await.unwrap().release().await.unwrap();
 }
 
 async fn handoff(dl: &DistributedLock, tasks: usize, duration: Duration) -> (Stats, usize, usize) {
@@ -287,19 +331,6 @@ impl Floor {
 fn fastrand_u128() -> u128 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed) as u128 * 0x9E37_79B9_7F4A_7C15
-}
-
-async fn uncontended_floor(floor: &Floor, pairs: usize) -> Stats {
-    for _ in 0..200 {
-        floor.pair("solo").await;
-    }
-    let mut samples = Vec::with_capacity(pairs);
-    for _ in 0..pairs {
-        let start = Instant::now();
-        floor.pair("solo").await;
-        samples.push(start.elapsed());
-    }
-    stats(samples)
 }
 
 async fn round_trip_floor(floor: &Floor, n: usize) -> Stats {
