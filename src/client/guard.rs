@@ -1,5 +1,6 @@
 //! `LockGuard`: proof of a held lease, renewed in the background while it lives.
 
+use crate::client::mailbox::Commands;
 use crate::client::renewer::{Command, LeaseState, json};
 use crate::client::transport::{Attempts, Route, Transport};
 use crate::error::Error;
@@ -8,7 +9,6 @@ use http::StatusCode;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// A held lock. While it lives, the client's renewal task keeps its lease alive.
@@ -40,7 +40,7 @@ pub struct LockGuard {
     pub(crate) fencing_token: u64,
     pub(crate) key: u64,
     pub(crate) state: LeaseState,
-    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    pub(crate) commands: Commands,
     pub(crate) transport: Arc<Transport>,
     pub(crate) margin: Duration,
     pub(crate) released: bool,
@@ -107,7 +107,7 @@ impl LockGuard {
     /// the release may or may not have happened; the lease expires in any case.
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
-        let _ = self.commands.send(Command::Forget(self.key));
+        self.commands.leave(Command::Forget(self.key));
         let deadline = match *self.state.borrow() {
             Some(deadline) if Instant::now() < deadline => deadline,
             _ => return Err(self.lost_error()),
@@ -144,7 +144,7 @@ impl Drop for LockGuard {
         if !self.released {
             // An unbounded send needs no runtime; if the renewal task is gone it fails and
             // the lease expires on its own.
-            let _ = self.commands.send(Command::Release(self.key));
+            self.commands.send(Command::Release(self.key), None);
         }
     }
 }

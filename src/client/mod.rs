@@ -2,6 +2,7 @@
 
 pub(crate) mod guard;
 pub(crate) mod inspect;
+pub(crate) mod mailbox;
 pub(crate) mod renewer;
 pub(crate) mod request;
 pub(crate) mod retry;
@@ -16,7 +17,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use transport::{Connect, Transport, TransportConfig};
 
 /// Endpoint used when neither the builder nor `DISTRIBUTED_LOCK_URL` names one.
@@ -48,7 +48,7 @@ pub(crate) struct Inner {
     /// `Err` holds a configuration problem found by [`DistributedLock::new`], reported by
     /// the first request (`new` itself cannot fail).
     transport: Result<Arc<Transport>, String>,
-    renewer: Mutex<Option<mpsc::UnboundedSender<renewer::Command>>>,
+    renewer: Mutex<Option<mailbox::Commands>>,
     next_key: AtomicU64,
     unavailable_after: Duration,
     safety_margin: Option<Duration>,
@@ -140,7 +140,7 @@ impl Inner {
 
     /// The renewal task's mailbox, starting the task on the current runtime if none runs
     /// (first use, or its runtime shut down).
-    fn renewer(&self) -> mpsc::UnboundedSender<renewer::Command> {
+    fn renewer(&self) -> mailbox::Commands {
         let mut slot = self.renewer.lock().unwrap_or_else(|p| p.into_inner());
         match &*slot {
             Some(tx) if !tx.is_closed() => tx.clone(),

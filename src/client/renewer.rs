@@ -1,9 +1,11 @@
 //! The one background task per client: renews every due lease in batched requests, releases
 //! dropped guards, withdraws dropped acquires, and declares leases lost.
 //!
-//! The task owns the lease table; guards talk to it over an unbounded channel, so `Drop` never
-//! needs a runtime. It ends when every sender (the client and all guards) is gone.
+//! The task owns the lease table; guards talk to it through a mailbox (`mailbox.rs`), so
+//! `Drop` never needs a runtime. It ends when every sender (the client and all guards) is
+//! gone.
 
+use crate::client::mailbox::{Commands, Inbox, mailbox};
 use crate::client::retry;
 use crate::client::transport::{Attempts, Route, Transport};
 use crate::protocol::{
@@ -12,7 +14,7 @@ use crate::protocol::{
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -52,6 +54,16 @@ impl Lease {
     /// When the next renewal is due, counted from when the last grant or renewal was sent.
     fn due_after(&self, sent: Instant) -> Instant {
         sent + self.length / 3
+    }
+
+    /// When the renewer must first act on a lease granted to a request sent at `sent`: its
+    /// first renewal, or for plain expiry its deadline.
+    pub fn first_event(&self, sent: Instant) -> Instant {
+        if self.auto_renew {
+            self.due_after(sent)
+        } else {
+            self.deadline
+        }
     }
 
     /// When the lease must be presumed lost, counted from when a grant or renewal was sent:
@@ -108,11 +120,8 @@ pub(crate) struct Renewer {
 }
 
 /// Starts the renewer on the current runtime.
-pub(crate) fn spawn(
-    transport: Arc<Transport>,
-    lease_clock: LeaseClock,
-) -> mpsc::UnboundedSender<Command> {
-    let (tx, rx) = mpsc::unbounded_channel();
+pub(crate) fn spawn(transport: Arc<Transport>, lease_clock: LeaseClock) -> Commands {
+    let (tx, rx) = mailbox();
     let renewer = Renewer {
         lease_clock,
         transport,
@@ -127,9 +136,17 @@ pub(crate) fn spawn(
 }
 
 impl Renewer {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    async fn run(mut self, inbox: Inbox) {
         let mut last_tick = Instant::now();
         loop {
+            for command in inbox.take() {
+                self.handle(command);
+            }
+            if inbox.abandoned() {
+                // Every guard and client is gone (their last commands are handled above):
+                // nothing is left to renew.
+                break;
+            }
             // Ticks are spaced a little, so that leases granted one after another (and
             // already due, when acquires waited long) share a request instead of one each.
             let wake = self.queue.first().map(|&(at, key)| {
@@ -139,12 +156,11 @@ impl Renewer {
                     .map_or(Duration::ZERO, |t| (t.lease.length / 30).min(TICK_GAP));
                 at.max(last_tick + gap)
             });
+            if !inbox.plan(wake) {
+                continue;
+            }
             tokio::select! {
-                command = commands.recv() => match command {
-                    Some(command) => self.handle(command),
-                    // Every guard and client is gone: nothing is left to renew.
-                    None => break,
-                },
+                _ = inbox.woken() => {}
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
                     if let Ok(outcome) = done {
                         self.finish(outcome);
@@ -162,11 +178,7 @@ impl Renewer {
         match command {
             Command::Track { key, lease, sent } => {
                 self.longest_interval = self.longest_interval.max(lease.length / 3);
-                let first = if lease.auto_renew {
-                    lease.due_after(sent)
-                } else {
-                    lease.deadline
-                };
+                let first = lease.first_event(sent);
                 self.queue.insert((first, key));
                 self.leases.insert(
                     key,

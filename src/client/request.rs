@@ -2,6 +2,7 @@
 
 use crate::client::DistributedLock;
 use crate::client::guard::LockGuard;
+use crate::client::mailbox::Commands;
 use crate::client::renewer::{Command, Lease, json};
 use crate::client::transport::{Attempts, Route};
 use crate::error::Error;
@@ -222,7 +223,7 @@ impl crate::client::Inner {
         granted: Granted,
         sent: Instant,
         auto_renew: bool,
-        commands: tokio::sync::mpsc::UnboundedSender<Command>,
+        commands: Commands,
     ) -> LockGuard {
         let length = Duration::from_millis(granted.lease_ms);
         let margin = self.margin_for(length);
@@ -243,11 +244,15 @@ impl crate::client::Inner {
             deadline,
             state: state_tx,
         };
-        let _ = commands.send(Command::Track {
-            key,
-            lease,
-            sent: started,
-        });
+        let act_by = lease.first_event(started);
+        commands.send(
+            Command::Track {
+                key,
+                lease,
+                sent: started,
+            },
+            Some(act_by),
+        );
         LockGuard {
             name,
             lease_id: granted.lease_id,
@@ -264,7 +269,7 @@ impl crate::client::Inner {
 
 /// Withdraws the waiter (or undoes a grant that raced) if the acquire future is dropped.
 struct WithdrawOnDrop {
-    commands: Option<tokio::sync::mpsc::UnboundedSender<Command>>,
+    commands: Option<Commands>,
     name: Arc<str>,
     request_id: Id,
 }
@@ -278,10 +283,13 @@ impl WithdrawOnDrop {
 impl Drop for WithdrawOnDrop {
     fn drop(&mut self) {
         if let Some(commands) = self.commands.take() {
-            let _ = commands.send(Command::Cancel {
-                name: self.name.clone(),
-                request_id: self.request_id,
-            });
+            commands.send(
+                Command::Cancel {
+                    name: self.name.clone(),
+                    request_id: self.request_id,
+                },
+                None,
+            );
         }
     }
 }
