@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::etcd::EtcdCluster;
+use support::process::ServerProcess;
 use support::{TestServer, eventually, raw, within};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
 const BOUND: Duration = Duration::from_secs(20);
@@ -37,44 +37,18 @@ async fn post(server: &TestServer, path: &str, key: &str, body: &str) -> (u16, s
 }
 
 /// A `distributed-lock-server --backend etcd` process, killed on drop.
-struct ServerProcess {
-    child: tokio::process::Child,
-    url: String,
-}
-
-impl ServerProcess {
-    async fn spawn(etcd: &EtcdCluster) -> ServerProcess {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
-            .args(["--listen", "127.0.0.1:0", "--backend", "etcd"])
-            .args(["--etcd-endpoints", &etcd.endpoints().join(",")])
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("server binary starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let url = within(BOUND, async {
-            loop {
-                let line = lines
-                    .next_line()
-                    .await
-                    .unwrap()
-                    .expect("server printed its address");
-                if let Some((_, url)) = line.split_once("listening on ") {
-                    return url.trim().to_owned();
-                }
-            }
-        })
-        .await;
-        // Keep draining its log so that it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ServerProcess { child, url }
-    }
-
-    /// SIGKILL: no shutdown, connections reset by the kernel.
-    async fn kill(&mut self) {
-        self.child.kill().await.expect("kill the server");
-    }
+/// A `distributed-lock-server --backend etcd` process over `etcd`.
+async fn spawn_over(etcd: &EtcdCluster) -> ServerProcess {
+    let endpoints = etcd.endpoints().join(",");
+    ServerProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "etcd",
+        "--etcd-endpoints",
+        &endpoints,
+    ])
+    .await
 }
 
 /// Inspects `name` through `url`: (holder token, waiters).
@@ -301,8 +275,8 @@ async fn killing_the_server_that_holds_the_connections_loses_nothing() {
     // Timing matters here: not alongside the crowd test.
     let _alone = support::heavy().await;
     let etcd = EtcdCluster::start(1).await;
-    let mut first = ServerProcess::spawn(&etcd).await;
-    let second = ServerProcess::spawn(&etcd).await;
+    let first = spawn_over(&etcd).await;
+    let second = spawn_over(&etcd).await;
     // Every client tries the first server first.
     let endpoints = vec![first.url.clone(), second.url.clone()];
     let lease = Duration::from_secs(3);

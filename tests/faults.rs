@@ -527,6 +527,15 @@ fn the_checker_catches_each_kind_of_violation() {
         granted(200, 1, "w", 1_000),
     ];
     assert_eq!(count(check(&[gone], &[], &[]), "after it left"), 1);
+    // Two clients believing they hold the same lock at once (no server trail needed).
+    let claim = |client: &str, at_us, token| ClientEvent {
+        at_us,
+        client: client.into(),
+        lock: "job".into(),
+        kind: ClientKind::Held(token),
+    };
+    let both = [claim("a", 100, 1), claim("a", 300, 1), claim("b", 200, 2)];
+    assert_eq!(count(check(&[], &both, &[]), "held at once"), 1);
     // A client believing it holds a lease the server has ended.
     let lease = vec![
         granted(100, 1, "a", 1_000),

@@ -172,13 +172,18 @@ pub struct Report {
     pub writes_accepted: usize,
     pub writes_rejected: usize,
     pub held_claims: usize,
+    /// Acquires that returned a guard, and guards that saw their lease lost, client-side.
+    pub acquisitions: usize,
+    pub losses: usize,
 }
 
 impl Report {
     pub fn summary(&self) -> String {
         format!(
-            "{} grants, {} writes accepted, {} rejected as stale, {} held-claims checked, {} violations",
+            "{} grants on the server, {} acquisitions and {} losses seen by clients, {} writes accepted, {} rejected as stale, {} held-claims checked, {} violations",
             self.grants,
+            self.acquisitions,
+            self.losses,
             self.writes_accepted,
             self.writes_rejected,
             self.held_claims,
@@ -295,8 +300,10 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
     // believes it holds the lock outside the lease, which is what is checked.)
     for e in clients {
         match e.kind {
-            ClientKind::Acquired(_) => {}
-            // (4) no client reporting the lock as held outside its server-side lease.
+            ClientKind::Acquired(_) => report.acquisitions += 1,
+            // (4) no client reporting the lock as held outside its server-side lease (when
+            // the server's trail is there to say).
+            ClientKind::Held(_) if runs.is_empty() => report.held_claims += 1,
             ClientKind::Held(token) => {
                 report.held_claims += 1;
                 match by_token.get(&token) {
@@ -317,7 +324,37 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
                     )),
                 }
             }
-            ClientKind::Lost(_) => {}
+            ClientKind::Lost(_) => report.losses += 1,
+        }
+    }
+    // (4') no two clients believing they hold the same lock at once: each token's span runs
+    // from its first to its last held-claim, and spans of a lock never overlap. Needs no
+    // server trail, so it also checks stores that keep none (etcd). (An acquire's answer
+    // alone is no claim: it may arrive after its lease ended, and the guard then says so.)
+    let mut spans: HashMap<(&str, u64), (u64, u64)> = HashMap::new();
+    for e in clients {
+        let (lock, token, at) = match e.kind {
+            ClientKind::Held(t) => (e.lock.as_str(), t, e.at_us),
+            ClientKind::Acquired(_) | ClientKind::Lost(_) => continue,
+        };
+        let span = spans.entry((lock, token)).or_insert((at, at));
+        span.0 = span.0.min(at);
+        span.1 = span.1.max(at);
+    }
+    let mut by_lock: HashMap<&str, Vec<(u64, u64, u64)>> = HashMap::new();
+    for ((lock, token), (start, end)) in spans {
+        by_lock.entry(lock).or_default().push((start, end, token));
+    }
+    for (lock, mut list) in by_lock {
+        list.sort();
+        for pair in list.windows(2) {
+            let ((_, end, token), (start, _, next)) = (pair[0], pair[1]);
+            if start < end {
+                report.violations.push(format!(
+                    "{lock}: clients believed tokens {token} and {next} held at once, for {} µs",
+                    end - start
+                ));
+            }
         }
     }
     // (2) no stale write accepted.
