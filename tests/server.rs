@@ -201,3 +201,35 @@ async fn the_binary_serves_in_open_development_mode_and_stops_on_sigterm() {
     let exit = within(BOUND, child.wait()).await.unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn clients_spread_over_their_endpoints_or_prefer_the_first() {
+    let (a, b) = (TestServer::start().await, TestServer::start().await);
+    for _ in 0..20 {
+        let dl = distributed_lock::DistributedLock::builder("p")
+            .endpoints([a.url(), b.url()])
+            .build()
+            .unwrap();
+        drop(dl.lock("x").timeout(Duration::ZERO).await.unwrap());
+    }
+    // Each of 20 clients picks its first endpoint at random: both are used (all on one
+    // would happen once in half a million runs).
+    let (on_a, on_b) = (
+        a.metric("distributed_lock_acquires_total").await,
+        b.metric("distributed_lock_acquires_total").await,
+    );
+    assert!(on_a > 0.0 && on_b > 0.0, "{on_a} / {on_b}");
+    for _ in 0..10 {
+        let dl = distributed_lock::DistributedLock::builder("p")
+            .endpoints([a.url(), b.url()])
+            .prefer_first_endpoint()
+            .build()
+            .unwrap();
+        drop(dl.lock("x").timeout(Duration::ZERO).await.unwrap());
+    }
+    assert_eq!(b.metric("distributed_lock_acquires_total").await, on_b);
+    assert_eq!(
+        a.metric("distributed_lock_acquires_total").await,
+        on_a + 10.0
+    );
+}

@@ -87,6 +87,7 @@ impl DistributedLock {
             unavailable_after: Duration::from_secs(30),
             safety_margin: None,
             http1_only: false,
+            prefer_first_endpoint: false,
             lease_clock: renewer::LeaseClock::FromSend,
             #[cfg(feature = "tls")]
             tls: tls::TlsSettings::default(),
@@ -188,6 +189,7 @@ pub struct DistributedLockBuilder {
     unavailable_after: Duration,
     safety_margin: Option<Duration>,
     http1_only: bool,
+    prefer_first_endpoint: bool,
     lease_clock: renewer::LeaseClock,
     #[cfg(feature = "tls")]
     tls: tls::TlsSettings,
@@ -230,8 +232,10 @@ impl DistributedLockBuilder {
         self.endpoints([url.into()])
     }
 
-    /// Several servers of one deployment. Requests go to one of them and move to the next
-    /// when it cannot be reached.
+    /// Several servers of one deployment (sharing one etcd cluster). Each client starts at
+    /// one of them, picked at random so that clients spread over the servers, and moves to
+    /// the next when it cannot be reached. See also
+    /// [`prefer_first_endpoint`](Self::prefer_first_endpoint).
     pub fn endpoints<I, S>(mut self, urls: I) -> DistributedLockBuilder
     where
         I: IntoIterator<Item = S>,
@@ -241,6 +245,13 @@ impl DistributedLockBuilder {
         if self.endpoints.is_empty() && self.error.is_none() {
             self.error = Some(Error::invalid("endpoints() was given an empty list"));
         }
+        self
+    }
+
+    /// Sends everything to the first of the [`endpoints`](Self::endpoints) while it answers;
+    /// the others only take over when it cannot be reached (a primary and its stand-ins).
+    pub fn prefer_first_endpoint(mut self) -> DistributedLockBuilder {
+        self.prefer_first_endpoint = true;
         self
     }
 
@@ -323,6 +334,7 @@ impl DistributedLockBuilder {
             connector: self.connector,
             connect_timeout: self.connect_timeout,
             http1_only: self.http1_only,
+            prefer_first_endpoint: self.prefer_first_endpoint,
             #[cfg(feature = "tls")]
             tls: self.tls,
         })?;
@@ -347,6 +359,7 @@ impl fmt::Debug for DistributedLockBuilder {
             .field("unavailable_after", &self.unavailable_after)
             .field("safety_margin", &self.safety_margin)
             .field("http1_only", &self.http1_only)
+            .field("prefer_first_endpoint", &self.prefer_first_endpoint)
             .finish_non_exhaustive()
     }
 }

@@ -180,6 +180,7 @@ pub(crate) struct TransportConfig {
     pub connector: Option<Arc<dyn Connect>>,
     pub connect_timeout: Duration,
     pub http1_only: bool,
+    pub prefer_first_endpoint: bool,
     #[cfg(feature = "tls")]
     pub tls: crate::client::tls::TlsSettings,
 }
@@ -244,7 +245,12 @@ impl Transport {
             .build(connector);
         Ok(Transport {
             endpoints,
-            current: AtomicUsize::new(0),
+            // Clients start at different endpoints, so that load spreads over the servers.
+            current: AtomicUsize::new(if config.prefer_first_endpoint {
+                0
+            } else {
+                usize::from(crate::id::Id::random().0[0])
+            }),
             http,
             auth,
         })
