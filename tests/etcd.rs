@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::etcd::EtcdCluster;
-use support::process::ServerProcess;
 use support::{TestServer, eventually, raw, within};
 use tokio::time::Instant;
 
@@ -39,20 +38,6 @@ async fn post(server: &TestServer, path: &str, key: &str, body: &str) -> (u16, s
 }
 
 /// A `distributed-lock-server --backend etcd` process, killed on drop.
-/// A `distributed-lock-server --backend etcd` process over `etcd`.
-async fn spawn_over(etcd: &EtcdCluster) -> ServerProcess {
-    let endpoints = etcd.endpoints().join(",");
-    ServerProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        "etcd",
-        "--etcd-endpoints",
-        &endpoints,
-    ])
-    .await
-}
-
 /// Inspects `name` through `url`: (holder token, waiters).
 async fn inspect_at(url: &str, key: &str, name: &str) -> (Option<u64>, u64) {
     let addr = url.trim_start_matches("http://").parse().unwrap();
@@ -277,8 +262,8 @@ async fn killing_the_server_that_holds_the_connections_loses_nothing() {
     // Timing matters here: not alongside the crowd test.
     let _alone = support::heavy().await;
     let etcd = EtcdCluster::start(1).await;
-    let first = spawn_over(&etcd).await;
-    let second = spawn_over(&etcd).await;
+    let first = support::etcd_server_process(&etcd).await;
+    let second = support::etcd_server_process(&etcd).await;
     // Every client tries the first server first.
     let endpoints = vec![first.url.clone(), second.url.clone()];
     let lease = Duration::from_secs(3);

@@ -12,9 +12,10 @@ mod support;
 
 use distributed_lock::DistributedLock;
 use distributed_lock::server::store::StoreEvent;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use support::contend::{Shared, contend};
 use support::history::{self, ClientKind, Clients, Report, Resource};
 use support::process::{self, ServerProcess, cli_run};
 use support::proxy::{Faults, Proxy};
@@ -51,67 +52,6 @@ fn assert_clean(scenario: &str, report: &Report) {
         report.violations
     );
     assert!(report.grants > 0, "{scenario}: nothing was granted");
-}
-
-/// What the contending clients of a scenario share.
-#[derive(Clone)]
-struct Shared {
-    clients: Clients,
-    resource: Resource,
-    stop: Arc<AtomicBool>,
-}
-
-impl Shared {
-    fn new() -> Shared {
-        Shared {
-            clients: Clients::default(),
-            resource: Resource::new(true),
-            stop: Arc::new(AtomicBool::new(false)),
-        }
-    }
-}
-
-/// A client that takes turns on `lock` until `stop`: acquire, check `is_held()` and write
-/// with its token a few times, release. Everything it sees goes to `clients`.
-fn contend(
-    dl: DistributedLock,
-    client: String,
-    lock: String,
-    lease: Duration,
-    shared: &Shared,
-    seed: u64,
-) -> tokio::task::JoinHandle<()> {
-    let Shared {
-        clients,
-        resource,
-        stop,
-    } = shared.clone();
-    tokio::spawn(async move {
-        let mut rng = fastrand::Rng::with_seed(seed);
-        while !stop.load(Ordering::SeqCst) {
-            let Ok(guard) = dl
-                .lock(lock.as_str())
-                .expires_in(lease)
-                .timeout(Duration::from_secs(3))
-                .await
-            else {
-                continue;
-            };
-            let token = guard.fencing_token();
-            clients.record(&client, &lock, ClientKind::Acquired(token));
-            for _ in 0..rng.usize(1..4) {
-                if !guard.is_held() {
-                    clients.record(&client, &lock, ClientKind::Lost(token));
-                    break;
-                }
-                clients.record(&client, &lock, ClientKind::Held(token));
-                resource.write(&lock, &client, token);
-                // The work done under the lock.
-                tokio::time::sleep(Duration::from_millis(rng.u64(1..30))).await;
-            }
-            let _ = guard.release().await;
-        }
-    })
 }
 
 /// After the faults heal, every lock can be acquired again within lease + grace + 2 s.

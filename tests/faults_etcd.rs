@@ -10,12 +10,11 @@
 mod support;
 
 use distributed_lock::DistributedLock;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use support::contend::{Shared, contend_waiting};
 use support::etcd::EtcdCluster;
-use support::history::{self, ClientKind, Clients, Report, Resource};
-use support::process::ServerProcess;
+use support::history::{self, Report};
 use support::proxy::Proxy;
 use support::{TestServer, within};
 
@@ -24,21 +23,8 @@ const BOUND: Duration = Duration::from_secs(60);
 const LEASE: Duration = Duration::from_secs(2);
 const LOCKS: [&str; 2] = ["alpha", "beta"];
 
-#[derive(Clone, Default)]
-struct Shared {
-    clients: Clients,
-    resource: Resource,
-    stop: Arc<AtomicBool>,
-}
-
-impl Default for Resource {
-    fn default() -> Resource {
-        Resource::new(true)
-    }
-}
-
 /// Four clients taking turns on two locks through `endpoints` (each client starting at a
-/// different server), acquiring, claiming, writing and releasing until stopped.
+/// different server and keeping to it while it answers).
 fn contenders(endpoints: &[String], shared: &Shared) -> Vec<tokio::task::JoinHandle<()>> {
     (0..4)
         .map(|i| {
@@ -46,39 +32,19 @@ fn contenders(endpoints: &[String], shared: &Shared) -> Vec<tokio::task::JoinHan
             order.rotate_left(i % endpoints.len());
             let dl = DistributedLock::builder("faults")
                 .endpoints(order)
+                .prefer_first_endpoint()
                 .build()
                 .unwrap();
-            let (client, lock) = (format!("c{i}"), LOCKS[i % 2]);
-            let Shared {
-                clients,
-                resource,
-                stop,
-            } = shared.clone();
-            tokio::spawn(async move {
-                let mut rng = fastrand::Rng::with_seed(i as u64);
-                while !stop.load(Ordering::SeqCst) {
-                    let Ok(guard) = dl
-                        .lock(lock)
-                        .expires_in(LEASE)
-                        .timeout(Duration::from_secs(5))
-                        .await
-                    else {
-                        continue;
-                    };
-                    let token = guard.fencing_token();
-                    clients.record(&client, lock, ClientKind::Acquired(token));
-                    for _ in 0..rng.usize(1..4) {
-                        if !guard.is_held() {
-                            clients.record(&client, lock, ClientKind::Lost(token));
-                            break;
-                        }
-                        clients.record(&client, lock, ClientKind::Held(token));
-                        resource.write(lock, &client, token);
-                        tokio::time::sleep(Duration::from_millis(rng.u64(1..40))).await;
-                    }
-                    let _ = guard.release().await;
-                }
-            })
+            let (client, lock) = (format!("c{i}"), LOCKS[i % 2].to_owned());
+            contend_waiting(
+                dl,
+                client,
+                lock,
+                LEASE,
+                Duration::from_secs(5),
+                shared,
+                i as u64,
+            )
         })
         .collect()
 }
@@ -123,25 +89,15 @@ fn assert_clean(scenario: &str, report: &Report) {
     );
 }
 
-async fn etcd_server(etcd: &EtcdCluster) -> ServerProcess {
-    let endpoints = etcd.endpoints().join(",");
-    ServerProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        "etcd",
-        "--etcd-endpoints",
-        &endpoints,
-    ])
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_servers_killed() {
     let etcd = EtcdCluster::start(1).await;
-    let (first, second) = (etcd_server(&etcd).await, etcd_server(&etcd).await);
+    let (first, second) = (
+        support::etcd_server_process(&etcd).await,
+        support::etcd_server_process(&etcd).await,
+    );
     let endpoints = vec![first.url.clone(), second.url.clone()];
-    let shared = Shared::default();
+    let shared = Shared::new();
     let tasks = contenders(&endpoints, &shared);
     tokio::time::sleep(LEASE).await;
     first.kill().await;
@@ -159,7 +115,7 @@ async fn one_etcd_member_of_three_killed() {
         TestServer::start_over(Some(&etcd), |b| b).await,
     ];
     let endpoints: Vec<String> = servers.iter().map(|s| s.url()).collect();
-    let shared = Shared::default();
+    let shared = Shared::new();
     let tasks = contenders(&endpoints, &shared);
     tokio::time::sleep(LEASE).await;
     let leader = etcd.leader().await;
@@ -180,7 +136,7 @@ async fn the_path_between_a_server_and_etcd_cut() {
     let cut_off = TestServer::start_with(|b| b.etcd([proxy.url()])).await;
     let direct = TestServer::start_over(Some(&etcd), |b| b).await;
     let endpoints = vec![cut_off.url(), direct.url()];
-    let shared = Shared::default();
+    let shared = Shared::new();
     let tasks = contenders(&endpoints, &shared);
     tokio::time::sleep(LEASE).await;
     // The first server can no longer reach etcd for three leases: its calls hang, then

@@ -2,6 +2,7 @@
 //! on conditions with generous bounds (never fixed sleeps).
 #![allow(dead_code)]
 
+pub mod contend;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod history;
@@ -116,6 +117,21 @@ macro_rules! on_both_backends {
             }
         }
     )+};
+}
+
+/// A `distributed-lock-server --backend etcd` process over `etcd`.
+#[cfg(feature = "etcd")]
+pub async fn etcd_server_process(etcd: &etcd::EtcdCluster) -> process::ServerProcess {
+    let endpoints = etcd.endpoints().join(",");
+    process::ServerProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "etcd",
+        "--etcd-endpoints",
+        &endpoints,
+    ])
+    .await
 }
 
 /// Panics raised so far in the crate's own code (`src/`), in any thread or task of this
