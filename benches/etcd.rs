@@ -26,11 +26,13 @@ use etcd_client::{
     TxnOp,
 };
 use std::future::Future;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{Spawned, Stats, env_num, handoff, stats};
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -38,27 +40,6 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(run());
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Stats {
-        p50: at(0.50),
-        p99: at(0.99),
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -155,7 +136,17 @@ async fn run() {
             ms(memory_acquire.p50),
             ms(memory_release.p50)
         );
-        let (gap, repeats, grants) = sdk_handoff(&server.url, 8, Duration::from_secs(secs)).await;
+        // Separate clients, as separate processes would be.
+        let clients = (0..8)
+            .map(|_| {
+                DistributedLock::builder("bench")
+                    .endpoint(&server.url)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let (gap, repeats, grants) =
+            handoff(clients, Duration::from_secs(60), Duration::from_secs(secs)).await;
         println!(
             "SDK hand-over, 8 tasks:  gap p50 {:.2} ms  p99 {:.2} ms  ({grants} grants, {repeats} to the same task twice in a row)",
             ms(gap.p50),
@@ -333,50 +324,6 @@ async fn halves(dl: &DistributedLock, n: usize) -> (Stats, Stats) {
     (stats(acquires), stats(releases))
 }
 
-/// 8 tasks take turns on one lock through the SDK.
-async fn sdk_handoff(url: &str, tasks: usize, duration: Duration) -> (Stats, usize, usize) {
-    let origin = Instant::now();
-    let released_at = Arc::new(AtomicU64::new(0));
-    let log = Arc::new(Mutex::new(Vec::<(usize, Duration)>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut set = tokio::task::JoinSet::new();
-    for id in 0..tasks {
-        // Separate clients, as separate processes would be.
-        let dl = DistributedLock::builder("bench")
-            .endpoint(url)
-            .build()
-            .unwrap();
-        let (released_at, log, stop) = (released_at.clone(), log.clone(), stop.clone());
-        set.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let guard = dl
-                    .lock("hot")
-                    .expires_in(Duration::from_secs(60))
-                    .await
-                    .unwrap();
-                let granted = origin.elapsed();
-                let released = Duration::from_nanos(released_at.load(Ordering::SeqCst));
-                log.lock()
-                    .unwrap()
-                    .push((id, granted.saturating_sub(released)));
-                released_at.store(origin.elapsed().as_nanos() as u64, Ordering::SeqCst);
-                guard.release().await.unwrap();
-            }
-        });
-    }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    while set.join_next().await.is_some() {}
-    let log = log.lock().unwrap();
-    let steady = &log[tasks.min(log.len())..];
-    let repeats = steady.windows(2).filter(|w| w[0].0 == w[1].0).count();
-    (
-        stats(steady.iter().map(|(_, gap)| *gap).collect()),
-        repeats,
-        steady.len(),
-    )
-}
-
 /// 8 tasks take turns on one lock through etcd's lock service, each with its own session.
 async fn etcd_lock_handoff(client: &Client, tasks: usize, duration: Duration) -> (Stats, usize) {
     let origin = Instant::now();
@@ -437,40 +384,4 @@ fn cpu(pids: &[u32]) -> Vec<f64> {
             (ticks(11) + ticks(12)) / 100.0
         })
         .collect()
-}
-
-/// The server process; its address is read from its log.
-struct Spawned {
-    child: Child,
-    url: String,
-}
-
-impl Spawned {
-    fn start(command: &mut Command) -> Spawned {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("server process starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some((_, url)) = line.split_once("listening on ") {
-                    let _ = tx.send(url.trim().to_owned());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server printed its address");
-        Spawned { child, url }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

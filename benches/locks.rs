@@ -25,11 +25,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{Spawned, Stats, env_num, handoff, stats};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -113,7 +115,13 @@ async fn run(client_rt: String) {
         }
         for round in 1..=3 {
             let rtt = round_trip_floor(&floor, settings.pairs).await;
-            let (gap, repeats, grants) = handoff(&dl, 8, Duration::from_secs(settings.secs)).await;
+            let clients = vec![dl.clone(); 8];
+            let (gap, repeats, grants) = handoff(
+                clients,
+                distributed_lock::DEFAULT_EXPIRES_IN,
+                Duration::from_secs(settings.secs),
+            )
+            .await;
             println!(
                 "handoff 8 tasks   round {round}: floor round trip p50 {:>7.1} µs | gap p50 {:>7.1} µs p99 {:>7.1} µs | {grants} grants, {repeats} to the same task twice in a row",
                 us(rtt.p50),
@@ -132,13 +140,6 @@ async fn run(client_rt: String) {
     }
 }
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -148,22 +149,6 @@ enum Proto {
     H2,
     H1,
 }
-
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Stats {
-        p50: at(0.50),
-        p99: at(0.99),
-    }
-}
-
-// ---------- the SDK ----------
 
 /// Acquire+release pair latencies of four client/server combinations, measured in turns
 /// of 250 pairs so that the machine's slow and fast spells hit all alike: the bare-hyper
@@ -209,45 +194,6 @@ impl Paths<'_> {
 
 async fn sdk_pair(dl: &DistributedLock) {
     dl.lock("solo").await.unwrap().release().await.unwrap();
-}
-
-async fn handoff(dl: &DistributedLock, tasks: usize, duration: Duration) -> (Stats, usize, usize) {
-    let origin = Instant::now();
-    // Nanoseconds since `origin` at which the last release was sent.
-    let released_at = Arc::new(AtomicU64::new(0));
-    let log = Arc::new(Mutex::new(Vec::<(usize, Duration)>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut set = tokio::task::JoinSet::new();
-    for id in 0..tasks {
-        let dl = dl.clone();
-        let released_at = released_at.clone();
-        let log = log.clone();
-        let stop = stop.clone();
-        set.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let guard = dl.lock("hot").await.unwrap();
-                let granted = origin.elapsed();
-                let released = Duration::from_nanos(released_at.load(Ordering::SeqCst));
-                log.lock()
-                    .unwrap()
-                    .push((id, granted.saturating_sub(released)));
-                released_at.store(origin.elapsed().as_nanos() as u64, Ordering::SeqCst);
-                guard.release().await.unwrap();
-            }
-        });
-    }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    while set.join_next().await.is_some() {}
-    let log = log.lock().unwrap();
-    // Skip the start, when waiters were still queueing.
-    let steady = &log[tasks.min(log.len())..];
-    let repeats = steady.windows(2).filter(|w| w[0].0 == w[1].0).count();
-    (
-        stats(steady.iter().map(|(_, gap)| *gap).collect()),
-        repeats,
-        steady.len(),
-    )
 }
 
 async fn throughput_sdk(dl: &DistributedLock, tasks: usize, duration: Duration) -> f64 {
@@ -416,56 +362,4 @@ fn serve_baseline() {
             });
         }
     });
-}
-
-// ---------- processes ----------
-
-struct Spawned {
-    child: Child,
-    url: String,
-}
-
-impl Spawned {
-    fn start(command: &mut Command) -> Spawned {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("server process starts");
-        // The bare server prints on stdout, the real one logs on stderr: read both.
-        let (tx, rx) = std::sync::mpsc::channel();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Some((_, url)) = line.split_once("listening on ") {
-                        let _ = tx.send(url.trim().to_owned());
-                    }
-                }
-            });
-        }
-        let url = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server printed its address");
-        Spawned { child, url }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
