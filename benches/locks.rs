@@ -130,8 +130,22 @@ async fn run(client_rt: String) {
             );
         }
         for round in 1..=3 {
-            let f = throughput_floor(&floor, 32, Duration::from_secs(settings.secs)).await;
-            let s = throughput_sdk(&dl, 32, Duration::from_secs(settings.secs)).await;
+            let secs = Duration::from_secs(settings.secs);
+            let bare = Arc::new(Floor {
+                client: floor.client.clone(),
+                url: floor.url.clone(),
+            });
+            let f = throughput(32, secs, move |name| {
+                let bare = bare.clone();
+                async move { bare.pair(&name).await }
+            })
+            .await;
+            let sdk = dl.clone();
+            let s = throughput(32, secs, move |name| {
+                let sdk = sdk.clone();
+                async move { sdk.lock(name).await.unwrap().release().await.unwrap() }
+            })
+            .await;
             println!(
                 "throughput 32     round {round}: floor {f:>8.0} pairs/s | sdk {s:>8.0} pairs/s | ratio {:.2}",
                 s / f
@@ -196,23 +210,20 @@ async fn sdk_pair(dl: &DistributedLock) {
     dl.lock("solo").await.unwrap().release().await.unwrap();
 }
 
-async fn throughput_sdk(dl: &DistributedLock, tasks: usize, duration: Duration) -> f64 {
+/// Pairs per second of `tasks` tasks, each taking turns on a lock of its own with `pair`.
+async fn throughput<F, Fut>(tasks: usize, duration: Duration, pair: F) -> f64
+where
+    F: Fn(String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let count = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut set = tokio::task::JoinSet::new();
     for id in 0..tasks {
-        let dl = dl.clone();
-        let count = count.clone();
-        let stop = stop.clone();
+        let (pair, count, stop) = (pair.clone(), count.clone(), stop.clone());
         set.spawn(async move {
-            let name = format!("lock-{id}");
             while !stop.load(Ordering::Relaxed) {
-                dl.lock(name.as_str())
-                    .await
-                    .unwrap()
-                    .release()
-                    .await
-                    .unwrap();
+                pair(format!("lock-{id}")).await;
                 count.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -289,35 +300,6 @@ async fn round_trip_floor(floor: &Floor, n: usize) -> Stats {
         samples.push(start.elapsed());
     }
     stats(samples)
-}
-
-async fn throughput_floor(floor: &Floor, tasks: usize, duration: Duration) -> f64 {
-    let floor = Arc::new(Floor {
-        client: floor.client.clone(),
-        url: floor.url.clone(),
-    });
-    let count = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut set = tokio::task::JoinSet::new();
-    for id in 0..tasks {
-        let floor = floor.clone();
-        let count = count.clone();
-        let stop = stop.clone();
-        set.spawn(async move {
-            let name = format!("lock-{id}");
-            while !stop.load(Ordering::Relaxed) {
-                floor.pair(&name).await;
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-    }
-    let start = Instant::now();
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let done = count.load(Ordering::Relaxed);
-    let elapsed = start.elapsed();
-    while set.join_next().await.is_some() {}
-    done as f64 / elapsed.as_secs_f64()
 }
 
 /// The floor's server: parse the JSON, touch a HashMap behind a mutex, answer JSON.

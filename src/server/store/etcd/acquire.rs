@@ -136,24 +136,6 @@ impl Inner {
                     }
                 }
             }
-            match kept {
-                Ok(()) => {}
-                // The spare ran out between the write and the keep-alive: so did the key.
-                Err(EtcdError::LeaseGone) => continue,
-                Err(e) => {
-                    // Unknown whether the spare still runs: give the place up.
-                    self.give_up(&Place {
-                        lease: LeaseId {
-                            slot,
-                            etcd: lease.id,
-                        },
-                        revision: revision(&answer),
-                        entry,
-                        key,
-                    });
-                    return Err(e);
-                }
-            }
             let place = Place {
                 lease: LeaseId {
                     slot,
@@ -161,8 +143,18 @@ impl Inner {
                 },
                 revision: revision(&answer),
                 entry,
-                key,
+                key: key.clone(),
             };
+            match kept {
+                Ok(()) => {}
+                // The spare ran out between the write and the keep-alive: so did the key.
+                Err(EtcdError::LeaseGone) => continue,
+                Err(e) => {
+                    // Unknown whether the spare still runs: give the place up.
+                    self.give_up(&place);
+                    return Err(e);
+                }
+            }
             let in_line = count_of(&answer, 1);
             let Some(predecessor) = kvs(&answer, 1).get(1).map(|kv| kv.key().to_vec()) else {
                 // The lease was refreshed (or granted) after this call began.
