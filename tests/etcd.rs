@@ -495,3 +495,90 @@ async fn a_crowd_on_one_lock_through_two_servers_is_served_one_at_a_time() {
     );
     assert_eq!(a.inspect("p", "crowded").await, (None, 0));
 }
+
+/// etcd's count of `LeaseKeepAlive` streams opened and keep-alive messages received.
+async fn keep_alive_counts(etcd: &EtcdCluster) -> (u64, u64) {
+    let addr = etcd
+        .endpoint(0)
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let (status, metrics) = raw(addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    let count = |metric: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(metric) && l.contains(r#"grpc_method="LeaseKeepAlive""#))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    (
+        count("grpc_server_started_total"),
+        count("grpc_server_msg_received_total"),
+    )
+}
+
+#[tokio::test]
+async fn keep_alives_reuse_one_stream_per_lease() {
+    let etcd = EtcdCluster::start(1).await;
+    let server = TestServer::start_over(Some(&etcd), |b| b).await;
+    let dl = server.client("p");
+    // The first pair grants leases; later pairs reuse them as spares, kept alive at each
+    // acquire.
+    dl.lock("solo").await.unwrap().release().await.unwrap();
+    let (opened, sent) = keep_alive_counts(&etcd).await;
+    for _ in 0..30 {
+        dl.lock("solo").await.unwrap().release().await.unwrap();
+    }
+    let (opened_after, sent_after) = keep_alive_counts(&etcd).await;
+    assert!(
+        sent_after - sent >= 30,
+        "each acquire of a spare keeps it alive: {} keep-alives",
+        sent_after - sent
+    );
+    assert!(
+        opened_after - opened <= 3,
+        "{} streams opened for {} keep-alives",
+        opened_after - opened,
+        sent_after - sent
+    );
+    // A held lock's renewals, too, go over one stream.
+    let guard = dl
+        .lock("held")
+        .expires_in(Duration::from_secs(2))
+        .await
+        .unwrap();
+    let (opened, sent) = keep_alive_counts(&etcd).await;
+    eventually(BOUND, "three renewals", || async {
+        keep_alive_counts(&etcd).await.1 >= sent + 3
+    })
+    .await;
+    assert!(guard.is_held());
+    let (opened_after, _) = keep_alive_counts(&etcd).await;
+    assert!(
+        opened_after - opened <= 1,
+        "renewals opened {} streams",
+        opened_after - opened
+    );
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn healthz_answers_503_while_etcd_is_out_of_reach() {
+    let mut server = TestServer::start_on(support::Backend::Etcd).await;
+    let health = |addr| async move { raw(addr, "GET", "/healthz", &[], "").await };
+    assert_eq!(health(server.addr).await, (200, "ok\n".to_owned()));
+    server.etcd.as_mut().unwrap().kill_all();
+    let addr = server.addr;
+    eventually(BOUND, "healthz reports etcd down", || async move {
+        let (status, body) = health(addr).await;
+        status == 503 && body.contains("etcd unavailable")
+    })
+    .await;
+    server.etcd.as_mut().unwrap().restart_all().await;
+    eventually(BOUND, "healthz reports etcd back", || async move {
+        health(addr).await.0 == 200
+    })
+    .await;
+}

@@ -240,7 +240,7 @@ impl App {
             ));
         }
         match route {
-            Route::Healthz => return Ok(self.health()),
+            Route::Healthz => return Ok(self.health().await),
             Route::Metrics => {
                 return Ok(text_reply(
                     StatusCode::OK,
@@ -266,16 +266,17 @@ impl App {
         }
     }
 
-    /// `200 ok`, or `503` once the server is shutting down (so load balancers move on).
-    fn health(&self) -> Reply {
+    /// `200 ok`; `503` once the server is shutting down or while its store cannot serve
+    /// (etcd out of reach), so that load balancers move on.
+    async fn health(&self) -> Reply {
+        let unavailable =
+            |why: String| text_reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why);
         if *self.stopping.borrow() {
-            text_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "shutting down\n".into(),
-            )
-        } else {
-            text_reply(StatusCode::OK, "text/plain", "ok\n".into())
+            return unavailable("shutting down\n".into());
+        }
+        match self.store.check().await {
+            Ok(()) => text_reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            Err(e) => unavailable(format!("{e}\n")),
         }
     }
 

@@ -245,6 +245,11 @@ pub trait LockStore: Send + Sync + 'static {
     /// Store-wide figures.
     fn stats(&self) -> StoreStats;
 
+    /// Whether the store can serve now, for health checks: `Unavailable` says why not.
+    fn check(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Called once when the server shuts down gracefully.
     fn shutdown(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })

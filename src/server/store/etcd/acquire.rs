@@ -108,7 +108,7 @@ impl Inner {
                 if lease.fresh {
                     Ok(())
                 } else {
-                    self.etcd.keep_alive(lease.id).await
+                    self.etcd.keep_alive(lease.id, lease.ttl).await
                 }
             });
             let answer = match answer {
@@ -196,7 +196,7 @@ impl Inner {
                 "request id collision; retry with a new request id".into(),
             ));
         }
-        match self.etcd.keep_alive(kv.lease()).await {
+        match self.etcd.keep_alive(kv.lease(), entry.ttl).await {
             Ok(()) => {}
             Err(EtcdError::LeaseGone) => return Ok(None),
             Err(e) => return Err(e),

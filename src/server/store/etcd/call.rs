@@ -1,12 +1,14 @@
 //! Calls to etcd: each bounded in time, retried while etcd is unreachable or electing a
 //! leader, and mapped to the store's errors.
 
+use super::keepers::{Keepers, Kept};
 use crate::server::store::StoreError;
 use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, KeyValue, PutOptions,
     SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -69,16 +71,31 @@ pub(super) struct Etcd {
     pub client: Client,
     /// Longest time one logical call (all its attempts) may take.
     pub timeout: Duration,
+    pub keepers: Arc<Keepers>,
 }
 
 impl Etcd {
     /// Runs `attempt` until it succeeds, fails for good, or the call's time is up.
-    pub async fn call<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, EtcdError>
+    pub async fn call<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, EtcdError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let deadline = Instant::now() + self.timeout;
+        self.call_until(what, Instant::now() + self.timeout, attempt)
+            .await
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or `deadline` passes.
+    pub async fn call_until<T, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut attempt: F,
+    ) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let mut delay = Duration::from_millis(10);
         loop {
             let outcome = tokio::time::timeout_at(deadline, attempt(self.client.clone())).await;
@@ -91,7 +108,7 @@ impl Etcd {
                     }
                     Failure::Retry(reason) => reason,
                 },
-                Err(_) => format!("no answer within {:?}", self.timeout),
+                Err(_) => "no answer in time".to_owned(),
             };
             if Instant::now() + delay >= deadline {
                 return Err(EtcdError::Unavailable(format!("{what}: {reason}")));
@@ -126,6 +143,7 @@ impl Etcd {
     /// Revokes an etcd lease, deleting every key attached to it. `LeaseGone` if it had
     /// already ended.
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
+        self.keepers.close(lease);
         self.call("revoke", |mut c| async move { c.lease_revoke(lease).await })
             .await
             .map(drop)
@@ -139,13 +157,26 @@ impl Etcd {
         });
     }
 
-    /// One keep-alive. `LeaseGone` if the lease has ended (etcd answered a TTL of 0 or less).
-    pub async fn keep_alive(&self, lease: i64) -> Result<(), EtcdError> {
-        self.call("keep-alive", |mut c| async move {
-            // The first answer is checked by etcd-client: a TTL <= 0 is "lease not found".
-            c.lease_keep_alive(lease).await.map(drop)
-        })
-        .await
+    /// One keep-alive of a lease whose TTL is `ttl` seconds. `LeaseGone` if the lease has
+    /// ended (etcd answered a TTL of 0 or less). Uses the lease's open stream if it has one,
+    /// and keeps a new one open for the next time.
+    pub async fn keep_alive(&self, lease: i64, ttl: i64) -> Result<(), EtcdError> {
+        let deadline = Instant::now() + self.timeout;
+        // Half the time for the open stream: a broken one leaves time to open another.
+        match self.keepers.keep_alive(lease, self.timeout / 2).await {
+            Some(Kept::Alive) => return Ok(()),
+            Some(Kept::Gone) => return Err(EtcdError::LeaseGone),
+            Some(Kept::Broken) | None => {}
+        }
+        let (keeper, answers) = self
+            .call_until("keep-alive", deadline, |mut c| async move {
+                // The first answer is checked by etcd-client: a TTL <= 0 is "lease not found".
+                c.lease_keep_alive(lease).await
+            })
+            .await?;
+        let ttl = Duration::from_secs(ttl.max(1) as u64);
+        self.keepers.hold(keeper, answers, ttl);
+        Ok(())
     }
 
     /// Remaining TTL of a lease in whole seconds (rounded down), `None` once it has ended.

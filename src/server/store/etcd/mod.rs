@@ -23,6 +23,7 @@
 
 mod acquire;
 mod call;
+mod keepers;
 mod keys;
 mod leases;
 mod renew;
@@ -82,6 +83,8 @@ struct Inner {
     max_waiters_per_lock: usize,
     stats: Mutex<(Option<Instant>, StoreStats)>,
     refreshing: AtomicBool,
+    /// The last health probe: when, and what it found.
+    health: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
 impl EtcdStore {
@@ -104,6 +107,7 @@ impl EtcdStore {
         let etcd = call::Etcd {
             client,
             timeout: config.call_timeout,
+            keepers: Default::default(),
         };
         Ok(EtcdStore {
             inner: Arc::new(Inner {
@@ -113,6 +117,7 @@ impl EtcdStore {
                 max_waiters_per_lock: config.max_waiters_per_lock,
                 stats: Mutex::new((None, StoreStats::default())),
                 refreshing: AtomicBool::new(false),
+                health: Mutex::new(None),
             }),
         })
     }
@@ -257,6 +262,29 @@ impl Inner {
         Ok((view.holder.is_some() || view.waiters > 0).then_some(view))
     }
 
+    /// Whether etcd serves linearizable reads now (a leader and a quorum are reachable):
+    /// one read of a single key, at most every `HEALTH_EVERY`, bounded by `HEALTH_BOUND`.
+    async fn check(&self) -> Result<(), String> {
+        if let Some((at, found)) = &*self.health.lock().unwrap_or_else(|p| p.into_inner())
+            && at.elapsed() < HEALTH_EVERY
+        {
+            return found.clone();
+        }
+        let key = format!("{}/health", self.prefix);
+        let found = self
+            .etcd
+            .call_until("health", Instant::now() + HEALTH_BOUND, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await
+            .map(drop)
+            .map_err(|e| StoreError::from(e).to_string());
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), found.clone()));
+        found
+    }
+
     /// Counts held locks and waiters over the whole prefix (keys only).
     async fn count_all(&self) -> Result<StoreStats, EtcdError> {
         let all = self
@@ -276,6 +304,10 @@ impl Inner {
         })
     }
 }
+
+/// How long a health probe's finding is reused, and how long a probe may take.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+const HEALTH_BOUND: Duration = Duration::from_secs(2);
 
 /// How often the store-wide figures for `/metrics` may be recounted.
 const STATS_EVERY: Duration = Duration::from_secs(5);
@@ -328,6 +360,12 @@ impl LockStore for EtcdStore {
             });
         }
         stats
+    }
+
+    /// A linearizable read of one key (at most one a second): `Unavailable` while etcd has
+    /// no leader or cannot be reached.
+    fn check(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.inner.check().await.map_err(StoreError::Unavailable) })
     }
 
     fn shutdown(&self) -> StoreFuture<'_, ()> {

@@ -29,11 +29,12 @@ impl Inner {
         let mut tasks = tokio::task::JoinSet::new();
         let limit = Arc::new(tokio::sync::Semaphore::new(64));
         for (i, found) in before.iter().enumerate() {
-            if let Some((_, lease, _)) = found {
+            if let Some((_, lease, entry)) = found {
                 let (etcd, lease, limit) = (self.etcd.clone(), *lease, limit.clone());
+                let ttl = entry.ttl;
                 tasks.spawn(async move {
                     let _permit = limit.acquire_owned().await;
-                    (i, etcd.keep_alive(lease).await)
+                    (i, etcd.keep_alive(lease, ttl).await)
                 });
             }
         }

@@ -111,7 +111,7 @@ impl Inner {
                     _ = tokio::time::sleep_until(next_keep_alive) => {
                                                 let sent = Instant::now();
                         next_keep_alive = sent + keep_alive_every;
-                        let kept = self.etcd.keep_alive(place.lease.etcd);
+                        let kept = self.etcd.keep_alive(place.lease.etcd, place.entry.ttl);
                         match tokio::time::timeout_at(poll_end, kept).await {
                             Ok(Ok(())) => refreshed = sent,
                             Ok(Err(EtcdError::LeaseGone)) => continue 'check,
@@ -179,7 +179,7 @@ impl Inner {
         // This keep-alive is sent after `waited`: reporting `waited` stays on the safe side.
         let (answer, kept) = tokio::join!(
             self.etcd.txn("end poll", txn),
-            self.etcd.keep_alive(place.lease.etcd)
+            self.etcd.keep_alive(place.lease.etcd, place.entry.ttl)
         );
         let answer = answer?;
         let mine = first(&answer, 0).is_some_and(|kv| kv.lease() == place.lease.etcd);
