@@ -199,3 +199,64 @@ async fn a_grant_that_races_the_drop_is_released_at_once(backend: Backend) {
         .await;
     assert!(next.is_ok());
 }
+
+/// A retried acquire asks only for the wait that remains, so the server never keeps the
+/// caller in line past its timeout. The peer here is a bare socket that reads the first
+/// attempt, holds it unanswered, then drops the connection, and refuses the second
+/// (`409`, as a lock server does when the wait ends without a grant).
+#[tokio::test]
+async fn a_retried_acquire_asks_for_the_remaining_wait() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let held = Duration::from_millis(400);
+    let peer = tokio::spawn(async move {
+        let mut waits = Vec::new();
+        for attempt in 0..2 {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // The JSON body ends the request (the client sends it in one piece with it).
+            while !request.ends_with(b"}") {
+                let n = socket.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "request cut short");
+                request.extend_from_slice(&chunk[..n]);
+            }
+            let text = String::from_utf8_lossy(&request).into_owned();
+            let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+            let json: serde_json::Value = serde_json::from_str(body).unwrap();
+            waits.push(json["wait_ms"].as_u64().unwrap());
+            if attempt == 0 {
+                tokio::time::sleep(held).await;
+                drop(socket);
+            } else {
+                let answer = r#"{"error":"timeout","message":"not granted in time"}"#;
+                let response = format!(
+                    "HTTP/1.1 409 Conflict\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                socket.write_all(response.as_bytes()).await.unwrap();
+            }
+        }
+        waits
+    });
+    let dl = distributed_lock::DistributedLock::builder("k")
+        .endpoint(&url)
+        .http1_only()
+        .build()
+        .unwrap();
+    let err = within(
+        Duration::from_secs(20),
+        dl.lock("x").timeout(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    let waits = within(Duration::from_secs(20), peer).await.unwrap();
+    assert!(waits[0] <= 5000 && waits[0] > 4000, "{waits:?}");
+    assert!(
+        waits[1] + held.as_millis() as u64 <= waits[0],
+        "the retry asked for {} ms after {held:?} had passed: {waits:?}",
+        waits[1]
+    );
+}

@@ -166,16 +166,19 @@ impl LockRequest {
         let lease_ms = self.expires_in.as_millis() as u64;
         loop {
             let sent = Instant::now();
-            let wait_ms =
-                wait_deadline.map(|d| d.saturating_duration_since(sent).as_millis() as u64);
-            let body = json(&AcquireRequest {
-                name: name.to_string(),
-                lease_ms,
-                wait_ms,
-                poll_ms: Some(POLL.as_millis() as u64),
-                request_id,
-                metadata: self.metadata.clone(),
-            });
+            // Each attempt asks for the wait that remains then, so that a retried request
+            // does not keep the caller in line past its timeout.
+            let body = || {
+                json(&AcquireRequest {
+                    name: name.to_string(),
+                    lease_ms,
+                    wait_ms: wait_deadline
+                        .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+                    poll_ms: Some(POLL.as_millis() as u64),
+                    request_id,
+                    metadata: self.metadata.clone(),
+                })
+            };
             let attempts = Attempts {
                 // Unreachable servers end the call at the caller's timeout, or after the
                 // client's `unavailable_after` when it waits without limit.
@@ -184,7 +187,7 @@ impl LockRequest {
             };
             let reply = client
                 .transport()
-                .post(Route::Acquire, body, attempts)
+                .post_each(Route::Acquire, body, attempts)
                 .await?;
             match reply.status {
                 StatusCode::OK => {

@@ -264,6 +264,23 @@ impl Transport {
         body: Bytes,
         attempts: Attempts,
     ) -> Result<Reply, Error> {
+        self.send(
+            Method::POST,
+            |e| Ok(e.uri(route)),
+            || body.clone(),
+            attempts,
+        )
+        .await
+    }
+
+    /// [`Transport::post`] with a body made afresh for each attempt (an acquire's remaining
+    /// wait shrinks between attempts).
+    pub async fn post_each(
+        &self,
+        route: Route,
+        body: impl Fn() -> Bytes,
+        attempts: Attempts,
+    ) -> Result<Reply, Error> {
         self.send(Method::POST, |e| Ok(e.uri(route)), body, attempts)
             .await
     }
@@ -275,14 +292,14 @@ impl Transport {
                 .parse::<Uri>()
                 .map_err(|err| Error::invalid(format!("bad path {path:?}: {err}")))
         };
-        self.send(Method::GET, uri, Bytes::new(), attempts).await
+        self.send(Method::GET, uri, Bytes::new, attempts).await
     }
 
     async fn send(
         &self,
         method: Method,
         uri: impl Fn(&Endpoint) -> Result<Uri, Error>,
-        body: Bytes,
+        body: impl Fn() -> Bytes,
         attempts: Attempts,
     ) -> Result<Reply, Error> {
         let mut delays = retry::delays();
@@ -297,7 +314,7 @@ impl Transport {
                 .attempt(
                     method.clone(),
                     uri(endpoint)?,
-                    body.clone(),
+                    body(),
                     attempts.per_attempt.min(answer_by),
                 )
                 .await
