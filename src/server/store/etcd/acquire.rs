@@ -17,10 +17,13 @@ use tokio::time::Instant;
 #[derive(Debug, Clone)]
 pub(super) struct Place {
     pub lease: LeaseId,
-    /// The create revision of its key: its order in line, and its fencing token.
+    /// The create revision of its queue key: its order in line, its fencing token, and
+    /// what tells it from a later place under the same (reused) key name.
     pub revision: i64,
     pub entry: Entry,
+    /// The queue key.
     pub key: Vec<u8>,
+    pub request_key: Vec<u8>,
 }
 
 impl Place {
@@ -74,7 +77,7 @@ impl Inner {
     ) -> Result<Placed, EtcdError> {
         let ask = ttl_for(spec.lease);
         let slot = Slot::of(spec.request_id);
-        let key = keys.key(slot);
+        let request_key = keys.request_key(slot);
         let try_once = spec.wait == Some(Duration::ZERO);
         // A key whose lease just ran out, or a spare that did, costs a round; a few suffice.
         for _ in 0..4 {
@@ -82,26 +85,31 @@ impl Inner {
                 self.check_lock_quota(spec, keys).await?;
             }
             let lease = self.leases.take(ask).await?;
+            let key = keys.queue_key(lease.id);
             let entry = Entry {
-                request_id: spec.request_id.to_string(),
                 ttl: lease.ttl,
                 ask,
                 at: unix_ms(SystemTime::now()),
                 granted: None,
                 label: spec.label.clone(),
             };
-            let mut when = vec![absent(key.clone())];
+            let mut when = vec![absent(request_key.clone()), absent(key.clone())];
             if try_once {
                 when.push(empty(keys.queue()));
             }
             let txn = Txn::new()
                 .when(when)
                 .and_then(vec![
+                    put(request_key.clone(), spec.request_id.to_string(), lease.id),
                     put(key.clone(), entry.encode(), lease.id),
                     // The new key and the one just ahead of it (if any).
                     queue_newest(keys.queue(), 2),
                 ])
-                .or_else(vec![get(key.clone()), queue_oldest(keys.queue(), 1)]);
+                .or_else(vec![
+                    get(request_key.clone()),
+                    queue_oldest(keys.queue(), 1),
+                    get(key.clone()),
+                ]);
             // A spare is refreshed at the same time, so that it runs a full TTL from now; a
             // fresh lease was granted for this request.
             let (answer, kept) = tokio::join!(self.etcd.txn("queue", txn), async {
@@ -117,24 +125,25 @@ impl Inner {
                 other => other?,
             };
             if !answer.succeeded() {
-                if kept.is_ok() {
+                // A queue key under this etcd lease's name means the lease serves another
+                // acquire: never hand it out again.
+                let name_taken = first(&answer, 2).is_some();
+                if kept.is_ok() && !name_taken {
                     self.leases.put_back(ask, lease);
                 }
-                match first(&answer, 0) {
-                    Some(existing) => match self.resume(spec, &existing).await? {
+                if let Some(existing) = first(&answer, 0) {
+                    match self.resume(spec, keys, &existing).await? {
                         Some(place) => return Ok(Placed::Waiting(place, None)),
-                        // Its lease ran out: etcd is deleting the key. Look again.
+                        // Its lease ran out: etcd is deleting the keys. Look again.
                         None => continue,
-                    },
-                    None => {
-                        // Tried once, and the lock is taken.
-                        let holder = match first(&answer, 1) {
-                            Some(kv) => self.holder_view(&kv).await?,
-                            None => None,
-                        };
-                        return Ok(Placed::Done(AcquireOutcome::TimedOut { holder }));
                     }
                 }
+                if try_once && let Some(head) = first(&answer, 1) {
+                    // Tried once, and the lock is taken.
+                    let holder = self.holder_view(&head).await?;
+                    return Ok(Placed::Done(AcquireOutcome::TimedOut { holder }));
+                }
+                continue;
             }
             let place = Place {
                 lease: LeaseId {
@@ -143,7 +152,8 @@ impl Inner {
                 },
                 revision: revision(&answer),
                 entry,
-                key: key.clone(),
+                key,
+                request_key: request_key.clone(),
             };
             match kept {
                 Ok(()) => {}
@@ -155,8 +165,8 @@ impl Inner {
                     return Err(e);
                 }
             }
-            let in_line = count_of(&answer, 1);
-            let Some(predecessor) = kvs(&answer, 1).get(1).map(|kv| kv.key().to_vec()) else {
+            let in_line = count_of(&answer, 2);
+            let Some(predecessor) = kvs(&answer, 2).get(1).map(|kv| kv.key().to_vec()) else {
                 // The lease was refreshed (or granted) after this call began.
                 return Ok(Placed::Done(AcquireOutcome::Granted(
                     place.grant(Duration::ZERO),
@@ -186,43 +196,64 @@ impl Inner {
         ))
     }
 
-    /// The place a request already has, refreshed with a keep-alive; `None` if its lease
-    /// has run out.
-    async fn resume(&self, spec: &AcquireSpec, kv: &KeyValue) -> Result<Option<Place>, EtcdError> {
-        let entry = Entry::decode(kv.value());
-        if entry.request_id != spec.request_id.to_string() {
+    /// The place a request already has (`request` is its request key), refreshed with a
+    /// keep-alive; `None` if its lease has run out.
+    async fn resume(
+        &self,
+        spec: &AcquireSpec,
+        keys: &LockKeys,
+        request: &KeyValue,
+    ) -> Result<Option<Place>, EtcdError> {
+        if request.value() != spec.request_id.to_string().as_bytes() {
             // Two request ids with the same 64-bit slot: astronomically rare.
             return Err(EtcdError::Unavailable(
                 "request id collision; retry with a new request id".into(),
             ));
         }
-        match self.etcd.keep_alive(kv.lease(), entry.ttl).await {
+        let lease = request.lease();
+        let key = keys.queue_key(lease);
+        let (queued, kept) = tokio::join!(
+            self.etcd.get("resume", &key, None),
+            self.etcd.keep_alive(lease, ttl_for(spec.lease))
+        );
+        match kept {
             Ok(()) => {}
             Err(EtcdError::LeaseGone) => return Ok(None),
             Err(e) => return Err(e),
         }
+        let Some(queued) = queued?
+            .take_kvs()
+            .into_iter()
+            .find(|kv| kv.lease() == lease)
+        else {
+            return Ok(None);
+        };
         Ok(Some(Place {
             lease: LeaseId {
                 slot: Slot::of(spec.request_id),
-                etcd: kv.lease(),
+                etcd: lease,
             },
-            revision: kv.create_revision(),
-            entry,
-            key: kv.key().to_vec(),
+            revision: queued.create_revision(),
+            entry: Entry::decode(queued.value()),
+            key,
+            request_key: request.key().to_vec(),
         }))
     }
 
-    /// Leaves the line off the caller's path: deletes the key if it is still attached to the
-    /// place's etcd lease, and only then revokes that lease. (Had the key gone another way,
-    /// a release may have handed the etcd lease to a new acquire meanwhile.)
+    /// Leaves the line off the caller's path: deletes the place's keys if they are still
+    /// there, and only then revokes its etcd lease. (Had the keys gone another way, a
+    /// release may have handed the etcd lease to a new acquire meanwhile.)
     fn give_up(&self, place: &Place) {
         let txn = Txn::new()
-            .when(vec![Compare::lease(
+            .when(vec![Compare::create_revision(
                 place.key.clone(),
                 CompareOp::Equal,
-                place.lease.etcd,
+                place.revision,
             )])
-            .and_then(vec![delete(place.key.clone())]);
+            .and_then(vec![
+                delete(place.key.clone()),
+                delete(place.request_key.clone()),
+            ]);
         let etcd = self.etcd.clone();
         let lease = place.lease.etcd;
         tokio::spawn(async move {

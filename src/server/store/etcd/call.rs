@@ -263,11 +263,6 @@ pub(super) fn ahead_of(prefix: &[u8], revision: i64, limit: i64) -> TxnOp {
     )
 }
 
-/// True when the key exists.
-pub(super) fn exists(key: Vec<u8>) -> Compare {
-    Compare::create_revision(key, CompareOp::Greater, 0)
-}
-
 /// True when the key does not exist.
 pub(super) fn absent(key: Vec<u8>) -> Compare {
     Compare::create_revision(key, CompareOp::Equal, 0)

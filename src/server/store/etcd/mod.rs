@@ -3,19 +3,21 @@
 //!
 //! The recipe is etcd's own mutex (`concurrency/mutex.go`), with one etcd lease per acquire:
 //!
-//! * **Queue.** An acquire writes one key under the lock's prefix, attached to its own etcd
-//!   lease. The key with the lowest create revision holds the lock; the others wait in
+//! * **Queue.** An acquire writes one queue key under the lock's prefix, attached to its own
+//!   etcd lease. The key with the lowest create revision holds the lock; the others wait in
 //!   create-revision order (FIFO). The fencing token is the holder's create revision.
-//! * **Idempotency.** The key is named after a hash of the request id, so a re-poll or a
-//!   retried acquire, on any server, finds the same place or the same grant.
+//! * **Idempotency.** In the same transaction it writes a request key named after a hash of
+//!   the request id, so a re-poll or a retried acquire, on any server, finds the same place
+//!   or the same grant. (Queue keys are named after their reused etcd lease instead, so that
+//!   a busy lock does not leave a trail of deleted names for every range to walk.)
 //! * **Waiting.** A waiter watches only the key just ahead of it (and its own, to notice a
 //!   cancel), and looks again when that key is deleted. While a server serves a waiter's
 //!   long poll it keeps the waiter's lease alive; after the poll, the waiter keeps its place
 //!   for its TTL: the etcd backend's grace period.
 //! * **Leases.** The etcd TTL is the lease rounded up to whole seconds (etcd may raise it to
 //!   its minimum); grants report what etcd granted. Renew = a keep-alive, then a
-//!   linearizable read confirming that the key is still there under that lease. Release
-//!   deletes the key if it is attached to the caller's etcd lease (one write; the next
+//!   linearizable read confirming that the keys are still there under that lease. Release
+//!   deletes the keys if they are attached to the caller's etcd lease (one write; the next
 //!   waiter's watch fires at once), and keeps the etcd lease for a later acquire.
 //!
 //! See `keys.rs` for the layout, `acquire.rs` and `wait.rs` for acquiring, `leases.rs` for
@@ -169,17 +171,20 @@ impl Inner {
         }))
     }
 
-    /// Deletes the holder's key if this lease id names it (one write: the next waiter's
+    /// Deletes the holder's keys if this lease id names them (one write: the next waiter's
     /// watch fires at once), and keeps the etcd lease for a later acquire.
     async fn release(&self, project: &Project, name: &str, id: Id) -> Result<Release, EtcdError> {
         let keys = self.keys(project, name);
         let Some(lease) = LeaseId::from_id(id) else {
             return self.not_held(&keys).await;
         };
-        let key = keys.key(lease.slot);
+        let (key, request_key) = (keys.queue_key(lease.etcd), keys.request_key(lease.slot));
         let txn = Txn::new()
-            .when(vec![held_by(key.clone(), lease.etcd)])
-            .and_then(vec![get(key.clone()), delete(key)])
+            .when(vec![
+                held_by(request_key.clone(), lease.etcd),
+                held_by(key.clone(), lease.etcd),
+            ])
+            .and_then(vec![get(key.clone()), delete(key), delete(request_key)])
             .or_else(vec![count(keys.queue())]);
         let answer = self.etcd.txn("release", txn).await?;
         if !answer.succeeded() {
@@ -219,20 +224,25 @@ impl Inner {
         request_id: Id,
     ) -> Result<bool, EtcdError> {
         let keys = self.keys(project, name);
-        let key = keys.key(keys::Slot::of(request_id));
+        let request_key = keys.request_key(keys::Slot::of(request_id));
+        let found = self.etcd.get("cancel", &request_key, None).await?;
+        let Some(lease) = found.kvs().first().map(|kv| kv.lease()) else {
+            return Ok(false);
+        };
         let answer = self
             .etcd
             .txn(
                 "cancel",
                 Txn::new()
-                    .when(vec![call::exists(key.clone())])
-                    .and_then(vec![get(key.clone()), delete(key)]),
+                    .when(vec![held_by(request_key.clone(), lease)])
+                    .and_then(vec![delete(request_key), delete(keys.queue_key(lease))]),
             )
             .await?;
-        let Some(kv) = first(&answer, 0) else {
+        if !answer.succeeded() {
+            // Released or cancelled meanwhile.
             return Ok(false);
-        };
-        self.etcd.revoke_later(kv.lease());
+        }
+        self.etcd.revoke_later(lease);
         Ok(true)
     }
 

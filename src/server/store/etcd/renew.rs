@@ -2,10 +2,10 @@
 
 use super::Inner;
 use super::call::{EtcdError, first, get};
-use super::keys::{Entry, LeaseId};
+use super::keys::{Entry, LeaseId, LockKeys};
 use crate::id::Id;
 use crate::server::store::Project;
-use etcd_client::Txn;
+use etcd_client::{KeyValue, Txn};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +15,9 @@ impl Inner {
         project: &Project,
         leases: Vec<(String, Id)>,
     ) -> Result<Vec<Option<Duration>>, EtcdError> {
-        let targets: Vec<Option<(LeaseId, Vec<u8>)>> = leases
+        let targets: Vec<Option<(LeaseId, LockKeys)>> = leases
             .iter()
-            .map(|(name, id)| {
-                let lease = LeaseId::from_id(*id)?;
-                Some((lease, self.keys(project, name).key(lease.slot)))
-            })
+            .map(|(name, id)| Some((LeaseId::from_id(*id)?, self.keys(project, name))))
             .collect();
         // 1. Which leases hold their lock (a foreign or made-up id names no key).
         let before = self.read_keys(&targets).await?;
@@ -48,7 +45,7 @@ impl Inner {
         }
         // 3. A keep-alive alone is no proof: etcd 3.4 can answer one for a lease whose keys
         //    its revocation is deleting. The key must still be there, afterwards.
-        let kept: Vec<Option<(LeaseId, Vec<u8>)>> = targets
+        let kept: Vec<Option<(LeaseId, LockKeys)>> = targets
             .into_iter()
             .zip(&alive)
             .map(|(t, &a)| t.filter(|_| a))
@@ -66,31 +63,41 @@ impl Inner {
             .collect())
     }
 
-    /// Reads keys in a few transactions: (create revision, etcd lease, entry) of each that
-    /// exists under the etcd lease its lease id names.
+    /// Reads keys in a few transactions: (create revision, etcd lease, entry) of each
+    /// acquire whose request key and queue key are both attached to the etcd lease its lease
+    /// id names.
     async fn read_keys(
         &self,
-        targets: &[Option<(LeaseId, Vec<u8>)>],
+        targets: &[Option<(LeaseId, LockKeys)>],
     ) -> Result<Vec<Option<(i64, i64, Entry)>>, EtcdError> {
         let mut out = vec![None; targets.len()];
-        let wanted: Vec<(usize, LeaseId, &Vec<u8>)> = targets
+        let wanted: Vec<(usize, LeaseId, &LockKeys)> = targets
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| t.as_ref().map(|(lease, key)| (i, *lease, key)))
+            .filter_map(|(i, t)| t.as_ref().map(|(lease, keys)| (i, *lease, keys)))
             .collect();
-        // etcd allows 128 operations per transaction by default.
-        for chunk in wanted.chunks(100) {
+        // etcd allows 128 operations per transaction by default; two reads per lease.
+        for chunk in wanted.chunks(50) {
             let ops: Vec<_> = chunk
                 .iter()
-                .map(|(_, _, key)| get((*key).clone()))
+                .flat_map(|(_, lease, keys)| {
+                    [
+                        get(keys.request_key(lease.slot)),
+                        get(keys.queue_key(lease.etcd)),
+                    ]
+                })
                 .collect();
             let answer = self
                 .etcd
                 .txn("read leases", Txn::new().and_then(ops))
                 .await?;
             for (j, (i, lease, _)) in chunk.iter().enumerate() {
-                out[*i] = first(&answer, j)
-                    .filter(|kv| kv.lease() == lease.etcd)
+                let attached = |kv: &KeyValue| kv.lease() == lease.etcd;
+                if first(&answer, 2 * j).filter(attached).is_none() {
+                    continue;
+                }
+                out[*i] = first(&answer, 2 * j + 1)
+                    .filter(attached)
                     .map(|kv| (kv.create_revision(), kv.lease(), Entry::decode(kv.value())));
             }
         }

@@ -25,7 +25,7 @@ impl Inner {
                 ]),
             )
             .await?;
-        if first(&answer, 0).is_none_or(|kv| kv.lease() != place.lease.etcd) {
+        if first(&answer, 0).is_none_or(|kv| kv.create_revision() != place.revision) {
             return Ok(Standing::Gone);
         }
         Ok(match first(&answer, 1) {
@@ -140,19 +140,19 @@ impl Inner {
         last_poll: bool,
     ) -> Result<AcquireOutcome, EtcdError> {
         if last_poll {
-            let mine = Compare::lease(place.key.clone(), CompareOp::Equal, place.lease.etcd);
+            let mine =
+                Compare::create_revision(place.key.clone(), CompareOp::Equal, place.revision);
             let txn = Txn::new()
                 .when(vec![
                     mine.clone(),
                     first_since(keys.queue(), place.revision),
                 ])
                 .or_else(vec![
-                    // Leave the line, if still in it under this lease.
-                    TxnOp::txn(
-                        Txn::new()
-                            .when(vec![mine])
-                            .and_then(vec![delete(place.key.clone())]),
-                    ),
+                    // Leave the line, if still in it.
+                    TxnOp::txn(Txn::new().when(vec![mine]).and_then(vec![
+                        delete(place.key.clone()),
+                        delete(place.request_key.clone()),
+                    ])),
                     queue_oldest(keys.queue(), 1),
                 ]);
             let answer = self.etcd.txn("end wait", txn).await?;
@@ -182,7 +182,7 @@ impl Inner {
             self.etcd.keep_alive(place.lease.etcd, place.entry.ttl)
         );
         let answer = answer?;
-        let mine = first(&answer, 0).is_some_and(|kv| kv.lease() == place.lease.etcd);
+        let mine = first(&answer, 0).is_some_and(|kv| kv.create_revision() == place.revision);
         match kept {
             Ok(()) if mine => {}
             Ok(()) | Err(EtcdError::LeaseGone) => return self.withdrawn(keys).await,
