@@ -770,6 +770,20 @@ async fn the_server_logs_in_again_when_etcd_ends_its_token() {
 }
 
 #[tokio::test]
+async fn a_server_with_a_user_starts_while_etcd_is_down_and_logs_in_later() {
+    let mut etcd = EtcdCluster::start(1).await;
+    etcd.enable_auth("locks", "s3cret", PREFIX).await;
+    etcd.kill_all();
+    // The startup check gives up after the call timeout (5 s) and the server starts.
+    let server = TestServer::start_over(Some(&etcd), |b| b.etcd_user("locks", "s3cret")).await;
+    etcd.restart_all().await;
+    let guard = within(BOUND, server.client("p").lock("later"))
+        .await
+        .unwrap();
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
 async fn the_server_binary_reaches_a_secured_etcd_with_its_flags() {
     let mut etcd = EtcdCluster::start_tls(1).await;
     etcd.enable_auth("locks", "s3cret", PREFIX).await;
