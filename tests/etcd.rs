@@ -6,6 +6,7 @@
 mod support;
 
 use distributed_lock::DistributedLock;
+use distributed_lock::server::{Server, ServerBuilder};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -581,4 +582,257 @@ async fn healthz_answers_503_while_etcd_is_out_of_reach() {
         health(addr).await.0 == 200
     })
     .await;
+}
+
+// TLS and authentication towards etcd.
+
+/// The message of a server start that must fail, within a bound: a refusal is no hang.
+async fn start_error(builder: ServerBuilder) -> String {
+    match within(BOUND, builder.bind("127.0.0.1:0").start()).await {
+        Ok(server) => panic!("the server started: {server:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn over_mutual_tls_with_etcd_locks_are_granted_and_handed_over() {
+    let etcd = EtcdCluster::start_tls(1).await;
+    assert!(etcd.endpoint(0).starts_with("https://"));
+    // The harness gives the server the cluster's CA and client certificate.
+    let server = TestServer::start_over(Some(&etcd), |b| b).await;
+    let dl = server.client("p");
+    let holder = dl.lock("secure").await.unwrap();
+    let waiter = tokio::spawn({
+        let dl = dl.clone();
+        async move { dl.lock("secure").await.map(|g| g.fencing_token()) }
+    });
+    eventually(BOUND, "waiter queued", || async {
+        server.inspect("p", "secure").await.1 == 1
+    })
+    .await;
+    let token = holder.fencing_token();
+    holder.release().await.unwrap();
+    assert!(within(BOUND, waiter).await.unwrap().unwrap() > token);
+}
+
+#[tokio::test]
+async fn tls_that_etcd_refuses_stops_the_server_at_start() {
+    let etcd = EtcdCluster::start_tls(1).await;
+    let pki = etcd.pki.as_ref().unwrap();
+    // etcd's certificate is signed by a CA the server does not trust.
+    let other_ca = etcd.file("other-ca.pem", &support::etcd::Ca::new("another CA").pem);
+    let err = start_error(
+        Server::builder()
+            .etcd(etcd.endpoints())
+            .etcd_ca_file(&other_ca)
+            .etcd_client_cert(&pki.client_cert, &pki.client_key),
+    )
+    .await;
+    assert!(err.contains("etcd's certificate is not trusted"), "{err}");
+    // The server trusts etcd, but presents no client certificate to an etcd that wants one.
+    let err = start_error(
+        Server::builder()
+            .etcd(etcd.endpoints())
+            .etcd_ca_file(&pki.ca),
+    )
+    .await;
+    assert!(err.contains("etcd refused the handshake"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_tls_settings_are_refused_before_reaching_etcd() {
+    // Nothing listens on these endpoints: every case fails before the first connection.
+    let dir = std::env::temp_dir().join(format!("dl-etcd-tls-settings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, contents: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    };
+    let ca = support::etcd::Ca::new("test CA");
+    let (cert, _) = ca.issue(&["distributed-lock-server"]);
+    let (_, another_key) = ca.issue(&["someone-else"]);
+    let (cert, another_key) = (file("cert.pem", &cert), file("other-key.pem", &another_key));
+    let https = || Server::builder().etcd(["https://127.0.0.1:1"]);
+    let cases = [
+        (
+            https().etcd_ca_file(dir.join("absent.pem")),
+            "cannot read the etcd CA certificate",
+        ),
+        (
+            https().etcd_ca_file(file("not-pem.pem", "hello")),
+            "no PEM certificate",
+        ),
+        (
+            https().etcd_client_cert(&cert, file("empty-key.pem", "")),
+            "no usable PEM private key",
+        ),
+        (
+            https().etcd_client_cert(&cert, &another_key),
+            "the key does not fit the certificate",
+        ),
+        (
+            Server::builder()
+                .etcd(["http://127.0.0.1:1"])
+                .etcd_ca_file(file("ca.pem", &ca.pem)),
+            "need https:// endpoints",
+        ),
+        (
+            Server::builder().etcd(["https://127.0.0.1:1", "http://127.0.0.1:2"]),
+            "endpoints mix http://",
+        ),
+    ];
+    for (builder, expected) in cases {
+        let err = start_error(builder).await;
+        assert!(err.contains(expected), "expected {expected:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const PREFIX: &str = "/distributed-lock/";
+
+#[tokio::test]
+async fn an_etcd_user_logs_in_and_a_wrong_password_is_refused_at_start() {
+    let mut etcd = EtcdCluster::start(1).await;
+    etcd.enable_auth("locks", "s3cret", PREFIX).await;
+    let server = TestServer::start_over(Some(&etcd), |b| b.etcd_user("locks", "s3cret")).await;
+    let guard = server.client("p").lock("guarded").await.unwrap();
+    guard.release().await.unwrap();
+    let err = start_error(
+        Server::builder()
+            .etcd(etcd.endpoints())
+            .etcd_user("locks", "not-the-password"),
+    )
+    .await;
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(!err.contains("not-the-password"), "{err}");
+    // The right password, but a prefix outside the user's permissions.
+    let err = start_error(
+        Server::builder()
+            .etcd(etcd.endpoints())
+            .etcd_prefix("/elsewhere")
+            .etcd_user("locks", "s3cret"),
+    )
+    .await;
+    assert!(err.contains("lacks permission on the key prefix"), "{err}");
+    // Without a user, the server cannot know whether etcd wants one before a request comes;
+    // requests then get a 503 that says why, at once.
+    let anonymous = TestServer::start_over(Some(&etcd), |b| b).await;
+    let (status, body) = post(
+        &anonymous,
+        "/v1/acquire",
+        "p",
+        &acquire_body("x", 5000, 0, &"1".repeat(32)),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("etcd requires authentication"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn the_server_logs_in_again_when_etcd_ends_its_token() {
+    let mut etcd = EtcdCluster::start(1).await;
+    etcd.enable_auth("locks", "s3cret", PREFIX).await;
+    let server = TestServer::start_over(Some(&etcd), |b| b.etcd_user("locks", "s3cret")).await;
+    let dl = server.client("p");
+    dl.lock("a").await.unwrap().release().await.unwrap();
+    // etcd ends a user's tokens when its password changes, as it does when they expire:
+    // changed and changed back, the server is left with an ended token and the right
+    // password.
+    let mut root = etcd.client().await;
+    root.user_change_password("locks", "interim").await.unwrap();
+    root.user_change_password("locks", "s3cret").await.unwrap();
+    let guard = within(BOUND, dl.lock("a")).await.unwrap();
+    guard.release().await.unwrap();
+    // Changed for good: logging in again fails, and the answer says so at once.
+    root.user_change_password("locks", "changed").await.unwrap();
+    let (status, body) = post(
+        &server,
+        "/v1/acquire",
+        "p",
+        &acquire_body("b", 5000, 0, &"2".repeat(32)),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("authentication failed"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_with_a_user_starts_while_etcd_is_down_and_logs_in_later() {
+    let mut etcd = EtcdCluster::start(1).await;
+    etcd.enable_auth("locks", "s3cret", PREFIX).await;
+    etcd.kill_all();
+    // The startup check gives up after the call timeout (5 s) and the server starts.
+    let server = TestServer::start_over(Some(&etcd), |b| b.etcd_user("locks", "s3cret")).await;
+    etcd.restart_all().await;
+    let guard = within(BOUND, server.client("p").lock("later"))
+        .await
+        .unwrap();
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_server_binary_reaches_a_secured_etcd_with_its_flags() {
+    let mut etcd = EtcdCluster::start_tls(1).await;
+    etcd.enable_auth("locks", "s3cret", PREFIX).await;
+    let password_file = etcd.file("password", "s3cret\n");
+    let mut args = support::etcd_server_args(&etcd);
+    args.extend(["--etcd-user".into(), "locks".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let with_file = [
+        &args[..],
+        &["--etcd-password-file", password_file.to_str().unwrap()],
+    ]
+    .concat();
+    let server = support::process::ServerProcess::start(&with_file).await;
+    let guard = within(BOUND, support::client_for(&server.url, "p").lock("cli"))
+        .await
+        .unwrap();
+    guard.release().await.unwrap();
+    server.kill().await;
+    // The password from the environment, a wrong one: a clear error, and never printed.
+    let printed = support::process::ServerProcess::refused(
+        &args,
+        &[("DISTRIBUTED_LOCK_ETCD_PASSWORD", "wrong-password")],
+    )
+    .await;
+    assert!(printed.contains("authentication failed"), "{printed}");
+    assert!(!printed.contains("wrong-password"), "{printed}");
+    // Both sources at once, or none: refused before reaching etcd.
+    let printed = support::process::ServerProcess::refused(
+        &with_file,
+        &[("DISTRIBUTED_LOCK_ETCD_PASSWORD", "s3cret")],
+    )
+    .await;
+    assert!(printed.contains("given twice"), "{printed}");
+    let printed = support::process::ServerProcess::refused(&args, &[]).await;
+    assert!(
+        printed.contains("--etcd-user needs a password"),
+        "{printed}"
+    );
+    // A client certificate without its key.
+    let pki = etcd.pki.as_ref().unwrap();
+    let printed = support::process::ServerProcess::refused(
+        &[
+            "--backend",
+            "etcd",
+            "--etcd-cert-file",
+            pki.client_cert.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert!(printed.contains("--etcd-key-file"), "{printed}");
 }

@@ -21,6 +21,8 @@ use std::time::Duration;
     distributed-lock-server                                   # open development mode on 127.0.0.1:7878\n  \
     distributed-lock-server --listen 0.0.0.0:7878 --key-file keys.toml \\\n      \
     --tls-cert cert.pem --tls-key key.pem --state-file /var/lib/distributed-lock/state\n  \
+    distributed-lock-server --backend etcd --etcd-endpoints https://etcd1:2379,https://etcd2:2379 \\\n      \
+    --etcd-ca-file etcd-ca.pem --etcd-cert-file client.pem --etcd-key-file client-key.pem\n  \
     distributed-lock-server new-key --project billing         # print a new API key and its key-file line\n\n\
     Every option can also be set by the environment variable shown with it."
 )]
@@ -104,6 +106,40 @@ struct Args {
         default_value = "/distributed-lock"
     )]
     etcd_prefix: String,
+
+    /// PEM CA certificate(s) to trust for etcd's certificate (https:// endpoints), instead
+    /// of Mozilla's roots.
+    #[arg(long, env = "DISTRIBUTED_LOCK_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for etcd's mutual TLS (with --etcd-key-file).
+    #[arg(
+        long,
+        env = "DISTRIBUTED_LOCK_ETCD_CERT_FILE",
+        requires = "etcd_key_file"
+    )]
+    etcd_cert_file: Option<PathBuf>,
+
+    /// PEM private key for --etcd-cert-file.
+    #[arg(
+        long,
+        env = "DISTRIBUTED_LOCK_ETCD_KEY_FILE",
+        requires = "etcd_cert_file"
+    )]
+    etcd_key_file: Option<PathBuf>,
+
+    /// etcd user to log in as (etcd authentication). Its password comes from
+    /// --etcd-password-file or the environment variable DISTRIBUTED_LOCK_ETCD_PASSWORD.
+    #[arg(long, env = "DISTRIBUTED_LOCK_ETCD_USER")]
+    etcd_user: Option<String>,
+
+    /// File holding the password of --etcd-user (one line).
+    #[arg(
+        long,
+        env = "DISTRIBUTED_LOCK_ETCD_PASSWORD_FILE",
+        requires = "etcd_user"
+    )]
+    etcd_password_file: Option<PathBuf>,
 
     /// Longest lease a client may ask for, such as `1h` or `90s` (at most 24h).
     #[arg(long, env = "DISTRIBUTED_LOCK_MAX_LEASE", default_value = "1h", value_parser = duration::parse)]
@@ -248,9 +284,14 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
     Ok(())
 }
 
+/// Where the etcd password may come from besides --etcd-password-file. Not a flag: command
+/// lines are visible to every user of the machine.
+#[cfg(feature = "etcd")]
+const ETCD_PASSWORD_ENV: &str = "DISTRIBUTED_LOCK_ETCD_PASSWORD";
+
 #[cfg(feature = "etcd")]
 fn etcd_backend(
-    builder: distributed_lock::server::ServerBuilder,
+    mut builder: distributed_lock::server::ServerBuilder,
     args: &Args,
 ) -> Result<distributed_lock::server::ServerBuilder, distributed_lock::Error> {
     let endpoints: Vec<String> = args
@@ -262,9 +303,59 @@ fn etcd_backend(
     tracing::info!(
         endpoints = %endpoints.join(","),
         prefix = %args.etcd_prefix,
+        ca_file = ?args.etcd_ca_file,
+        client_cert = ?args.etcd_cert_file,
+        user = ?args.etcd_user,
         "etcd backend: locks are shared by every server over this etcd cluster and prefix"
     );
-    Ok(builder.etcd(endpoints).etcd_prefix(&args.etcd_prefix))
+    builder = builder.etcd(endpoints).etcd_prefix(&args.etcd_prefix);
+    if let Some(path) = &args.etcd_ca_file {
+        builder = builder.etcd_ca_file(path);
+    }
+    if let (Some(cert), Some(key)) = (&args.etcd_cert_file, &args.etcd_key_file) {
+        builder = builder.etcd_client_cert(cert, key);
+    }
+    if let Some(user) = &args.etcd_user {
+        builder = builder.etcd_user(user, etcd_password(args)?);
+    }
+    Ok(builder)
+}
+
+/// The password of --etcd-user, from exactly one of its two sources.
+#[cfg(feature = "etcd")]
+fn etcd_password(args: &Args) -> Result<String, distributed_lock::Error> {
+    let invalid = |message: String| distributed_lock::Error::InvalidArgument { message };
+    let from_env = std::env::var_os(ETCD_PASSWORD_ENV);
+    let password = match (&args.etcd_password_file, from_env) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(format!(
+                "the etcd password is given twice: use --etcd-password-file or \
+                 {ETCD_PASSWORD_ENV}, not both"
+            )));
+        }
+        (None, None) => {
+            return Err(invalid(format!(
+                "--etcd-user needs a password: --etcd-password-file PATH or {ETCD_PASSWORD_ENV}"
+            )));
+        }
+        (None, Some(value)) => value
+            .into_string()
+            .map_err(|_| invalid(format!("{ETCD_PASSWORD_ENV} is not valid UTF-8")))?,
+        (Some(path), None) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| distributed_lock::Error::Io {
+                    context: format!("cannot read --etcd-password-file {}", path.display()),
+                    source,
+                })?;
+            // Files written by editors and `echo` end with a line break; the password
+            // does not.
+            text.trim_end_matches(['\n', '\r']).to_owned()
+        }
+    };
+    if password.is_empty() {
+        return Err(invalid("the etcd password is empty".into()));
+    }
+    Ok(password)
 }
 
 #[cfg(not(feature = "etcd"))]

@@ -56,6 +56,8 @@ pub struct ServerBuilder {
     listener: Option<Box<dyn Listener>>,
     #[cfg(feature = "etcd")]
     etcd: Option<store::etcd::EtcdConfig>,
+    #[cfg(feature = "etcd")]
+    etcd_tls_files: store::etcd::TlsFiles,
 }
 
 /// A running lock server. Dropping it stops the server without waiting; prefer
@@ -90,6 +92,8 @@ impl Server {
             listener: None,
             #[cfg(feature = "etcd")]
             etcd: None,
+            #[cfg(feature = "etcd")]
+            etcd_tls_files: Default::default(),
         }
     }
 
@@ -212,11 +216,7 @@ impl ServerBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let endpoints = endpoints.into_iter().map(Into::into).collect();
-        match &mut self.etcd {
-            Some(config) => config.endpoints = endpoints,
-            None => self.etcd = Some(store::etcd::EtcdConfig::new(endpoints)),
-        }
+        self.etcd_config().endpoints = endpoints.into_iter().map(Into::into).collect();
         self
     }
 
@@ -225,11 +225,55 @@ impl ServerBuilder {
     /// cluster. Has an effect only with [`etcd`](ServerBuilder::etcd).
     #[cfg(feature = "etcd")]
     pub fn etcd_prefix(mut self, prefix: impl Into<String>) -> ServerBuilder {
-        let config = self
-            .etcd
-            .get_or_insert_with(|| store::etcd::EtcdConfig::new(Vec::new()));
-        config.prefix = prefix.into();
+        self.etcd_config().prefix = prefix.into();
         self
+    }
+
+    /// Trusts only the CA certificate(s) in this PEM file for etcd's certificate, instead of
+    /// Mozilla's roots. Needs `https://` endpoints. The file is read by
+    /// [`start`](ServerBuilder::start), which fails if it is unreadable or holds no valid
+    /// certificate, or if etcd's certificate is not signed by this CA.
+    #[cfg(feature = "etcd")]
+    pub fn etcd_ca_file(mut self, path: impl Into<PathBuf>) -> ServerBuilder {
+        self.etcd_config();
+        self.etcd_tls_files.ca = Some(path.into());
+        self
+    }
+
+    /// Presents this PEM client certificate chain and private key to etcd, for etcd's
+    /// mutual TLS (`--client-cert-auth`). Needs `https://` endpoints. The files are read by
+    /// [`start`](ServerBuilder::start), which fails if either is unreadable or invalid, or
+    /// if the key is not the certificate's.
+    #[cfg(feature = "etcd")]
+    pub fn etcd_client_cert(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> ServerBuilder {
+        self.etcd_config();
+        self.etcd_tls_files.identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Logs in to etcd as this user (for etcd's authentication), and logs in again when
+    /// etcd's token expires. The user needs read and write permission on the key prefix.
+    /// [`start`](ServerBuilder::start) fails if etcd refuses the name or password. The
+    /// password is never logged.
+    #[cfg(feature = "etcd")]
+    pub fn etcd_user(
+        mut self,
+        name: impl Into<String>,
+        password: impl Into<String>,
+    ) -> ServerBuilder {
+        self.etcd_config().user = Some(store::etcd::EtcdUser::new(name, password));
+        self
+    }
+
+    /// The etcd settings, made on the first etcd setter: `start` then insists on endpoints.
+    #[cfg(feature = "etcd")]
+    fn etcd_config(&mut self) -> &mut store::etcd::EtcdConfig {
+        self.etcd
+            .get_or_insert_with(|| store::etcd::EtcdConfig::new(Vec::new()))
     }
 
     /// Longest lease a client may ask for (default 1 h, at most 24 h).
@@ -361,6 +405,7 @@ impl ServerBuilder {
             }
             let config = store::etcd::EtcdConfig {
                 max_waiters_per_lock: self.memory.max_waiters_per_lock,
+                tls: self.etcd_tls_files.load()?.or_else(|| config.tls.clone()),
                 ..config.clone()
             };
             let store = store::etcd::EtcdStore::connect(config)

@@ -1,11 +1,15 @@
 //! Real etcd processes for the etcd backend's tests: one member or a cluster of several, on
 //! free loopback ports, in a temporary directory; killed (and the directory removed) on drop.
+//! Optionally with TLS (and client certificates) on the client URLs, and with etcd's
+//! authentication on.
 //!
 //! Uses the `etcd` on `PATH` (Debian's `etcd-server`), or `$ETCD_BIN`. A missing etcd fails
 //! the test with a message saying what to install: these tests never skip.
 
+use etcd_client::{Certificate, ConnectOptions, Identity, Permission, TlsOptions};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -47,17 +51,106 @@ struct Member {
     child: Option<Child>,
 }
 
+/// A throwaway certificate authority (rcgen).
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA's certificate (PEM), for whoever should trust it.
+    pub pem: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let pem = params.self_signed(&key).expect("CA certificate").pem();
+        Ca {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses; the first is also its common
+    /// name), signed by this CA: (certificate PEM, private key PEM).
+    pub fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("certificate parameters");
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &self.issuer).expect("certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// The PEM files of a TLS etcd: a CA, etcd's certificate for 127.0.0.1 and localhost, and
+/// a client certificate, all in the cluster's directory. Peer URLs stay plain http.
+pub struct EtcdPki {
+    /// The CA that signed etcd's certificate and the client certificate.
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl EtcdPki {
+    fn write(dir: &Path) -> EtcdPki {
+        let ca = Ca::new("etcd test CA");
+        let (server_cert, server_key) = ca.issue(&["127.0.0.1", "localhost"]);
+        let (client_cert, client_key) = ca.issue(&["distributed-lock-server"]);
+        let file = |name: &str, pem: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).expect("PEM file");
+            path
+        };
+        EtcdPki {
+            ca: file("ca.pem", &ca.pem),
+            client_cert: file("client.pem", &client_cert),
+            client_key: file("client-key.pem", &client_key),
+            server_cert: file("server.pem", &server_cert),
+            server_key: file("server-key.pem", &server_key),
+        }
+    }
+
+    /// etcd-client's TLS settings with the CA and the client certificate.
+    fn options(&self) -> TlsOptions {
+        let read = |path: &PathBuf| std::fs::read(path).expect("PEM file");
+        TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)))
+            .identity(Identity::from_pem(
+                read(&self.client_cert),
+                read(&self.client_key),
+            ))
+    }
+}
+
 /// An etcd cluster of real processes.
 pub struct EtcdCluster {
     dir: PathBuf,
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    /// Set for a cluster serving TLS to clients (with client certificates required).
+    pub pki: Option<EtcdPki>,
+    /// The root user's password, once authentication is on.
+    root_password: Option<String>,
 }
 
 impl EtcdCluster {
     /// Starts `size` members and waits until every one answers with a leader.
     pub async fn start(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, false).await
+    }
+
+    /// Starts `size` members that serve clients over TLS only and require a client
+    /// certificate signed by the cluster's CA (`--client-cert-auth`).
+    pub async fn start_tls(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, true).await
+    }
+
+    async fn start_with(size: usize, tls: bool) -> EtcdCluster {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let unique = format!(
             "{}-{}",
@@ -80,11 +173,14 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
+        let pki = tls.then(|| EtcdPki::write(&dir));
         let mut cluster = EtcdCluster {
             dir,
             members,
             initial_cluster,
             token: format!("dl-test-{unique}"),
+            pki,
+            root_password: None,
         };
         for i in 0..size {
             cluster.spawn(i);
@@ -96,14 +192,25 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize) {
         let binary = etcd_binary();
         let member = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let client = self.endpoint(i);
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("{}.log", member.name)))
             .expect("etcd log file");
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if let Some(pki) = &self.pki {
+            command
+                .arg("--cert-file")
+                .arg(&pki.server_cert)
+                .arg("--key-file")
+                .arg(&pki.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&pki.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg(&member.name)
             .arg("--data-dir")
@@ -135,7 +242,52 @@ impl EtcdCluster {
 
     /// Client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// How a test client reaches the cluster: with its TLS certificates, and as root once
+    /// authentication is on.
+    fn options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new();
+        if let Some(pki) = &self.pki {
+            options = options.with_tls(pki.options());
+        }
+        if let Some(password) = &self.root_password {
+            options = options.with_user("root", password);
+        }
+        options
+    }
+
+    /// Writes a file into the cluster's directory (removed with it).
+    pub fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents).expect("file in the etcd directory");
+        path
+    }
+
+    /// A client of the cluster (as root once authentication is on).
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect(self.endpoints(), Some(self.options()))
+            .await
+            .expect("etcd client connects")
+    }
+
+    /// Turns etcd's authentication on: the `root` user that etcd requires, and `user` with
+    /// read and write permission on the keys under `prefix` only.
+    pub async fn enable_auth(&mut self, user: &str, password: &str, prefix: &str) {
+        let mut etcd = self.client().await;
+        let root_password = "root-secret";
+        etcd.user_add("root", root_password, None).await.unwrap();
+        etcd.user_grant_role("root", "root").await.unwrap();
+        etcd.role_add("locks").await.unwrap();
+        etcd.role_grant_permission("locks", Permission::read_write(prefix).with_prefix())
+            .await
+            .unwrap();
+        etcd.user_add(user, password, None).await.unwrap();
+        etcd.user_grant_role(user, "locks").await.unwrap();
+        etcd.auth_enable().await.unwrap();
+        self.root_password = Some(root_password.to_owned());
     }
 
     /// The process id of member `i`, if it runs.
@@ -182,7 +334,7 @@ impl EtcdCluster {
             for i in self.running() {
                 if let Ok(Ok(mut client)) = tokio::time::timeout(
                     Duration::from_secs(1),
-                    etcd_client::Client::connect([self.endpoint(i)], None),
+                    etcd_client::Client::connect([self.endpoint(i)], Some(self.options())),
                 )
                 .await
                     && let Ok(Ok(status)) =
@@ -225,7 +377,7 @@ impl EtcdCluster {
                         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                     );
                 }
-                if answers(&self.endpoint(i)).await {
+                if answers(&self.endpoint(i), self.options()).await {
                     break;
                 }
                 assert!(
@@ -239,8 +391,8 @@ impl EtcdCluster {
 }
 
 /// True when the member at `endpoint` serves a linearizable read.
-async fn answers(endpoint: &str) -> bool {
-    let options = etcd_client::ConnectOptions::new()
+async fn answers(endpoint: &str, options: ConnectOptions) -> bool {
+    let options = options
         .with_connect_timeout(Duration::from_millis(500))
         .with_require_leader(true);
     let attempt = async {

@@ -122,16 +122,28 @@ macro_rules! on_both_backends {
 /// A `distributed-lock-server --backend etcd` process over `etcd`.
 #[cfg(feature = "etcd")]
 pub async fn etcd_server_process(etcd: &etcd::EtcdCluster) -> process::ServerProcess {
-    let endpoints = etcd.endpoints().join(",");
-    process::ServerProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        "etcd",
-        "--etcd-endpoints",
-        &endpoints,
-    ])
-    .await
+    let args = etcd_server_args(etcd);
+    process::ServerProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
+/// The server binary's arguments for `etcd`: its endpoints, and its CA and client
+/// certificate if it serves TLS.
+#[cfg(feature = "etcd")]
+pub fn etcd_server_args(etcd: &etcd::EtcdCluster) -> Vec<String> {
+    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--backend", "etcd"]
+        .map(String::from)
+        .into();
+    args.extend(["--etcd-endpoints".into(), etcd.endpoints().join(",")]);
+    if let Some(pki) = &etcd.pki {
+        for (flag, path) in [
+            ("--etcd-ca-file", &pki.ca),
+            ("--etcd-cert-file", &pki.client_cert),
+            ("--etcd-key-file", &pki.client_key),
+        ] {
+            args.extend([flag.to_owned(), path.display().to_string()]);
+        }
+    }
+    args
 }
 
 /// Panics raised so far in the crate's own code (`src/`), in any thread or task of this
@@ -192,6 +204,11 @@ impl TestServer {
             #[cfg(feature = "etcd")]
             {
                 builder = builder.etcd(cluster.endpoints());
+                if let Some(pki) = &cluster.pki {
+                    builder = builder
+                        .etcd_ca_file(&pki.ca)
+                        .etcd_client_cert(&pki.client_cert, &pki.client_key);
+                }
             }
             #[cfg(not(feature = "etcd"))]
             let _ = cluster.endpoints();

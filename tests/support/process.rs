@@ -42,6 +42,23 @@ impl ServerProcess {
         ServerProcess { child, url }
     }
 
+    /// Starts the server with `args` and `env`, expecting it to fail: returns what it
+    /// printed, once it has exited with an error (within a generous bound).
+    pub async fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
+        let run = Command::new(SERVER_BIN)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .kill_on_drop(true)
+            .output();
+        let output = super::within(Duration::from_secs(20), run)
+            .await
+            .expect("server binary runs");
+        let printed = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "the server started: {printed}");
+        printed
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
     }

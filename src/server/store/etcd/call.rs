@@ -2,6 +2,7 @@
 //! leader, and mapped to the store's errors.
 
 use super::keepers::{Keepers, Kept};
+use super::security::{self, Login};
 use crate::server::store::StoreError;
 use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, KeyValue, PutOptions,
@@ -23,6 +24,9 @@ pub(super) enum EtcdError {
     LeaseGone,
     /// etcd could not be reached, or refused, within the call's time.
     Unavailable(String),
+    /// etcd refuses this server's settings: its certificate, its user or its permissions.
+    /// Retrying does not help until the settings or etcd's are changed.
+    Refused(String),
     /// A store limit.
     Full(String),
 }
@@ -34,6 +38,9 @@ impl From<EtcdError> for StoreError {
             EtcdError::Unavailable(message) => {
                 StoreError::Unavailable(format!("etcd unavailable: {message}"))
             }
+            EtcdError::Refused(message) => {
+                StoreError::Unavailable(format!("etcd refused this server: {message}"))
+            }
             EtcdError::Full(message) => StoreError::Full(message),
         }
     }
@@ -44,9 +51,13 @@ enum Failure {
     Gone,
     Retry(String),
     Fatal(String),
+    Refused(String),
 }
 
 fn classify(error: etcd_client::Error) -> Failure {
+    if let Some(reason) = security::refusal(&error) {
+        return Failure::Refused(reason);
+    }
     match &error {
         etcd_client::Error::GRpcStatus(status) => {
             if status.message().contains("lease not found") {
@@ -72,6 +83,8 @@ pub(super) struct Etcd {
     /// Longest time one logical call (all its attempts) may take.
     pub timeout: Duration,
     pub keepers: Arc<Keepers>,
+    /// The etcd user to log in as before the first call, if any.
+    pub login: Option<Arc<Login>>,
 }
 
 impl Etcd {
@@ -98,7 +111,13 @@ impl Etcd {
     {
         let mut delay = Duration::from_millis(10);
         loop {
-            let outcome = tokio::time::timeout_at(deadline, attempt(self.client.clone())).await;
+            let once = async {
+                if let Some(login) = &self.login {
+                    login.ensure(&self.client).await?;
+                }
+                attempt(self.client.clone()).await
+            };
+            let outcome = tokio::time::timeout_at(deadline, once).await;
             let reason = match outcome {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) => match classify(error) {
@@ -106,6 +125,7 @@ impl Etcd {
                     Failure::Fatal(reason) => {
                         return Err(EtcdError::Unavailable(format!("{what}: {reason}")));
                     }
+                    Failure::Refused(reason) => return Err(EtcdError::Refused(reason)),
                     Failure::Retry(reason) => reason,
                 },
                 Err(_) => "no answer in time".to_owned(),
@@ -194,6 +214,7 @@ impl std::fmt::Debug for Etcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Etcd")
             .field("timeout", &self.timeout)
+            .field("user", &self.login.as_ref().map(|l| l.name()))
             .finish_non_exhaustive()
     }
 }

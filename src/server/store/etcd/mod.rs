@@ -29,7 +29,11 @@ mod keepers;
 mod keys;
 mod leases;
 mod renew;
+mod security;
 mod wait;
+
+pub(crate) use security::TlsFiles;
+pub use security::{EtcdTls, EtcdUser};
 
 use super::{
     HolderView, LockStore, LockView, Project, Release, StoreError, StoreFuture, StoreStats,
@@ -47,7 +51,8 @@ use tokio::time::Instant;
 /// Settings of the etcd backend.
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
-    /// etcd client URLs, such as `http://10.0.0.1:2379`.
+    /// etcd client URLs, such as `http://10.0.0.1:2379`, or `https://etcd1:2379` for TLS.
+    /// All of them use the same scheme.
     pub endpoints: Vec<String>,
     /// Every key lives under this prefix (default `/distributed-lock`), so one etcd cluster
     /// can serve several independent deployments.
@@ -57,6 +62,11 @@ pub struct EtcdConfig {
     /// Longest time one store operation may wait for etcd (all retries included) before the
     /// request fails with a retryable `503`.
     pub call_timeout: Duration,
+    /// TLS settings: a CA to trust and a client certificate (needs `https://` endpoints).
+    /// `https://` endpoints without them trust Mozilla's root certificates.
+    pub tls: Option<EtcdTls>,
+    /// The etcd user to log in as, when etcd's authentication is on.
+    pub user: Option<EtcdUser>,
 }
 
 impl EtcdConfig {
@@ -67,6 +77,8 @@ impl EtcdConfig {
             prefix: "/distributed-lock".into(),
             max_waiters_per_lock: 100_000,
             call_timeout: Duration::from_secs(5),
+            tls: None,
+            user: None,
         }
     }
 }
@@ -90,19 +102,47 @@ struct Inner {
 }
 
 impl EtcdStore {
-    /// Connects to etcd. Fails only on malformed settings: an unreachable etcd is reported
-    /// by each request (`503`) until it can be reached.
+    /// Connects to etcd. Fails on malformed settings, and, with TLS or a user, when etcd
+    /// refuses them (an untrusted certificate, a wrong password). An unreachable etcd is
+    /// reported by each request (`503`) until it can be reached.
     pub async fn connect(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
         if config.endpoints.is_empty() {
             return Err(StoreError::Unavailable("no etcd endpoint given".into()));
         }
+        let connect_timeout = Duration::from_secs(2);
         // etcd refuses client pings more often than every 5 s (--grpc-keepalive-min-time)
         // and pings on idle connections.
         let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
+            .with_connect_timeout(connect_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(false)
-            .with_require_leader(true);
+            .with_require_leader(true)
+            // etcd ends tokens: simple ones after 5 idle minutes, and when a password changes.
+            .with_auto_token_refresh(true);
+        let (options, secure) = security::with_tls(
+            options,
+            &config.endpoints,
+            config.tls.as_ref(),
+            connect_timeout,
+        )
+        .map_err(StoreError::Unavailable)?;
+        let login = match &config.user {
+            Some(user) if user.name().is_empty() => {
+                return Err(StoreError::Unavailable(
+                    "the etcd user name is empty".into(),
+                ));
+            }
+            Some(user) => {
+                if !secure {
+                    tracing::warn!(
+                        user = user.name(),
+                        "the etcd password goes over plain http://: use https:// endpoints"
+                    );
+                }
+                Some(Arc::new(security::Login::new(user.clone())))
+            }
+            None => None,
+        };
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(|e| StoreError::Unavailable(format!("etcd client: {e}")))?;
@@ -110,18 +150,43 @@ impl EtcdStore {
             client,
             timeout: config.call_timeout,
             keepers: Default::default(),
+            login,
         };
+        let prefix = config.prefix.trim_end_matches('/').to_owned();
+        if secure || config.user.is_some() {
+            check_access(&etcd, &prefix).await?;
+        }
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 leases: Arc::new(Leases::new(etcd.clone())),
                 etcd,
-                prefix: config.prefix.trim_end_matches('/').to_owned(),
+                prefix,
                 max_waiters_per_lock: config.max_waiters_per_lock,
                 stats: Mutex::new((None, StoreStats::default())),
                 refreshing: AtomicBool::new(false),
                 health: Mutex::new(None),
             }),
         })
+    }
+}
+
+/// One read under the prefix, so that a certificate, password or permission that etcd
+/// refuses stops the server at startup rather than failing every request. An etcd that
+/// cannot be reached does not: requests get `503` until it can be.
+async fn check_access(etcd: &call::Etcd, prefix: &str) -> Result<(), StoreError> {
+    match etcd
+        .get("access check", &keys::all_projects(prefix), None)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(EtcdError::Refused(reason)) => Err(StoreError::Unavailable(format!(
+            "etcd refused this server: {reason}"
+        ))),
+        Err(e) => {
+            let e = StoreError::from(e);
+            tracing::warn!(error = %e, "etcd not reachable at startup; requests get 503 until it is");
+            Ok(())
+        }
     }
 }
 
