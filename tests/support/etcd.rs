@@ -18,12 +18,18 @@ use tokio::time::Instant;
 /// How long etcd may take to start or to elect a leader on a small, busy machine.
 const READY_BOUND: Duration = Duration::from_secs(60);
 
-/// A free loopback port: bound, read, released (etcd binds it right after).
+/// A free loopback port for etcd, from below the kernel's ephemeral range (32768 and up on
+/// Linux), so that no outgoing connection can take it between this check and etcd's bind;
+/// a counter keeps this process's tests apart, and the process id other test processes.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = 20_000 + (std::process::id() as usize % 40) * 300;
+    loop {
+        let port = (base + NEXT.fetch_add(1, Ordering::Relaxed) % 300) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn etcd_binary() -> PathBuf {
