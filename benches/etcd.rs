@@ -9,6 +9,8 @@
 //!   acquire transaction);
 //! * etcd's own lock service (`etcdctl lock`'s v3lock API) with a session lease: an
 //!   uncontended lock+unlock pair, and the hand-over gap with 8 contending tasks;
+//! * the same two writes behind a bare HTTP/2 hop in a process of its own (`etcd_hop`): the
+//!   floor of the architecture itself, client -> HTTP server -> etcd;
 //! * the SDK through the server: an uncontended acquire+release pair (and each half), and
 //!   the hand-over gap with 8 contending tasks (from the release being sent to the next
 //!   holder's grant arriving).
@@ -32,9 +34,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
+mod etcd_hop;
 use common::{Spawned, Stats, env_num, handoff, stats};
 
 fn main() {
+    etcd_hop::serve_if_asked();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,6 +85,8 @@ async fn run() {
             .args(["--listen", "127.0.0.1:0", "--no-state-file"])
             .env("RUST_LOG", "warn,distributed_lock_server=info"),
     );
+    let hop = Spawned::start(&mut etcd_hop::command(&endpoint));
+    let hop = (etcd_hop::Hop::new(&hop.url), hop);
     let on_memory = DistributedLock::builder("bench")
         .endpoint(&memory.url)
         .build()
@@ -98,6 +104,7 @@ async fn run() {
     for round in 1..=3 {
         println!("\n== round {round} ==");
         let floor = floor(&client, pairs).await;
+        let behind_hop = sample(pairs, || hop.0.pair()).await;
         let own = etcd_lock_pair(&client, pairs).await;
         let cpu_before = cpu(&[server.child.id(), etcd_pid, std::process::id()]);
         let pair = sample(pairs, || async {
@@ -118,6 +125,12 @@ async fn run() {
             "etcd lock service pair (lock+unlock, session lease): p50 {:.2} ms  p99 {:.2} ms",
             ms(own.p50),
             ms(own.p99)
+        );
+        println!(
+            "two etcd writes behind a bare HTTP/2 hop:           p50 {:.2} ms  p99 {:.2} ms  = {:.2}x two etcd writes (p50): the floor of any client -> server -> etcd design",
+            ms(behind_hop.p50),
+            ms(behind_hop.p99),
+            behind_hop.p50.as_secs_f64() / floor.two_writes.as_secs_f64()
         );
         println!(
             "SDK acquire+release pair:                           p50 {:.2} ms  p99 {:.2} ms  = {:.2}x two etcd writes (p50)",
@@ -161,6 +174,7 @@ async fn run() {
     }
     drop(server);
     drop(memory);
+    drop(hop);
     drop(etcd);
 }
 
