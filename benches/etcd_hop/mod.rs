@@ -42,19 +42,20 @@ pub fn serve_if_asked() {
             tcp.set_nodelay(true).unwrap();
             let etcd = etcd.clone();
             tokio::spawn(async move {
-                let write = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let mut etcd = etcd.clone();
-                    async move {
-                        let put = request.uri().path() == "/put";
-                        let _ = request.into_body().collect().await;
-                        if put {
-                            etcd.put("bench/hop", "v", None).await.map(drop)
-                        } else {
-                            etcd.delete("bench/hop", None).await.map(drop)
+                let write =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let mut etcd = etcd.clone();
+                        async move {
+                            let put = request.uri().path() == "/put";
+                            let _ = request.into_body().collect().await;
+                            if put {
+                                etcd.put("bench/hop", "v", None).await.map(drop)
+                            } else {
+                                etcd.delete("bench/hop", None).await.map(drop)
+                            }
+                            .map(|()| Response::new(Full::new(Bytes::from_static(b"{}"))))
                         }
-                        .map(|()| Response::new(Full::new(Bytes::from_static(b"{}"))))
-                    }
-                });
+                    });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), write)
                     .await;
