@@ -718,19 +718,21 @@ async fn an_etcd_user_logs_in_and_a_wrong_password_is_refused_at_start() {
     // Without a user, the server cannot know whether etcd wants one before a request comes;
     // requests then get a 503 that says why, at once.
     let anonymous = TestServer::start_over(Some(&etcd), |b| b).await;
+    assert_acquire_refused(&anonymous, "etcd requires authentication").await;
+}
+
+/// An acquire through `server` gets `503` at once, with a message containing `why`.
+async fn assert_acquire_refused(server: &TestServer, why: &str) {
     let (status, body) = post(
-        &anonymous,
+        server,
         "/v1/acquire",
         "p",
-        &acquire_body("x", 5000, 0, &"1".repeat(32)),
+        &acquire_body("refused", 5000, 0, &"1".repeat(32)),
     )
     .await;
     assert_eq!(status, 503, "{body}");
     assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("etcd requires authentication"),
+        body["message"].as_str().is_some_and(|m| m.contains(why)),
         "{body}"
     );
 }
@@ -752,21 +754,7 @@ async fn the_server_logs_in_again_when_etcd_ends_its_token() {
     guard.release().await.unwrap();
     // Changed for good: logging in again fails, and the answer says so at once.
     root.user_change_password("locks", "changed").await.unwrap();
-    let (status, body) = post(
-        &server,
-        "/v1/acquire",
-        "p",
-        &acquire_body("b", 5000, 0, &"2".repeat(32)),
-    )
-    .await;
-    assert_eq!(status, 503, "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("authentication failed"),
-        "{body}"
-    );
+    assert_acquire_refused(&server, "authentication failed").await;
 }
 
 #[tokio::test]
