@@ -498,7 +498,8 @@ async fn a_crowd_on_one_lock_through_two_servers_is_served_one_at_a_time() {
 }
 
 /// etcd's count of `LeaseKeepAlive` streams opened and keep-alive messages received.
-async fn keep_alive_counts(etcd: &EtcdCluster) -> (u64, u64) {
+/// etcd's own `/metrics` text.
+async fn etcd_metrics(etcd: &EtcdCluster) -> String {
     let addr = etcd
         .endpoint(0)
         .trim_start_matches("http://")
@@ -506,6 +507,11 @@ async fn keep_alive_counts(etcd: &EtcdCluster) -> (u64, u64) {
         .unwrap();
     let (status, metrics) = raw(addr, "GET", "/metrics", &[], "").await;
     assert_eq!(status, 200);
+    metrics
+}
+
+async fn keep_alive_counts(etcd: &EtcdCluster) -> (u64, u64) {
+    let metrics = etcd_metrics(etcd).await;
     let count = |metric: &str| {
         metrics
             .lines()
@@ -565,6 +571,52 @@ async fn keep_alives_reuse_one_stream_per_lease() {
     guard.release().await.unwrap();
 }
 
+/// A figure from etcd's own `/metrics`, by its series name.
+async fn etcd_figure(etcd: &EtcdCluster, series: &str) -> f64 {
+    etcd_metrics(etcd)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn waiters_share_one_etcd_watch_per_server() {
+    let etcd = EtcdCluster::start(1).await;
+    let server = TestServer::start_over(Some(&etcd), |b| b).await;
+    let dl = server.client("p");
+    let holder = dl.lock("crowded").await.unwrap();
+    let other = dl.lock("other").await.unwrap();
+    let mut waiters = Vec::new();
+    for name in ["crowded"; 8].into_iter().chain(["other"; 4]) {
+        let dl = dl.clone();
+        waiters.push(tokio::spawn(async move {
+            let guard = dl.lock(name).await?;
+            let token = guard.fencing_token();
+            guard.release().await.map(|()| token)
+        }));
+    }
+    eventually(BOUND, "12 waiters queued", || async {
+        server.inspect("p", "crowded").await.1 == 8 && server.inspect("p", "other").await.1 == 4
+    })
+    .await;
+    // A watch per waiter would make 24 (the key ahead, and its own).
+    assert_eq!(
+        etcd_figure(&etcd, "etcd_debugging_mvcc_watcher_total").await,
+        1.0
+    );
+    // Woken through it, every waiter gets its turn.
+    holder.release().await.unwrap();
+    other.release().await.unwrap();
+    let mut tokens = Vec::new();
+    for waiter in waiters {
+        tokens.push(within(BOUND, waiter).await.unwrap().unwrap());
+    }
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 12);
+}
+
 #[tokio::test]
 async fn healthz_answers_503_while_etcd_is_out_of_reach() {
     let mut server = TestServer::start_on(support::Backend::Etcd).await;
@@ -582,6 +634,32 @@ async fn healthz_answers_503_while_etcd_is_out_of_reach() {
         health(addr).await.0 == 200
     })
     .await;
+}
+
+#[tokio::test]
+async fn metrics_time_each_etcd_call_and_count_its_failures() {
+    let mut server = TestServer::start_on(support::Backend::Etcd).await;
+    let dl = server.client("p");
+    for _ in 0..3 {
+        dl.lock("counted").await.unwrap().release().await.unwrap();
+    }
+    let calls = |call: &str| {
+        format!("distributed_lock_etcd_call_duration_seconds_count{{call=\"{call}\"}}")
+    };
+    assert!(server.metric(&calls("queue")).await >= 3.0);
+    assert!(server.metric(&calls("release")).await >= 3.0);
+    let unavailable =
+        "distributed_lock_etcd_call_errors_total{call=\"health\",error=\"unavailable\"}";
+    assert_eq!(server.metric(unavailable).await, 0.0);
+    server.etcd.as_mut().unwrap().kill_all();
+    let addr = server.addr;
+    eventually(BOUND, "healthz reports etcd down", || async move {
+        raw(addr, "GET", "/healthz", &[], "").await.0 == 503
+    })
+    .await;
+    assert!(server.metric(unavailable).await >= 1.0);
+    let retried = "distributed_lock_etcd_call_errors_total{call=\"health\",error=\"retried\"}";
+    assert!(server.metric(retried).await >= 1.0);
 }
 
 // TLS and authentication towards etcd.

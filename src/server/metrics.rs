@@ -11,6 +11,9 @@ use prometheus_client::registry::Registry;
 use std::fmt;
 use std::sync::Arc;
 
+/// Figures a store adds to the registry (the etcd store: its calls to etcd).
+pub(crate) type StoreMetrics = Option<Box<dyn FnOnce(&mut Registry) + Send>>;
+
 /// Labels of the request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RequestLabels {
@@ -41,8 +44,11 @@ impl fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(store: Arc<dyn LockStore>) -> Metrics {
+    pub fn new(store: Arc<dyn LockStore>, store_metrics: StoreMetrics) -> Metrics {
         let mut registry = Registry::with_prefix("distributed_lock");
+        if let Some(register) = store_metrics {
+            register(&mut registry);
+        }
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",

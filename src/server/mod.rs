@@ -27,7 +27,7 @@ use crate::error::Error;
 use auth::Auth;
 use connection::ConnLimits;
 use http::{App, Limits};
-use metrics::Metrics;
+use metrics::{Metrics, StoreMetrics};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -395,7 +395,8 @@ impl ServerBuilder {
         Ok(())
     }
 
-    async fn open_store(&self) -> Result<Arc<dyn LockStore>, Error> {
+    /// The store, and what it adds to `/metrics`.
+    async fn open_store(&self) -> Result<(Arc<dyn LockStore>, StoreMetrics), Error> {
         #[cfg(feature = "etcd")]
         if let Some(config) = &self.etcd {
             if config.endpoints.is_empty() {
@@ -411,13 +412,17 @@ impl ServerBuilder {
             let store = store::etcd::EtcdStore::connect(config)
                 .await
                 .map_err(|e| Error::invalid(e.to_string()))?;
-            return Ok(Arc::new(store));
+            let metrics = store.metrics();
+            return Ok((
+                Arc::new(store),
+                Some(Box::new(move |r| metrics.register(r))),
+            ));
         }
         let store = MemoryStore::open(self.memory.clone()).map_err(|source| Error::Io {
             context: "cannot open the memory store's state file".into(),
             source,
         })?;
-        Ok(Arc::new(store))
+        Ok((Arc::new(store), None))
     }
 
     /// Binds the socket, opens the store and starts serving on the current runtime.
@@ -461,12 +466,12 @@ impl ServerBuilder {
             context: "cannot read the bound address".into(),
             source,
         })?;
-        let store = self.open_store().await?;
+        let (store, store_metrics) = self.open_store().await?;
         let (stop, stopping) = watch::channel(false);
         let app = Arc::new(App {
             store: store.clone(),
             auth,
-            metrics: Metrics::new(store),
+            metrics: Metrics::new(store, store_metrics),
             limits: self.limits,
             stopping: stopping.clone(),
         });

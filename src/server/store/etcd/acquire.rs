@@ -257,7 +257,7 @@ impl Inner {
         let etcd = self.etcd.clone();
         let lease = place.lease.etcd;
         tokio::spawn(async move {
-            if let Ok(answer) = etcd.txn("give up", txn).await
+            if let Ok(answer) = etcd.txn("give_up", txn).await
                 && answer.succeeded()
             {
                 let _ = etcd.revoke(lease).await;
@@ -275,7 +275,7 @@ impl Inner {
         let answer = self
             .etcd
             .txn(
-                "lock quota",
+                "lock_quota",
                 Txn::new().and_then(vec![count(keys.queue()), count(&project)]),
             )
             .await?;
@@ -287,7 +287,7 @@ impl Inner {
         let all = self
             .etcd
             .get(
-                "lock quota",
+                "lock_quota",
                 &project,
                 Some(GetOptions::new().with_prefix().with_keys_only()),
             )

@@ -2,6 +2,7 @@
 //! leader, and mapped to the store's errors.
 
 use super::keepers::{Keepers, Kept};
+use super::metrics::{CallError, EtcdMetrics};
 use super::security::{self, Login};
 use crate::server::store::StoreError;
 use etcd_client::{
@@ -85,11 +86,12 @@ pub(super) struct Etcd {
     pub keepers: Arc<Keepers>,
     /// The etcd user to log in as before the first call, if any.
     pub login: Option<Arc<Login>>,
+    pub metrics: EtcdMetrics,
 }
 
 impl Etcd {
     /// Runs `attempt` until it succeeds, fails for good, or the call's time is up.
-    pub async fn call<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, EtcdError>
+    pub async fn call<T, F, Fut>(&self, what: &'static str, attempt: F) -> Result<T, EtcdError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -101,7 +103,23 @@ impl Etcd {
     /// Runs `attempt` until it succeeds, fails for good, or `deadline` passes.
     pub async fn call_until<T, F, Fut>(
         &self,
-        what: &str,
+        what: &'static str,
+        deadline: Instant,
+        attempt: F,
+    ) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let started = Instant::now();
+        let outcome = self.attempts(what, deadline, attempt).await;
+        self.metrics.took(what, started.elapsed());
+        outcome
+    }
+
+    async fn attempts<T, F, Fut>(
+        &self,
+        what: &'static str,
         deadline: Instant,
         mut attempt: F,
     ) -> Result<T, EtcdError>
@@ -123,23 +141,29 @@ impl Etcd {
                 Ok(Err(error)) => match classify(error) {
                     Failure::Gone => return Err(EtcdError::LeaseGone),
                     Failure::Fatal(reason) => {
+                        self.metrics.failed(what, CallError::Unavailable);
                         return Err(EtcdError::Unavailable(format!("{what}: {reason}")));
                     }
-                    Failure::Refused(reason) => return Err(EtcdError::Refused(reason)),
+                    Failure::Refused(reason) => {
+                        self.metrics.failed(what, CallError::Refused);
+                        return Err(EtcdError::Refused(reason));
+                    }
                     Failure::Retry(reason) => reason,
                 },
                 Err(_) => "no answer in time".to_owned(),
             };
             if Instant::now() + delay >= deadline {
+                self.metrics.failed(what, CallError::Unavailable);
                 return Err(EtcdError::Unavailable(format!("{what}: {reason}")));
             }
+            self.metrics.failed(what, CallError::Retried);
             tracing::debug!(what, %reason, "etcd call failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(250));
         }
     }
 
-    pub async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, EtcdError> {
+    pub async fn txn(&self, what: &'static str, txn: Txn) -> Result<TxnResponse, EtcdError> {
         self.call(what, |mut c| {
             let txn = txn.clone();
             async move { c.txn(txn).await }
@@ -149,7 +173,7 @@ impl Etcd {
 
     pub async fn get(
         &self,
-        what: &str,
+        what: &'static str,
         key: &[u8],
         options: Option<GetOptions>,
     ) -> Result<GetResponse, EtcdError> {
@@ -181,15 +205,21 @@ impl Etcd {
     /// ended (etcd answered a TTL of 0 or less). Uses the lease's open stream if it has one,
     /// and keeps a new one open for the next time.
     pub async fn keep_alive(&self, lease: i64, ttl: i64) -> Result<(), EtcdError> {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         // Half the time for the open stream: a broken one leaves time to open another.
-        match self.keepers.keep_alive(lease, self.timeout / 2).await {
+        let kept = self.keepers.keep_alive(lease, self.timeout / 2).await;
+        if let Some(Kept::Alive | Kept::Gone) = kept {
+            self.metrics.took("keep_alive", started.elapsed());
+        }
+        match kept {
             Some(Kept::Alive) => return Ok(()),
             Some(Kept::Gone) => return Err(EtcdError::LeaseGone),
-            Some(Kept::Broken) | None => {}
+            Some(Kept::Broken) => self.metrics.failed("keep_alive", CallError::Retried),
+            None => {}
         }
         let (keeper, answers) = self
-            .call_until("keep-alive", deadline, |mut c| async move {
+            .call_until("keep_alive_stream", deadline, |mut c| async move {
                 // The first answer is checked by etcd-client: a TTL <= 0 is "lease not found".
                 c.lease_keep_alive(lease).await
             })
@@ -202,7 +232,7 @@ impl Etcd {
     /// Remaining TTL of a lease in whole seconds (rounded down), `None` once it has ended.
     pub async fn time_to_live(&self, lease: i64) -> Result<Option<i64>, EtcdError> {
         let answer = self
-            .call("time-to-live", |mut c| async move {
+            .call("time_to_live", |mut c| async move {
                 c.lease_time_to_live(lease, None).await
             })
             .await?;

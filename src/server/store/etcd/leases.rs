@@ -93,7 +93,7 @@ impl Leases {
         let sent = Instant::now();
         let answer = self
             .etcd
-            .call("lease grant", |mut c| async move {
+            .call("lease_grant", |mut c| async move {
                 let id = loop {
                     let id = (rand::random::<u64>() >> 1) as i64;
                     if id != 0 {

@@ -25,13 +25,16 @@
 
 mod acquire;
 mod call;
+mod deletions;
 mod keepers;
 mod keys;
 mod leases;
+mod metrics;
 mod renew;
 mod security;
 mod wait;
 
+pub(crate) use metrics::EtcdMetrics;
 pub(crate) use security::TlsFiles;
 pub use security::{EtcdTls, EtcdUser};
 
@@ -92,6 +95,7 @@ pub struct EtcdStore {
 #[derive(Debug)]
 struct Inner {
     etcd: call::Etcd,
+    deletions: Arc<deletions::Deletions>,
     leases: Arc<Leases>,
     prefix: String,
     max_waiters_per_lock: usize,
@@ -102,6 +106,11 @@ struct Inner {
 }
 
 impl EtcdStore {
+    /// Its etcd call figures, for the server's `/metrics`.
+    pub(crate) fn metrics(&self) -> EtcdMetrics {
+        self.inner.etcd.metrics.clone()
+    }
+
     /// Connects to etcd. Fails on malformed settings, and, with TLS or a user, when etcd
     /// refuses them (an untrusted certificate, a wrong password). An unreachable etcd is
     /// reported by each request (`503`) until it can be reached.
@@ -151,6 +160,7 @@ impl EtcdStore {
             timeout: config.call_timeout,
             keepers: Default::default(),
             login,
+            metrics: EtcdMetrics::default(),
         };
         let prefix = config.prefix.trim_end_matches('/').to_owned();
         if secure || config.user.is_some() {
@@ -159,6 +169,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 leases: Arc::new(Leases::new(etcd.clone())),
+                deletions: deletions::Deletions::start(etcd.clone(), keys::all_projects(&prefix)),
                 etcd,
                 prefix,
                 max_waiters_per_lock: config.max_waiters_per_lock,
@@ -175,7 +186,7 @@ impl EtcdStore {
 /// cannot be reached does not: requests get `503` until it can be.
 async fn check_access(etcd: &call::Etcd, prefix: &str) -> Result<(), StoreError> {
     match etcd
-        .get("access check", &keys::all_projects(prefix), None)
+        .get("access_check", &keys::all_projects(prefix), None)
         .await
     {
         Ok(_) => Ok(()),

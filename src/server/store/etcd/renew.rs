@@ -89,7 +89,7 @@ impl Inner {
                 .collect();
             let answer = self
                 .etcd
-                .txn("read leases", Txn::new().and_then(ops))
+                .txn("read_leases", Txn::new().and_then(ops))
                 .await?;
             for (j, (i, lease, _)) in chunk.iter().enumerate() {
                 let attached = |kv: &KeyValue| kv.lease() == lease.etcd;

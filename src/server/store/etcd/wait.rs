@@ -1,5 +1,6 @@
-//! Waiting in line on etcd: watch the key just ahead until it goes, keep the place's lease
-//! alive while the poll lasts, and settle the poll when it ends.
+//! Waiting in line on etcd: wait until the key just ahead goes (woken by the server's shared
+//! watch, `deletions.rs`), keep the place's lease alive while the poll lasts, and settle the
+//! poll when it ends.
 
 use super::Inner;
 use super::acquire::{Place, Standing};
@@ -8,9 +9,12 @@ use super::call::{
 };
 use super::keys::{Entry, LockKeys, unix_ms};
 use crate::server::store::AcquireOutcome;
-use etcd_client::{Compare, CompareOp, Txn, TxnOp, WatchFilterType, WatchOptions};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+
+/// How often a waiter looks at the queue while the shared watch is down.
+const WATCH_DOWN_LOOK_EVERY: Duration = Duration::from_millis(250);
 
 impl Inner {
     /// Where a waiter stands now.
@@ -77,39 +81,33 @@ impl Inner {
                     revision,
                 } => (predecessor, revision),
             };
-            // Watch the key just ahead (and our own, to see a cancel) for deletion, from just
-            // after the revision we looked at: nothing in between is missed.
-            let watch = async {
-                let options = || {
-                    WatchOptions::new()
-                        .with_start_revision(at + 1)
-                        .with_filters([WatchFilterType::NoPut])
-                };
-                let mut client = self.etcd.client.watch_client();
-                let mut stream = client.watch(predecessor, Some(options())).await?;
-                stream.watch(place.key.clone(), Some(options())).await?;
-                Ok::<_, etcd_client::Error>(stream)
-            };
-            let mut stream = match tokio::time::timeout_at(poll_end, watch).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "etcd watch failed; looking again");
-                    let pause = Instant::now() + Duration::from_millis(100);
-                    tokio::time::sleep_until(poll_end.min(pause)).await;
-                    continue 'check;
+            // Wait for the key just ahead (or our own: a cancel) to go. Deletions up to the
+            // shared watch's revision have passed already: if that is beyond what we looked
+            // at, look again.
+            let deleted = self.deletions.subscribe(&predecessor, &place.key);
+            if deleted.from.is_none_or(|from| from > at) {
+                match tokio::time::timeout_at(poll_end, self.standing(keys, &place)).await {
+                    Ok(Ok(Standing::Behind {
+                        predecessor: ahead, ..
+                    })) if ahead == predecessor => {}
+                    Ok(standing) => {
+                        known = Some(standing?);
+                        continue 'check;
+                    }
+                    Err(_) => break 'check,
                 }
-                Err(_) => break,
+            }
+            // While the watch is down, look every so often.
+            let look_again = match deleted.from {
+                Some(_) => poll_end,
+                None => poll_end.min(Instant::now() + WATCH_DOWN_LOOK_EVERY),
             };
             loop {
                 tokio::select! {
-                    message = stream.message() => match message {
-                        // The watches' creation acknowledgements.
-                        Ok(Some(m)) if m.events().is_empty() && !m.canceled() => {}
-                        // A deletion, a cancelled watch or a broken stream: look again.
-                        _ => continue 'check,
-                    },
+                    () = deleted.woken() => continue 'check,
+                    _ = tokio::time::sleep_until(look_again) => continue 'check,
                     _ = tokio::time::sleep_until(next_keep_alive) => {
-                                                let sent = Instant::now();
+                        let sent = Instant::now();
                         next_keep_alive = sent + keep_alive_every;
                         let kept = self.etcd.keep_alive(place.lease.etcd, place.entry.ttl);
                         match tokio::time::timeout_at(poll_end, kept).await {
@@ -155,7 +153,7 @@ impl Inner {
                     ])),
                     queue_oldest(keys.queue(), 1),
                 ]);
-            let answer = self.etcd.txn("end wait", txn).await?;
+            let answer = self.etcd.txn("end_wait", txn).await?;
             if answer.succeeded() {
                 self.note_granted(&place);
                 return Ok(AcquireOutcome::Granted(place.grant(waited)));
@@ -178,7 +176,7 @@ impl Inner {
         ]);
         // This keep-alive is sent after `waited`: reporting `waited` stays on the safe side.
         let (answer, kept) = tokio::join!(
-            self.etcd.txn("end poll", txn),
+            self.etcd.txn("end_poll", txn),
             self.etcd.keep_alive(place.lease.etcd, place.entry.ttl)
         );
         let answer = answer?;
@@ -239,7 +237,7 @@ impl Inner {
             )]);
         let etcd = self.etcd.clone();
         tokio::spawn(async move {
-            let _ = etcd.txn("note grant", txn).await;
+            let _ = etcd.txn("note_grant", txn).await;
         });
     }
 }
