@@ -4,19 +4,27 @@
 //! temporary directory, fsync on as in production) and the real `distributed-lock-server
 //! --backend etcd` as a separate process, then measures on loopback, 3 rounds each:
 //!
-//! * the floor: single etcd operations through etcd-client (a put, a put+delete pair = two
-//!   writes, a linearizable read, a lease grant, a keep-alive, a revoke, the backend's
-//!   acquire transaction);
+//! * single etcd operations through etcd-client (a put, a linearizable read, a lease grant,
+//!   a keep-alive, a revoke, the backend's acquire transaction);
+//! * interleaved, one of each in turn so that the machine's drifts cancel out of the
+//!   ratios: two etcd writes (a put, then a delete); the same two writes behind a bare
+//!   HTTP/2 hop in a process of its own (`etcd_hop`), the floor of the architecture itself
+//!   (client -> HTTP server -> etcd); and the SDK's uncontended acquire+release pair through
+//!   the server;
+//! * each half of the pair, with the CPU each process spends on it;
 //! * etcd's own lock service (`etcdctl lock`'s v3lock API) with a session lease: an
 //!   uncontended lock+unlock pair, and the hand-over gap with 8 contending tasks;
-//! * the same two writes behind a bare HTTP/2 hop in a process of its own (`etcd_hop`): the
-//!   floor of the architecture itself, client -> HTTP server -> etcd;
-//! * the SDK through the server: an uncontended acquire+release pair (and each half), and
-//!   the hand-over gap with 8 contending tasks (from the release being sent to the next
-//!   holder's grant arriving).
+//! * the SDK's hand-over gap with 8 contending tasks (from the release being sent to the
+//!   next holder's grant arriving);
+//! * the mean time of etcd's WAL syncs meanwhile, as etcd reports it.
 //!
-//! Last, the pair on one lock before and after `BENCH_MORE_PAIRS` (default 10,000) more
+//! Then the pair on one lock before and after `BENCH_MORE_PAIRS` (default 10,000) more
 //! pairs on it, without any compaction of etcd's history.
+//!
+//! Last, one round against an etcd on a slower disk: `strace` (if installed) adds
+//! `BENCH_SLOW_SYNC_US` (default 600; 0 skips this) microseconds to each of etcd's fsync
+//! and fdatasync calls. A write's cost is mostly its sync on a typical server disk, and
+//! little of it on this machine's; the ratios to "two etcd writes" depend on which.
 //!
 //! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
 //! `BENCH_SECS` (seconds per hand-over round, default 3).
@@ -75,6 +83,34 @@ async fn run() {
     let pairs = env_num("BENCH_PAIRS", 500) as usize;
     let secs = env_num("BENCH_SECS", 3);
     let etcd = etcd_support::EtcdCluster::start(1).await;
+    println!("== etcd on this machine's own disk ==");
+    let more = env_num("BENCH_MORE_PAIRS", 10_000) as usize;
+    measure(&etcd, 3, pairs, secs, more).await;
+    drop(etcd);
+    let delay = env_num("BENCH_SLOW_SYNC_US", 600);
+    if delay == 0 {
+        return;
+    }
+    println!(
+        "\n== etcd on a slower disk: every fsync/fdatasync {delay} µs longer (BENCH_SLOW_SYNC_US) =="
+    );
+    if Command::new("strace").arg("-V").output().is_err() {
+        println!("skipped: strace, which adds the delay, is not installed");
+        return;
+    }
+    let slow = etcd_support::EtcdCluster::start_slow_disk(1, Duration::from_micros(delay)).await;
+    measure(&slow, 1, pairs, secs, 0).await;
+}
+
+/// The figures against one etcd, `rounds` times, then the pair on a lock worn by `more`
+/// pairs (unless 0).
+async fn measure(
+    etcd: &etcd_support::EtcdCluster,
+    rounds: usize,
+    pairs: usize,
+    secs: u64,
+    more: usize,
+) {
     let endpoint = etcd.endpoint(0);
     let server = Spawned::start(
         Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
@@ -88,8 +124,8 @@ async fn run() {
             .args(["--listen", "127.0.0.1:0", "--no-state-file"])
             .env("RUST_LOG", "warn,distributed_lock_server=info"),
     );
-    let hop = Spawned::start(&mut etcd_hop::command(&endpoint));
-    let hop = (etcd_hop::Hop::new(&hop.url), hop);
+    let hop_process = Spawned::start(&mut etcd_hop::command(&endpoint));
+    let hop = etcd_hop::Hop::new(&hop_process.url);
     let on_memory = DistributedLock::builder("bench")
         .endpoint(&memory.url)
         .build()
@@ -104,53 +140,77 @@ async fn run() {
         "etcd {} (one member, fsync on), server {} (--backend etcd); {pairs} samples per figure",
         endpoint, server.url
     );
-    for round in 1..=3 {
-        println!("\n== round {round} ==");
-        let floor = floor(&client, pairs).await;
-        let behind_hop = sample(pairs, || hop.0.pair()).await;
-        let own = etcd_lock_pair(&client, pairs).await;
-        let cpu_before = cpu(&[server.child.id(), etcd_pid, std::process::id()]);
-        let pair = sample(pairs, || async {
-            dl.lock("solo").await.unwrap().release().await.unwrap();
-        })
+    let syncs_before = wal_syncs(&endpoint);
+    for round in 1..=rounds {
+        println!("\n-- round {round} --");
+        floor(&client, pairs).await;
+        // Interleaved, one of each in turn, so that a drift of the machine's speed moves
+        // all three alike and the ratios hold.
+        let [two_writes, behind_hop, pair] = interleaved(
+            pairs,
+            [
+                &|| {
+                    let mut c = client.clone();
+                    Box::pin(async move {
+                        c.put("bench/floor", "v", None).await.unwrap();
+                        c.delete("bench/floor", None).await.unwrap();
+                    })
+                },
+                &|| Box::pin(hop.pair()),
+                &|| {
+                    Box::pin(async {
+                        dl.lock("solo").await.unwrap().release().await.unwrap();
+                    })
+                },
+            ],
+        )
         .await;
-        let cpu_used: Vec<f64> = cpu(&[server.child.id(), etcd_pid, std::process::id()])
-            .iter()
-            .zip(&cpu_before)
-            .map(|(after, before)| (after - before) / (pairs + 20) as f64 * 1e3)
-            .collect();
-        let (acquire, release) = halves(&dl, pairs).await;
-        let memory_cpu_before = cpu(&[memory.child.id()])[0];
-        let (memory_acquire, memory_release) = halves(&on_memory, pairs).await;
-        let memory_cpu =
-            (cpu(&[memory.child.id()])[0] - memory_cpu_before) / (pairs + 20) as f64 * 1e3;
+        let own = etcd_lock_pair(&client, pairs).await;
         println!(
             "etcd lock service pair (lock+unlock, session lease): p50 {:.2} ms  p99 {:.2} ms",
             ms(own.p50),
             ms(own.p99)
         );
         println!(
-            "two etcd writes behind a bare HTTP/2 hop:           p50 {:.2} ms  p99 {:.2} ms  = {:.2}x two etcd writes (p50): the floor of any client -> server -> etcd design",
+            "interleaved: two etcd writes (put+delete):          p50 {:.2} ms  p99 {:.2} ms",
+            ms(two_writes.p50),
+            ms(two_writes.p99)
+        );
+        println!(
+            "             the same two behind a bare HTTP/2 hop: p50 {:.2} ms  p99 {:.2} ms  = {:.2}x two etcd writes (p50): the floor of any client -> server -> etcd design",
             ms(behind_hop.p50),
             ms(behind_hop.p99),
-            behind_hop.p50.as_secs_f64() / floor.two_writes.as_secs_f64()
+            behind_hop.p50.as_secs_f64() / two_writes.p50.as_secs_f64()
         );
         println!(
-            "SDK acquire+release pair:                           p50 {:.2} ms  p99 {:.2} ms  = {:.2}x two etcd writes (p50)",
+            "             SDK acquire+release pair:              p50 {:.2} ms  p99 {:.2} ms  = {:.2}x two etcd writes (p50), {:.2} ms more",
             ms(pair.p50),
             ms(pair.p99),
-            pair.p50.as_secs_f64() / floor.two_writes.as_secs_f64()
+            pair.p50.as_secs_f64() / two_writes.p50.as_secs_f64(),
+            ms(pair.p50.saturating_sub(two_writes.p50))
         );
+        let pids = [server.child.id(), etcd_pid, std::process::id()];
+        let cpu_before = cpu(&pids);
+        let (acquire, release) = halves(&dl, pairs).await;
+        let cpu_used: Vec<f64> = cpu(&pids)
+            .iter()
+            .zip(&cpu_before)
+            .map(|(after, before)| (after - before) / (pairs + 20) as f64 * 1e3)
+            .collect();
+        let memory_cpu_before = cpu(&[memory.child.id()])[0];
+        let (memory_acquire, memory_release) = halves(&on_memory, pairs).await;
+        let memory_cpu =
+            (cpu(&[memory.child.id()])[0] - memory_cpu_before) / (pairs + 20) as f64 * 1e3;
         println!(
-            "  CPU per pair: server {:.2} ms (memory store: {memory_cpu:.2} ms), etcd {:.2} ms, client (this process) {:.2} ms",
-            cpu_used[0], cpu_used[1], cpu_used[2]
-        );
-        println!(
-            "  of which acquire p50 {:.2} ms, release p50 {:.2} ms (memory store, same build: {:.2} ms, {:.2} ms)",
+            "SDK acquire p50 {:.2} ms, release p50 {:.2} ms (memory store, same build: {:.2} ms, {:.2} ms)",
             ms(acquire.p50),
             ms(release.p50),
             ms(memory_acquire.p50),
             ms(memory_release.p50)
+        );
+        println!(
+            "  CPU per pair: server {:.2} ms (memory store: {memory_cpu:.2} ms), etcd {:.2} ms, client (this process) {:.2} ms",
+            cpu_used[0], cpu_used[1], cpu_used[2]
         );
         // Separate clients, as separate processes would be.
         let clients = (0..8)
@@ -175,9 +235,20 @@ async fn run() {
             ms(gap.p99)
         );
     }
+    if let (Some(before), Some(after)) = (syncs_before, wal_syncs(&endpoint)) {
+        let (count, secs) = (after.0 - before.0, after.1 - before.1);
+        if count > 0.0 {
+            println!(
+                "\netcd's WAL syncs meanwhile: {count} of {:.3} ms on average (etcd_disk_wal_fsync_duration_seconds)",
+                secs / count * 1e3
+            );
+        }
+    }
+    if more == 0 {
+        return;
+    }
     // etcd keeps deleted names until a compaction (this etcd never compacts): a lock used
     // many times must not get slower for it.
-    let more = env_num("BENCH_MORE_PAIRS", 10_000) as usize;
     let first = sample(pairs, || async {
         dl.lock("worn").await.unwrap().release().await.unwrap();
     })
@@ -194,18 +265,46 @@ async fn run() {
         ms(first.p50),
         ms(later.p50)
     );
-    drop(server);
-    drop(memory);
-    drop(hop);
-    drop(etcd);
 }
 
-struct Floor {
-    two_writes: Duration,
+type Step<'a> = &'a dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+/// Latencies of `n` rounds of the steps, one run of each in turn per round, after 20 rounds
+/// to warm up.
+async fn interleaved<const N: usize>(n: usize, steps: [Step<'_>; N]) -> [Stats; N] {
+    let mut samples: [Vec<Duration>; N] = std::array::from_fn(|_| Vec::with_capacity(n));
+    for round in 0..n + 20 {
+        for (step, samples) in steps.iter().zip(&mut samples) {
+            let start = Instant::now();
+            step().await;
+            if round >= 20 {
+                samples.push(start.elapsed());
+            }
+        }
+    }
+    samples.map(stats)
+}
+
+/// etcd's count and total seconds of WAL syncs so far, from its metrics.
+fn wal_syncs(endpoint: &str) -> Option<(f64, f64)> {
+    use std::io::{Read, Write};
+    let address = endpoint.strip_prefix("http://")?;
+    let mut tcp = std::net::TcpStream::connect(address).ok()?;
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    Some((
+        value("etcd_disk_wal_fsync_duration_seconds_count ")?,
+        value("etcd_disk_wal_fsync_duration_seconds_sum ")?,
+    ))
 }
 
 /// Single etcd operations, as the backend uses them.
-async fn floor(client: &Client, n: usize) -> Floor {
+async fn floor(client: &Client, n: usize) {
     let c = client.clone();
     let put = sample(n, || {
         let mut c = c.clone();
@@ -314,9 +413,6 @@ async fn floor(client: &Client, n: usize) -> Floor {
         ms(revoke.p50)
     );
     println!("                etcd-client CPU per call in this build: {client_cpu_per_call:.2} ms");
-    Floor {
-        two_writes: two.p50,
-    }
 }
 
 /// etcd's lock service with one session lease: lock + unlock.

@@ -9,6 +9,7 @@
 use etcd_client::{Certificate, ConnectOptions, Identity, Permission, TlsOptions};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -142,6 +143,8 @@ pub struct EtcdCluster {
     pub pki: Option<EtcdPki>,
     /// The root user's password, once authentication is on.
     root_password: Option<String>,
+    /// Added to every disk sync of every member (see [`EtcdCluster::start_slow_disk`]).
+    sync_delay: Option<Duration>,
 }
 
 impl EtcdCluster {
@@ -156,7 +159,18 @@ impl EtcdCluster {
         EtcdCluster::start_with(size, true).await
     }
 
+    /// Starts `size` members whose disk syncs (`fsync`, `fdatasync`) each take `delay`
+    /// longer, as on a slower disk: `strace` (which must be installed) injects the delay.
+    /// For benchmarks only; tests run on the machine's own disk.
+    pub async fn start_slow_disk(size: usize, delay: Duration) -> EtcdCluster {
+        EtcdCluster::start_inner(size, false, Some(delay)).await
+    }
+
     async fn start_with(size: usize, tls: bool) -> EtcdCluster {
+        EtcdCluster::start_inner(size, tls, None).await
+    }
+
+    async fn start_inner(size: usize, tls: bool, sync_delay: Option<Duration>) -> EtcdCluster {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let unique = format!(
             "{}-{}",
@@ -187,6 +201,7 @@ impl EtcdCluster {
             token: format!("dl-test-{unique}"),
             pki,
             root_password: None,
+            sync_delay,
         };
         for i in 0..size {
             cluster.spawn(i);
@@ -205,7 +220,25 @@ impl EtcdCluster {
             .append(true)
             .open(self.dir.join(format!("{}.log", member.name)))
             .expect("etcd log file");
-        let mut command = Command::new(&binary);
+        let mut command = match self.sync_delay {
+            None => Command::new(&binary),
+            Some(delay) => {
+                // Only the sync calls stop for strace (seccomp-bpf), so nothing else slows.
+                let mut command = Command::new("strace");
+                command
+                    .args(["-f", "--seccomp-bpf", "-qq", "-o", "/dev/null"])
+                    .args(["-e", "trace=fsync,fdatasync"])
+                    .arg("-e")
+                    .arg(format!(
+                        "inject=fsync,fdatasync:delay_exit={}",
+                        delay.as_micros()
+                    ))
+                    .arg(&binary)
+                    // Its own process group, so that a kill reaches etcd, not only strace.
+                    .process_group(0);
+                command
+            }
+        };
         if let Some(pki) = &self.pki {
             command
                 .arg("--cert-file")
@@ -296,14 +329,30 @@ impl EtcdCluster {
         self.root_password = Some(root_password.to_owned());
     }
 
-    /// The process id of member `i`, if it runs.
+    /// The process id of member `i`'s etcd, if it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.members[i].child.as_ref().map(Child::id)
+        let id = self.members[i].child.as_ref().map(Child::id)?;
+        if self.sync_delay.is_none() {
+            return Some(id);
+        }
+        // etcd is strace's child.
+        std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// Kills member `i` at once (SIGKILL), as a crash would.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {
+            if self.sync_delay.is_some() {
+                // strace's process group: strace and the etcd it runs.
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .status();
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
