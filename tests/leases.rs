@@ -3,10 +3,11 @@
 
 mod support;
 
+use distributed_lock::DistributedLock;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use support::proxy::Proxy;
+use support::proxy::{Faults, Proxy};
 use support::{Backend, TestServer, client_for, eventually, within};
 use tokio::time::Instant;
 
@@ -19,6 +20,7 @@ on_both_backends!(
     loss_when_the_server_goes_away,
     with_lock_drops_the_closure_when_the_lease_is_lost,
     dropping_the_guard_hands_the_lock_over_promptly,
+    releasing_a_lost_guard_still_frees_the_lock,
     plain_expiry_frees_the_lock_after_expires_in,
 );
 
@@ -261,6 +263,40 @@ async fn dropping_the_guard_hands_the_lock_over_promptly(backend: Backend) {
         granted - dropped
     );
     assert!(next.is_held());
+}
+
+/// A renewal reaches the server but its answer comes back too late: the guard presumes the
+/// lease lost while the server has just renewed it for a whole lease. Releasing the guard
+/// must still free the lock, or the next waiter waits out that lease for nothing.
+async fn releasing_a_lost_guard_still_frees_the_lock(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
+    let proxy = Proxy::start(server.addr).await;
+    let lease = server.lease(Duration::from_millis(1500));
+    // With the margin at half the lease and a sixth of it added each way, the grant arrives
+    // at a third, the renewal sent then reaches the server at a half, and its answer would
+    // arrive at two thirds: after the guard's deadline, a half. A release sent at the loss
+    // reaches the server at two thirds, well before the renewed lease ends (one and a half).
+    let holder = DistributedLock::builder("p")
+        .endpoint(proxy.url())
+        .safety_margin(lease / 2)
+        .build()
+        .unwrap();
+    proxy.set(Faults {
+        delay: lease / 6,
+        ..Faults::default()
+    });
+    let guard = holder.lock("late").expires_in(lease).await.unwrap();
+    let dl = server.client("p");
+    let waiter = tokio::spawn(async move { dl.lock("late").await });
+    within(BOUND, guard.lost()).await;
+    assert!(guard.release().await.unwrap_err().is_lock_lost());
+    let next = within(BOUND, waiter).await.unwrap().unwrap();
+    assert!(next.is_held());
+    assert_eq!(
+        server.metric("distributed_lock_releases_total").await,
+        1.0,
+        "the lock was freed by expiry, not by the release"
+    );
 }
 
 #[test]

@@ -28,7 +28,9 @@ use tokio::time::Instant;
 /// # Drop behavior
 /// Dropping the guard stops renewal and releases the lock on the server in the background,
 /// through the runtime that runs the client's renewal task; the next waiter gets the lock
-/// about one round trip later. Drop never blocks and never panics. If no runtime is left to
+/// about one round trip later. A lease presumed lost is released too, as long as the server
+/// could still hold it: never earlier than the drop, so the safety margin stays the
+/// application's time to stop its work. Drop never blocks and never panics. If no runtime is left to
 /// send the release (for example after the runtime shut down), nothing is sent and the lease
 /// simply expires on the server after at most `expires_in`. Use
 /// [`release`](LockGuard::release) to wait for the release and see its errors.
@@ -100,18 +102,25 @@ impl LockGuard {
     ///
     /// Returns [`Error::LockLost`] if the lease was already lost (so the lock may have been
     /// someone else's for a while), or [`Error::Unavailable`] if no server answered before
-    /// the lease would have expired anyway.
+    /// the lease would have expired anyway. A lost lease is still released in the
+    /// background, best effort: the server may hold it for up to the safety margin after
+    /// the guard gave it up, or longer if a renewal reached it whose answer came too late.
     ///
     /// # Cancel safety
     /// The guard is consumed at once. If the future is dropped before the server answered,
     /// the release may or may not have happened; the lease expires in any case.
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
-        self.commands.leave(Command::Forget(self.key));
         let deadline = match *self.state.borrow() {
             Some(deadline) if Instant::now() < deadline => deadline,
-            _ => return Err(self.lost_error()),
+            _ => {
+                // The server may hold it a while yet: the renewal task releases it, if it
+                // still can.
+                self.commands.send(Command::Release(self.key), None);
+                return Err(self.lost_error());
+            }
         };
+        self.commands.leave(Command::Forget(self.key));
         // Worth trying until the server could have expired the lease by itself.
         let cutoff = deadline + self.margin;
         let body = json(&LeaseRef {

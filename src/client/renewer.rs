@@ -111,6 +111,10 @@ pub(crate) struct Renewer {
     lease_clock: LeaseClock,
     transport: Arc<Transport>,
     leases: HashMap<u64, Tracked>,
+    /// Leases presumed lost whose guards live on: the server may still hold them until
+    /// their deadline plus margin (longer, if a renewal reached it whose answer came too
+    /// late), so a guard's drop or release still releases them, best effort.
+    lost: HashMap<u64, Lease>,
     /// Next event of each lease: its renewal for auto-renewed leases, its deadline otherwise.
     queue: BTreeSet<(Instant, u64)>,
     in_flight: JoinSet<BatchOutcome>,
@@ -126,6 +130,7 @@ pub(crate) fn spawn(transport: Arc<Transport>, lease_clock: LeaseClock) -> Comma
         lease_clock,
         transport,
         leases: HashMap::new(),
+        lost: HashMap::new(),
         queue: BTreeSet::new(),
         in_flight: JoinSet::new(),
         longest_interval: Duration::ZERO,
@@ -166,7 +171,7 @@ impl Renewer {
                         self.finish(outcome);
                     }
                 }
-                                _ = sleep_until_opt(wake) => {
+                _ = sleep_until_opt(wake) => {
                     last_tick = Instant::now();
                     self.tick();
                 }
@@ -189,12 +194,13 @@ impl Renewer {
                 );
             }
             Command::Release(key) => {
-                if let Some(lease) = self.forget(key) {
+                if let Some(lease) = self.forget(key).or_else(|| self.lost.remove(&key)) {
                     self.release_on_server(lease);
                 }
             }
             Command::Forget(key) => {
                 self.forget(key);
+                self.lost.remove(&key);
             }
             Command::Cancel { name, request_id } => {
                 let transport = self.transport.clone();
@@ -242,12 +248,16 @@ impl Renewer {
         });
     }
 
-    /// Tells the guard its lease is lost. Nothing is sent: the server expires the lease
-    /// within the safety margin, and with plain expiry that is the promised behaviour.
-    fn lose(&mut self, key: u64) {
+    /// Tells the guard its lease is lost. Nothing is sent yet: the application may still be
+    /// stopping its work, and the margin is its time to do so before anyone else can get
+    /// the lock. The guard's drop or release sends the release. `gone`: the server said so.
+    fn lose(&mut self, key: u64, gone: bool) {
         if let Some(lease) = self.forget(key) {
             tracing::warn!(lock = %lease.name, "lease lost");
             lease.state.send_replace(None);
+            if !gone {
+                self.lost.insert(key, lease);
+            }
         }
     }
 
@@ -255,6 +265,8 @@ impl Renewer {
     /// batches: renewing a little early lets leases acquired at different times share requests.
     fn tick(&mut self) {
         let now = Instant::now();
+        self.lost
+            .retain(|_, lease| lease.deadline + lease.margin > now);
         let horizon = now + self.longest_interval / 2;
         let mut due = Vec::new();
         while let Some(&(at, key)) = self.queue.first() {
@@ -267,7 +279,7 @@ impl Renewer {
             };
             let lease = &tracked.lease;
             if lease.deadline <= now {
-                self.lose(key);
+                self.lose(key, false);
                 continue;
             }
             // Only leases within half an interval of their own due time ride along.
@@ -350,7 +362,7 @@ impl Renewer {
             let lease = &mut tracked.lease;
             // A lease past its deadline stays lost even if a late answer renewed it.
             if lease.deadline <= now {
-                self.lose(key);
+                self.lose(key, false);
                 continue;
             }
             let next = match (results.get(i), retry_at) {
@@ -362,7 +374,7 @@ impl Renewer {
                     lease.due_after(outcome.sent)
                 }
                 (Some(RenewResult::Gone), _) => {
-                    self.lose(key);
+                    self.lose(key, true);
                     continue;
                 }
                 (None, retry_at) => retry_at.unwrap_or(now).min(lease.deadline),
