@@ -404,6 +404,38 @@ async fn a_quick_etcd_restart_keeps_leases() {
     assert!(next.fencing_token() > token);
 }
 
+/// The server's shared watch of deletions breaks when etcd restarts: it must come back, and
+/// a waiter queued across the restart must still be woken by the release.
+#[tokio::test]
+async fn a_waiter_queued_across_an_etcd_restart_is_served() {
+    // Timing matters here: not alongside the crowd test.
+    let _alone = support::heavy().await;
+    let mut server = TestServer::start_on(support::Backend::Etcd).await;
+    let lease = Duration::from_secs(6);
+    let dl = server.client("p");
+    let guard = dl.lock("across").expires_in(lease).await.unwrap();
+    let waiter = tokio::spawn({
+        let dl = dl.clone();
+        async move { dl.lock("across").expires_in(lease).await }
+    });
+    eventually(BOUND, "waiter queued", || async {
+        server.inspect("p", "across").await.1 == 1
+    })
+    .await;
+    let etcd = server.etcd.as_mut().unwrap();
+    etcd.kill_all();
+    etcd.restart_all().await;
+    let etcd = server.etcd.as_ref().unwrap();
+    eventually(BOUND, "the server watches deletions again", || async {
+        etcd_figure(etcd, "etcd_debugging_mvcc_watcher_total").await == 1.0
+    })
+    .await;
+    let token = guard.fencing_token();
+    guard.release().await.unwrap();
+    let next = within(BOUND, waiter).await.unwrap().unwrap();
+    assert!(next.fencing_token() > token);
+}
+
 /// Failure test 3b: etcd is down for longer than a lease. The guard learns it lost the lease
 /// (before anyone else could get it); requests meanwhile fail as unavailable; when etcd
 /// returns, every lease restarts with a full TTL, so the lost holder's lock frees itself one
