@@ -694,6 +694,24 @@ async fn metrics_time_each_etcd_call_and_count_its_failures() {
     assert!(server.metric(retried).await >= 1.0);
 }
 
+#[tokio::test]
+async fn a_server_stops_promptly_while_etcd_is_out_of_reach() {
+    let mut server = TestServer::start_on(support::Backend::Etcd).await;
+    let dl = server.client("p");
+    // Locks held at once, then released, leave as many spare etcd leases, which a shutdown
+    // revokes: one call timeout (5 s) each while etcd cannot be reached, were they revoked
+    // one by one.
+    let mut guards = Vec::new();
+    for name in ["a", "b", "c", "d", "e", "f"] {
+        guards.push(dl.lock(name).await.unwrap());
+    }
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    server.etcd.as_mut().unwrap().kill_all();
+    within(Duration::from_secs(10), server.stop()).await;
+}
+
 // TLS and authentication towards etcd.
 
 /// The message of a server start that must fail, within a bound: a refusal is no hang.

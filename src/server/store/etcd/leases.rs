@@ -18,6 +18,9 @@ use tokio::time::Instant;
 /// Most spares kept per TTL; more are revoked.
 const MAX_SPARES: usize = 64;
 
+/// Longest a shutdown waits for its spares to be revoked.
+const REVOKE_SPARES_BOUND: Duration = Duration::from_secs(2);
+
 /// An etcd lease for one acquire.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Lease {
@@ -113,15 +116,23 @@ impl Leases {
         })
     }
 
-    /// Revokes the spares (at shutdown), so that they do not linger until they expire.
+    /// Revokes the spares (at shutdown), so that they do not linger until they expire. All at
+    /// once and bounded: with etcd out of reach they expire on their own, and a shutdown
+    /// must not wait a call timeout per spare for that.
     pub async fn revoke_spares(&self) {
         let spares: Vec<Lease> = {
             let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
             spares.drain().flat_map(|(_, list)| list).collect()
         };
+        let mut revokes = tokio::task::JoinSet::new();
         for lease in spares {
-            let _ = self.etcd.revoke(lease.id).await;
+            let etcd = self.etcd.clone();
+            revokes.spawn(async move {
+                let _ = etcd.revoke(lease.id).await;
+            });
         }
+        let all = async { while revokes.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(REVOKE_SPARES_BOUND, all).await;
     }
 }
 
