@@ -371,65 +371,40 @@ async fn losing_an_etcd_member_does_not_stop_the_service() {
 
 /// Failure test 3a: the whole etcd restarts quickly. A guard whose lease outlasts the outage
 /// keeps it (its renewals retry until its deadline), and fencing tokens keep increasing
-/// (they are etcd revisions, which survive restarts).
+/// (they are etcd revisions, which survive restarts). The server's shared watch of deletions
+/// breaks and comes back, and a waiter queued across the restart is woken by the release.
 #[tokio::test]
 async fn a_quick_etcd_restart_keeps_leases() {
     // Timing matters here: not alongside the crowd test.
     let _alone = support::heavy().await;
-    let server = TestServer::start_on(support::Backend::Etcd).await;
-    let mut server = server;
+    let mut server = TestServer::start_on(support::Backend::Etcd).await;
     let lease = Duration::from_secs(6);
-    let guard = server
-        .client("p")
-        .lock("kept")
-        .expires_in(lease)
-        .await
-        .unwrap();
+    let dl = server.client("p");
+    let guard = dl.lock("kept").expires_in(lease).await.unwrap();
+    let waiter = tokio::spawn({
+        let dl = dl.clone();
+        async move { dl.lock("kept").expires_in(lease).await }
+    });
+    eventually(BOUND, "waiter queued", || async {
+        server.inspect("p", "kept").await.1 == 1
+    })
+    .await;
     let etcd = server.etcd.as_mut().unwrap();
     let down = Instant::now();
     etcd.kill_all();
     etcd.restart_all().await;
     let outage = down.elapsed();
     assert!(outage < lease / 2, "etcd took {outage:?} to come back");
-    let lost = tokio::time::timeout(lease + Duration::from_secs(1), guard.lost()).await;
-    assert!(
-        lost.is_err(),
-        "the guard lost its lease over a {outage:?} outage"
-    );
-    let token = guard.fencing_token();
-    guard.release().await.unwrap();
-    let next = within(BOUND, server.client("p").lock("kept"))
-        .await
-        .unwrap();
-    assert!(next.fencing_token() > token);
-}
-
-/// The server's shared watch of deletions breaks when etcd restarts: it must come back, and
-/// a waiter queued across the restart must still be woken by the release.
-#[tokio::test]
-async fn a_waiter_queued_across_an_etcd_restart_is_served() {
-    // Timing matters here: not alongside the crowd test.
-    let _alone = support::heavy().await;
-    let mut server = TestServer::start_on(support::Backend::Etcd).await;
-    let lease = Duration::from_secs(6);
-    let dl = server.client("p");
-    let guard = dl.lock("across").expires_in(lease).await.unwrap();
-    let waiter = tokio::spawn({
-        let dl = dl.clone();
-        async move { dl.lock("across").expires_in(lease).await }
-    });
-    eventually(BOUND, "waiter queued", || async {
-        server.inspect("p", "across").await.1 == 1
-    })
-    .await;
-    let etcd = server.etcd.as_mut().unwrap();
-    etcd.kill_all();
-    etcd.restart_all().await;
     let etcd = server.etcd.as_ref().unwrap();
     eventually(BOUND, "the server watches deletions again", || async {
         etcd_figure(etcd, "etcd_debugging_mvcc_watcher_total").await == 1.0
     })
     .await;
+    let lost = tokio::time::timeout(lease + Duration::from_secs(1), guard.lost()).await;
+    assert!(
+        lost.is_err(),
+        "the guard lost its lease over a {outage:?} outage"
+    );
     let token = guard.fencing_token();
     guard.release().await.unwrap();
     let next = within(BOUND, waiter).await.unwrap().unwrap();
