@@ -5,13 +5,14 @@
 //! --backend etcd` as a separate process, then measures on loopback, 3 rounds each:
 //!
 //! * single etcd operations through etcd-client (a put, a linearizable read, a lease grant,
-//!   a keep-alive, a revoke, the backend's acquire transaction);
+//!   a keep-alive, a revoke, the backend's acquire and release transactions);
 //! * interleaved, one of each in turn so that the machine's drifts cancel out of the
 //!   ratios: two etcd writes (a put, then a delete); the same two writes behind a bare
 //!   HTTP/2 hop in a process of its own (`etcd_hop`), the floor of the architecture itself
 //!   (client -> HTTP server -> etcd); and the SDK's uncontended acquire+release pair through
 //!   the server;
-//! * each half of the pair, with the CPU each process spends on it;
+//! * each half of the pair, with the CPU each process spends on it, and the server's own
+//!   account of its etcd calls meanwhile (from its `/metrics`);
 //! * etcd's own lock service (`etcdctl lock`'s v3lock API) with a session lease: an
 //!   uncontended lock+unlock pair, and the hand-over gap with 8 contending tasks;
 //! * the SDK's hand-over gap with 8 contending tasks (from the release being sent to the
@@ -27,7 +28,8 @@
 //! little of it on this machine's; the ratios to "two etcd writes" depend on which.
 //!
 //! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
-//! `BENCH_SECS` (seconds per hand-over round, default 3).
+//! `BENCH_SECS` (seconds per hand-over round, default 3), `BENCH_SERVER_ARGS` (more
+//! arguments for the etcd-backed server, such as `--threads 1`).
 
 #[path = "../tests/support/etcd.rs"]
 #[allow(dead_code)]
@@ -55,6 +57,16 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(run());
+}
+
+/// More arguments for the etcd-backed server under test, from `BENCH_SERVER_ARGS`
+/// (whitespace-separated), such as `--threads 1`.
+fn server_args() -> Vec<String> {
+    std::env::var("BENCH_SERVER_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -116,6 +128,7 @@ async fn measure(
         Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
             .args(["--listen", "127.0.0.1:0", "--backend", "etcd"])
             .args(["--etcd-endpoints", &endpoint])
+            .args(server_args())
             .env("RUST_LOG", "warn,distributed_lock_server=info"),
     );
     // The same server on the memory store: what HTTP and the SDK cost without etcd.
@@ -191,7 +204,9 @@ async fn measure(
         );
         let pids = [server.child.id(), etcd_pid, std::process::id()];
         let cpu_before = cpu(&pids);
+        let calls_before = server_calls(&server.url);
         let (acquire, release) = halves(&dl, pairs).await;
+        let calls_after = server_calls(&server.url);
         let cpu_used: Vec<f64> = cpu(&pids)
             .iter()
             .zip(&cpu_before)
@@ -208,6 +223,23 @@ async fn measure(
             ms(memory_acquire.p50),
             ms(memory_release.p50)
         );
+        if let (Some(before), Some(after)) = (calls_before, calls_after) {
+            let mean = |i: usize| {
+                let (count, secs): (f64, f64) =
+                    (after[i].0 - before[i].0, after[i].1 - before[i].1);
+                if count > 0.0 {
+                    secs / count * 1e3
+                } else {
+                    f64::NAN
+                }
+            };
+            println!(
+                "  seen by the server (means): the acquire's etcd transaction {:.2} ms (its keep-alive beside it {:.2} ms), the release's {:.2} ms; the rest of each half is HTTP, the SDK and the server's own code",
+                mean(0),
+                mean(1),
+                mean(2)
+            );
+        }
         println!(
             "  CPU per pair: server {:.2} ms (memory store: {memory_cpu:.2} ms), etcd {:.2} ms, client (this process) {:.2} ms",
             cpu_used[0], cpu_used[1], cpu_used[2]
@@ -285,22 +317,49 @@ async fn interleaved<const N: usize>(n: usize, steps: [Step<'_>; N]) -> [Stats; 
     samples.map(stats)
 }
 
-/// etcd's count and total seconds of WAL syncs so far, from its metrics.
-fn wal_syncs(endpoint: &str) -> Option<(f64, f64)> {
+/// The Prometheus text at `base` (`http://host:port`) + `/metrics`.
+fn scrape(base: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let address = endpoint.strip_prefix("http://")?;
+    let address = base.strip_prefix("http://")?;
     let mut tcp = std::net::TcpStream::connect(address).ok()?;
     tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
     let mut text = String::new();
     tcp.read_to_string(&mut text).ok()?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
-    };
+    Some(text)
+}
+
+/// The value of the sample named `name` (labels included) in Prometheus text.
+fn sample_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    })
+}
+
+/// etcd's count and total seconds of WAL syncs so far, from its metrics.
+fn wal_syncs(endpoint: &str) -> Option<(f64, f64)> {
+    let text = scrape(endpoint)?;
     Some((
-        value("etcd_disk_wal_fsync_duration_seconds_count ")?,
-        value("etcd_disk_wal_fsync_duration_seconds_sum ")?,
+        sample_value(&text, "etcd_disk_wal_fsync_duration_seconds_count")?,
+        sample_value(&text, "etcd_disk_wal_fsync_duration_seconds_sum")?,
     ))
+}
+
+/// The server's own account of its etcd calls so far, from its `/metrics`: (count, total
+/// seconds) of the acquire's transaction, the keep-alive beside it, and the release's.
+fn server_calls(url: &str) -> Option<[(f64, f64); 3]> {
+    let text = scrape(url)?;
+    let call = |name: &str| {
+        let metric = "distributed_lock_etcd_call_duration_seconds";
+        Some((
+            sample_value(&text, &format!("{metric}_count{{call=\"{name}\"}}"))?,
+            sample_value(&text, &format!("{metric}_sum{{call=\"{name}\"}}"))?,
+        ))
+    };
+    Some([call("queue")?, call("keep_alive")?, call("release")?])
 }
 
 /// Single etcd operations, as the backend uses them.
@@ -350,8 +409,10 @@ async fn floor(client: &Client, n: usize) {
         }
     })
     .await;
-    // The backend's acquire transaction on a free lock, then its revoke.
+    // The backend's acquire transaction on a free lock, its release transaction, then a
+    // revoke.
     let mut txn_samples = Vec::new();
+    let mut release_samples = Vec::new();
     let mut revoke_samples = Vec::new();
     for i in 0..n / 5 {
         let mut c = c.clone();
@@ -365,8 +426,8 @@ async fn floor(client: &Client, n: usize) {
                 0,
             )])
             .and_then(vec![
-                TxnOp::put(key, "{}", Some(PutOptions::new().with_lease(id))),
-                TxnOp::put(rkey, "id", Some(PutOptions::new().with_lease(id))),
+                TxnOp::put(key.clone(), "{}", Some(PutOptions::new().with_lease(id))),
+                TxnOp::put(rkey.clone(), "id", Some(PutOptions::new().with_lease(id))),
                 TxnOp::get(
                     "bench/q/",
                     Some(GetOptions::new().with_prefix().with_count_only()),
@@ -375,11 +436,28 @@ async fn floor(client: &Client, n: usize) {
         let start = Instant::now();
         c.txn(txn).await.unwrap();
         txn_samples.push(start.elapsed());
+        let release = Txn::new()
+            .when(vec![
+                Compare::lease(rkey.clone(), CompareOp::Equal, id),
+                Compare::lease(key.clone(), CompareOp::Equal, id),
+            ])
+            .and_then(vec![
+                TxnOp::get(key.clone(), None),
+                TxnOp::delete(key, None),
+                TxnOp::delete(rkey, None),
+            ]);
+        let start = Instant::now();
+        assert!(c.txn(release).await.unwrap().succeeded());
+        release_samples.push(start.elapsed());
         let start = Instant::now();
         c.lease_revoke(id).await.unwrap();
         revoke_samples.push(start.elapsed());
     }
-    let (txn, revoke) = (stats(txn_samples), stats(revoke_samples));
+    let (txn, release, revoke) = (
+        stats(txn_samples),
+        stats(release_samples),
+        stats(revoke_samples),
+    );
     // The backend's "who is first" read (a sorted range).
     let first = sample(n, || {
         let mut c = c.clone();
@@ -406,10 +484,11 @@ async fn floor(client: &Client, n: usize) {
         ms(first.p50)
     );
     println!(
-        "                lease grant {:.2} ms | keep-alive {:.2} ms | acquire txn {:.2} ms | revoke {:.2} ms",
+        "                lease grant {:.2} ms | keep-alive {:.2} ms | acquire txn {:.2} ms | release txn {:.2} ms | revoke {:.2} ms",
         ms(grant.p50),
         ms(keep_alive.p50),
         ms(txn.p50),
+        ms(release.p50),
         ms(revoke.p50)
     );
     println!("                etcd-client CPU per call in this build: {client_cpu_per_call:.2} ms");

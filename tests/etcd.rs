@@ -7,10 +7,12 @@ mod support;
 
 use distributed_lock::DistributedLock;
 use distributed_lock::server::{Server, ServerBuilder};
+use etcd_client::GetOptions;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::etcd::EtcdCluster;
+use support::proxy::Proxy;
 use support::{TestServer, eventually, raw, within};
 use tokio::time::Instant;
 
@@ -160,6 +162,48 @@ async fn a_request_id_finds_its_grant_and_its_place_through_any_server() {
     // Releasing the old lease again, anywhere: gone.
     let (status, _) = post(&a, "/v1/release", "p", &release).await;
     assert_eq!(status, 410);
+}
+
+/// etcd deletes a release's keys, but its answer is lost on the way back; the server's
+/// retry finds the keys gone. That is still this release, not a `410`/`404`.
+#[tokio::test]
+async fn a_release_whose_answer_from_etcd_was_lost_is_still_a_release() {
+    let etcd = EtcdCluster::start(1).await;
+    let etcd_addr = etcd
+        .endpoint(0)
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(etcd_addr).await;
+    let server = TestServer::start_with(|b| b.etcd([proxy.url()])).await;
+    let request = acquire_body("x", 5000, 1000, "33333333333333333333333333333333");
+    let (status, granted) = post(&server, "/v1/acquire", "p", &request).await;
+    assert_eq!(status, 200, "{granted}");
+
+    proxy.cut_answers();
+    let (addr, release) = (
+        server.addr,
+        format!(r#"{{"name":"x","lease_id":{}}}"#, granted["lease_id"]),
+    );
+    let released = tokio::spawn(async move {
+        let auth = [("authorization", "Bearer p")];
+        raw(addr, "POST", "/v1/release", &auth, &release).await
+    });
+    let direct = etcd.client().await;
+    eventually(BOUND, "etcd deleted the lock's keys", || {
+        let mut direct = direct.clone();
+        async move {
+            let all = GetOptions::new().with_prefix().with_count_only();
+            let found = direct.get("/distributed-lock/", Some(all)).await.unwrap();
+            found.count() == 0
+        }
+    })
+    .await;
+    // The server's connection to etcd breaks with the answer still held: it retries.
+    proxy.reset();
+    proxy.heal();
+    let (status, body) = within(BOUND, released).await.unwrap();
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]

@@ -6,6 +6,8 @@
 //!   segment that TCP retransmits (dropping bytes outright would corrupt the stream, not
 //!   emulate a network);
 //! * cut (blackhole): nothing passes until healed; connections stay open;
+//! * answers cut: requests pass, what comes back is held until healed (a reply lost on the
+//!   way, after the request took effect);
 //! * reset: every open connection is closed at once.
 
 use std::net::SocketAddr;
@@ -26,6 +28,8 @@ pub struct Faults {
     pub drop_rate: f64,
     pub drop_penalty: Duration,
     pub cut: bool,
+    /// Hold back only what the upstream sends.
+    pub answers_cut: bool,
 }
 
 /// Forwards connections to `upstream`, injecting [`Faults`].
@@ -68,8 +72,8 @@ impl Proxy {
                         let (cr, cw) = client.into_split();
                         let (sr, sw) = server.into_split();
                         tokio::join!(
-                            pump(cr, sw, faults.clone(), seeds.0),
-                            pump(sr, cw, faults, seeds.1)
+                            pump(cr, sw, faults.clone(), seeds.0, false),
+                            pump(sr, cw, faults, seeds.1, true)
                         );
                     });
                 }
@@ -96,6 +100,11 @@ impl Proxy {
     /// Holds back every byte from now on, in both directions (a blackhole).
     pub fn cut(&self) {
         self.faults.send_modify(|f| f.cut = true);
+    }
+
+    /// Holds back every byte the upstream sends from now on; requests still pass.
+    pub fn cut_answers(&self) {
+        self.faults.send_modify(|f| f.answers_cut = true);
     }
 
     /// Removes every fault (held bytes flow again, in order).
@@ -126,6 +135,7 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut faults: watch::Receiver<Faults>,
     seed: u64,
+    answers: bool,
 ) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut buf = vec![0u8; 16 * 1024];
@@ -147,7 +157,8 @@ async fn pump(
         }
         last_delivery = last_delivery.max(Instant::now() + wait);
         tokio::time::sleep_until(last_delivery).await;
-        if faults.wait_for(|f| !f.cut).await.is_err() {
+        let held = |f: &Faults| f.cut || (answers && f.answers_cut);
+        if faults.wait_for(|f| !held(f)).await.is_err() {
             break;
         }
         if to.write_all(&buf[..n]).await.is_err() {

@@ -9,7 +9,7 @@ use super::call::{
 use super::keys::{Entry, LeaseId, LockKeys, Slot, project_queues, unix_ms};
 use super::leases::ttl_for;
 use crate::server::store::{AcquireOutcome, AcquireSpec, Grant};
-use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn};
+use etcd_client::{Compare, CompareOp, KeyValue, Txn};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -80,11 +80,17 @@ impl Inner {
         let request_key = keys.request_key(slot);
         let try_once = spec.wait == Some(Duration::ZERO);
         // A key whose lease just ran out, or a spare that did, costs a round; a few suffice.
+        // After a spare that ran out, fresh leases only: the others may be as old.
+        let mut spares_stale = false;
         for _ in 0..4 {
             if spec.quota.max_locks.is_some() {
                 self.check_lock_quota(spec, keys).await?;
             }
-            let lease = self.leases.take(ask).await?;
+            let lease = if spares_stale {
+                self.leases.grant(ask).await?
+            } else {
+                self.leases.take(ask).await?
+            };
             let key = keys.queue_key(lease.id);
             let entry = Entry {
                 ttl: lease.ttl,
@@ -121,7 +127,10 @@ impl Inner {
             });
             let answer = match answer {
                 // The spare ran out before the transaction: nothing was written.
-                Err(EtcdError::LeaseGone) => continue,
+                Err(EtcdError::LeaseGone) => {
+                    spares_stale = true;
+                    continue;
+                }
                 other => other?,
             };
             if !answer.succeeded() {
@@ -158,12 +167,15 @@ impl Inner {
             match kept {
                 Ok(()) => {}
                 // The spare ran out between the write and the keep-alive: so did the key.
-                Err(EtcdError::LeaseGone) => continue,
-                Err(e) => {
-                    // Unknown whether the spare still runs: give the place up.
-                    self.give_up(&place);
-                    return Err(e);
+                Err(EtcdError::LeaseGone) => {
+                    spares_stale = true;
+                    continue;
                 }
+                // Unknown whether the spare still runs. The place stays: the client's retry
+                // (on any server) resumes it with a keep-alive of its own, and if none comes,
+                // it ends with its lease. Giving it up here could delete it after a retry
+                // elsewhere was granted it.
+                Err(e) => return Err(e),
             }
             let in_line = count_of(&answer, 2);
             let Some(predecessor) = kvs(&answer, 2).get(1).map(|kv| kv.key().to_vec()) else {
@@ -221,10 +233,13 @@ impl Inner {
             Err(EtcdError::LeaseGone) => return Ok(None),
             Err(e) => return Err(e),
         }
+        // Both keys of a place are written in one transaction, so they share a create
+        // revision. A queue key under the same name with another revision belongs to a later
+        // acquire that reuses the etcd lease (this request was released meanwhile).
         let Some(queued) = queued?
             .take_kvs()
             .into_iter()
-            .find(|kv| kv.lease() == lease)
+            .find(|kv| kv.lease() == lease && kv.create_revision() == request.create_revision())
         else {
             return Ok(None);
         };
@@ -284,20 +299,106 @@ impl Inner {
             return Ok(());
         }
         // Count locks, not keys: a lock with waiters has several.
-        let all = self
-            .etcd
-            .get(
-                "lock_quota",
-                &project,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await?;
-        let locks = super::count_locks(all.kvs());
+        let locks = self.count_locks("lock_quota", &project, max).await?;
         if locks >= max {
             return Err(EtcdError::Full(format!(
                 "the project has {locks} locks held or waited for, the most allowed"
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::keys::{LeaseId, Slot};
+    use super::super::store_for_tests;
+    use crate::id::Id;
+    use crate::server::store::{AcquireOutcome, AcquireSpec, Grant, Project, Release};
+    use std::time::Duration;
+
+    fn spec() -> AcquireSpec {
+        AcquireSpec {
+            project: Project {
+                id: 0,
+                name: "project".into(),
+            },
+            name: "lock".into(),
+            lease: Duration::from_secs(10),
+            wait: Some(Duration::ZERO),
+            poll: Duration::from_secs(1),
+            request_id: Id::random(),
+            label: None,
+            quota: Default::default(),
+        }
+    }
+
+    fn granted(outcome: AcquireOutcome) -> Grant {
+        match outcome {
+            AcquireOutcome::Granted(grant) => grant,
+            other => panic!("not granted: {other:?}"),
+        }
+    }
+
+    /// Spares whose etcd leases ended in the pool (their holders stopped renewing long before
+    /// releasing) cost an acquire one round, not a `503` after a round for each.
+    #[tokio::test]
+    async fn spares_that_ran_out_in_the_pool_cost_one_round() {
+        let (etcd, store) = store_for_tests().await;
+        let inner = &store.inner;
+        let mut spares = Vec::new();
+        let mut grants = Vec::new();
+        for i in 0..4 {
+            let spec = AcquireSpec {
+                name: format!("lock{i}"),
+                ..spec()
+            };
+            grants.push((spec.clone(), granted(inner.acquire(spec).await.unwrap())));
+        }
+        for (spec, grant) in grants {
+            let released = inner
+                .release(&spec.project, &spec.name, grant.lease_id)
+                .await;
+            assert_eq!(released.unwrap(), Release::Released);
+            spares.push(LeaseId::from_id(grant.lease_id).unwrap().etcd);
+        }
+        let mut direct = etcd.client().await;
+        for lease in spares {
+            direct.lease_revoke(lease).await.unwrap();
+        }
+        granted(inner.acquire(spec()).await.expect("granted"));
+    }
+
+    /// A late attempt of a request that was granted and released meanwhile (through another
+    /// server, say) finds its request key, read before the release, and a queue key of the
+    /// same name: a later acquire's, which reuses the etcd lease. That place is not its own.
+    #[tokio::test]
+    async fn a_late_attempt_does_not_resume_a_later_acquire_on_the_same_etcd_lease() {
+        let (_etcd, store) = store_for_tests().await;
+        let inner = &store.inner;
+        let a = spec();
+        let keys = inner.keys(&a.project, &a.name);
+        let grant_a = granted(inner.acquire(a.clone()).await.unwrap());
+        let request_key = keys.request_key(Slot::of(a.request_id));
+        let read_late = inner.etcd.get("test", &request_key, None).await.unwrap();
+        let request = read_late.kvs().first().expect("A's request key").clone();
+
+        let released = inner.release(&a.project, &a.name, grant_a.lease_id).await;
+        assert_eq!(released.unwrap(), Release::Released);
+        let grant_b = granted(inner.acquire(spec()).await.unwrap());
+        let etcd_lease = |grant: &Grant| LeaseId::from_id(grant.lease_id).unwrap().etcd;
+        assert_eq!(
+            etcd_lease(&grant_b),
+            etcd_lease(&grant_a),
+            "B reuses A's etcd lease"
+        );
+
+        let resumed = inner.resume(&a, &keys, &request).await.unwrap();
+        assert!(
+            resumed.is_none(),
+            "A's late attempt took B's place (fencing token {:?}, B's is {})",
+            resumed.map(|p| p.revision),
+            grant_b.fencing_token
+        );
     }
 }

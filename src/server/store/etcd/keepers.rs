@@ -22,6 +22,9 @@ pub(super) const MAX_OPEN: usize = 256;
 pub(super) struct Stream {
     keeper: LeaseKeeper,
     answers: LeaseKeepAliveStream,
+    /// A keep-alive was sent and its caller went away before the answer: the answer would
+    /// pass for the next request's, so the stream is never used again.
+    out_of_step: bool,
 }
 
 /// What a keep-alive on an open stream found.
@@ -65,20 +68,32 @@ impl Keepers {
             entry.last_used = Instant::now();
             entry.stream.clone()
         };
-        let mut stream = stream.lock().await;
+        let guard = stream.clone().lock_owned().await;
+        if guard.out_of_step {
+            // This caller waited for the stream behind one that went away.
+            return None;
+        }
+        let mut stream = InFlight {
+            stream: guard,
+            shared: stream,
+            keepers: self,
+            lease,
+            in_step: false,
+        };
         let answer = tokio::time::timeout(within, async {
-            stream.keeper.keep_alive().await?;
-            stream.answers.message().await
+            stream.stream.keeper.keep_alive().await?;
+            stream.stream.answers.message().await
         })
         .await;
-        let kept = match answer {
-            Ok(Ok(Some(answer))) if answer.ttl() > 0 => return Some(Kept::Alive),
-            Ok(Ok(Some(_))) => Kept::Gone,
-            _ => Kept::Broken,
-        };
-        drop(stream);
-        self.close(lease);
-        Some(kept)
+        match answer {
+            Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                stream.in_step = true;
+                Some(Kept::Alive)
+            }
+            // Dropping `stream` closes it: its lease has ended, or an answer may still come.
+            Ok(Ok(Some(_))) => Some(Kept::Gone),
+            _ => Some(Kept::Broken),
+        }
     }
 
     /// Holds a lease's new stream open for its next keep-alives, if there is room (after
@@ -95,7 +110,11 @@ impl Keepers {
         open.insert(
             keeper.id(),
             Open {
-                stream: Arc::new(tokio::sync::Mutex::new(Stream { keeper, answers })),
+                stream: Arc::new(tokio::sync::Mutex::new(Stream {
+                    keeper,
+                    answers,
+                    out_of_step: false,
+                })),
                 last_used: Instant::now(),
                 idle_after: ttl.max(Duration::from_secs(1)),
             },
@@ -108,5 +127,69 @@ impl Keepers {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&lease);
+    }
+}
+
+/// A keep-alive on an open stream. Unless its answer came and said the lease lives
+/// (`in_step`), dropping it marks the stream out of step and closes it: its lease has ended,
+/// or an answer may still come (a timeout, or a caller that went away) and would pass for
+/// the next request's.
+struct InFlight<'a> {
+    stream: tokio::sync::OwnedMutexGuard<Stream>,
+    shared: Arc<tokio::sync::Mutex<Stream>>,
+    keepers: &'a Keepers,
+    lease: i64,
+    in_step: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.in_step {
+            self.stream.out_of_step = true;
+            // Only this stream: the lease may have another by now.
+            let mut open = self.keepers.open.lock().unwrap_or_else(|p| p.into_inner());
+            if open
+                .get(&self.lease)
+                .is_some_and(|o| Arc::ptr_eq(&o.stream, &self.shared))
+            {
+                open.remove(&self.lease);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Keepers, Kept};
+    use crate::server::store::etcd::etcd_harness::EtcdCluster;
+    use std::future::Future;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    const BOUND: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn a_keep_alive_whose_caller_went_away_closes_its_stream() {
+        let etcd = EtcdCluster::start(1).await;
+        let mut client = etcd.client().await;
+        let lease = client.lease_grant(30, None).await.unwrap().id();
+        let (keeper, answers) = client.lease_keep_alive(lease).await.unwrap();
+        let keepers = Keepers::default();
+        keepers.hold(keeper, answers, Duration::from_secs(30));
+        assert!(matches!(
+            keepers.keep_alive(lease, BOUND).await,
+            Some(Kept::Alive)
+        ));
+
+        // Polled once (the keep-alive is sent), then dropped before etcd's answer.
+        let mut went_away = Box::pin(keepers.keep_alive(lease, BOUND));
+        let first = std::future::poll_fn(|cx| Poll::Ready(went_away.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "etcd cannot have answered yet");
+        drop(went_away);
+
+        // Its answer ("alive") would pass for the next request's, even once the lease has
+        // ended: the stream must be gone, so that the next keep-alive opens a new one.
+        client.lease_revoke(lease).await.unwrap();
+        assert!(keepers.keep_alive(lease, BOUND).await.is_none());
     }
 }

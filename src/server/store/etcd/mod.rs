@@ -25,6 +25,7 @@
 
 mod acquire;
 mod call;
+mod census;
 mod deletions;
 mod keepers;
 mod keys;
@@ -33,6 +34,22 @@ mod metrics;
 mod renew;
 mod security;
 mod wait;
+
+/// Real etcd processes for the unit tests that need one (the integration tests' harness).
+#[cfg(test)]
+#[path = "../../../../tests/support/etcd.rs"]
+#[allow(dead_code)]
+mod etcd_harness;
+
+/// A store over a new one-member etcd, for unit tests; etcd stops when the cluster drops.
+#[cfg(test)]
+async fn store_for_tests() -> (etcd_harness::EtcdCluster, EtcdStore) {
+    let etcd = etcd_harness::EtcdCluster::start(1).await;
+    let store = EtcdStore::connect(EtcdConfig::new(etcd.endpoints()))
+        .await
+        .expect("connects to etcd");
+    (etcd, store)
+}
 
 pub(crate) use metrics::EtcdMetrics;
 pub(crate) use security::TlsFiles;
@@ -215,19 +232,6 @@ fn gone_or_missing(keys_in_line: i64) -> Release {
     }
 }
 
-/// How many distinct locks these queue keys belong to (keys come sorted by name).
-fn count_locks(kvs: &[KeyValue]) -> u64 {
-    let mut locks: Vec<&[u8]> = kvs
-        .iter()
-        .filter_map(|kv| {
-            let end = kv.key().iter().rposition(|&b| b == b'/')?;
-            Some(&kv.key()[..end])
-        })
-        .collect();
-    locks.dedup();
-    locks.len() as u64
-}
-
 impl Inner {
     fn keys(&self, project: &Project, name: &str) -> LockKeys {
         LockKeys::new(&self.prefix, &project.name, name)
@@ -262,8 +266,23 @@ impl Inner {
             ])
             .and_then(vec![get(key.clone()), delete(key), delete(request_key)])
             .or_else(vec![count(keys.queue())]);
-        let answer = self.etcd.txn("release", txn).await?;
+        let mut attempts = 0;
+        let answer = self
+            .etcd
+            .call("release", |mut c| {
+                attempts += 1;
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if !answer.succeeded() {
+            if attempts > 1 {
+                // An earlier attempt may have deleted the keys and lost its answer: as the
+                // SDK does for its own retries, take the keys' absence as this release's.
+                // The etcd lease is left to expire: had the keys gone another way, a release
+                // may have handed it to a new acquire meanwhile.
+                return Ok(Release::Released);
+            }
             return Ok(gone_or_missing(count_of(&answer, 0)));
         }
         match first(&answer, 0).map(|kv| Entry::decode(kv.value())) {
@@ -371,21 +390,22 @@ impl Inner {
         found
     }
 
-    /// Counts held locks and waiters over the whole prefix (keys only).
+    /// Counts held locks and waiters over the whole prefix.
     async fn count_all(&self) -> Result<StoreStats, EtcdError> {
-        let all = self
+        let all = keys::all_projects(&self.prefix);
+        let answer = self
             .etcd
             .get(
                 "stats",
-                &keys::all_projects(&self.prefix),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
+                &all,
+                Some(GetOptions::new().with_prefix().with_count_only()),
             )
             .await?;
-        let queued = all.kvs().len() as u64;
-        let held = count_locks(all.kvs());
+        let queued = answer.count() as u64;
+        let held = self.count_locks("stats", &all, u64::MAX).await?;
         Ok(StoreStats {
             held,
-            waiters: queued - held,
+            waiters: queued.saturating_sub(held),
             expirations: 0,
         })
     }
