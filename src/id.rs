@@ -13,10 +13,21 @@ impl Id {
     /// A fresh identifier from the operating system's CSPRNG.
     pub fn random() -> Id {
         let mut bytes = [0u8; 16];
-        // getrandom only fails where the OS has no entropy source at all; an all-zero id is
-        // then still unique enough per process for idempotency and never used as a secret
-        // alone (lease ids come from the server's own generator).
-        let _ = getrandom::fill(&mut bytes);
+        if getrandom::fill(&mut bytes).is_err() {
+            // Only where the OS has no entropy source at all. Request ids must still differ
+            // (two acquires sharing one would share a grant): the time, the process and a
+            // counter make each unique. Lease ids, the secrets, come from the server's own
+            // generator.
+            use std::sync::atomic::{AtomicU64, Ordering};
+            static COUNT: AtomicU64 = AtomicU64::new(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let unique =
+                COUNT.fetch_add(1, Ordering::Relaxed) ^ u64::from(std::process::id()) << 40;
+            bytes[..8].copy_from_slice(&nanos.to_le_bytes());
+            bytes[8..].copy_from_slice(&unique.to_le_bytes());
+        }
         Id(bytes)
     }
 

@@ -189,6 +189,28 @@ async fn unavailable_after_bounds_a_wait_without_timeout() {
     assert!(err.is_unavailable(), "{err}");
 }
 
+/// `Duration::MAX` is a fair way to say "no limit": it must not overflow the clock.
+#[tokio::test]
+async fn the_longest_durations_mean_no_limit() {
+    let server = TestServer::start().await;
+    let dl = DistributedLock::builder("p")
+        .endpoint(server.url())
+        .unavailable_after(Duration::MAX)
+        .build()
+        .unwrap();
+    let guard = dl.lock("forever").timeout(Duration::MAX).await.unwrap();
+    assert!(guard.is_held());
+    let info = dl.inspect("forever").await.unwrap();
+    assert_eq!(
+        info.holder.map(|h| h.fencing_token),
+        Some(guard.fencing_token())
+    );
+    guard.release().await.unwrap();
+    // Waiting without a timeout, past `unavailable_after(MAX)`, for a lock taken at once.
+    let guard = dl.lock("forever").await.unwrap();
+    guard.release().await.unwrap();
+}
+
 #[tokio::test]
 async fn bad_client_settings_are_reported_by_build() {
     for url in ["ftp://x", "not a url", "http://host/path", "http://"] {

@@ -294,6 +294,43 @@ async fn a_noisy_key_is_rate_limited_and_other_projects_are_not() {
     assert!(!retry_after.is_empty());
 }
 
+/// A throttled key can still renew, release and withdraw: the limit never keeps a lock (or
+/// a place in line) taken longer than its client wants.
+#[tokio::test]
+async fn renewals_releases_and_cancels_are_never_rate_limited() {
+    let (key, line) = new_key("slow");
+    let file = KeyFile::new("exempt");
+    file.write(&project("slow", "rate_limit = 1\nburst = 1", &[&line]));
+    let server = start_with_keys(&file).await;
+    let auth = format!("Bearer {key}");
+    let post = |path: &'static str, body: String| {
+        let auth = auth.clone();
+        async move {
+            let headers = [("authorization", auth.as_str())];
+            raw(server.addr, "POST", path, &headers, &body).await
+        }
+    };
+    let request_id = "44444444444444444444444444444444";
+    let acquire = format!(r#"{{"name":"x","lease_ms":10000,"request_id":"{request_id}"}}"#);
+    let (status, granted) = post("/v1/acquire", acquire.clone()).await;
+    assert_eq!(status, 200, "{granted}");
+    // The bucket is empty now: another acquire is throttled.
+    let (status, _) = post("/v1/acquire", acquire.replace("\"x\"", "\"y\"")).await;
+    assert_eq!(status, 429);
+    let lease_id = serde_json::from_str::<serde_json::Value>(&granted).unwrap()["lease_id"].clone();
+    let lease = format!(r#"{{"name":"x","lease_id":{lease_id}}}"#);
+    let renew = format!(r#"{{"leases":[{lease}]}}"#);
+    let cancel = format!(r#"{{"name":"x","request_id":"{request_id}"}}"#);
+    for _ in 0..3 {
+        let (status, body) = post("/v1/renew", renew.clone()).await;
+        assert_eq!(status, 200, "renew: {body}");
+    }
+    let (status, body) = post("/v1/release", lease).await;
+    assert_eq!(status, 200, "release: {body}");
+    let (status, body) = post("/v1/cancel", cancel).await;
+    assert_eq!(status, 200, "cancel: {body}");
+}
+
 #[tokio::test]
 async fn the_new_key_subcommand_makes_a_key_the_server_accepts_and_sighup_reloads() {
     use tokio::io::{AsyncBufReadExt, BufReader};

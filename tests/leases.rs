@@ -21,6 +21,7 @@ on_both_backends!(
     with_lock_drops_the_closure_when_the_lease_is_lost,
     dropping_the_guard_hands_the_lock_over_promptly,
     releasing_a_lost_guard_still_frees_the_lock,
+    a_release_whose_answer_was_lost_still_succeeds,
     plain_expiry_frees_the_lock_after_expires_in,
 );
 
@@ -297,6 +298,25 @@ async fn releasing_a_lost_guard_still_frees_the_lock(backend: Backend) {
         1.0,
         "the lock was freed by expiry, not by the release"
     );
+}
+
+/// The server released the lock, but its answer was lost on the way back. The SDK's retry
+/// finds the lock free (`404`, or `410` with others waiting): that is still a release.
+async fn a_release_whose_answer_was_lost_still_succeeds(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
+    let proxy = Proxy::start(server.addr).await;
+    let holder = client_for(&proxy.url(), "p");
+    let guard = holder.lock("answer-lost").await.unwrap();
+    proxy.cut_answers();
+    let release = tokio::spawn(guard.release());
+    eventually(BOUND, "the server released the lock", || async {
+        server.inspect("p", "answer-lost").await == (None, 0)
+    })
+    .await;
+    // The connection breaks with the answer still held back: the SDK tries again.
+    proxy.reset();
+    proxy.heal();
+    within(BOUND, release).await.unwrap().expect("released");
 }
 
 #[test]

@@ -66,8 +66,10 @@ async fn after_a_crash_grants_wait_for_leases_that_may_still_be_held() {
         .unwrap();
     // A crash: the server goes away without its clean shutdown record.
     drop(server);
-    let restarted = TestServer::restart_on(addr, |b| b.state_file(&state)).await;
+    // Taken before the restart: the hold-back runs from the new server's start, which comes
+    // after this (measured after it, the wait could fall short by the start-up time).
     let started = tokio::time::Instant::now();
+    let restarted = TestServer::restart_on(addr, |b| b.state_file(&state)).await;
     let next = within(BOUND, restarted.client("p").lock("held"))
         .await
         .unwrap();

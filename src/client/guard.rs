@@ -134,9 +134,10 @@ impl LockGuard {
         let reply = self.transport.post(Route::Release, body, attempts).await?;
         match reply.status {
             status if status.is_success() => Ok(()),
-            // An earlier attempt may have released it and lost its answer.
-            StatusCode::GONE if reply.attempts > 1 => Ok(()),
-            StatusCode::GONE => Err(self.lost_error()),
+            // An earlier attempt may have released it and lost its answer (`404` once
+            // nobody else holds or waits for the lock either).
+            StatusCode::GONE | StatusCode::NOT_FOUND if reply.attempts > 1 => Ok(()),
+            StatusCode::GONE | StatusCode::NOT_FOUND => Err(self.lost_error()),
             _ => Err(reply.into_error()),
         }
     }

@@ -57,7 +57,7 @@ impl DistributedLock {
         self.inner.usable()?;
         let path = format!("{PATH_LOCKS_PREFIX}{}", percent_encode(name));
         let attempts = Attempts {
-            deadline: Instant::now() + self.inner.unavailable_after,
+            deadline: crate::client::later(Instant::now(), self.inner.unavailable_after),
             per_attempt: Duration::from_secs(10),
         };
         let reply = self.inner.transport().get(&path, attempts).await?;

@@ -363,3 +363,10 @@ impl fmt::Debug for DistributedLockBuilder {
             .finish_non_exhaustive()
     }
 }
+
+/// `at + limit`, or some 136 years on where that would not fit in an `Instant`: a limit that
+/// long is no limit (`Duration::MAX` included).
+pub(crate) fn later(at: tokio::time::Instant, limit: Duration) -> tokio::time::Instant {
+    at.checked_add(limit)
+        .unwrap_or_else(|| at + Duration::from_secs(u32::MAX.into()))
+}

@@ -144,10 +144,13 @@ impl Renewer {
     async fn run(mut self, inbox: Inbox) {
         let mut last_tick = Instant::now();
         loop {
+            // Read before taking the commands: a sender leaves its last command before it
+            // goes, so once none is left, this take sees every command there will be.
+            let abandoned = inbox.abandoned();
             for command in inbox.take() {
                 self.handle(command);
             }
-            if inbox.abandoned() {
+            if abandoned {
                 // Every guard and client is gone (their last commands are handled above):
                 // nothing is left to renew.
                 break;
@@ -360,14 +363,17 @@ impl Renewer {
                 continue; // released meanwhile
             };
             let lease = &mut tracked.lease;
-            // A lease past its deadline stays lost even if a late answer renewed it.
-            if lease.deadline <= now {
+            // A lease past its deadline stays lost even if a late answer renewed it: its
+            // guard may have said so already. (The clock is read again for each lease, so
+            // that none is revived just after its deadline passed.)
+            if lease.deadline <= Instant::now() {
                 self.lose(key, false);
                 continue;
             }
             let next = match (results.get(i), retry_at) {
                 (Some(RenewResult::Renewed { lease_ms }), _) => {
-                    let length = Duration::from_millis(*lease_ms);
+                    let length =
+                        Duration::from_millis((*lease_ms).min(crate::protocol::MAX_LEASE_MS));
                     let base = self.lease_clock.base(outcome.sent);
                     lease.deadline = Lease::deadline_after(base, length, lease.margin);
                     lease.state.send_replace(Some(lease.deadline));

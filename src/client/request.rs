@@ -154,7 +154,8 @@ impl LockRequest {
         let client = self.client.inner.clone();
         client.usable()?;
         let started = Instant::now();
-        let wait_deadline = self.timeout.map(|t| started + t);
+        // A timeout past what an `Instant` holds is no limit.
+        let wait_deadline = self.timeout.and_then(|t| started.checked_add(t));
         let name: Arc<str> = self.name.into();
         let request_id = Id::random();
         let commands = client.renewer();
@@ -182,7 +183,8 @@ impl LockRequest {
             let attempts = Attempts {
                 // Unreachable servers end the call at the caller's timeout, or after the
                 // client's `unavailable_after` when it waits without limit.
-                deadline: wait_deadline.unwrap_or(sent + client.unavailable_after),
+                deadline: wait_deadline
+                    .unwrap_or_else(|| crate::client::later(sent, client.unavailable_after)),
                 per_attempt: POLL + POLL_SLACK,
             };
             let reply = client
@@ -228,13 +230,15 @@ impl crate::client::Inner {
         auto_renew: bool,
         commands: Commands,
     ) -> LockGuard {
-        let length = Duration::from_millis(granted.lease_ms);
+        // A server's figures are checked, not trusted: no lease beyond the protocol's
+        // longest, and no start later than now.
+        let length = Duration::from_millis(granted.lease_ms.min(protocol::MAX_LEASE_MS));
         let margin = self.margin_for(length);
         // The lease started `waited_ms` after the server received the request, so no
         // earlier than that long after it was sent.
         let started = self
             .lease_clock
-            .base(sent + Duration::from_millis(granted.waited_ms));
+            .base(sent + Duration::from_millis(granted.waited_ms).min(sent.elapsed()));
         let deadline = Lease::deadline_after(started, length, margin);
         let (state_tx, state_rx) = watch::channel(Some(deadline));
         let key = self.next_key();

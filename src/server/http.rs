@@ -90,10 +90,10 @@ impl Route {
         }
     }
 
-    /// Renewals and releases are never rate limited: a throttled client must not lose its
-    /// leases, nor keep locks longer than it wants.
+    /// Renewals, releases and cancels are never rate limited: a throttled client must not
+    /// lose its leases, nor keep locks (or places in line) longer than it wants.
     fn rate_limited(self) -> bool {
-        matches!(self, Route::Acquire | Route::Cancel | Route::Inspect)
+        matches!(self, Route::Acquire | Route::Inspect)
     }
 }
 

@@ -321,8 +321,10 @@ async fn shard_task(shared: Weak<Shared>, index: usize, wake: Arc<Notify>) {
                 next_sweep =
                     shared.now() + micros(shared.config.sweep_interval) * (index as u64 + 1) / n;
             }
-            let now = shared.now();
+            // The clock is read under the lock, so that `now` is never earlier than a poll
+            // that registered before (a grant counted from it would end too early).
             let mut state = shared.shard(index);
+            let now = shared.now();
             shared.fire_timers(&mut state, now);
             let hold_back_ends = !hold_back_over && now >= shared.hold_back_until;
             hold_back_over |= hold_back_ends;
@@ -791,8 +793,9 @@ impl MemoryStore {
         // The HTTP layer bounds leases to 24 h, far below u32::MAX ms.
         let lease_ms = u32::try_from(spec.lease.as_millis()).unwrap_or(u32::MAX);
         shared.note_lease(lease_ms)?;
-        let now = shared.now();
+        // Under the lock: see the timer task.
         let mut state = shared.shard(shard);
+        let now = shared.now();
         let ShardState { locks, timers } = &mut *state;
         if !locks.contains_key(key) {
             shared.check_lock_quota(spec.project.id, spec.quota)?;
@@ -880,8 +883,9 @@ impl MemoryStore {
         let shared = &*self.shared;
         let key = lock_key(project, name);
         let shard = shared.shard_of(&key);
-        let now = shared.now();
+        // Under the lock: see the timer task.
         let mut state = shared.shard(shard);
+        let now = shared.now();
         let ShardState { locks, timers } = &mut *state;
         let lock = locks.get_mut(&key)?;
         shared.settle(timers, &key, lock, now);
