@@ -4,8 +4,10 @@
 mod support;
 
 use distributed_lock::DistributedLock;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 use support::proxy::{Faults, Proxy};
 use support::{Backend, TestServer, client_for, eventually, within};
@@ -22,6 +24,7 @@ on_both_backends!(
     dropping_the_guard_hands_the_lock_over_promptly,
     releasing_a_lost_guard_still_frees_the_lock,
     a_release_whose_answer_was_lost_still_succeeds,
+    a_release_dropped_midway_still_frees_the_lock,
     plain_expiry_frees_the_lock_after_expires_in,
 );
 
@@ -317,6 +320,32 @@ async fn a_release_whose_answer_was_lost_still_succeeds(backend: Backend) {
     proxy.reset();
     proxy.heal();
     within(BOUND, release).await.unwrap().expect("released");
+}
+
+/// A release dropped before the server answered (a `with_lock` call cancelled while it
+/// releases, say) still frees the lock: the renewal task sends it, as for a dropped guard.
+async fn a_release_dropped_midway_still_frees_the_lock(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
+    let proxy = Proxy::start(server.addr).await;
+    let holder = client_for(&proxy.url(), "p");
+    let guard = holder
+        .lock("dropped-release")
+        .expires_in(Duration::from_secs(60))
+        .await
+        .unwrap();
+    proxy.cut();
+    let mut release = Box::pin(guard.release());
+    let first = std::future::poll_fn(|cx| Poll::Ready(release.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "nothing passes the cut");
+    drop(release);
+    // What was sent so far never arrives; the connection breaks and the proxy heals.
+    proxy.reset();
+    proxy.heal();
+    let next = within(BOUND, server.client("p").lock("dropped-release")).await;
+    assert!(
+        next.unwrap().is_held(),
+        "freed long before its 60 s lease ended"
+    );
 }
 
 #[test]

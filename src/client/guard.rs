@@ -107,20 +107,20 @@ impl LockGuard {
     /// the guard gave it up, or longer if a renewal reached it whose answer came too late.
     ///
     /// # Cancel safety
-    /// The guard is consumed at once. If the future is dropped before the server answered,
-    /// the release may or may not have happened; the lease expires in any case.
+    /// The guard is consumed at once. If the future is dropped before the server answered
+    /// (say, a cancelled [`with_lock`](crate::DistributedLock::with_lock) call), the release
+    /// goes on in the background, as for a dropped guard.
     pub async fn release(mut self) -> Result<(), Error> {
-        self.released = true;
         let deadline = match *self.state.borrow() {
             Some(deadline) if Instant::now() < deadline => deadline,
             _ => {
                 // The server may hold it a while yet: the renewal task releases it, if it
                 // still can.
+                self.released = true;
                 self.commands.send(Command::Release(self.key), None);
                 return Err(self.lost_error());
             }
         };
-        self.commands.leave(Command::Forget(self.key));
         // Worth trying until the server could have expired the lease by itself.
         let cutoff = deadline + self.margin;
         let body = json(&LeaseRef {
@@ -131,7 +131,12 @@ impl LockGuard {
             deadline: cutoff,
             per_attempt: Duration::from_secs(5),
         };
-        let reply = self.transport.post(Route::Release, body, attempts).await?;
+        // The renewal task keeps the lease until the server answers: should this future be
+        // dropped meanwhile, the guard's drop hands the release to it.
+        let reply = self.transport.post(Route::Release, body, attempts).await;
+        self.released = true;
+        self.commands.leave(Command::Forget(self.key));
+        let reply = reply?;
         match reply.status {
             status if status.is_success() => Ok(()),
             // An earlier attempt may have released it and lost its answer (`404` once
