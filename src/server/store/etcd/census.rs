@@ -81,16 +81,18 @@ impl Inner {
 mod tests {
     use super::super::store_for_tests;
     use super::{PAGE, lock_of, prefix_end};
-    use etcd_client::{Txn, TxnOp};
+    use etcd_client::{GetOptions, Txn, TxnOp};
 
-    /// One lock with more waiters than a page holds, then small locks, and a neighbour
-    /// prefix that must not count.
+    /// One lock with more waiters than a page holds, and more key names than one gRPC
+    /// answer can carry (4 MiB); then small locks, and a neighbour prefix that must not
+    /// count.
     #[tokio::test]
     async fn locks_are_counted_across_pages() {
         let (etcd, store) = store_for_tests().await;
         let mut direct = etcd.client().await;
-        let big = 2 * PAGE as usize + 10;
-        let mut keys: Vec<String> = (0..big).map(|i| format!("t/q/aa/{i:05}")).collect();
+        let big = 20 * PAGE as usize + 10;
+        let long = "0".repeat(200);
+        let mut keys: Vec<String> = (0..big).map(|i| format!("t/q/aa/{long}{i:05}")).collect();
         keys.extend((0..150).map(|i| format!("t/q/b{i:03}/1")));
         keys.push("t/q0/cc/1".into());
         for chunk in keys.chunks(100) {
@@ -100,6 +102,9 @@ mod tests {
                 .await
                 .unwrap();
         }
+        let all_names = GetOptions::new().with_prefix().with_keys_only();
+        let at_once = direct.get("t/q/", Some(all_names)).await;
+        assert!(at_once.is_err(), "the names fit one answer: the test proves nothing");
         let count = |enough| store.inner.count_locks("test", b"t/q/", enough);
         assert_eq!(count(u64::MAX).await.unwrap(), 151);
         // Counting stops once it has enough (within a page).
