@@ -4,7 +4,7 @@
 mod support;
 
 use distributed_lock::DistributedLock;
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
@@ -346,6 +346,35 @@ async fn a_release_dropped_midway_still_frees_the_lock(backend: Backend) {
         next.unwrap().is_held(),
         "freed long before its 60 s lease ended"
     );
+}
+
+/// One client used from two runtimes: its renewal task started on the first, which shuts
+/// down while an acquire waits on the second. The grant gets a renewal task of its own.
+#[test]
+fn a_grant_outlives_the_runtime_its_client_first_ran_on() {
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let server = main.block_on(TestServer::start());
+    let dl = server.client("p");
+    let holder = main.block_on(server.client("p").lock("shared").into_future()).unwrap();
+    // The client's first acquire starts its renewal task on `first`.
+    first.block_on(async { dl.lock("warm-up").await.unwrap().release().await.unwrap() });
+    let waiting = main.spawn({
+        let dl = dl.clone();
+        async move { dl.lock("shared").await }
+    });
+    main.block_on(eventually(BOUND, "the acquire waits", || async {
+        server.inspect("p", "shared").await.1 == 1
+    }));
+    drop(first);
+    main.block_on(holder.release()).unwrap();
+    let guard = main.block_on(within(BOUND, waiting)).unwrap().unwrap();
+    assert!(
+        guard.is_held(),
+        "the new holder's lease is tracked and renewed"
+    );
+    main.block_on(guard.release()).unwrap();
+    drop(server);
 }
 
 #[test]

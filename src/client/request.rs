@@ -252,6 +252,13 @@ impl crate::client::Inner {
             state: state_tx,
         };
         let act_by = lease.first_event(started);
+        // The renewal task may have ended with its runtime while this acquire waited (a
+        // client used from several runtimes): this acquire's runtime starts another.
+        let commands = if commands.is_closed() {
+            self.renewer()
+        } else {
+            commands
+        };
         commands.send(
             Command::Track {
                 key,

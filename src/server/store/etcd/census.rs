@@ -104,7 +104,10 @@ mod tests {
         }
         let all_names = GetOptions::new().with_prefix().with_keys_only();
         let at_once = direct.get("t/q/", Some(all_names)).await;
-        assert!(at_once.is_err(), "the names fit one answer: the test proves nothing");
+        assert!(
+            at_once.is_err(),
+            "the names fit one answer: the test proves nothing"
+        );
         let count = |enough| store.inner.count_locks("test", b"t/q/", enough);
         assert_eq!(count(u64::MAX).await.unwrap(), 151);
         // Counting stops once it has enough (within a page).
