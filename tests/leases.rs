@@ -356,7 +356,9 @@ fn a_grant_outlives_the_runtime_its_client_first_ran_on() {
     let first = tokio::runtime::Runtime::new().unwrap();
     let server = main.block_on(TestServer::start());
     let dl = server.client("p");
-    let holder = main.block_on(server.client("p").lock("shared").into_future()).unwrap();
+    let holder = main
+        .block_on(server.client("p").lock("shared").into_future())
+        .unwrap();
     // The client's first acquire starts its renewal task on `first`.
     first.block_on(async { dl.lock("warm-up").await.unwrap().release().await.unwrap() });
     let waiting = main.spawn({
@@ -371,7 +373,7 @@ fn a_grant_outlives_the_runtime_its_client_first_ran_on() {
     let guard = main.block_on(within(BOUND, waiting)).unwrap().unwrap();
     assert!(
         guard.is_held(),
-        "the new holder's lease is tracked and renewed"
+        "the new holder's lease is tracked by a renewal task"
     );
     main.block_on(guard.release()).unwrap();
     drop(server);
