@@ -164,11 +164,25 @@ impl Etcd {
     }
 
     pub async fn txn(&self, what: &'static str, txn: Txn) -> Result<TxnResponse, EtcdError> {
-        self.call(what, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await
+        self.txn_counted(what, txn).await.map(|(answer, _)| answer)
+    }
+
+    /// A transaction, and how many attempts it took: after more than one, an earlier attempt
+    /// may have taken effect and lost its answer.
+    pub async fn txn_counted(
+        &self,
+        what: &'static str,
+        txn: Txn,
+    ) -> Result<(TxnResponse, u32), EtcdError> {
+        let mut attempts = 0;
+        let answer = self
+            .call(what, |mut c| {
+                attempts += 1;
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok((answer, attempts))
     }
 
     pub async fn get(

@@ -266,15 +266,7 @@ impl Inner {
             ])
             .and_then(vec![get(key.clone()), delete(key), delete(request_key)])
             .or_else(vec![count(keys.queue())]);
-        let mut attempts = 0;
-        let answer = self
-            .etcd
-            .call("release", |mut c| {
-                attempts += 1;
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let (answer, attempts) = self.etcd.txn_counted("release", txn).await?;
         if !answer.succeeded() {
             if attempts > 1 {
                 // An earlier attempt may have deleted the keys and lost its answer: as the
