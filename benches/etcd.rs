@@ -1,7 +1,7 @@
 //! The etcd backend against etcd itself, measured in the same run.
 //!
 //! `cargo bench --bench etcd` starts a one-member etcd (the `etcd` on PATH, data in a
-//! temporary directory, fsync on as in production) and the real `distributed-lock-server
+//! temporary directory, fsync on as in production) and the real `leasehold-server
 //! --backend etcd` as a separate process, then measures on loopback, 3 rounds each:
 //!
 //! * single etcd operations through etcd-client (a put, a linearizable read, a lease grant,
@@ -35,11 +35,11 @@
 #[allow(dead_code)]
 mod etcd_support;
 
-use distributed_lock::DistributedLock;
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, LockOptions, PutOptions, SortOrder, SortTarget, Txn,
     TxnOp,
 };
+use leasehold::DistributedLock;
 use std::future::Future;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -125,17 +125,17 @@ async fn measure(
 ) {
     let endpoint = etcd.endpoint(0);
     let server = Spawned::start(
-        Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
+        Command::new(env!("CARGO_BIN_EXE_leasehold-server"))
             .args(["--listen", "127.0.0.1:0", "--backend", "etcd"])
             .args(["--etcd-endpoints", &endpoint])
             .args(server_args())
-            .env("RUST_LOG", "warn,distributed_lock_server=info"),
+            .env("RUST_LOG", "warn,leasehold_server=info"),
     );
     // The same server on the memory store: what HTTP and the SDK cost without etcd.
     let memory = Spawned::start(
-        Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
+        Command::new(env!("CARGO_BIN_EXE_leasehold-server"))
             .args(["--listen", "127.0.0.1:0", "--no-state-file"])
-            .env("RUST_LOG", "warn,distributed_lock_server=info"),
+            .env("RUST_LOG", "warn,leasehold_server=info"),
     );
     let hop_process = Spawned::start(&mut etcd_hop::command(&endpoint));
     let hop = etcd_hop::Hop::new(&hop_process.url);
@@ -353,7 +353,7 @@ fn wal_syncs(endpoint: &str) -> Option<(f64, f64)> {
 fn server_calls(url: &str) -> Option<[(f64, f64); 3]> {
     let text = scrape(url)?;
     let call = |name: &str| {
-        let metric = "distributed_lock_etcd_call_duration_seconds";
+        let metric = "leasehold_etcd_call_duration_seconds";
         Some((
             sample_value(&text, &format!("{metric}_count{{call=\"{name}\"}}"))?,
             sample_value(&text, &format!("{metric}_sum{{call=\"{name}\"}}"))?,

@@ -1,7 +1,7 @@
 //! End-to-end lock benchmarks against a bare-hyper floor measured in the same run.
 //!
 //! `cargo bench --bench locks` starts two server processes on loopback: the real
-//! `distributed-lock-server` binary, and a bare hyper server (this binary re-executed with
+//! `leasehold-server` binary, and a bare hyper server (this binary re-executed with
 //! `--serve-baseline`) answering the same small JSON requests from a HashMap behind a mutex.
 //! The client side runs here, in this process, so client and server never share a runtime.
 //!
@@ -17,13 +17,13 @@
 //! `multi`), `BENCH_PROTO` (`h2`, `h1` or `both`, default `both`).
 
 use bytes::Bytes;
-use distributed_lock::DistributedLock;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use leasehold::DistributedLock;
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -74,7 +74,7 @@ async fn run(client_rt: String) {
     let baseline =
         Spawned::start(Command::new(std::env::current_exe().unwrap()).arg("--serve-baseline"));
     let server = Spawned::start(
-        Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
+        Command::new(env!("CARGO_BIN_EXE_leasehold-server"))
             .args(["--listen", "127.0.0.1:0", "--no-state-file"])
             .env("RUST_LOG", "info"),
     );
@@ -118,7 +118,7 @@ async fn run(client_rt: String) {
             let clients = vec![dl.clone(); 8];
             let (gap, repeats, grants) = handoff(
                 clients,
-                distributed_lock::DEFAULT_EXPIRES_IN,
+                leasehold::DEFAULT_EXPIRES_IN,
                 Duration::from_secs(settings.secs),
             )
             .await;

@@ -6,11 +6,9 @@
 //! lock, so this is the server's cost per held lock. Then it releases every lock and shows
 //! that the table is empty again.
 
-use distributed_lock::protocol::Id;
-use distributed_lock::server::store::memory::{MemoryConfig, MemoryStore};
-use distributed_lock::server::store::{
-    AcquireOutcome, AcquireSpec, LockStore, Project, Quota, Release,
-};
+use leasehold::protocol::Id;
+use leasehold::server::store::memory::{MemoryConfig, MemoryStore};
+use leasehold::server::store::{AcquireOutcome, AcquireSpec, LockStore, Project, Quota, Release};
 use std::time::{Duration, Instant};
 
 fn rss_bytes() -> u64 {

@@ -2,13 +2,13 @@
 //!
 //! Run with `cargo run --example quickstart`.
 
-use distributed_lock::server::Server;
-use distributed_lock::{DistributedLock, Error};
+use leasehold::server::Server;
+use leasehold::{DistributedLock, Error};
 use std::time::Duration;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    // An embedded server on a free port; in production, run `distributed-lock-server`.
+    // An embedded server on a free port; in production, run `leasehold-server`.
     let server = Server::builder().bind("127.0.0.1:0").start().await?;
     println!("lock server listening on {}", server.url());
 

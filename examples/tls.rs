@@ -4,8 +4,8 @@
 //! production, point `--tls-cert`/`--tls-key` at real files and give clients the CA with
 //! `add_root_certificate`.
 
-use distributed_lock::server::Server;
-use distributed_lock::{DistributedLock, Error};
+use leasehold::server::Server;
+use leasehold::{DistributedLock, Error};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 #[tokio::main]
@@ -20,7 +20,7 @@ async fn main() -> Result<(), Error> {
         .expect("params")
         .signed_by(&server_key, &Issuer::new(ca_params, ca_key))
         .expect("certificate");
-    let dir = std::env::temp_dir().join(format!("distributed-lock-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("leasehold-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, server_cert.pem()).expect("write");

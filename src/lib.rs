@@ -3,20 +3,20 @@
 //!
 //! Any number of processes on any number of machines take turns on a named lock held by a
 //! lock server. This crate is both the SDK ([`DistributedLock`]) and, with the `server`
-//! feature, the server itself (the `distributed-lock-server` binary, or `server::Server`
+//! feature, the server itself (the `leasehold-server` binary, or `server::Server`
 //! embedded in a process).
 //!
 //! # A tour
 //!
 //! ```
-//! use distributed_lock::{DistributedLock, Error};
+//! use leasehold::{DistributedLock, Error};
 //! use std::time::Duration;
 //!
 //! # async fn run() -> Result<(), Error> {
-//! # let server = distributed_lock::server::Server::builder().bind("127.0.0.1:0").start().await?;
+//! # let server = leasehold::server::Server::builder().bind("127.0.0.1:0").start().await?;
 //! # let url = server.url();
 //! // One client per project key; cheap to clone. `DistributedLock::new(key)` reads the
-//! // endpoint from $DISTRIBUTED_LOCK_URL (default http://127.0.0.1:7878).
+//! // endpoint from $LEASEHOLD_URL (default http://127.0.0.1:7878).
 //! let dl = DistributedLock::builder("project-api-key").endpoint(url).build()?;
 //!
 //! // Closure style: take the lock, run, release, return the closure's value.
@@ -70,11 +70,11 @@
 //! in `docs/protocol.md`.
 //!
 //! # Features
-//! * `server`: the lock server (the `server` module and the `distributed-lock-server` binary).
+//! * `server`: the lock server (the `server` module and the `leasehold-server` binary).
 //!   Off by default, so the SDK's dependency tree stays small.
 //! * `etcd`: the server's etcd backend (`--backend etcd`), so that several servers share
 //!   their locks through one etcd cluster. Implies `server`; building it needs `protoc`.
-//! * `cli`: the `distributed-lock` command (`run` a command while holding a lock, `status`).
+//! * `cli`: the `leasehold` command (`run` a command while holding a lock, `status`).
 //!   Off by default; adds clap and libc.
 #![deny(missing_docs, missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

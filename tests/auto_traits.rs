@@ -1,7 +1,7 @@
 //! The public types can move across tasks and threads.
 
-use distributed_lock::server::Server;
-use distributed_lock::{
+use leasehold::server::Server;
+use leasehold::{
     DistributedLock, DistributedLockBuilder, Error, LockFuture, LockGuard, LockRequest,
 };
 

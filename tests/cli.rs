@@ -1,4 +1,4 @@
-//! The `distributed-lock` command line, as real processes against a real server.
+//! The `leasehold` command line, as real processes against a real server.
 #![cfg(unix)]
 
 mod support;
@@ -13,16 +13,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_distributed-lock");
+const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
 /// Generous: the machine is small and tests run in parallel.
 const BOUND: Duration = Duration::from_secs(20);
 
-/// `distributed-lock ARGS` against `url` with key `p`; stdin closed, output captured.
+/// `leasehold ARGS` against `url` with key `p`; stdin closed, output captured.
 fn cli(url: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
-        .env("DISTRIBUTED_LOCK_URL", url)
-        .env("DISTRIBUTED_LOCK_API_KEY", "p")
+        .env("LEASEHOLD_URL", url)
+        .env("LEASEHOLD_API_KEY", "p")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -30,18 +30,18 @@ fn cli(url: &str, args: &[&str]) -> Command {
     cmd
 }
 
-/// `distributed-lock run NAME OPTIONS -- sh -c SCRIPT`, started.
+/// `leasehold run NAME OPTIONS -- sh -c SCRIPT`, started.
 fn run_sh(url: &str, name: &str, options: &[&str], script: &str) -> Child {
     let mut args = vec!["run", name];
     args.extend_from_slice(options);
     args.extend_from_slice(&["--", "sh", "-c", script]);
-    cli(url, &args).spawn().expect("distributed-lock starts")
+    cli(url, &args).spawn().expect("leasehold starts")
 }
 
 async fn finish(child: Child) -> Output {
     within(BOUND, child.wait_with_output())
         .await
-        .expect("distributed-lock ran")
+        .expect("leasehold ran")
 }
 
 fn stderr(output: &Output) -> String {
@@ -55,7 +55,7 @@ impl TempDir {
     fn new(test: &str) -> TempDir {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "distributed-lock-cli-{}-{}-{test}",
+            "leasehold-cli-{}-{}-{test}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         ));
@@ -110,7 +110,7 @@ async fn runs_on_one_name_take_turns_and_never_overlap() {
     // Each run logs its start (with token and lock name) and end; the first one holds on
     // until every other one waits in line.
     let script = format!(
-        "echo \"start $DISTRIBUTED_LOCK_FENCING_TOKEN $DISTRIBUTED_LOCK_NAME $(date +%s%N)\" >> '{log}'
+        "echo \"start $LEASEHOLD_FENCING_TOKEN $LEASEHOLD_NAME $(date +%s%N)\" >> '{log}'
          while [ ! -e '{go}' ]; do sleep 0.01; done
          sleep 0.2
          echo \"end $(date +%s%N)\" >> '{log}'"
@@ -255,7 +255,7 @@ async fn killing_the_holder_frees_the_lock_for_the_next_run() {
         &server.url(),
         "killed",
         &[],
-        &format!("echo $DISTRIBUTED_LOCK_FENCING_TOKEN > '{next_file}'"),
+        &format!("echo $LEASEHOLD_FENCING_TOKEN > '{next_file}'"),
     );
     eventually(BOUND, "the second run waits", || async {
         server.inspect("p", "killed").await.1 == 1
@@ -532,7 +532,7 @@ async fn usage_errors_exit_64() {
     let output = within(
         BOUND,
         cli(url, &["status", "x"])
-            .env_remove("DISTRIBUTED_LOCK_API_KEY")
+            .env_remove("LEASEHOLD_API_KEY")
             .output(),
     )
     .await
@@ -547,7 +547,7 @@ async fn help_shows_examples_and_exit_codes_but_never_the_key() {
         let output = within(
             BOUND,
             cli("http://127.0.0.1:1", args)
-                .env("DISTRIBUTED_LOCK_API_KEY", "very-secret-key")
+                .env("LEASEHOLD_API_KEY", "very-secret-key")
                 .output(),
         )
         .await
@@ -570,7 +570,7 @@ async fn an_unreachable_server_exits_69() {
         &url,
         &["run", "x", "--timeout", "1s", "--", "sh", "-c", &touch],
     )
-    .env("DISTRIBUTED_LOCK_API_KEY", "very-secret-key")
+    .env("LEASEHOLD_API_KEY", "very-secret-key")
     .spawn()
     .unwrap();
     let output = finish(run).await;
@@ -593,8 +593,8 @@ async fn an_unreachable_server_exits_69() {
 fn in_terminal(url: &str, command: &str) -> Command {
     let mut cmd = Command::new("script");
     cmd.args(["-qec", command, "/dev/null"])
-        .env("DISTRIBUTED_LOCK_URL", url)
-        .env("DISTRIBUTED_LOCK_API_KEY", "p")
+        .env("LEASEHOLD_URL", url)
+        .env("LEASEHOLD_API_KEY", "p")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -630,7 +630,7 @@ async fn on_a_terminal_a_status_line_shows_the_wait() {
     );
     // The line is erased before the final message.
     assert!(
-        screen.contains("\r\x1b[2Kdistributed-lock: timed out"),
+        screen.contains("\r\x1b[2Kleasehold: timed out"),
         "{screen:?}"
     );
 }

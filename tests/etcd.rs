@@ -5,9 +5,9 @@
 
 mod support;
 
-use distributed_lock::DistributedLock;
-use distributed_lock::server::{Server, ServerBuilder};
 use etcd_client::GetOptions;
+use leasehold::DistributedLock;
+use leasehold::server::{Server, ServerBuilder};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,7 +40,7 @@ async fn post(server: &TestServer, path: &str, key: &str, body: &str) -> (u16, s
     (status, json)
 }
 
-/// A `distributed-lock-server --backend etcd` process, killed on drop.
+/// A `leasehold-server --backend etcd` process, killed on drop.
 /// Inspects `name` through `url`: (holder token, waiters).
 async fn inspect_at(url: &str, key: &str, name: &str) -> (Option<u64>, u64) {
     let addr = url.trim_start_matches("http://").parse().unwrap();
@@ -194,7 +194,7 @@ async fn a_release_whose_answer_from_etcd_was_lost_is_still_a_release() {
         let mut direct = direct.clone();
         async move {
             let all = GetOptions::new().with_prefix().with_count_only();
-            let found = direct.get("/distributed-lock/", Some(all)).await.unwrap();
+            let found = direct.get("/leasehold/", Some(all)).await.unwrap();
             found.count() == 0
         }
     })
@@ -242,7 +242,7 @@ async fn leases_are_whole_seconds_and_never_shorter_than_asked() {
 
 #[tokio::test]
 async fn projects_and_names_that_share_prefixes_never_meet() {
-    use distributed_lock::server::new_key;
+    use leasehold::server::new_key;
     let (a, a_line) = new_key("a");
     let (ab, ab_line) = new_key("ab");
     let dir = std::env::temp_dir().join(format!("dl-etcd-layout-{}", std::process::id()));
@@ -694,13 +694,11 @@ async fn metrics_time_each_etcd_call_and_count_its_failures() {
     for _ in 0..3 {
         dl.lock("counted").await.unwrap().release().await.unwrap();
     }
-    let calls = |call: &str| {
-        format!("distributed_lock_etcd_call_duration_seconds_count{{call=\"{call}\"}}")
-    };
+    let calls =
+        |call: &str| format!("leasehold_etcd_call_duration_seconds_count{{call=\"{call}\"}}");
     assert!(server.metric(&calls("queue")).await >= 3.0);
     assert!(server.metric(&calls("release")).await >= 3.0);
-    let unavailable =
-        "distributed_lock_etcd_call_errors_total{call=\"health\",error=\"unavailable\"}";
+    let unavailable = "leasehold_etcd_call_errors_total{call=\"health\",error=\"unavailable\"}";
     assert_eq!(server.metric(unavailable).await, 0.0);
     server.etcd.as_mut().unwrap().kill_all();
     let addr = server.addr;
@@ -709,7 +707,7 @@ async fn metrics_time_each_etcd_call_and_count_its_failures() {
     })
     .await;
     assert!(server.metric(unavailable).await >= 1.0);
-    let retried = "distributed_lock_etcd_call_errors_total{call=\"health\",error=\"retried\"}";
+    let retried = "leasehold_etcd_call_errors_total{call=\"health\",error=\"retried\"}";
     assert!(server.metric(retried).await >= 1.0);
 }
 
@@ -797,7 +795,7 @@ async fn bad_tls_settings_are_refused_before_reaching_etcd() {
         path
     };
     let ca = support::etcd::Ca::new("test CA");
-    let (cert, _) = ca.issue(&["distributed-lock-server"]);
+    let (cert, _) = ca.issue(&["leasehold-server"]);
     let (_, another_key) = ca.issue(&["someone-else"]);
     let (cert, another_key) = (file("cert.pem", &cert), file("other-key.pem", &another_key));
     let https = || Server::builder().etcd(["https://127.0.0.1:1"]);
@@ -836,7 +834,7 @@ async fn bad_tls_settings_are_refused_before_reaching_etcd() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-const PREFIX: &str = "/distributed-lock/";
+const PREFIX: &str = "/leasehold/";
 
 #[tokio::test]
 async fn an_etcd_user_logs_in_and_a_wrong_password_is_refused_at_start() {
@@ -940,7 +938,7 @@ async fn the_server_binary_reaches_a_secured_etcd_with_its_flags() {
     // The password from the environment, a wrong one: a clear error, and never printed.
     let printed = support::process::ServerProcess::refused(
         &args,
-        &[("DISTRIBUTED_LOCK_ETCD_PASSWORD", "wrong-password")],
+        &[("LEASEHOLD_ETCD_PASSWORD", "wrong-password")],
     )
     .await;
     assert!(printed.contains("authentication failed"), "{printed}");
@@ -948,7 +946,7 @@ async fn the_server_binary_reaches_a_secured_etcd_with_its_flags() {
     // Both sources at once, or none: refused before reaching etcd.
     let printed = support::process::ServerProcess::refused(
         &with_file,
-        &[("DISTRIBUTED_LOCK_ETCD_PASSWORD", "s3cret")],
+        &[("LEASEHOLD_ETCD_PASSWORD", "s3cret")],
     )
     .await;
     assert!(printed.contains("given twice"), "{printed}");

@@ -5,13 +5,13 @@
 //! and what a fencing-checked resource accepted, then runs the checks of
 //! `support::history::check`. Negative controls show the checks can fail.
 //!
-//! `DISTRIBUTED_LOCK_SOAK=1` runs the long version (more restarts, more fault phases,
+//! `LEASEHOLD_SOAK=1` runs the long version (more restarts, more fault phases,
 //! more seeds).
 
 mod support;
 
-use distributed_lock::DistributedLock;
-use distributed_lock::server::store::StoreEvent;
+use leasehold::DistributedLock;
+use leasehold::server::store::StoreEvent;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 const BOUND: Duration = Duration::from_secs(30);
 
 fn soak() -> bool {
-    std::env::var_os("DISTRIBUTED_LOCK_SOAK").is_some()
+    std::env::var_os("LEASEHOLD_SOAK").is_some()
 }
 
 /// An in-process server whose audit trail the test keeps.
@@ -120,7 +120,7 @@ async fn a_client_killed_while_holding_frees_the_lock_within_its_lease() {
     assert_clean("client killed", &report);
 }
 
-/// A holder paused past its lease (SIGSTOP on `distributed-lock run`, whose command keeps
+/// A holder paused past its lease (SIGSTOP on `leasehold run`, whose command keeps
 /// writing with the old token): someone else gets the lock, the old token is refused, and
 /// the paused holder reports the loss when it resumes. Returns the offline report.
 async fn paused_holder(checking: bool) -> (Report, Option<i32>) {
@@ -410,7 +410,7 @@ async fn negative_control_counting_from_the_answer_makes_the_loss_signal_late() 
 /// Each offline check, shown able to fail on a history that breaks it.
 #[test]
 fn the_checker_catches_each_kind_of_violation() {
-    use distributed_lock::server::store::EventKind;
+    use leasehold::server::store::EventKind;
     use support::history::{ClientEvent, Write, check};
     let event = |at_us, kind| StoreEvent {
         at_us,

@@ -9,7 +9,7 @@
 
 mod support;
 
-use distributed_lock::DistributedLock;
+use leasehold::DistributedLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use support::contend::{Shared, contend_waiting};
@@ -141,11 +141,11 @@ async fn the_path_between_a_server_and_etcd_cut() {
     tokio::time::sleep(LEASE).await;
     // The first server can no longer reach etcd for three leases: its calls hang, then
     // fail; clients move to the other server, and leases are never doubled meanwhile.
-    let grants_before = direct.metric("distributed_lock_grants_total").await;
+    let grants_before = direct.metric("leasehold_grants_total").await;
     proxy.cut();
     tokio::time::sleep(LEASE * 3).await;
     proxy.heal();
-    let served = direct.metric("distributed_lock_grants_total").await - grants_before;
+    let served = direct.metric("leasehold_grants_total").await - grants_before;
     println!("during the cut the directly connected server made {served} grants");
     assert!(served > 0.0, "the service went on through the other server");
     tokio::time::sleep(LEASE).await;

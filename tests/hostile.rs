@@ -278,8 +278,8 @@ async fn hostile_requests_get_4xx_or_a_clean_close_and_change_nothing() {
     .await;
     let before = (
         server.inspect("attacker", "victim").await,
-        server.metric("distributed_lock_held_locks").await,
-        server.metric("distributed_lock_waiters").await,
+        server.metric("leasehold_held_locks").await,
+        server.metric("leasehold_waiters").await,
     );
     assert_eq!(before.0, (Some(holder.fencing_token()), 1));
 
@@ -295,8 +295,8 @@ async fn hostile_requests_get_4xx_or_a_clean_close_and_change_nothing() {
         *by_status.entry(status).or_default() += 1;
         let now = (
             server.inspect("attacker", "victim").await,
-            server.metric("distributed_lock_held_locks").await,
-            server.metric("distributed_lock_waiters").await,
+            server.metric("leasehold_held_locks").await,
+            server.metric("leasehold_waiters").await,
         );
         assert_eq!(now, before, "{what} changed the lock state");
     }

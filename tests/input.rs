@@ -3,7 +3,7 @@
 
 mod support;
 
-use distributed_lock::{DistributedLock, Error};
+use leasehold::{DistributedLock, Error};
 use std::time::Duration;
 use support::proxy::Proxy;
 use support::{Backend, TestServer, client_for, dead_addr, eventually, raw};
@@ -43,7 +43,7 @@ async fn the_sdk_rejects_bad_names_and_leases_with_a_message(backend: Backend) {
         );
     }
     // Nothing reached the server.
-    assert_eq!(server.metric("distributed_lock_acquires_total").await, 0.0);
+    assert_eq!(server.metric("leasehold_acquires_total").await, 0.0);
 }
 
 async fn the_server_answers_400_to_the_same_raw_requests_and_changes_nothing(backend: Backend) {
@@ -91,8 +91,8 @@ async fn the_server_answers_400_to_the_same_raw_requests_and_changes_nothing(bac
         Duration::from_secs(10),
         "one lock held, nobody waiting",
         || async {
-            server.metric("distributed_lock_held_locks").await == 1.0
-                && server.metric("distributed_lock_waiters").await == 0.0
+            server.metric("leasehold_held_locks").await == 1.0
+                && server.metric("leasehold_waiters").await == 0.0
         },
     )
     .await;

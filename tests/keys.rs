@@ -3,7 +3,7 @@
 
 mod support;
 
-use distributed_lock::server::new_key;
+use leasehold::server::new_key;
 use std::path::PathBuf;
 use std::time::Duration;
 use support::{Backend, TestServer, client_for, eventually, raw, within};
@@ -181,9 +181,9 @@ async fn keys_are_added_and_revoked_without_a_restart_and_held_locks_survive() {
             .is_err_and(|e| e.is_unauthorized())
     })
     .await;
-    let renewed_after = server.metric("distributed_lock_renewals_total").await;
+    let renewed_after = server.metric("leasehold_renewals_total").await;
     eventually(BOUND, "more renewals", || async {
-        server.metric("distributed_lock_renewals_total").await > renewed_after + 2.0
+        server.metric("leasehold_renewals_total").await > renewed_after + 2.0
     })
     .await;
     assert!(held.is_held());
@@ -286,7 +286,7 @@ async fn a_noisy_key_is_rate_limited_and_other_projects_are_not() {
         .await
         .unwrap_err();
     match err {
-        distributed_lock::Error::LimitReached { retry_after, .. } => {
+        leasehold::Error::LimitReached { retry_after, .. } => {
             assert!(retry_after.is_some_and(|d| d >= Duration::from_secs(1)));
         }
         other => panic!("expected LimitReached, got {other}"),
@@ -334,7 +334,7 @@ async fn renewals_releases_and_cancels_are_never_rate_limited() {
 #[tokio::test]
 async fn the_new_key_subcommand_makes_a_key_the_server_accepts_and_sighup_reloads() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let bin = env!("CARGO_BIN_EXE_distributed-lock-server");
+    let bin = env!("CARGO_BIN_EXE_leasehold-server");
     let made = std::process::Command::new(bin)
         .args(["new-key", "--project", "ops"])
         .output()

@@ -3,7 +3,7 @@
 
 mod support;
 
-use distributed_lock::DistributedLock;
+use leasehold::DistributedLock;
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,11 +53,8 @@ async fn a_renewed_short_lease_is_never_given_to_anyone_else(backend: Backend) {
         Some(guard.fencing_token())
     );
     // At least one renewal per lease length (about three are sent).
-    assert!(server.metric("distributed_lock_renewals_total").await >= f64::from(lengths - 1));
-    assert_eq!(
-        server.metric("distributed_lock_expirations_total").await,
-        0.0
-    );
+    assert!(server.metric("leasehold_renewals_total").await >= f64::from(lengths - 1));
+    assert_eq!(server.metric("leasehold_expirations_total").await, 0.0);
 }
 
 /// 10,000 guards on memory; 1,000 on etcd (each renewal there is an etcd keep-alive plus
@@ -88,14 +85,14 @@ async fn one_client_renews_many_guards_in_batches(backend: Backend) {
     }
     let n = guards_wanted as f64;
     let renews_before = server
-        .metric(r#"distributed_lock_http_requests_total{route="renew",status="200"}"#)
+        .metric(r#"leasehold_http_requests_total{route="renew",status="200"}"#)
         .await;
-    let renewed_before = server.metric("distributed_lock_renewals_total").await;
+    let renewed_before = server.metric("leasehold_renewals_total").await;
     // Hold for two lease lengths: at least six renewal periods of 1 s.
     let held_from = Instant::now();
     let all_renewed_twice = async {
         loop {
-            let renewed = server.metric("distributed_lock_renewals_total").await - renewed_before;
+            let renewed = server.metric("leasehold_renewals_total").await - renewed_before;
             if renewed >= 6.0 * n {
                 return;
             }
@@ -104,7 +101,7 @@ async fn one_client_renews_many_guards_in_batches(backend: Backend) {
     };
     within(Duration::from_secs(30), all_renewed_twice).await;
     let renews = server
-        .metric(r#"distributed_lock_http_requests_total{route="renew",status="200"}"#)
+        .metric(r#"leasehold_http_requests_total{route="renew",status="200"}"#)
         .await
         - renews_before;
     let periods = held_from.elapsed().as_secs_f64() / 1.0;
@@ -120,7 +117,7 @@ async fn one_client_renews_many_guards_in_batches(backend: Backend) {
     assert!(guards.iter().all(|g| g.is_held()));
     // The etcd store counts held locks in the background (every few seconds).
     eventually(BOUND, "every guard counted as held", || async {
-        server.metric("distributed_lock_held_locks").await == n
+        server.metric("leasehold_held_locks").await == n
     })
     .await;
 }
@@ -297,7 +294,7 @@ async fn releasing_a_lost_guard_still_frees_the_lock(backend: Backend) {
     let next = within(BOUND, waiter).await.unwrap().unwrap();
     assert!(next.is_held());
     assert_eq!(
-        server.metric("distributed_lock_releases_total").await,
+        server.metric("leasehold_releases_total").await,
         1.0,
         "the lock was freed by expiry, not by the release"
     );
@@ -432,7 +429,7 @@ async fn plain_expiry_frees_the_lock_after_expires_in(backend: Backend) {
         "freed late after {:?}",
         next_at - granted
     );
-    assert_eq!(server.metric("distributed_lock_renewals_total").await, 0.0);
+    assert_eq!(server.metric("leasehold_renewals_total").await, 0.0);
 }
 
 /// Regression (found by the fault suite): a waiter granted after waiting longer than its
@@ -458,9 +455,9 @@ async fn a_grant_after_a_wait_longer_than_the_lease_is_held() {
     let guard = within(BOUND, waiter).await.unwrap();
     assert!(guard.is_held(), "a fresh grant is held");
     // And stays held through renewals.
-    let renewed = server.metric("distributed_lock_renewals_total").await;
+    let renewed = server.metric("leasehold_renewals_total").await;
     eventually(BOUND, "renewed twice", || async {
-        server.metric("distributed_lock_renewals_total").await >= renewed + 2.0
+        server.metric("leasehold_renewals_total").await >= renewed + 2.0
     })
     .await;
     assert!(guard.is_held());

@@ -28,7 +28,7 @@ async fn oversized_bodies_get_413() {
     );
     let (status, _) = raw_bytes(server.addr, chunked.as_bytes()).await;
     assert_eq!(status, 413);
-    assert_eq!(server.metric("distributed_lock_held_locks").await, 0.0);
+    assert_eq!(server.metric("leasehold_held_locks").await, 0.0);
 }
 
 #[tokio::test]
@@ -143,12 +143,7 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
         raw(server.addr, "GET", "/healthz", &[], "").await.0 == 200
     })
     .await;
-    assert!(
-        server
-            .metric("distributed_lock_connections_refused_total")
-            .await
-            >= 1.0
-    );
+    assert!(server.metric("leasehold_connections_refused_total").await >= 1.0);
 }
 
 #[tokio::test]
@@ -196,7 +191,7 @@ async fn inspection_shows_holder_label_times_and_the_line() {
         .await
         .unwrap_err();
     match &err {
-        distributed_lock::Error::Timeout {
+        leasehold::Error::Timeout {
             holder: Some(h), ..
         } => {
             assert_eq!(h.fencing_token, guard.fencing_token());

@@ -3,7 +3,7 @@
 
 mod support;
 
-use distributed_lock::Error;
+use leasehold::Error;
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,7 +92,7 @@ async fn waiters_are_served_in_fifo_order_by_the_server(backend: Backend) {
     // below the 30 s lease and the 20 s poll.
     assert!(order[0].1 - released < Duration::from_secs(2));
     // One acquire request per client: the waiting happened on the server.
-    assert_eq!(server.metric("distributed_lock_acquires_total").await, 6.0);
+    assert_eq!(server.metric("leasehold_acquires_total").await, 6.0);
 }
 
 async fn timeout_ends_the_wait_no_earlier_than_asked(backend: Backend) {
@@ -130,7 +130,7 @@ async fn zero_timeout_tries_once(backend: Backend) {
         .timeout(Duration::ZERO)
         .await
         .expect("free lock is granted");
-    let before = server.metric("distributed_lock_acquires_total").await;
+    let before = server.metric("leasehold_acquires_total").await;
     let started = Instant::now();
     let err = server
         .client("p")
@@ -141,7 +141,7 @@ async fn zero_timeout_tries_once(backend: Backend) {
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(
-        server.metric("distributed_lock_acquires_total").await,
+        server.metric("leasehold_acquires_total").await,
         before + 1.0
     );
     assert_eq!(
@@ -240,7 +240,7 @@ async fn a_retried_acquire_asks_for_the_remaining_wait() {
         }
         waits
     });
-    let dl = distributed_lock::DistributedLock::builder("k")
+    let dl = leasehold::DistributedLock::builder("k")
         .endpoint(&url)
         .http1_only()
         .build()

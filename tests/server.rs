@@ -8,7 +8,7 @@ use support::{TestServer, eventually, raw, within};
 const BOUND: Duration = Duration::from_secs(20);
 
 fn temp_state_file(test: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("distributed-lock-{test}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("leasehold-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("state.json")
@@ -97,9 +97,9 @@ async fn a_thousand_waiting_acquires_share_a_handful_of_connections() {
         server.inspect("p", "crowded").await.1 == 1000
     })
     .await;
-    let connections = server.metric("distributed_lock_connections_total").await;
+    let connections = server.metric("leasehold_connections_total").await;
     // Each `inspect` and `metric` call of the harness opens one connection of its own.
-    let open = server.metric("distributed_lock_connections_open").await - 1.0;
+    let open = server.metric("leasehold_connections_open").await - 1.0;
     println!("1000 waiting acquires from one client: {open} open client connections");
     assert!(open <= 2.0, "{open} connections for one client");
     assert!(connections >= 1.0);
@@ -120,7 +120,7 @@ async fn health_and_metrics_need_no_key() {
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, body) = raw(server.addr, "GET", "/metrics", &[], "").await;
     assert_eq!(status, 200);
-    assert!(body.contains("distributed_lock_held_locks"));
+    assert!(body.contains("leasehold_held_locks"));
     let (status, _) = raw(server.addr, "GET", "/nowhere", &[], "").await;
     assert_eq!(status, 404);
     let (status, _) = raw(server.addr, "GET", "/v1/acquire", &[], "").await;
@@ -165,7 +165,7 @@ async fn shutdown_answers_waiting_acquires_at_once() {
 #[tokio::test]
 async fn the_binary_serves_in_open_development_mode_and_stops_on_sigterm() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_distributed-lock-server"))
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_leasehold-server"))
         .args(["--listen", "127.0.0.1:0", "--no-state-file"])
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -208,7 +208,7 @@ async fn the_binary_serves_in_open_development_mode_and_stops_on_sigterm() {
 async fn clients_spread_over_their_endpoints_or_prefer_the_first() {
     let (a, b) = (TestServer::start().await, TestServer::start().await);
     for _ in 0..20 {
-        let dl = distributed_lock::DistributedLock::builder("p")
+        let dl = leasehold::DistributedLock::builder("p")
             .endpoints([a.url(), b.url()])
             .build()
             .unwrap();
@@ -217,21 +217,18 @@ async fn clients_spread_over_their_endpoints_or_prefer_the_first() {
     // Each of 20 clients picks its first endpoint at random: both are used (all on one
     // would happen once in half a million runs).
     let (on_a, on_b) = (
-        a.metric("distributed_lock_acquires_total").await,
-        b.metric("distributed_lock_acquires_total").await,
+        a.metric("leasehold_acquires_total").await,
+        b.metric("leasehold_acquires_total").await,
     );
     assert!(on_a > 0.0 && on_b > 0.0, "{on_a} / {on_b}");
     for _ in 0..10 {
-        let dl = distributed_lock::DistributedLock::builder("p")
+        let dl = leasehold::DistributedLock::builder("p")
             .endpoints([a.url(), b.url()])
             .prefer_first_endpoint()
             .build()
             .unwrap();
         drop(dl.lock("x").timeout(Duration::ZERO).await.unwrap());
     }
-    assert_eq!(b.metric("distributed_lock_acquires_total").await, on_b);
-    assert_eq!(
-        a.metric("distributed_lock_acquires_total").await,
-        on_a + 10.0
-    );
+    assert_eq!(b.metric("leasehold_acquires_total").await, on_b);
+    assert_eq!(a.metric("leasehold_acquires_total").await, on_a + 10.0);
 }

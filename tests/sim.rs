@@ -9,20 +9,20 @@
 //! on the simulated clock (see `support::sim` for how the audit trail gets there).
 //!
 //! Environment:
-//! * `DISTRIBUTED_LOCK_SIM_SEEDS`: `N` (seeds 0 to N-1), `A..B` or `A,B,C`, run by
+//! * `LEASEHOLD_SIM_SEEDS`: `N` (seeds 0 to N-1), `A..B` or `A,B,C`, run by
 //!   `seeds_from_env` (CI runs `CI_SEEDS`). A seed that ever failed gets its own test in
 //!   `regression`.
-//! * `DISTRIBUTED_LOCK_SIM_REPEAT`: runs each seed that many times (see
+//! * `LEASEHOLD_SIM_REPEAT`: runs each seed that many times (see
 //!   `the_same_seed_gives_the_same_history` for what a replay does and does not repeat).
-//! * `DISTRIBUTED_LOCK_SIM_TRACE=DIR`: writes each seed's timeline to `DIR/seed-N.txt`.
-//! * `DISTRIBUTED_LOCK_SIM_LOG=FILTER`: the crate's (and hyper's, h2's) tracing on stderr,
-//!   stamped with simulated µs, such as `distributed_lock=debug`.
+//! * `LEASEHOLD_SIM_TRACE=DIR`: writes each seed's timeline to `DIR/seed-N.txt`.
+//! * `LEASEHOLD_SIM_LOG=FILTER`: the crate's (and hyper's, h2's) tracing on stderr,
+//!   stamped with simulated µs, such as `leasehold=debug`.
 
 mod support;
 
-use distributed_lock::DistributedLock;
-use distributed_lock::server::Server;
-use distributed_lock::server::store::StoreEvent;
+use leasehold::DistributedLock;
+use leasehold::server::Server;
+use leasehold::server::store::StoreEvent;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -565,30 +565,28 @@ fn simulate_with(seed: u64, fencing: bool) -> Outcome {
         probe_done: Arc::default(),
         notes: Arc::default(),
     };
-    // DISTRIBUTED_LOCK_SIM_LOG: a tracing filter (such as `distributed_lock=debug`); lines
+    // LEASEHOLD_SIM_LOG: a tracing filter (such as `leasehold=debug`); lines
     // go to stderr, stamped with simulated µs and the host.
-    let _log = std::env::var("DISTRIBUTED_LOCK_SIM_LOG")
-        .ok()
-        .map(|filter| {
-            struct SimTime;
-            impl tracing_subscriber::fmt::time::FormatTime for SimTime {
-                fn format_time(
-                    &self,
-                    w: &mut tracing_subscriber::fmt::format::Writer<'_>,
-                ) -> fmt::Result {
-                    match turmoil::sim_elapsed() {
-                        Some(t) => write!(w, "{:>10}", t.as_micros()),
-                        None => write!(w, "{:>10}", "-"),
-                    }
+    let _log = std::env::var("LEASEHOLD_SIM_LOG").ok().map(|filter| {
+        struct SimTime;
+        impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+            fn format_time(
+                &self,
+                w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+            ) -> fmt::Result {
+                match turmoil::sim_elapsed() {
+                    Some(t) => write!(w, "{:>10}", t.as_micros()),
+                    None => write!(w, "{:>10}", "-"),
                 }
             }
-            let subscriber = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_timer(SimTime)
-                .with_writer(std::io::stderr)
-                .finish();
-            tracing::subscriber::set_default(subscriber)
-        });
+        }
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_timer(SimTime)
+            .with_writer(std::io::stderr)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    });
     let panics_before = support::crate_panics();
     // The SDK's retry jitter (backon) draws from this thread's fastrand generator.
     fastrand::seed(seed);
@@ -703,7 +701,7 @@ fn simulate_with(seed: u64, fencing: bool) -> Outcome {
         }
         h.finish()
     };
-    if let Ok(dir) = std::env::var("DISTRIBUTED_LOCK_SIM_TRACE") {
+    if let Ok(dir) = std::env::var("LEASEHOLD_SIM_TRACE") {
         write_trace(Path::new(&dir), &world, &trail.runs, &clients);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -759,16 +757,16 @@ fn write_trace(dir: &Path, world: &World, runs: &[Vec<StoreEvent>], clients: &[C
 
 fn replay_hint(seed: u64) -> String {
     format!(
-        "replay: DISTRIBUTED_LOCK_SIM_SEEDS={seed}..{} cargo test --test sim seeds_from_env -- --nocapture",
+        "replay: LEASEHOLD_SIM_SEEDS={seed}..{} cargo test --test sim seeds_from_env -- --nocapture",
         seed + 1
     )
 }
 
-/// Runs the seeds (each `DISTRIBUTED_LOCK_SIM_REPEAT` times, default once), printing one
+/// Runs the seeds (each `LEASEHOLD_SIM_REPEAT` times, default once), printing one
 /// line per run, and fails listing every failing seed.
 fn run_seeds(seeds: impl IntoIterator<Item = u64>) {
-    let repeat: usize = std::env::var("DISTRIBUTED_LOCK_SIM_REPEAT")
-        .map(|r| r.parse().expect("DISTRIBUTED_LOCK_SIM_REPEAT is a count"))
+    let repeat: usize = std::env::var("LEASEHOLD_SIM_REPEAT")
+        .map(|r| r.parse().expect("LEASEHOLD_SIM_REPEAT is a count"))
         .unwrap_or(1);
     let mut failed = Vec::new();
     for seed in seeds {
@@ -789,7 +787,7 @@ fn run_seeds(seeds: impl IntoIterator<Item = u64>) {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
-/// `DISTRIBUTED_LOCK_SIM_SEEDS`: `N` (seeds 0 to N-1), `A..B`, or `A,B,C`.
+/// `LEASEHOLD_SIM_SEEDS`: `N` (seeds 0 to N-1), `A..B`, or `A,B,C`.
 fn seeds_from(var: &str) -> Vec<u64> {
     let var = var.trim();
     if let Some((a, b)) = var.split_once("..") {
@@ -815,9 +813,9 @@ fn ci_seeds_second_half() {
 
 #[test]
 fn seeds_from_env() {
-    match std::env::var("DISTRIBUTED_LOCK_SIM_SEEDS") {
+    match std::env::var("LEASEHOLD_SIM_SEEDS") {
         Ok(var) => run_seeds(seeds_from(&var)),
-        Err(_) => println!("DISTRIBUTED_LOCK_SIM_SEEDS is not set: no extra seeds"),
+        Err(_) => println!("LEASEHOLD_SIM_SEEDS is not set: no extra seeds"),
     }
 }
 
@@ -934,7 +932,7 @@ fn negative_control_counting_from_the_answer_is_found() {
 /// already deterministic.) With it, 40 seeds gave identical histories run after run:
 /// `RUSTFLAGS="--cfg tokio_unstable" cargo test --all-features --test sim -- --ignored`.
 /// Without it a seed replays its plan exactly (faults, latencies, client choices, retry
-/// jitter), not every interleaving; `DISTRIBUTED_LOCK_SIM_REPEAT` replays a seed several
+/// jitter), not every interleaving; `LEASEHOLD_SIM_REPEAT` replays a seed several
 /// times.
 #[test]
 #[ignore = "needs --cfg tokio_unstable (RUSTFLAGS), so that turmoil can seed tokio's select! order"]
@@ -1093,12 +1091,7 @@ mod bugs {
         assert_eq!(trail.runs.len(), 2);
         let late: Vec<String> = trail.runs[1]
             .iter()
-            .filter(|e| {
-                matches!(
-                    e.kind,
-                    distributed_lock::server::store::EventKind::Granted { .. }
-                )
-            })
+            .filter(|e| matches!(e.kind, leasehold::server::store::EventKind::Granted { .. }))
             .map(|e| {
                 (
                     e.lock.clone(),

@@ -3,7 +3,7 @@
 
 mod support;
 
-use distributed_lock::DistributedLock;
+use leasehold::DistributedLock;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -99,7 +99,7 @@ async fn certificates_are_verified_by_default() {
         .timeout(Duration::from_secs(5))
         .await
         .unwrap_err();
-    assert!(matches!(err, distributed_lock::Error::Tls { .. }), "{err}");
+    assert!(matches!(err, leasehold::Error::Tls { .. }), "{err}");
     assert!(
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
@@ -160,7 +160,7 @@ async fn bad_pem_is_reported_at_build_and_start() {
     let dir = std::env::temp_dir().join(format!("dl-tls-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("empty.pem"), "").unwrap();
-    let err = distributed_lock::server::Server::builder()
+    let err = leasehold::server::Server::builder()
         .bind("127.0.0.1:0")
         .tls(dir.join("empty.pem"), dir.join("empty.pem"))
         .start()

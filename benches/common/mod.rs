@@ -1,7 +1,7 @@
 //! What the benchmarks share: settings, percentiles, server processes, the hand-over loop.
 #![allow(dead_code)]
 
-use distributed_lock::DistributedLock;
+use leasehold::DistributedLock;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use transport::{Connect, Transport, TransportConfig};
 
-/// Endpoint used when neither the builder nor `DISTRIBUTED_LOCK_URL` names one.
+/// Endpoint used when neither the builder nor `LEASEHOLD_URL` names one.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7878";
 /// Environment variable read for the endpoint (a URL, or several separated by commas).
-pub const URL_ENV: &str = "DISTRIBUTED_LOCK_URL";
+pub const URL_ENV: &str = "LEASEHOLD_URL";
 
 /// A client of the lock servers of one project.
 ///
@@ -31,8 +31,8 @@ pub const URL_ENV: &str = "DISTRIBUTED_LOCK_URL";
 /// server, however many acquires wait at once.
 ///
 /// ```no_run
-/// # async fn run() -> Result<(), distributed_lock::Error> {
-/// use distributed_lock::DistributedLock;
+/// # async fn run() -> Result<(), leasehold::Error> {
+/// use leasehold::DistributedLock;
 /// let dl = DistributedLock::new("project-api-key");
 /// let guard = dl.lock("my-lock").await?;
 /// // ... work while holding the lock ...
@@ -56,10 +56,10 @@ pub(crate) struct Inner {
 }
 
 impl DistributedLock {
-    /// A client for the project of `api_key`, talking to `$DISTRIBUTED_LOCK_URL` or, if that
+    /// A client for the project of `api_key`, talking to `$LEASEHOLD_URL` or, if that
     /// is unset, to `http://127.0.0.1:7878`.
     ///
-    /// Never fails: a malformed `DISTRIBUTED_LOCK_URL` or API key is reported as
+    /// Never fails: a malformed `LEASEHOLD_URL` or API key is reported as
     /// [`Error::InvalidArgument`] by the first request. Use [`DistributedLock::builder`] to
     /// see such errors at once.
     pub fn new(api_key: impl Into<String>) -> DistributedLock {
@@ -107,8 +107,8 @@ impl DistributedLock {
     /// Same as `self.lock(name).with_lock(f)`; see [`LockRequest::with_lock`].
     ///
     /// ```no_run
-    /// # async fn run() -> Result<(), distributed_lock::Error> {
-    /// let dl = distributed_lock::DistributedLock::new("project-api-key");
+    /// # async fn run() -> Result<(), leasehold::Error> {
+    /// let dl = leasehold::DistributedLock::new("project-api-key");
     /// let v = dl.with_lock("my-lock", || async { 10 }).await?;
     /// assert_eq!(v, 10);
     /// # Ok(()) }
@@ -227,7 +227,7 @@ impl DistributedLockBuilder {
         self
     }
     /// The server's base URL, such as `http://locks.internal:7878`. Replaces any endpoints
-    /// set before. Default: `$DISTRIBUTED_LOCK_URL`, else `http://127.0.0.1:7878`.
+    /// set before. Default: `$LEASEHOLD_URL`, else `http://127.0.0.1:7878`.
     pub fn endpoint(self, url: impl Into<String>) -> DistributedLockBuilder {
         self.endpoints([url.into()])
     }
@@ -285,7 +285,7 @@ impl DistributedLockBuilder {
     /// The guard counts its lease from when the acquire or renewal was *sent*, which is
     /// already earlier than the server's clock starts; the margin absorbs clock-rate drift.
     /// Raise it to give the application time to stop its work after [`LockGuard::lost`]
-    /// fires and before anyone else can get the lock (the `distributed-lock` command adds
+    /// fires and before anyone else can get the lock (the `leasehold` command adds
     /// its `--kill-after` this way). A margin above half the lease is cut to half.
     ///
     /// [`LockGuard::lost`]: crate::LockGuard::lost

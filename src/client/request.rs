@@ -31,9 +31,9 @@ const POLL_SLACK: Duration = Duration::from_secs(5);
 /// server doing the waiting) and yields a [`LockGuard`].
 ///
 /// ```no_run
-/// # async fn run() -> Result<(), distributed_lock::Error> {
+/// # async fn run() -> Result<(), leasehold::Error> {
 /// use std::time::Duration;
-/// let dl = distributed_lock::DistributedLock::new("project-api-key");
+/// let dl = leasehold::DistributedLock::new("project-api-key");
 /// let guard = dl
 ///     .lock("reports/nightly")
 ///     .expires_in(Duration::from_secs(20))

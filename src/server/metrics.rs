@@ -45,7 +45,7 @@ impl fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new(store: Arc<dyn LockStore>, store_metrics: StoreMetrics) -> Metrics {
-        let mut registry = Registry::with_prefix("distributed_lock");
+        let mut registry = Registry::with_prefix("leasehold");
         if let Some(register) = store_metrics {
             register(&mut registry);
         }

@@ -1,11 +1,11 @@
 //! The lock server (feature `server`): embed it with [`Server::builder`], or run the
-//! `distributed-lock-server` binary.
+//! `leasehold-server` binary.
 //!
 //! ```
-//! # async fn run() -> Result<(), distributed_lock::Error> {
-//! use distributed_lock::server::Server;
+//! # async fn run() -> Result<(), leasehold::Error> {
+//! use leasehold::server::Server;
 //! let server = Server::builder().bind("127.0.0.1:0").start().await?;
-//! let dl = distributed_lock::DistributedLock::builder("any-key")
+//! let dl = leasehold::DistributedLock::builder("any-key")
 //!     .endpoint(server.url())
 //!     .build()?;
 //! let guard = dl.lock("job").await?;
@@ -220,7 +220,7 @@ impl ServerBuilder {
         self
     }
 
-    /// The key prefix of the etcd backend (default `/distributed-lock`): servers with the
+    /// The key prefix of the etcd backend (default `/leasehold`): servers with the
     /// same prefix share their locks; different prefixes keep deployments apart on one etcd
     /// cluster. Has an effect only with [`etcd`](ServerBuilder::etcd).
     #[cfg(feature = "etcd")]

@@ -1,7 +1,7 @@
 //! Clients that take turns on a lock, recording what they see, for the fault suites.
 
 use super::history::{ClientKind, Clients, Resource};
-use distributed_lock::DistributedLock;
+use leasehold::DistributedLock;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

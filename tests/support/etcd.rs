@@ -106,7 +106,7 @@ impl EtcdPki {
     fn write(dir: &Path) -> EtcdPki {
         let ca = Ca::new("etcd test CA");
         let (server_cert, server_key) = ca.issue(&["127.0.0.1", "localhost"]);
-        let (client_cert, client_key) = ca.issue(&["distributed-lock-server"]);
+        let (client_cert, client_key) = ca.issue(&["leasehold-server"]);
         let file = |name: &str, pem: &str| {
             let path = dir.join(name);
             std::fs::write(&path, pem).expect("PEM file");
@@ -177,7 +177,7 @@ impl EtcdCluster {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        let dir = std::env::temp_dir().join(format!("distributed-lock-etcd-{unique}"));
+        let dir = std::env::temp_dir().join(format!("leasehold-etcd-{unique}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temporary directory for etcd");
         let members: Vec<Member> = (0..size)

@@ -4,7 +4,7 @@
 //! Server-side facts come from the store's audit trail ([`StoreEvent`]s, one list per server
 //! run); client-side facts from the clients in the test; writes from the resource.
 
-use distributed_lock::server::store::{EventKind, StoreEvent};
+use leasehold::server::store::{EventKind, StoreEvent};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -377,7 +377,7 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
     report
 }
 
-/// Reads an event log written by `distributed-lock-server --event-log`.
+/// Reads an event log written by `leasehold-server --event-log`.
 pub fn read_event_log(path: &std::path::Path) -> Vec<StoreEvent> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()

@@ -10,8 +10,8 @@ pub mod process;
 pub mod proxy;
 pub mod sim;
 
-use distributed_lock::DistributedLock;
-use distributed_lock::server::{Server, ServerBuilder};
+use leasehold::DistributedLock;
+use leasehold::server::{Server, ServerBuilder};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Once;
@@ -119,7 +119,7 @@ macro_rules! on_both_backends {
     )+};
 }
 
-/// A `distributed-lock-server --backend etcd` process over `etcd`.
+/// A `leasehold-server --backend etcd` process over `etcd`.
 #[cfg(feature = "etcd")]
 pub async fn etcd_server_process(etcd: &etcd::EtcdCluster) -> process::ServerProcess {
     let args = etcd_server_args(etcd);
@@ -271,7 +271,7 @@ impl TestServer {
             .map_or_else(|| format!("http://{}", self.addr), |s| s.url())
     }
 
-    pub fn reload_keys(&self) -> Result<usize, distributed_lock::Error> {
+    pub fn reload_keys(&self) -> Result<usize, leasehold::Error> {
         self.server.as_ref().expect("running").reload_keys()
     }
 
@@ -287,8 +287,8 @@ impl TestServer {
         }
     }
 
-    /// The value of one metric line, such as `distributed_lock_grants_total` or
-    /// `distributed_lock_http_requests_total{route="renew",status="200"}`; 0 if absent.
+    /// The value of one metric line, such as `leasehold_grants_total` or
+    /// `leasehold_http_requests_total{route="renew",status="200"}`; 0 if absent.
     pub async fn metric(&self, series: &str) -> f64 {
         let (status, body) = raw(self.addr, "GET", "/metrics", &[], "").await;
         assert_eq!(status, 200);

@@ -1,13 +1,13 @@
-//! Real processes for the fault suite: the server binary and the `distributed-lock` CLI.
+//! Real processes for the fault suite: the server binary and the `leasehold` CLI.
 
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_distributed-lock-server");
-pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_distributed-lock");
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_leasehold-server");
+pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_leasehold");
 
-/// A `distributed-lock-server` process.
+/// A `leasehold-server` process.
 pub struct ServerProcess {
     pub child: Child,
     pub url: String,
@@ -83,7 +83,7 @@ pub fn signal(pid: u32, signal: libc::c_int) {
     unsafe { libc::kill(pid as libc::pid_t, signal) };
 }
 
-/// `distributed-lock run NAME OPTIONS -- bash -c SCRIPT` against `url`.
+/// `leasehold run NAME OPTIONS -- bash -c SCRIPT` against `url`.
 pub fn cli_run(url: &str, name: &str, options: &[&str], script: &str) -> Child {
     Command::new(CLI_BIN)
         .args(["--url", url, "--api-key", "faults", "run", name])
@@ -100,7 +100,7 @@ pub fn cli_run(url: &str, name: &str, options: &[&str], script: &str) -> Child {
 /// `addr` every 50 ms, as `client`, with the token `run` put in its environment.
 pub fn writer_loop(addr: std::net::SocketAddr, client: &str) -> String {
     format!(
-        "while :; do exec 3<>/dev/tcp/{}/{} || exit 1; echo \"W $DISTRIBUTED_LOCK_NAME {client} $DISTRIBUTED_LOCK_FENCING_TOKEN\" >&3; read -r answer <&3; exec 3>&-; sleep 0.05; done",
+        "while :; do exec 3<>/dev/tcp/{}/{} || exit 1; echo \"W $LEASEHOLD_NAME {client} $LEASEHOLD_FENCING_TOKEN\" >&3; read -r answer <&3; exec 3>&-; sleep 0.05; done",
         addr.ip(),
         addr.port()
     )
@@ -109,7 +109,7 @@ pub fn writer_loop(addr: std::net::SocketAddr, client: &str) -> String {
 /// One write to the resource, then exit.
 pub fn write_once(addr: std::net::SocketAddr, client: &str) -> String {
     format!(
-        "exec 3<>/dev/tcp/{}/{} && echo \"W $DISTRIBUTED_LOCK_NAME {client} $DISTRIBUTED_LOCK_FENCING_TOKEN\" >&3 && read -r answer <&3",
+        "exec 3<>/dev/tcp/{}/{} && echo \"W $LEASEHOLD_NAME {client} $LEASEHOLD_FENCING_TOKEN\" >&3 && read -r answer <&3",
         addr.ip(),
         addr.port()
     )

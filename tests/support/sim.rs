@@ -12,9 +12,9 @@
 //! received at the very simulated instant it was emitted, and the run's offset is the largest
 //! `at_us - received` seen. Every time handed to `history::check` is then simulated µs.
 
-use distributed_lock::server::store::{EventKind, EventSink, StoreEvent};
-use distributed_lock::server::{AcceptFuture, Listener};
-use distributed_lock::{Connect, ConnectFuture, Io};
+use leasehold::server::store::{EventKind, EventSink, StoreEvent};
+use leasehold::server::{AcceptFuture, Listener};
+use leasehold::{Connect, ConnectFuture, Io};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

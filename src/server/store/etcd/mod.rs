@@ -74,7 +74,7 @@ pub struct EtcdConfig {
     /// etcd client URLs, such as `http://10.0.0.1:2379`, or `https://etcd1:2379` for TLS.
     /// All of them use the same scheme.
     pub endpoints: Vec<String>,
-    /// Every key lives under this prefix (default `/distributed-lock`), so one etcd cluster
+    /// Every key lives under this prefix (default `/leasehold`), so one etcd cluster
     /// can serve several independent deployments.
     pub prefix: String,
     /// Most waiters one lock may have.
@@ -94,7 +94,7 @@ impl EtcdConfig {
     pub fn new(endpoints: Vec<String>) -> EtcdConfig {
         EtcdConfig {
             endpoints,
-            prefix: "/distributed-lock".into(),
+            prefix: "/leasehold".into(),
             max_waiters_per_lock: 100_000,
             call_timeout: Duration::from_secs(5),
             tls: None,

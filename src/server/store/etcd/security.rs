@@ -22,8 +22,8 @@ use tokio::sync::OnceCell;
 /// of the endpoint URL (DNS name or IP address).
 ///
 /// ```
-/// # fn run(ca_pem: &str) -> Result<(), distributed_lock::Error> {
-/// use distributed_lock::server::store::etcd::{EtcdConfig, EtcdTls};
+/// # fn run(ca_pem: &str) -> Result<(), leasehold::Error> {
+/// use leasehold::server::store::etcd::{EtcdConfig, EtcdTls};
 /// let mut config = EtcdConfig::new(vec!["https://etcd1:2379".into()]);
 /// config.tls = Some(EtcdTls::new().ca_certificate(ca_pem)?);
 /// # Ok(()) }
@@ -109,7 +109,7 @@ impl fmt::Debug for EtcdTls {
 ///
 /// The server logs in on its first call to etcd, and logs in again whenever etcd says its
 /// token expired. The user needs read and write permission on the key prefix
-/// (`etcdctl role grant-permission ROLE --prefix=true readwrite /distributed-lock/`).
+/// (`etcdctl role grant-permission ROLE --prefix=true readwrite /leasehold/`).
 /// Its `Debug` output shows the name only.
 #[derive(Clone)]
 pub struct EtcdUser {

@@ -4,7 +4,7 @@
 //! cannot run or died of a signal. Keep this list, `--help`, the README and the CHANGELOG in
 //! step.
 
-use distributed_lock::Error;
+use leasehold::Error;
 use std::process::{ExitCode, ExitStatus};
 
 /// Invalid argument (EX_USAGE).
@@ -28,7 +28,7 @@ pub const NOT_FOUND: u8 = 127;
 pub const HELP: &str = "\
 Exit codes:
   N      the command's own exit code
-  128+N  the command died of signal N (or distributed-lock got signal N while waiting)
+  128+N  the command died of signal N (or leasehold got signal N while waiting)
   64     invalid argument
   69     lock server unavailable, or it answered with an error
   75     timed out waiting for the lock; the command was not run
@@ -68,9 +68,9 @@ pub fn for_signal(signal: i32) -> u8 {
     128u8.saturating_add(signal.clamp(0, 127) as u8)
 }
 
-/// Prints `distributed-lock: {message}` on stderr and returns `code`.
+/// Prints `leasehold: {message}` on stderr and returns `code`.
 pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("distributed-lock: {message}");
+    eprintln!("leasehold: {message}");
     ExitCode::from(code)
 }
 

@@ -24,7 +24,7 @@ pub struct Running {
 
 /// Starts `command` (program and arguments) with `env` added to our environment.
 ///
-/// On Linux the command's main process is also sent SIGKILL if distributed-lock dies (for
+/// On Linux the command's main process is also sent SIGKILL if leasehold dies (for
 /// example of SIGKILL), so that it does not run on without the lock. Processes it started
 /// itself are not covered by that.
 pub fn spawn(command: &[OsString], env: &[(&str, String)]) -> io::Result<Running> {

@@ -2,7 +2,7 @@
 
 use crate::{exit, run, status};
 use clap::Parser;
-use distributed_lock::{DistributedLock, DistributedLockBuilder, Error};
+use leasehold::{DistributedLock, DistributedLockBuilder, Error};
 use std::fmt;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +13,7 @@ const STATUS_GIVE_UP: Duration = Duration::from_secs(5);
 /// Take a distributed lock from the shell: run a command while holding it, or see who
 /// holds it.
 #[derive(Debug, Parser)]
-#[command(name = "distributed-lock", version, after_help = help())]
+#[command(name = "leasehold", version, after_help = help())]
 struct Cli {
     #[command(flatten)]
     server: ServerArgs,
@@ -25,14 +25,14 @@ struct Cli {
 fn help() -> String {
     format!(
         "Examples:
-  export DISTRIBUTED_LOCK_URL=http://locks.internal:7878 DISTRIBUTED_LOCK_API_KEY=...
+  export LEASEHOLD_URL=http://locks.internal:7878 LEASEHOLD_API_KEY=...
   # crontab: the nightly report runs on one machine only; skip if it is still running
-  0 2 * * * distributed-lock run reports/nightly --timeout 0 -- ./nightly-report.sh
+  0 2 * * * leasehold run reports/nightly --timeout 0 -- ./nightly-report.sh
   # deploy: one migration at a time; wait up to 10 minutes for the lock
-  distributed-lock run db/migrate --timeout 10m -- ./manage.py migrate
-  distributed-lock status db/migrate --json
+  leasehold run db/migrate --timeout 10m -- ./manage.py migrate
+  leasehold status db/migrate --json
 
-See `distributed-lock run --help` for the options of run.
+See `leasehold run --help` for the options of run.
 
 {}",
         exit::HELP
@@ -50,14 +50,14 @@ enum Command {
 pub struct ServerArgs {
     /// Lock server URL, or several separated by commas (tried in turn).
     /// [default: http://127.0.0.1:7878]
-    #[arg(long, env = "DISTRIBUTED_LOCK_URL", global = true, value_name = "URL")]
+    #[arg(long, env = "LEASEHOLD_URL", global = true, value_name = "URL")]
     url: Option<String>,
 
     /// The project's API key. Prefer the environment variable: other users of the
     /// machine can see command-line arguments.
     #[arg(
         long,
-        env = "DISTRIBUTED_LOCK_API_KEY",
+        env = "LEASEHOLD_API_KEY",
         global = true,
         hide_env_values = true,
         value_name = "KEY"
@@ -75,7 +75,7 @@ impl ServerArgs {
             Some(ApiKey(key)) if !key.trim().is_empty() => key.clone(),
             _ => {
                 return Err(Error::InvalidArgument {
-                    message: "no API key: set DISTRIBUTED_LOCK_API_KEY or pass --api-key".into(),
+                    message: "no API key: set LEASEHOLD_API_KEY or pass --api-key".into(),
                 });
             }
         };

@@ -1,29 +1,29 @@
-//! `distributed-lock-server`: the lock server as a command.
+//! `leasehold-server`: the lock server as a command.
 
 use clap::Parser;
 
 // The duration syntax (`250ms`, `10s`, `5m`, `1h`) is the command-line client's.
 #[allow(dead_code)]
-#[path = "distributed-lock/duration.rs"]
+#[path = "leasehold/duration.rs"]
 mod duration;
-use distributed_lock::server::Server;
+use leasehold::server::Server;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// A lock server for distributed-lock clients.
+/// A lock server for leasehold clients.
 #[derive(Debug, Parser)]
 #[command(
     version,
     about,
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  \
-    distributed-lock-server                                   # open development mode on 127.0.0.1:7878\n  \
-    distributed-lock-server --listen 0.0.0.0:7878 --key-file keys.toml \\\n      \
-    --tls-cert cert.pem --tls-key key.pem --state-file /var/lib/distributed-lock/state\n  \
-    distributed-lock-server --backend etcd --etcd-endpoints https://etcd1:2379,https://etcd2:2379 \\\n      \
+    leasehold-server                                   # open development mode on 127.0.0.1:7878\n  \
+    leasehold-server --listen 0.0.0.0:7878 --key-file keys.toml \\\n      \
+    --tls-cert cert.pem --tls-key key.pem --state-file /var/lib/leasehold/state\n  \
+    leasehold-server --backend etcd --etcd-endpoints https://etcd1:2379,https://etcd2:2379 \\\n      \
     --etcd-ca-file etcd-ca.pem --etcd-cert-file client.pem --etcd-key-file client-key.pem\n  \
-    distributed-lock-server new-key --project billing         # print a new API key and its key-file line\n\n\
+    leasehold-server new-key --project billing         # print a new API key and its key-file line\n\n\
     Every option can also be set by the environment variable shown with it."
 )]
 struct Cli {
@@ -47,37 +47,29 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct Args {
     /// Address to listen on.
-    #[arg(
-        long,
-        env = "DISTRIBUTED_LOCK_LISTEN",
-        default_value = "127.0.0.1:7878"
-    )]
+    #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:7878")]
     listen: String,
 
     /// Projects and API keys (TOML). Without it: open development mode, any key accepted.
     /// Re-read when it changes, and on SIGHUP.
-    #[arg(long, env = "DISTRIBUTED_LOCK_KEY_FILE")]
+    #[arg(long, env = "LEASEHOLD_KEY_FILE")]
     key_file: Option<PathBuf>,
 
     /// How often to check the key file for changes (0: only on SIGHUP).
-    #[arg(long, env = "DISTRIBUTED_LOCK_KEY_CHECK_INTERVAL", default_value = "1s", value_parser = duration::parse)]
+    #[arg(long, env = "LEASEHOLD_KEY_CHECK_INTERVAL", default_value = "1s", value_parser = duration::parse)]
     key_check_interval: Duration,
 
     /// PEM certificate chain: serve HTTPS (with --tls-key).
-    #[arg(long, env = "DISTRIBUTED_LOCK_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "LEASEHOLD_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
 
     /// PEM private key for --tls-cert.
-    #[arg(long, env = "DISTRIBUTED_LOCK_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "LEASEHOLD_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 
     /// File keeping restart state (token floor, longest lease); grants wait out old leases
     /// after a crash.
-    #[arg(
-        long,
-        env = "DISTRIBUTED_LOCK_STATE_FILE",
-        default_value = "distributed-lock.state"
-    )]
+    #[arg(long, env = "LEASEHOLD_STATE_FILE", default_value = "leasehold.state")]
     state_file: PathBuf,
 
     /// Keep no restart state (development only: a restart may then grant a lock a client
@@ -87,103 +79,83 @@ struct Args {
 
     /// Where locks are kept: `memory` (this process only) or `etcd` (shared by every server
     /// over the same etcd cluster; needs the crate's `etcd` feature).
-    #[arg(long, env = "DISTRIBUTED_LOCK_BACKEND", value_enum, default_value_t = Backend::Memory)]
+    #[arg(long, env = "LEASEHOLD_BACKEND", value_enum, default_value_t = Backend::Memory)]
     backend: Backend,
 
     /// etcd client URLs for `--backend etcd`, comma-separated.
     #[arg(
         long,
-        env = "DISTRIBUTED_LOCK_ETCD_ENDPOINTS",
+        env = "LEASEHOLD_ETCD_ENDPOINTS",
         value_delimiter = ',',
         default_value = "http://127.0.0.1:2379"
     )]
     etcd_endpoints: Vec<String>,
 
     /// Key prefix in etcd: servers with the same prefix share their locks.
-    #[arg(
-        long,
-        env = "DISTRIBUTED_LOCK_ETCD_PREFIX",
-        default_value = "/distributed-lock"
-    )]
+    #[arg(long, env = "LEASEHOLD_ETCD_PREFIX", default_value = "/leasehold")]
     etcd_prefix: String,
 
     /// PEM CA certificate(s) to trust for etcd's certificate (https:// endpoints), instead
     /// of Mozilla's roots.
-    #[arg(long, env = "DISTRIBUTED_LOCK_ETCD_CA_FILE")]
+    #[arg(long, env = "LEASEHOLD_ETCD_CA_FILE")]
     etcd_ca_file: Option<PathBuf>,
 
     /// PEM client certificate for etcd's mutual TLS (with --etcd-key-file).
-    #[arg(
-        long,
-        env = "DISTRIBUTED_LOCK_ETCD_CERT_FILE",
-        requires = "etcd_key_file"
-    )]
+    #[arg(long, env = "LEASEHOLD_ETCD_CERT_FILE", requires = "etcd_key_file")]
     etcd_cert_file: Option<PathBuf>,
 
     /// PEM private key for --etcd-cert-file.
-    #[arg(
-        long,
-        env = "DISTRIBUTED_LOCK_ETCD_KEY_FILE",
-        requires = "etcd_cert_file"
-    )]
+    #[arg(long, env = "LEASEHOLD_ETCD_KEY_FILE", requires = "etcd_cert_file")]
     etcd_key_file: Option<PathBuf>,
 
     /// etcd user to log in as (etcd authentication). Its password comes from
-    /// --etcd-password-file or the environment variable DISTRIBUTED_LOCK_ETCD_PASSWORD.
-    #[arg(long, env = "DISTRIBUTED_LOCK_ETCD_USER")]
+    /// --etcd-password-file or the environment variable LEASEHOLD_ETCD_PASSWORD.
+    #[arg(long, env = "LEASEHOLD_ETCD_USER")]
     etcd_user: Option<String>,
 
     /// File holding the password of --etcd-user (one line).
-    #[arg(
-        long,
-        env = "DISTRIBUTED_LOCK_ETCD_PASSWORD_FILE",
-        requires = "etcd_user"
-    )]
+    #[arg(long, env = "LEASEHOLD_ETCD_PASSWORD_FILE", requires = "etcd_user")]
     etcd_password_file: Option<PathBuf>,
 
     /// Longest lease a client may ask for, such as `1h` or `90s` (at most 24h).
-    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_LEASE", default_value = "1h", value_parser = duration::parse)]
+    #[arg(long, env = "LEASEHOLD_MAX_LEASE", default_value = "1h", value_parser = duration::parse)]
     max_lease: Duration,
 
     /// Longest time one long poll is held open.
-    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_POLL", default_value = "20s", value_parser = duration::parse)]
+    #[arg(long, env = "LEASEHOLD_MAX_POLL", default_value = "20s", value_parser = duration::parse)]
     max_poll: Duration,
 
     /// Most waiters one lock may have.
-    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_WAITERS", default_value_t = 100_000)]
+    #[arg(long, env = "LEASEHOLD_MAX_WAITERS", default_value_t = 100_000)]
     max_waiters_per_lock: usize,
 
     /// Largest request body in bytes.
-    #[arg(long, env = "DISTRIBUTED_LOCK_MAX_BODY", default_value_t = 1 << 20)]
+    #[arg(long, env = "LEASEHOLD_MAX_BODY", default_value_t = 1 << 20)]
     max_body_bytes: usize,
 
     /// Most open client connections.
-    #[arg(
-        long,
-        env = "DISTRIBUTED_LOCK_MAX_CONNECTIONS",
-        default_value_t = 10_000
-    )]
+    #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
 
     /// Time a client has to send a request header (slowloris protection).
-    #[arg(long, env = "DISTRIBUTED_LOCK_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
+    #[arg(long, env = "LEASEHOLD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     header_read_timeout: Duration,
 
     /// Close connections with no request in flight for this long.
-    #[arg(long, env = "DISTRIBUTED_LOCK_IDLE_TIMEOUT", default_value = "60s", value_parser = duration::parse)]
+    #[arg(long, env = "LEASEHOLD_IDLE_TIMEOUT", default_value = "60s", value_parser = duration::parse)]
     idle_timeout: Duration,
 
     /// Time a client has to complete the TLS handshake.
-    #[arg(long, env = "DISTRIBUTED_LOCK_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
+    #[arg(long, env = "LEASEHOLD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     handshake_timeout: Duration,
 
     /// Append an audit trail of every grant, renewal, release and expiry to this file
     /// (JSON lines).
-    #[arg(long, env = "DISTRIBUTED_LOCK_EVENT_LOG")]
+    #[arg(long, env = "LEASEHOLD_EVENT_LOG")]
     event_log: Option<PathBuf>,
 
     /// Worker threads (default: one per core).
-    #[arg(long, env = "DISTRIBUTED_LOCK_THREADS")]
+    #[arg(long, env = "LEASEHOLD_THREADS")]
     threads: Option<usize>,
 }
 
@@ -205,7 +177,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     if let Some(Command::NewKey { project }) = cli.command {
-        let (key, line) = distributed_lock::server::new_key(&project);
+        let (key, line) = leasehold::server::new_key(&project);
         println!(
             "New API key for project {project:?}. It is shown only this once: store it now.\n"
         );
@@ -235,7 +207,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), distributed_lock::Error> {
+async fn run(args: Args) -> Result<(), leasehold::Error> {
     let mut builder = Server::builder()
         .bind(&args.listen)
         .max_lease(args.max_lease)
@@ -287,13 +259,13 @@ async fn run(args: Args) -> Result<(), distributed_lock::Error> {
 /// Where the etcd password may come from besides --etcd-password-file. Not a flag: command
 /// lines are visible to every user of the machine.
 #[cfg(feature = "etcd")]
-const ETCD_PASSWORD_ENV: &str = "DISTRIBUTED_LOCK_ETCD_PASSWORD";
+const ETCD_PASSWORD_ENV: &str = "LEASEHOLD_ETCD_PASSWORD";
 
 #[cfg(feature = "etcd")]
 fn etcd_backend(
-    mut builder: distributed_lock::server::ServerBuilder,
+    mut builder: leasehold::server::ServerBuilder,
     args: &Args,
-) -> Result<distributed_lock::server::ServerBuilder, distributed_lock::Error> {
+) -> Result<leasehold::server::ServerBuilder, leasehold::Error> {
     let endpoints: Vec<String> = args
         .etcd_endpoints
         .iter()
@@ -323,8 +295,8 @@ fn etcd_backend(
 
 /// The password of --etcd-user, from exactly one of its two sources.
 #[cfg(feature = "etcd")]
-fn etcd_password(args: &Args) -> Result<String, distributed_lock::Error> {
-    let invalid = |message: String| distributed_lock::Error::InvalidArgument { message };
+fn etcd_password(args: &Args) -> Result<String, leasehold::Error> {
+    let invalid = |message: String| leasehold::Error::InvalidArgument { message };
     let from_env = std::env::var_os(ETCD_PASSWORD_ENV);
     let password = match (&args.etcd_password_file, from_env) {
         (Some(_), Some(_)) => {
@@ -342,11 +314,10 @@ fn etcd_password(args: &Args) -> Result<String, distributed_lock::Error> {
             .into_string()
             .map_err(|_| invalid(format!("{ETCD_PASSWORD_ENV} is not valid UTF-8")))?,
         (Some(path), None) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| distributed_lock::Error::Io {
-                    context: format!("cannot read --etcd-password-file {}", path.display()),
-                    source,
-                })?;
+            let text = std::fs::read_to_string(path).map_err(|source| leasehold::Error::Io {
+                context: format!("cannot read --etcd-password-file {}", path.display()),
+                source,
+            })?;
             // Files written by editors and `echo` end with a line break; the password
             // does not.
             text.trim_end_matches(['\n', '\r']).to_owned()
@@ -360,12 +331,12 @@ fn etcd_password(args: &Args) -> Result<String, distributed_lock::Error> {
 
 #[cfg(not(feature = "etcd"))]
 fn etcd_backend(
-    _: distributed_lock::server::ServerBuilder,
+    _: leasehold::server::ServerBuilder,
     _: &Args,
-) -> Result<distributed_lock::server::ServerBuilder, distributed_lock::Error> {
-    Err(distributed_lock::Error::InvalidArgument {
+) -> Result<leasehold::server::ServerBuilder, leasehold::Error> {
+    Err(leasehold::Error::InvalidArgument {
         message: "--backend etcd: this build has no etcd backend; build the server with the \
-                  `etcd` cargo feature (cargo install distributed-lock --features etcd)"
+                  `etcd` cargo feature (cargo install leasehold --features etcd)"
             .into(),
     })
 }

@@ -1,7 +1,7 @@
 //! The live status line shown on an interactive stderr while `run` waits for the lock.
 
 use crate::duration::human;
-use distributed_lock::{DistributedLock, LockInfo};
+use leasehold::{DistributedLock, LockInfo};
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 use tokio::time::Instant;

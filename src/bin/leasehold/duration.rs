@@ -1,6 +1,6 @@
 //! Durations on the command line (`250ms`, `10s`, `5m`, `1h`) and in messages.
 //!
-//! `distributed-lock-server` includes this file too, so both commands read durations alike.
+//! `leasehold-server` includes this file too, so both commands read durations alike.
 
 use std::time::Duration;
 

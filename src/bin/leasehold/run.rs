@@ -6,7 +6,7 @@ use crate::duration::{self, human};
 use crate::exit;
 use crate::signals::Signals;
 use crate::waiting::{self, Queue, Seen, StatusLine};
-use distributed_lock::{DistributedLock, Error, LockGuard};
+use leasehold::{DistributedLock, Error, LockGuard};
 use std::ffi::OsString;
 use std::future::IntoFuture;
 use std::io;
@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 /// Run a command while holding a lock.
 ///
-/// Waits for the lock, runs the command with DISTRIBUTED_LOCK_NAME and
-/// DISTRIBUTED_LOCK_FENCING_TOKEN in its environment, and releases the lock as soon as the
+/// Waits for the lock, runs the command with LEASEHOLD_NAME and
+/// LEASEHOLD_FENCING_TOKEN in its environment, and releases the lock as soon as the
 /// command ends. SIGINT, SIGTERM and SIGHUP are passed on to the command. If the lease is lost
 /// or --max-hold is reached, the command gets SIGTERM, then SIGKILL after --kill-after.
 #[derive(Debug, clap::Args)]
@@ -37,7 +37,7 @@ pub struct RunArgs {
     timeout: Option<Duration>,
 
     /// Longest time the command may run holding the lock; then it is stopped and
-    /// distributed-lock exits 78. [default: no limit]
+    /// leasehold exits 78. [default: no limit]
     #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
     max_hold: Option<Duration>,
 
@@ -59,9 +59,9 @@ fn help() -> String {
     format!(
         "Examples:
   # cron: run the nightly report on one machine only; skip if it is still running
-  distributed-lock run reports/nightly --timeout 0 -- ./nightly-report.sh
+  leasehold run reports/nightly --timeout 0 -- ./nightly-report.sh
   # deploy: wait up to 10 minutes for other migrations; stop ours after an hour
-  distributed-lock run db/migrate --timeout 10m --max-hold 1h -- ./manage.py migrate
+  leasehold run db/migrate --timeout 10m --max-hold 1h -- ./manage.py migrate
 
 Durations: 250ms, 10s, 5m, 1h.
 
@@ -100,7 +100,7 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
     let margin = args.kill_after + (args.expires_in / 10).min(Duration::from_secs(1));
     if margin > args.expires_in / 2 {
         eprintln!(
-            "distributed-lock: warning: with --kill-after {} and --expires-in {}, a command \
+            "leasehold: warning: with --kill-after {} and --expires-in {}, a command \
              stopped after a lost lease may still run when the lock goes to someone else; \
              use a longer --expires-in or a shorter --kill-after",
             human(args.kill_after),
@@ -124,8 +124,8 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
     };
     let token = guard.fencing_token();
     let env = [
-        ("DISTRIBUTED_LOCK_NAME", args.name.clone()),
-        ("DISTRIBUTED_LOCK_FENCING_TOKEN", token.to_string()),
+        ("LEASEHOLD_NAME", args.name.clone()),
+        ("LEASEHOLD_FENCING_TOKEN", token.to_string()),
     ];
     let mut running = match child::spawn(&args.command, &env) {
         Ok(running) => running,
@@ -183,7 +183,7 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
             // The command ended while the lease was believed held: pass its status on, and
             // say so if the release did not go as planned.
             if let Some(problem) = release_problem {
-                eprintln!("distributed-lock: {problem}");
+                eprintln!("leasehold: {problem}");
             }
             ExitCode::from(exit::for_status(status))
         }
@@ -293,7 +293,7 @@ async fn supervise(
                 if stop.is_none() {
                     stop = Some(Stop::LeaseLost);
                     eprintln!(
-                        "distributed-lock: lost the lease on lock {:?}; stopping the command (SIGTERM, SIGKILL after {})",
+                        "leasehold: lost the lease on lock {:?}; stopping the command (SIGTERM, SIGKILL after {})",
                         args.name,
                         human(args.kill_after)
                     );
@@ -304,7 +304,7 @@ async fn supervise(
             () = sleep_until(hold_deadline), if stop.is_none() => {
                 stop = Some(Stop::MaxHold);
                 eprintln!(
-                    "distributed-lock: held lock {:?} for --max-hold {}; stopping the command (SIGTERM, SIGKILL after {})",
+                    "leasehold: held lock {:?} for --max-hold {}; stopping the command (SIGTERM, SIGKILL after {})",
                     args.name,
                     human(args.max_hold.unwrap_or_default()),
                     human(args.kill_after)
@@ -315,7 +315,7 @@ async fn supervise(
             () = sleep_until(kill_at) => {
                 kill_at = None;
                 eprintln!(
-                    "distributed-lock: the command did not stop within {}; sending SIGKILL",
+                    "leasehold: the command did not stop within {}; sending SIGKILL",
                     human(args.kill_after)
                 );
                 running.signal_group(libc::SIGKILL);

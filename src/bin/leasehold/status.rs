@@ -2,7 +2,7 @@
 
 use crate::duration::human;
 use crate::exit;
-use distributed_lock::{DistributedLock, LockInfo};
+use leasehold::{DistributedLock, LockInfo};
 use serde::Serialize;
 use std::io::Write;
 use std::process::ExitCode;
@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 Examples:
-  distributed-lock status db/migrate
-  distributed-lock status db/migrate --json | jq .holder.fencing_token
+  leasehold status db/migrate
+  leasehold status db/migrate --json | jq .holder.fencing_token
 
 JSON: {\"name\": \"db/migrate\", \"holder\": null | {\"fencing_token\": 42,
 \"since\": \"2025-06-01T11:59:58.000Z\", \"expires_in_ms\": 8200,

@@ -5,7 +5,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The signals passed on to the command: SIGINT, SIGTERM, SIGHUP.
 ///
-/// Once these are handled here they no longer end distributed-lock by themselves: while it
+/// Once these are handled here they no longer end leasehold by themselves: while it
 /// waits for the lock they end the wait, and while the command runs they go to the command.
 pub struct Signals {
     interrupt: Signal,

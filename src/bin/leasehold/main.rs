@@ -1,4 +1,4 @@
-//! `distributed-lock`: take a distributed lock from the shell.
+//! `leasehold`: take a distributed lock from the shell.
 //!
 //! `run NAME -- CMD ARGS...` runs a command while holding a lock (`run.rs`, with the child
 //! process in `child.rs` and the waiting display in `waiting.rs`); `status NAME` shows who
@@ -30,6 +30,6 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(not(unix))]
 fn main() -> std::process::ExitCode {
-    eprintln!("distributed-lock: the command-line client runs on Unix-like systems only");
+    eprintln!("leasehold: the command-line client runs on Unix-like systems only");
     std::process::ExitCode::from(69)
 }
