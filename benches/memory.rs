@@ -6,9 +6,10 @@
 //! lock, so this is the server's cost per held lock. Then it releases every lock and shows
 //! that the table is empty again.
 
-use leasehold::protocol::Id;
 use leasehold::server::store::memory::{MemoryConfig, MemoryStore};
-use leasehold::server::store::{AcquireOutcome, AcquireSpec, LockStore, Project, Quota, Release};
+use leasehold::server::store::{
+    AcquireOutcome, AcquireSpec, Id, LockStore, Project, Quota, Release,
+};
 use std::time::{Duration, Instant};
 
 fn rss_bytes() -> u64 {

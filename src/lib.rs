@@ -82,7 +82,10 @@
 mod client;
 mod error;
 mod id;
-pub mod protocol;
+// The wire types are not Rust API: docs/protocol.md (versioned by its `/v1/` paths) is the
+// contract for clients in other languages, and the SDK's own types are what Rust users need.
+// Keeping them private lets the wire format grow without a semver break of this crate.
+mod protocol;
 
 pub use client::guard::LockGuard;
 pub use client::inspect::{HolderInfo, LockInfo};

@@ -1,7 +1,8 @@
 //! Wire types of the HTTP/JSON protocol, shared by the SDK and the server.
 //!
 //! `docs/protocol.md` is the normative description; this module is its Rust form. It depends
-//! on nothing else in the crate, so both sides agree by construction.
+//! on nothing else in the crate, so both sides agree by construction. It is private: the
+//! document, not these structs, is the contract with other clients.
 
 pub use crate::id::Id;
 use serde::{Deserialize, Serialize};
@@ -159,7 +160,7 @@ pub struct LockInfo {
     /// Lock name.
     pub name: String,
     /// The current holder, if any.
-    pub holder: Option<HolderInfo>,
+    pub holder: Option<WireHolder>,
     /// Number of queued waiters.
     pub waiters: u64,
     /// How long the first waiter in line has waited, in milliseconds.
@@ -169,7 +170,7 @@ pub struct LockInfo {
 
 /// What inspection shows of a holder (never its lease id).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HolderInfo {
+pub struct WireHolder {
     /// The holder's fencing token.
     pub fencing_token: u64,
     /// When the lock was granted, in Unix milliseconds (server clock).
@@ -192,7 +193,7 @@ pub struct ErrorBody {
     pub message: String,
     /// With `timeout`: who held the lock when the wait ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub holder: Option<HolderInfo>,
+    pub holder: Option<WireHolder>,
 }
 
 /// Error codes used in [`ErrorBody::error`].
@@ -215,8 +216,6 @@ pub mod codes {
     pub const TOO_MANY: &str = "too_many_requests";
     /// 503: the server is shutting down or its store is unreachable; retry.
     pub const UNAVAILABLE: &str = "unavailable";
-    /// 500: a bug.
-    pub const INTERNAL: &str = "internal";
 }
 
 #[cfg(test)]

@@ -232,3 +232,79 @@ async fn clients_spread_over_their_endpoints_or_prefer_the_first() {
     assert_eq!(b.metric("leasehold_acquires_total").await, on_b);
     assert_eq!(a.metric("leasehold_acquires_total").await, on_a + 10.0);
 }
+
+/// Without `--state-file` the memory server keeps its state in the state directory
+/// (systemd's, else XDG's), never in the directory it was started from; with none known it
+/// refuses to start and says what to pass.
+#[tokio::test]
+async fn the_state_file_defaults_to_the_state_directory_never_the_current_one() {
+    use support::process::{SERVER_BIN, own_state_directory};
+    let cwd = own_state_directory();
+    let state = own_state_directory();
+    let mut server = tokio::process::Command::new(SERVER_BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(&cwd)
+        .env_remove("XDG_STATE_HOME")
+        .env("STATE_DIRECTORY", &state)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let path = state.join("leasehold.state");
+    support::eventually(Duration::from_secs(20), "the state file is written", || {
+        let exists = path.exists();
+        async move { exists }
+    })
+    .await;
+    server.kill().await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(&cwd).unwrap().count(),
+        0,
+        "wrote into the current directory"
+    );
+
+    let output = tokio::process::Command::new(SERVER_BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(&cwd)
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("HOME")
+        .output();
+    let output = support::within(Duration::from_secs(20), output)
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "started without a state directory: {printed}"
+    );
+    assert!(printed.contains("--state-file"), "{printed}");
+    assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0);
+}
+
+/// Each binary's help describes that binary, not the crate.
+#[test]
+fn each_binary_describes_itself_in_its_help() {
+    use support::process::{CLI_BIN, SERVER_BIN};
+    let help = |bin: &str| {
+        let output = std::process::Command::new(bin)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let server = help(SERVER_BIN);
+    assert!(server.starts_with("The leasehold lock server"), "{server}");
+    let cli = help(CLI_BIN);
+    assert!(
+        cli.starts_with("Take a distributed lock from the shell"),
+        "{cli}"
+    );
+    for text in [&server, &cli] {
+        assert!(
+            !text.contains("async Rust SDK"),
+            "the crate's description: {text}"
+        );
+    }
+}

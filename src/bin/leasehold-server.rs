@@ -11,11 +11,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// A lock server for leasehold clients.
+/// The leasehold lock server: clients of any number of processes and machines take turns on
+/// named locks, with leases, fencing tokens and FIFO waiting. Locks are kept in memory, or in
+/// etcd so that several servers share them.
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about,
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  \
     leasehold-server                                   # open development mode on 127.0.0.1:7878\n  \
@@ -68,9 +69,11 @@ struct Args {
     tls_key: Option<PathBuf>,
 
     /// File keeping restart state (token floor, longest lease); grants wait out old leases
-    /// after a crash.
-    #[arg(long, env = "LEASEHOLD_STATE_FILE", default_value = "leasehold.state")]
-    state_file: PathBuf,
+    /// after a crash. [default: $STATE_DIRECTORY/leasehold.state under systemd, else
+    /// $XDG_STATE_HOME/leasehold/leasehold.state, else
+    /// ~/.local/state/leasehold/leasehold.state]
+    #[arg(long, env = "LEASEHOLD_STATE_FILE")]
+    state_file: Option<PathBuf>,
 
     /// Keep no restart state (development only: a restart may then grant a lock a client
     /// still believes it holds).
@@ -234,7 +237,7 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
         Backend::Memory if args.no_state_file => tracing::warn!(
             "no state file: after a restart, locks may be granted that clients still believe they hold"
         ),
-        Backend::Memory => builder = builder.state_file(&args.state_file),
+        Backend::Memory => builder = builder.state_file(state_file(&args)?),
     }
     let server = builder.start().await?;
     if server.is_open_mode() {
@@ -254,6 +257,33 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// The state file: `--state-file`, else the state directory's (created if missing). Never
+/// the current directory by accident.
+fn state_file(args: &Args) -> Result<PathBuf, leasehold::Error> {
+    if let Some(path) = &args.state_file {
+        return Ok(path.clone());
+    }
+    let path = leasehold::server::default_state_file().ok_or_else(|| {
+        leasehold::Error::InvalidArgument {
+            message: "no state directory: neither STATE_DIRECTORY, XDG_STATE_HOME nor HOME is \
+                      set to an absolute path; name the state file with --state-file PATH \
+                      (or LEASEHOLD_STATE_FILE)"
+                .into(),
+        }
+    })?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| leasehold::Error::Io {
+            context: format!(
+                "cannot create the state directory {} (name another file with --state-file)",
+                dir.display()
+            ),
+            source,
+        })?;
+    }
+    tracing::info!(path = %path.display(), "state file");
+    Ok(path)
 }
 
 /// Where the etcd password may come from besides --etcd-password-file. Not a flag: command

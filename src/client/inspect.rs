@@ -36,8 +36,8 @@ pub struct HolderInfo {
     pub metadata: Option<String>,
 }
 
-impl From<protocol::HolderInfo> for HolderInfo {
-    fn from(h: protocol::HolderInfo) -> HolderInfo {
+impl From<protocol::WireHolder> for HolderInfo {
+    fn from(h: protocol::WireHolder) -> HolderInfo {
         HolderInfo {
             fencing_token: h.fencing_token,
             acquired_at: UNIX_EPOCH + Duration::from_millis(h.acquired_at_ms),

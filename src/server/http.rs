@@ -1,8 +1,8 @@
 //! HTTP in, store calls out: routing, authentication, rate limits, input checks, metrics.
 
 use crate::protocol::{
-    self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, HolderInfo, LeaseRef,
-    LockInfo, ReleaseResponse, RenewRequest, RenewResponse, RenewResult, StillWaiting, codes,
+    self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, LeaseRef, LockInfo,
+    ReleaseResponse, RenewRequest, RenewResponse, RenewResult, StillWaiting, WireHolder, codes,
 };
 use crate::server::auth::{Auth, Caller, Refusal};
 use crate::server::metrics::{Metrics, RequestLabels};
@@ -102,7 +102,7 @@ struct Failure {
     status: StatusCode,
     code: &'static str,
     message: String,
-    holder: Option<HolderInfo>,
+    holder: Option<WireHolder>,
     retry_after: Option<Duration>,
 }
 
@@ -186,8 +186,8 @@ fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-fn holder_info(view: HolderView) -> HolderInfo {
-    HolderInfo {
+fn holder_info(view: HolderView) -> WireHolder {
+    WireHolder {
         fencing_token: view.fencing_token,
         acquired_at_ms: unix_ms(view.acquired_at),
         expires_at_ms: unix_ms(std::time::SystemTime::now() + view.expires_in),

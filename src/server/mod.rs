@@ -19,6 +19,7 @@ mod auth;
 mod connection;
 mod http;
 mod metrics;
+mod state_dir;
 mod state_file;
 pub mod store;
 mod tls;
@@ -41,6 +42,7 @@ use tokio::task::JoinHandle;
 
 pub use auth::new_key;
 pub use connection::{AcceptFuture, Listener};
+pub use state_dir::default_state_file;
 
 /// Configures and starts a [`Server`].
 #[must_use = "a builder does nothing until start() is awaited"]

@@ -19,6 +19,7 @@ impl ServerProcess {
         let mut child = Command::new(SERVER_BIN)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("STATE_DIRECTORY", own_state_directory())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -46,6 +47,7 @@ impl ServerProcess {
     /// printed, once it has exited with an error (within a generous bound).
     pub async fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
         let run = Command::new(SERVER_BIN)
+            .env("STATE_DIRECTORY", own_state_directory())
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
@@ -75,6 +77,21 @@ impl ServerProcess {
             .await
             .unwrap();
     }
+}
+
+/// A fresh directory for a server process's default state file (it would otherwise be the
+/// user's XDG state directory, shared by every test): servers that must find an earlier
+/// run's state name their file with `--state-file`.
+pub fn own_state_directory() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "leasehold-test-state-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    dir
 }
 
 /// Sends `signal` to process `pid`.

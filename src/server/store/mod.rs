@@ -6,7 +6,8 @@
 pub mod etcd;
 pub mod memory;
 
-use crate::id::Id;
+/// The request ids that [`AcquireSpec::request_id`] carries.
+pub use crate::id::Id;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
