@@ -10,7 +10,10 @@
 //!   SDK alternate in blocks of 250 pairs);
 //! * handoff: 8 tasks on one lock; the gap from a release being sent to the next holder's
 //!   grant arriving, and whether every successive grant went to a different task;
-//! * throughput: 32 tasks on distinct locks, pairs per second.
+//! * throughput: 32 tasks on distinct locks, pairs per second;
+//! * burst: `BENCH_BURST` (default 10,000) concurrent acquires of distinct locks from one
+//!   client, acquires per second, and how long requests waited inside the client before they
+//!   left for the connection (the SDK's `queued_us` tracing field).
 //!
 //! Settings (environment): `BENCH_SECS` (throughput seconds, default 3), `BENCH_PAIRS`
 //! (uncontended pairs, default 3000), `BENCH_CLIENT_RT` (`multi` or `current`, default
@@ -41,6 +44,7 @@ fn main() {
     }
     // `cargo bench` passes `--bench`; nothing else is expected.
     let client_rt = std::env::var("BENCH_CLIENT_RT").unwrap_or_else(|_| "multi".into());
+    let queue_times = QueueTimes::install();
     let runtime = match client_rt.as_str() {
         "current" => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -50,18 +54,63 @@ fn main() {
             .build(),
     }
     .expect("runtime");
-    runtime.block_on(run(client_rt));
+    runtime.block_on(run(client_rt, queue_times));
+}
+
+/// Collects the `queued_us` field of the SDK's per-request debug events: how long each
+/// request waited inside the client before the connection took it.
+#[derive(Clone, Default)]
+struct QueueTimes(Arc<Mutex<Vec<u64>>>);
+
+impl QueueTimes {
+    fn install() -> QueueTimes {
+        use tracing_subscriber::prelude::*;
+        let times = QueueTimes::default();
+        let only_transport = tracing_subscriber::filter::Targets::new()
+            .with_target("leasehold::client::transport", tracing::Level::DEBUG);
+        tracing_subscriber::registry()
+            .with(times.clone().with_filter(only_transport))
+            .init();
+        times
+    }
+
+    /// The times collected since the last call.
+    fn take(&self) -> Vec<Duration> {
+        let taken = std::mem::take(&mut *self.0.lock().unwrap());
+        taken.into_iter().map(Duration::from_micros).collect()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QueueTimes {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Queued(Option<u64>);
+        impl tracing::field::Visit for Queued {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                if field.name() == "queued_us" {
+                    self.0 = Some(value);
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut queued = Queued(None);
+        event.record(&mut queued);
+        if let Some(us) = queued.0 {
+            self.0.lock().unwrap().push(us);
+        }
+    }
 }
 
 struct Settings {
     secs: u64,
     pairs: usize,
+    burst: usize,
 }
 
-async fn run(client_rt: String) {
+async fn run(client_rt: String, queue_times: QueueTimes) {
     let settings = Settings {
         secs: env_num("BENCH_SECS", 3),
         pairs: env_num("BENCH_PAIRS", 3000) as usize,
+        burst: env_num("BENCH_BURST", 10_000) as usize,
     };
     let protos = match std::env::var("BENCH_PROTO").as_deref() {
         Ok("h1") => vec![Proto::H1],
@@ -150,6 +199,29 @@ async fn run(client_rt: String) {
                 "throughput 32     round {round}: floor {f:>8.0} pairs/s | sdk {s:>8.0} pairs/s | ratio {:.2}",
                 s / f
             );
+        }
+        for round in 1..=3 {
+            queue_times.take();
+            let started = Instant::now();
+            let mut acquires = tokio::task::JoinSet::new();
+            for i in 0..settings.burst {
+                let dl = dl.clone();
+                acquires.spawn(async move { dl.lock(format!("burst-{round}-{i}")).await.unwrap() });
+            }
+            let mut guards = Vec::with_capacity(settings.burst);
+            while let Some(guard) = acquires.join_next().await {
+                guards.push(guard.unwrap());
+            }
+            let rate = settings.burst as f64 / started.elapsed().as_secs_f64();
+            let queued = stats(queue_times.take());
+            let held = guards.iter().filter(|g| g.is_held()).count();
+            println!(
+                "burst {}       round {round}: {rate:>8.0} acquires/s | waited inside the client p50 {:>9.1} µs p99 {:>9.1} µs | {held} held",
+                settings.burst,
+                us(queued.p50),
+                us(queued.p99),
+            );
+            drop(guards);
         }
     }
 }

@@ -57,7 +57,12 @@
 //!   fencing token larger than any earlier grant of that name, across server restarts.
 //! * A guard learns that its lease is lost ([`LockGuard::lost`], [`LockGuard::is_held`])
 //!   *before* the server could give the lock to anyone else: it counts its lease from when
-//!   the request was sent, minus a safety margin.
+//!   the request left the client for the connection, minus a safety margin.
+//! * `lock().await` never hands back a guard that is not held. Under load a request, or its
+//!   answer, can wait inside the client; a grant that arrives with less than a third of its
+//!   lease left is confirmed by an immediate renewal first, and one that cannot be confirmed
+//!   is released and waited for again, within the same `timeout`. So at the moment the guard
+//!   is returned, [`LockGuard::is_held`] is true; how long it stays so depends on renewals.
 //! * A process can still be paused (GC, swap, SIGSTOP) past its lease without noticing. The
 //!   fencing token is what makes that safe: have the protected resource reject writes whose
 //!   token is older than one it has seen.

@@ -6,6 +6,7 @@ pub(crate) mod mailbox;
 pub(crate) mod renewer;
 pub(crate) mod request;
 pub(crate) mod retry;
+pub(crate) mod stamped;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;
 pub(crate) mod transport;

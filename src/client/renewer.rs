@@ -24,11 +24,11 @@ pub(crate) type LeaseState = watch::Receiver<Option<Instant>>;
 
 /// Messages to the renewer.
 pub(crate) enum Command {
-    /// Start tracking a lease granted to a request sent at `sent`.
+    /// Start tracking a lease; the renewer first acts on it at `first`.
     Track {
         key: u64,
         lease: Lease,
-        sent: Instant,
+        first: Instant,
     },
     /// The guard was dropped: stop renewing and release the lease on the server.
     Release(u64),
@@ -45,24 +45,33 @@ pub(crate) struct Lease {
     pub length: Duration,
     pub margin: Duration,
     pub auto_renew: bool,
-    /// Local deadline; also published to the guard through `state`.
+    /// Local deadline; also published to the guard through `state`. While `confirming`,
+    /// the last moment the server could still hold the lease instead.
     pub deadline: Instant,
     pub state: watch::Sender<Option<Instant>>,
+    /// A grant that arrived too late to hand over as it is: its acquire waits until a
+    /// renewal confirms it (or it is found lost) before it gives the guard to the caller.
+    pub confirming: bool,
 }
 
 impl Lease {
-    /// When the next renewal is due, counted from when the last grant or renewal was sent.
-    fn due_after(&self, sent: Instant) -> Instant {
-        sent + self.length / 3
+    /// When the renewer must next act on a lease granted or renewed by a request sent at
+    /// `sent`: its next renewal, or for plain expiry its deadline.
+    pub fn next_event(&self, sent: Instant) -> Instant {
+        Lease::next_event_of(self.auto_renew, sent, self.length, self.deadline)
     }
 
-    /// When the renewer must first act on a lease granted to a request sent at `sent`: its
-    /// first renewal, or for plain expiry its deadline.
-    pub fn first_event(&self, sent: Instant) -> Instant {
-        if self.auto_renew {
-            self.due_after(sent)
+    /// [`Lease::next_event`] before the lease is built.
+    pub fn next_event_of(
+        auto_renew: bool,
+        sent: Instant,
+        length: Duration,
+        deadline: Instant,
+    ) -> Instant {
+        if auto_renew {
+            sent + length / 3
         } else {
-            self.deadline
+            deadline
         }
     }
 
@@ -184,9 +193,8 @@ impl Renewer {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Track { key, lease, sent } => {
+            Command::Track { key, lease, first } => {
                 self.longest_interval = self.longest_interval.max(lease.length / 3);
-                let first = lease.first_event(sent);
                 self.queue.insert((first, key));
                 self.leases.insert(
                     key,
@@ -285,8 +293,9 @@ impl Renewer {
                 self.lose(key, false);
                 continue;
             }
-            // Only leases within half an interval of their own due time ride along.
-            if !lease.auto_renew || at > now + lease.length / 6 {
+            // Only leases within half an interval of their own due time ride along. A grant
+            // to confirm is renewed once even without auto-renewal.
+            if !(lease.auto_renew || lease.confirming) || at > now + lease.length / 6 {
                 break;
             }
             self.queue.pop_first();
@@ -376,8 +385,9 @@ impl Renewer {
                         Duration::from_millis((*lease_ms).min(crate::protocol::MAX_LEASE_MS));
                     let base = self.lease_clock.base(outcome.sent);
                     lease.deadline = Lease::deadline_after(base, length, lease.margin);
+                    lease.confirming = false;
                     lease.state.send_replace(Some(lease.deadline));
-                    lease.due_after(outcome.sent)
+                    lease.next_event(outcome.sent)
                 }
                 (Some(RenewResult::Gone), _) => {
                     self.lose(key, true);

@@ -42,10 +42,20 @@ const POLL_SLACK: Duration = Duration::from_secs(5);
 /// # drop(guard); Ok(()) }
 /// ```
 ///
+/// # What the returned guard promises
+/// The guard is held when it is returned: [`LockGuard::is_held`] is true at that moment. A
+/// busy client (a debug build, a loaded machine, thousands of acquires at once) can receive
+/// a grant late, with little or none of its lease left by the client's own safe count; such
+/// a grant is confirmed with an immediate renewal before it is handed over. If it cannot be
+/// confirmed, it is released and the request waits in line again, within the same
+/// `timeout`. The lease is counted from when the request left for the connection, not from
+/// when it was queued inside the client.
+///
 /// # Cancel safety
 /// Dropping the future while it waits withdraws the waiter from the server's queue. If the
 /// lock was granted at the same moment, the grant is released at once, so it never stays
-/// orphaned until its lease expires.
+/// orphaned until its lease expires. Dropping it while a late grant is being confirmed
+/// releases that grant.
 #[must_use = "lock requests do nothing unless awaited"]
 pub struct LockRequest {
     client: DistributedLock,
@@ -156,7 +166,38 @@ impl LockRequest {
         let started = Instant::now();
         // A timeout past what an `Instant` holds is no limit.
         let wait_deadline = self.timeout.and_then(|t| started.checked_add(t));
-        let name: Arc<str> = self.name.into();
+        let name: Arc<str> = self.name.as_str().into();
+        loop {
+            let (granted, sent, commands) = self
+                .wait_in_line(&client, &name, started, wait_deadline)
+                .await?;
+            let held = client.hold(name.clone(), granted, sent, self.auto_renew, commands);
+            if let Some(guard) = held.confirmed().await {
+                return Ok(guard);
+            }
+            // The grant arrived too late and no renewal could confirm it: it is given back
+            // (the dropped guard releases it, where the server may still hold it), and the
+            // wait goes on, in a new place in line, within the same timeout.
+            tracing::debug!(lock = %name, "a late grant could not be confirmed; waiting again");
+            if wait_deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::Timeout {
+                    name: name.to_string(),
+                    waited: started.elapsed(),
+                    holder: None,
+                });
+            }
+        }
+    }
+
+    /// Waits in the server's line (long polls under one request id) until granted. Returns
+    /// the grant, when the answered request left the client, and the renewer's mailbox.
+    async fn wait_in_line(
+        &self,
+        client: &Arc<crate::client::Inner>,
+        name: &Arc<str>,
+        started: Instant,
+        wait_deadline: Option<Instant>,
+    ) -> Result<(Granted, Instant, Commands), Error> {
         let request_id = Id::random();
         let commands = client.renewer();
         let mut withdraw = WithdrawOnDrop {
@@ -166,7 +207,7 @@ impl LockRequest {
         };
         let lease_ms = self.expires_in.as_millis() as u64;
         loop {
-            let sent = Instant::now();
+            let polled = Instant::now();
             // Each attempt asks for the wait that remains then, so that a retried request
             // does not keep the caller in line past its timeout.
             let body = || {
@@ -184,7 +225,7 @@ impl LockRequest {
                 // Unreachable servers end the call at the caller's timeout, or after the
                 // client's `unavailable_after` when it waits without limit.
                 deadline: wait_deadline
-                    .unwrap_or_else(|| crate::client::later(sent, client.unavailable_after)),
+                    .unwrap_or_else(|| crate::client::later(polled, client.unavailable_after)),
                 per_attempt: POLL + POLL_SLACK,
             };
             let reply = client
@@ -195,7 +236,7 @@ impl LockRequest {
                 StatusCode::OK => {
                     let granted: Granted = reply.json()?;
                     withdraw.disarm();
-                    return Ok(client.hold(name, granted, reply.sent, self.auto_renew, commands));
+                    return Ok((granted, reply.sent, commands));
                 }
                 StatusCode::ACCEPTED => continue,
                 StatusCode::CONFLICT => {
@@ -220,6 +261,41 @@ impl LockRequest {
     }
 }
 
+/// A fresh grant's guard, or one whose lease must first be confirmed.
+pub(crate) enum Held {
+    /// At least a third of the lease is left: hand it over.
+    Ready(LockGuard),
+    /// The grant arrived after its local deadline or close to it (the request or its answer
+    /// waited inside a busy client): the renewer renews it at once, and the guard is handed
+    /// over only once that renewal confirms it.
+    Confirming(LockGuard),
+}
+
+impl Held {
+    /// The guard, once it is known held; `None` if its lease could not be confirmed (the
+    /// guard is then dropped, which releases it).
+    ///
+    /// # Cancel safety
+    /// Dropping the future drops the guard, which releases the lease.
+    pub(crate) async fn confirmed(self) -> Option<LockGuard> {
+        let guard = match self {
+            Held::Ready(guard) => return Some(guard),
+            Held::Confirming(guard) => guard,
+        };
+        let mut state = guard.state.clone();
+        // The renewer answers by publishing a new deadline (renewed) or `None` (lost); its
+        // end (the runtime went away) leaves the lease unconfirmed.
+        while state.changed().await.is_ok() {
+            match *state.borrow_and_update() {
+                Some(_) => break,
+                None => return None,
+            }
+        }
+        // Renewed, but the answer may itself have come late: held means held now.
+        guard.is_held().then_some(guard)
+    }
+}
+
 impl crate::client::Inner {
     /// Builds the guard for a grant and hands its lease to the renewer.
     fn hold(
@@ -229,7 +305,7 @@ impl crate::client::Inner {
         sent: Instant,
         auto_renew: bool,
         commands: Commands,
-    ) -> LockGuard {
+    ) -> Held {
         // A server's figures are checked, not trusted: no lease beyond the protocol's
         // longest, and no start later than now.
         let length = Duration::from_millis(granted.lease_ms.min(protocol::MAX_LEASE_MS));
@@ -239,7 +315,19 @@ impl crate::client::Inner {
         let started = self
             .lease_clock
             .base(sent + Duration::from_millis(granted.waited_ms).min(sent.elapsed()));
+        let now = Instant::now();
         let deadline = Lease::deadline_after(started, length, margin);
+        let confirming = deadline.saturating_duration_since(now) < length / 3;
+        // A lease to confirm is renewed at once; the server granted it no later than now,
+        // so it cannot hold it past `now + length`: renewing is worth trying until then.
+        let (deadline, first) = if confirming {
+            (now + length, now)
+        } else {
+            (
+                deadline,
+                Lease::next_event_of(auto_renew, started, length, deadline),
+            )
+        };
         let (state_tx, state_rx) = watch::channel(Some(deadline));
         let key = self.next_key();
         let lease = Lease {
@@ -250,8 +338,8 @@ impl crate::client::Inner {
             auto_renew,
             deadline,
             state: state_tx,
+            confirming,
         };
-        let act_by = lease.first_event(started);
         // The renewal task may have ended with its runtime while this acquire waited (a
         // client used from several runtimes): this acquire's runtime starts another.
         let commands = if commands.is_closed() {
@@ -259,15 +347,8 @@ impl crate::client::Inner {
         } else {
             commands
         };
-        commands.send(
-            Command::Track {
-                key,
-                lease,
-                sent: started,
-            },
-            Some(act_by),
-        );
-        LockGuard {
+        commands.send(Command::Track { key, lease, first }, Some(first));
+        let guard = LockGuard {
             name,
             lease_id: granted.lease_id,
             fencing_token: granted.fencing_token,
@@ -277,6 +358,11 @@ impl crate::client::Inner {
             transport: self.transport().clone(),
             margin,
             released: false,
+        };
+        if confirming {
+            Held::Confirming(guard)
+        } else {
+            Held::Ready(guard)
         }
     }
 }

@@ -1,11 +1,12 @@
 //! HTTP to the lock servers: one multiplexed connection pool, retries, endpoint fail-over.
 
 use crate::client::retry;
+use crate::client::stamped::StampedBody;
 use crate::error::Error;
 use crate::protocol::{self, ErrorBody};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, capture_connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -134,9 +135,10 @@ pub(crate) struct Reply {
     pub attempts: u32,
     /// The `Retry-After` header, in seconds.
     pub retry_after: Option<Duration>,
-    /// When the attempt that got this answer was sent. Earlier attempts may have reached
-    /// the server too, but a repeat resets what they set (a renewal's deadline, a grant's
-    /// lease), so leases are counted from this one.
+    /// When the attempt that got this answer left the client: when the connection first
+    /// read its body (see `stamped.rs`). Earlier attempts may have reached the server too,
+    /// but a repeat resets what they set (a renewal's deadline, a grant's lease), so leases
+    /// are counted from this one.
     pub sent: Instant,
 }
 
@@ -190,7 +192,7 @@ pub(crate) struct Transport {
     endpoints: Box<[Endpoint]>,
     /// Index of the endpoint in use; moves on when it fails.
     current: AtomicUsize,
-    http: Client<Connector, Full<Bytes>>,
+    http: Client<Connector, StampedBody>,
     auth: HeaderValue,
 }
 
@@ -308,8 +310,8 @@ impl Transport {
             attempt += 1;
             let index = self.current.load(Ordering::Relaxed);
             let endpoint = &self.endpoints[index % self.endpoints.len()];
-            let sent = Instant::now();
-            let answer_by = (attempts.deadline + ANSWER_GRACE).saturating_duration_since(sent);
+            let started = Instant::now();
+            let answer_by = (attempts.deadline + ANSWER_GRACE).saturating_duration_since(started);
             let failure = match self
                 .attempt(
                     method.clone(),
@@ -320,6 +322,18 @@ impl Transport {
                 .await
             {
                 Ok(answer) if !retryable(answer.status) => {
+                    // A body never read (an answer before the request was written) counts
+                    // from the attempt's start: earlier, so still safe.
+                    let sent = answer.left.unwrap_or(started);
+                    // How long the request waited inside the client (for a stream or a
+                    // connection, or for the runtime) before it left.
+                    let queued = sent.saturating_duration_since(started);
+                    tracing::debug!(
+                        endpoint = %endpoint.base,
+                        status = answer.status.as_u16(),
+                        queued_us = queued.as_micros() as u64,
+                        "lock server answered"
+                    );
                     return Ok(Reply {
                         status: answer.status,
                         body: answer.body,
@@ -365,12 +379,13 @@ impl Transport {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Answer, Failed> {
+        let (body, left) = StampedBody::new(body);
         let mut request = Request::builder()
             .method(method)
             .uri(uri)
             .header(header::AUTHORIZATION, self.auth.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
+            .body(body)
             .map_err(|e| Failed::Retry(e.to_string()))?;
         let connection = capture_connection(&mut request);
         let exchange = async {
@@ -391,6 +406,7 @@ impl Transport {
                 status,
                 body,
                 retry_after,
+                left: left.get().copied(),
             })
         };
         match tokio::time::timeout(timeout, exchange).await {
@@ -412,6 +428,8 @@ struct Answer {
     status: StatusCode,
     body: Bytes,
     retry_after: Option<Duration>,
+    /// When the request's body was first read: when it left the client.
+    left: Option<Instant>,
 }
 
 fn retryable(status: StatusCode) -> bool {
