@@ -285,11 +285,8 @@ impl Held {
         let mut state = guard.state.clone();
         // The renewer answers by publishing a new deadline (renewed) or `None` (lost); its
         // end (the runtime went away) leaves the lease unconfirmed.
-        while state.changed().await.is_ok() {
-            match *state.borrow_and_update() {
-                Some(_) => break,
-                None => return None,
-            }
+        if state.changed().await.is_err() || state.borrow_and_update().is_none() {
+            return None;
         }
         // Renewed, but the answer may itself have come late: held means held now.
         guard.is_held().then_some(guard)
