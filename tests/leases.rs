@@ -289,10 +289,11 @@ async fn with_lock_drops_the_closure_when_the_lease_is_lost(backend: Backend) {
 
 async fn dropping_the_guard_hands_the_lock_over_promptly(backend: Backend) {
     let server = TestServer::start_on(backend).await;
+    let lease = Duration::from_secs(60);
     let guard = server
         .client("p")
         .lock("drop")
-        .expires_in(Duration::from_secs(60))
+        .expires_in(lease)
         .await
         .unwrap();
     let dl = server.client("p");
@@ -303,13 +304,9 @@ async fn dropping_the_guard_hands_the_lock_over_promptly(backend: Backend) {
     .await;
     let dropped = Instant::now();
     drop(guard);
-    let (next, granted) = within(BOUND, waiter).await.unwrap().unwrap();
-    // Milliseconds, not the 60 s lease.
-    assert!(
-        granted - dropped < Duration::from_secs(1),
-        "{:?}",
-        granted - dropped
-    );
+    let (next, granted) = within(lease, waiter).await.unwrap().unwrap();
+    // Handed over by the release, not by the lease's expiry (nor by a 20 s re-poll).
+    assert!(granted - dropped < lease / 10, "{:?}", granted - dropped);
     assert!(next.is_held());
 }
 

@@ -136,6 +136,11 @@ struct Args {
     #[arg(long, env = "LEASEHOLD_MAX_BODY", default_value_t = 1 << 20)]
     max_body_bytes: usize,
 
+    /// Most bytes of request bodies held in memory at once while they are read; each project
+    /// may use a quarter. Bodies beyond it are refused with 503 and Retry-After.
+    #[arg(long, env = "LEASEHOLD_BODY_BUDGET", default_value_t = 256 << 20)]
+    body_budget: usize,
+
     /// Most open client connections.
     #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
@@ -217,6 +222,7 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
         .max_poll(args.max_poll)
         .max_waiters_per_lock(args.max_waiters_per_lock)
         .max_body_bytes(args.max_body_bytes)
+        .body_budget(args.body_budget)
         .max_connections(args.max_connections)
         .header_read_timeout(args.header_read_timeout)
         .idle_timeout(args.idle_timeout)

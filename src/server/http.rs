@@ -5,6 +5,7 @@ use crate::protocol::{
     ReleaseResponse, RenewRequest, RenewResponse, RenewResult, StillWaiting, WireHolder, codes,
 };
 use crate::server::auth::{Auth, Caller, Refusal};
+use crate::server::budget::{BodyBudget, Exhausted};
 use crate::server::metrics::{Metrics, RequestLabels};
 use crate::server::store::{
     AcquireOutcome, AcquireSpec, HolderView, LockStore, Release, StoreError,
@@ -29,6 +30,8 @@ pub(crate) struct Limits {
     pub max_poll: Duration,
     /// Time a client has to send a request body once its header is in.
     pub body_read_timeout: Duration,
+    /// Most bytes of request bodies held in memory at once (a quarter of it per project).
+    pub body_budget: usize,
 }
 
 /// Everything a request handler needs.
@@ -37,6 +40,8 @@ pub(crate) struct App {
     pub auth: Auth,
     pub metrics: Metrics,
     pub limits: Limits,
+    /// What request bodies being read may hold in memory.
+    pub body_budget: BodyBudget,
     /// Flips to true when the server starts shutting down: long polls answer 503 at once.
     pub stopping: watch::Receiver<bool>,
 }
@@ -255,10 +260,22 @@ impl App {
             self.rate_limit(&caller)?;
         }
         match route {
-            Route::Acquire => self.acquire(&caller, self.body(request).await?).await,
-            Route::Renew => self.renew(&caller, self.body(request).await?).await,
-            Route::Release => self.release(&caller, self.body(request).await?).await,
-            Route::Cancel => self.cancel(&caller, self.body(request).await?).await,
+            Route::Acquire => {
+                self.acquire(&caller, self.body(&caller, request).await?)
+                    .await
+            }
+            Route::Renew => {
+                self.renew(&caller, self.body(&caller, request).await?)
+                    .await
+            }
+            Route::Release => {
+                self.release(&caller, self.body(&caller, request).await?)
+                    .await
+            }
+            Route::Cancel => {
+                self.cancel(&caller, self.body(&caller, request).await?)
+                    .await
+            }
             _ => {
                 let encoded = &request.uri().path()[protocol::PATH_LOCKS_PREFIX.len()..];
                 self.inspect(&caller, encoded).await
@@ -319,8 +336,13 @@ impl App {
         })
     }
 
-    /// Reads and parses a JSON body, within the size limit.
-    async fn body<T: DeserializeOwned>(&self, request: Request<Incoming>) -> Result<T, Failure> {
+    /// Reads and parses a JSON body, within the size limit and the budget for bodies held
+    /// in memory (see `budget.rs`).
+    async fn body<T: DeserializeOwned>(
+        &self,
+        caller: &Caller,
+        request: Request<Incoming>,
+    ) -> Result<T, Failure> {
         let limit = self.limits.max_body_bytes;
         let too_large = || {
             Failure::new(
@@ -337,8 +359,27 @@ impl App {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
-        let collect = Limited::new(request.into_body(), limit).collect();
-        let bytes = tokio::time::timeout(self.limits.body_read_timeout, collect)
+        let mut reservation = self.body_budget.reserve(caller.project.id);
+        if let Some(declared) = declared {
+            // Refused before a byte is read: the body may not fit even when complete.
+            reservation
+                .grow_to(declared as usize)
+                .map_err(over_budget)?;
+        }
+        let read = async {
+            let mut body = Limited::new(request.into_body(), limit);
+            let mut bytes = Vec::new();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    reservation
+                        .grow_to(bytes.len() + data.len())
+                        .map_err(|e| Box::new(BudgetRefusal(e)) as BoxError)?;
+                    bytes.extend_from_slice(&data);
+                }
+            }
+            Ok::<_, BoxError>(bytes)
+        };
+        let bytes = tokio::time::timeout(self.limits.body_read_timeout, read)
             .await
             .map_err(|_| {
                 Failure::new(
@@ -350,11 +391,12 @@ impl App {
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     too_large()
+                } else if let Some(refusal) = e.downcast_ref::<BudgetRefusal>() {
+                    over_budget(refusal.0)
                 } else {
                     bad(format!("could not read the request body: {e}"))
                 }
-            })?
-            .to_bytes();
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON body: {e}")))
     }
 
@@ -566,5 +608,38 @@ mod tests {
         assert_eq!(percent_decode("%4"), None);
         assert_eq!(percent_decode("%FF"), None);
         assert_eq!(percent_decode("%+1"), None);
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body that did not fit in the budget, as an error of the body stream.
+#[derive(Debug)]
+struct BudgetRefusal(Exhausted);
+
+impl std::fmt::Display for BudgetRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl std::error::Error for BudgetRefusal {}
+
+/// `503` with `Retry-After`: the bodies being read use up a budget; retrying soon works once
+/// they are in.
+fn over_budget(exhausted: Exhausted) -> Failure {
+    let message = match exhausted {
+        Exhausted::Project(bytes) => format!(
+            "this project's requests being read already hold its share of the server's \
+             memory for request bodies; {bytes} more bytes do not fit, retry shortly"
+        ),
+        Exhausted::Server(bytes) => format!(
+            "the requests being read already hold the server's memory for request bodies; \
+             {bytes} more bytes do not fit, retry shortly"
+        ),
+    };
+    Failure {
+        retry_after: Some(Duration::from_secs(1)),
+        ..Failure::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, message)
     }
 }

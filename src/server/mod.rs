@@ -16,6 +16,7 @@
 //! ```
 
 mod auth;
+mod budget;
 mod connection;
 mod http;
 mod metrics;
@@ -85,6 +86,7 @@ impl Server {
                 max_lease: Duration::from_secs(3600),
                 max_poll: Duration::from_secs(20),
                 body_read_timeout: Duration::from_secs(10),
+                body_budget: 256 << 20,
             },
             conn: ConnLimits::default(),
             key_file: None,
@@ -297,6 +299,15 @@ impl ServerBuilder {
         self
     }
 
+    /// Most bytes of request bodies held in memory at once while they are read (default
+    /// 256 MiB), and a quarter of that for each project. A body that does not fit is refused
+    /// with `503` and `Retry-After: 1` (the SDK retries), so slow senders cannot pin the
+    /// server's memory, and one project cannot take the whole budget.
+    pub fn body_budget(mut self, bytes: usize) -> ServerBuilder {
+        self.limits.body_budget = bytes;
+        self
+    }
+
     /// Largest request body (default 1 MiB); larger ones get `413`.
     pub fn max_body_bytes(mut self, bytes: usize) -> ServerBuilder {
         self.limits.max_body_bytes = bytes;
@@ -394,6 +405,13 @@ impl ServerBuilder {
                 "max_connections and max_body_bytes must be above 0",
             ));
         }
+        if self.limits.body_budget / 4 < self.limits.max_body_bytes {
+            return Err(Error::invalid(format!(
+                "body_budget ({} bytes) must hold at least four bodies of max_body_bytes ({} \
+                 bytes): each project may use a quarter of it",
+                self.limits.body_budget, self.limits.max_body_bytes
+            )));
+        }
         Ok(())
     }
 
@@ -474,6 +492,7 @@ impl ServerBuilder {
             store: store.clone(),
             auth,
             metrics: Metrics::new(store, store_metrics),
+            body_budget: budget::BodyBudget::new(self.limits.body_budget),
             limits: self.limits,
             stopping: stopping.clone(),
         });
