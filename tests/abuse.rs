@@ -44,10 +44,30 @@ impl Proc {
     async fn start(args: &[&str]) -> Proc {
         // LEASEHOLD_ABUSE_SERVER_BIN runs the attacks against another build (such as the
         // one before a fix), to see them fail there.
-        let bin = std::env::var("LEASEHOLD_ABUSE_SERVER_BIN").unwrap_or(SERVER_BIN.into());
-        let mut child = Command::new(bin)
+        // Flags that build may not know are left out then.
+        let other = std::env::var("LEASEHOLD_ABUSE_SERVER_BIN").ok();
+        let mut kept = Vec::new();
+        let mut skip = false;
+        for arg in args {
+            if std::mem::take(&mut skip) {
+                continue;
+            }
+            if other.is_some()
+                && [
+                    "--write-timeout",
+                    "--drain-timeout",
+                    "--max-connections-per-ip",
+                ]
+                .contains(arg)
+            {
+                skip = true;
+                continue;
+            }
+            kept.push(*arg);
+        }
+        let mut child = Command::new(other.unwrap_or(SERVER_BIN.into()))
             .args(["--listen", "127.0.0.1:0", "--no-state-file"])
-            .args(args)
+            .args(kept)
             // RUST_LOG names no library: the server's defaults keep them quiet.
             .env(
                 "RUST_LOG",
@@ -229,11 +249,13 @@ fn p99(mut samples: Vec<Duration>) -> Duration {
 /// response for the write timeout: memory stays bounded and the connection ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_client_that_never_opens_its_window_is_cut_off() {
+    // One at a time: latency and memory are measured against a baseline.
+    let _alone = support::heavy().await;
     let write_timeout = Duration::from_secs(3);
     let server = Proc::start(&["--write-timeout", "3s"]).await;
     let baseline: Vec<Duration> = {
         let mut v = Vec::new();
-        for n in 0..40 {
+        for n in 0..200 {
             v.push(legit_round(server.addr, n).await);
         }
         v
@@ -261,10 +283,6 @@ async fn an_h2_client_that_never_opens_its_window_is_cut_off() {
     let first = within(BOUND, first).await.unwrap();
     assert_eq!(first.status(), 200);
     let max_streams = send.current_max_send_streams();
-    assert!(
-        max_streams <= 2048,
-        "the server allows {max_streams} streams"
-    );
     let opener = tokio::spawn(async move {
         let mut pending = vec![];
         // Up to the server's limit: beyond it, h2 refuses streams and soon sends GOAWAY
@@ -292,27 +310,34 @@ async fn an_h2_client_that_never_opens_its_window_is_cut_off() {
     let mut rss_peak = server.rss_kib();
     let mut during = Vec::new();
     let mut n = 1000;
-    while !driver.is_finished() && attack_started.elapsed() < write_timeout * 20 {
+    // Closed once no response went through for the write timeout (plus scheduling).
+    while !driver.is_finished() && attack_started.elapsed() < write_timeout * 10 {
         during.push(legit_round(server.addr, n).await);
         rss_peak = rss_peak.max(server.rss_kib());
         n += 1;
     }
-    let closed_at = within(write_timeout * 20, driver).await.unwrap();
-    drop(pending);
-    let lasted = closed_at - attack_started;
+    let lasted = attack_started.elapsed();
     let grew_mib = rss_peak.saturating_sub(rss_before) / 1024;
     println!(
-        "attacker opened {opened} streams; connection closed after {lasted:?}; RSS grew \
-         {grew_mib} MiB (from {rss_before} KiB); legit p99 {:?} during vs {:?} before",
+        "attacker opened {opened} streams (server limit {max_streams}); connection open for \
+         {lasted:?} (closed: {}); RSS grew {grew_mib} MiB (from {rss_before} KiB); legit p99 \
+         {:?} during vs {:?} before",
+        driver.is_finished(),
         p99(during.clone()),
         p99(baseline.clone())
     );
+    assert!(
+        max_streams <= 2048,
+        "the server allows {max_streams} streams"
+    );
     assert!(opened < max_streams, "{opened} streams opened");
-    // Closed once no response went through for the write timeout (plus scheduling).
-    assert!(lasted < write_timeout * 10, "{lasted:?}");
-    assert!(grew_mib < 64, "RSS grew {grew_mib} MiB");
+    assert!(driver.is_finished(), "still open after {lasted:?}");
+    drop(pending);
+    // 2,048 stuck streams cost about 20 MiB.
+    assert!(grew_mib < 40, "RSS grew {grew_mib} MiB");
     if !during.is_empty() {
         assert!(
+            // Plus a few scheduler ticks: the machine is shared.
             p99(during.clone()) <= p99(baseline.clone()) * 3 + Duration::from_millis(20),
             "legit p99 {:?} during vs {:?} before",
             p99(during),
@@ -328,6 +353,8 @@ async fn an_h2_client_that_never_opens_its_window_is_cut_off() {
 /// write timeout (its socket buffers fill first).
 #[tokio::test]
 async fn an_http1_client_that_never_reads_is_cut_off() {
+    // One at a time: latency and memory are measured against a baseline.
+    let _alone = support::heavy().await;
     let write_timeout = Duration::from_secs(1);
     let server = Proc::start(&["--write-timeout", "1s"]).await;
     let mut tcp = connect_from(ATTACKER, server.addr).await.unwrap();
@@ -344,6 +371,10 @@ async fn an_http1_client_that_never_reads_is_cut_off() {
     })
     .await;
     assert!(outcome.is_ok(), "still open after {:?}", started.elapsed());
+    println!(
+        "the non-reading client was cut off after {:?}",
+        started.elapsed()
+    );
     legit_round(server.addr, 1).await;
     server.stop().await;
 }
@@ -354,6 +385,8 @@ async fn an_http1_client_that_never_reads_is_cut_off() {
 /// throughout (the global cap is below the attacker's connection count).
 #[tokio::test]
 async fn silent_connections_are_closed_and_do_not_lock_others_out() {
+    // One at a time: latency and memory are measured against a baseline.
+    let _alone = support::heavy().await;
     let header_timeout = Duration::from_secs(1);
     let server = Proc::start(&[
         "--header-read-timeout",
@@ -385,9 +418,60 @@ async fn silent_connections_are_closed_and_do_not_lock_others_out() {
         );
     }
     legit_round(server.addr, 2).await;
-    let log = server.stop().await;
     // The refusals were logged a few times, not once each.
-    assert!(log < 64 * 1024, "{log} bytes of log");
+    let refusals = server
+        .log
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("connection refused"))
+        .count();
+    assert!((1..=20).contains(&refusals), "{refusals} refusals logged");
+    server.stop().await;
+}
+
+/// After GOAWAY: a client that takes one byte of its response and then nothing (its window
+/// stays shut) keeps the stream, and so the connection, from finishing after the idle
+/// timeout's GOAWAY; the drain timeout cuts it.
+#[tokio::test]
+async fn a_connection_asked_to_close_is_cut_after_the_drain_timeout() {
+    // One at a time: latency and memory are measured against a baseline.
+    let _alone = support::heavy().await;
+    let (idle, drain) = (Duration::from_secs(1), Duration::from_secs(1));
+    let server = Proc::start(&[
+        "--idle-timeout",
+        "1s",
+        "--drain-timeout",
+        "1s",
+        // Longer than the test: not what ends this connection.
+        "--write-timeout",
+        "120s",
+    ])
+    .await;
+    let tcp = connect_from(ATTACKER, server.addr).await.unwrap();
+    let (mut send, connection) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+        Instant::now()
+    });
+    let request = http::Request::get("http://t/metrics").body(()).unwrap();
+    let (response, _) = send.send_request(request, true).unwrap();
+    // The header comes; the body is never read, so the window is never opened again.
+    let response = within(BOUND, response).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let closed = within((idle + drain) * 10, driver).await.unwrap();
+    let lasted = closed - started;
+    println!("connection closed after {lasted:?}");
+    assert!(lasted >= idle, "{lasted:?}");
+    drop(response);
+    legit_round(server.addr, 1).await;
+    server.stop().await;
 }
 
 /// HTTP/2 frame header: length, type, flags, stream 0.
@@ -404,6 +488,8 @@ fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
 /// stays small.
 #[tokio::test]
 async fn unsolicited_ping_acks_do_not_flood_the_log() {
+    // One at a time: latency and memory are measured against a baseline.
+    let _alone = support::heavy().await;
     // A header timeout longer than the test: the flood connection sends no request.
     let server = Proc::start(&["--header-read-timeout", "120s"]).await;
     let before = server.log.bytes.load(Ordering::Relaxed);
@@ -487,6 +573,8 @@ impl Drop for KeyFile {
 /// reload of unchanged keys does not refill their rate-limit buckets.
 #[tokio::test]
 async fn a_truncated_or_touched_key_file_changes_nothing() {
+    // One at a time: latency and memory are measured against a baseline.
+    let _alone = support::heavy().await;
     let (limited, limited_line) = leasehold::server::new_key("limited");
     let (free, free_line) = leasehold::server::new_key("free");
     let file = KeyFile::new("keys");
@@ -572,6 +660,8 @@ async fn a_truncated_or_touched_key_file_changes_nothing() {
 /// refused by the server (400, saying why) and by the SDK before sending anything.
 #[tokio::test]
 async fn names_and_labels_with_bidi_or_invisible_characters_are_refused() {
+    // One at a time: latency and memory are measured against a baseline.
+    let _alone = support::heavy().await;
     let server = Proc::start(&[]).await;
     let auth = ("authorization", "Bearer p");
     let id = "0123456789abcdef0123456789abcdef";
@@ -634,6 +724,8 @@ async fn names_and_labels_with_bidi_or_invisible_characters_are_refused() {
 /// the main address then answers it with 404.
 #[tokio::test]
 async fn metrics_can_move_to_their_own_address() {
+    // One at a time: latency and memory are measured against a baseline.
+    let _alone = support::heavy().await;
     let server = Proc::start(&["--metrics-listen", "127.0.0.1:0"]).await;
     let line = server
         .wait_log("the metrics address", |l| {

@@ -58,7 +58,10 @@ struct Args {
     metrics_listen: Option<String>,
 
     /// Projects and API keys (TOML). Without it: open development mode, any key accepted.
-    /// Re-read when it changes, and on SIGHUP.
+    /// Re-read when it changes (once it has stopped changing), and on SIGHUP. Replace it
+    /// atomically (write a new file, then rename it over this one): a version that does
+    /// not parse, or has no keys while the one in use has some, is refused with a warning
+    /// and the keys in use stay.
     #[arg(long, env = "LEASEHOLD_KEY_FILE")]
     key_file: Option<PathBuf>,
 
@@ -163,6 +166,11 @@ struct Args {
     /// Close connections with no request in flight for this long.
     #[arg(long, env = "LEASEHOLD_IDLE_TIMEOUT", default_value = "60s", value_parser = duration::parse)]
     idle_timeout: Duration,
+
+    /// How long a shutdown waits for requests in progress, and how long a connection asked
+    /// to close (HTTP/2 GOAWAY after the idle timeout) may take to finish before it is cut.
+    #[arg(long, env = "LEASEHOLD_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
+    drain_timeout: Duration,
 
     /// Time a client has to complete the TLS handshake.
     #[arg(long, env = "LEASEHOLD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
@@ -272,6 +280,7 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
         .bind(&args.listen)
         .max_connections_per_ip(args.max_connections_per_ip)
         .write_timeout(args.write_timeout)
+        .drain_timeout(args.drain_timeout)
         .max_lease(args.max_lease)
         .max_poll(args.max_poll)
         .max_waiters_per_lock(args.max_waiters_per_lock)
