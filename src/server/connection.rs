@@ -721,3 +721,36 @@ impl LogLimit {
         Some(suppressed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_of_one_kind_are_limited_and_counted() {
+        let limit = LogLimit::new();
+        for _ in 0..10 {
+            assert_eq!(limit.allow(), Some(0));
+        }
+        for _ in 0..1000 {
+            assert_eq!(limit.allow(), None);
+        }
+        // A second later one more gets through, saying how many were dropped.
+        limit.state.lock().unwrap().at = Some(std::time::Instant::now() - Duration::from_secs(1));
+        assert_eq!(limit.allow(), Some(1000));
+        assert_eq!(limit.allow(), None);
+    }
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_slash_64s() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(source_key(v4), v4);
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(source_key(mapped), v4);
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+    }
+}
