@@ -42,7 +42,55 @@ pub fn validate_name(name: &str) -> Result<(), String> {
             c as u32
         ));
     }
+    if let Some(c) = name.chars().find(|&c| is_bidi_control(c)) {
+        return Err(format!(
+            "lock name contains the bidirectional control character U+{:04X}, which can make \
+             text display differently from what it is",
+            c as u32
+        ));
+    }
+    if let Some(c) = name.chars().find(|&c| is_default_ignorable(c)) {
+        return Err(format!(
+            "lock name contains the invisible character U+{:04X} (a default-ignorable code \
+             point such as a zero-width space), which can make two different names look alike",
+            c as u32
+        ));
+    }
     Ok(())
+}
+
+/// The Unicode bidirectional formatting characters: the Arabic letter mark, the left-to-right
+/// and right-to-left marks, embeddings, overrides and isolates.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// Unicode's default-ignorable code points (DerivedCoreProperties.txt): characters that
+/// display as nothing, such as zero-width spaces and joiners, variation selectors and tags.
+fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 /// `POST /v1/acquire` request body.
@@ -229,6 +277,64 @@ mod tests {
         assert!(validate_name("a\0b").is_err());
         assert!(validate_name(&"x".repeat(MAX_NAME_BYTES)).is_ok());
         assert!(validate_name(&"x".repeat(MAX_NAME_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn bidi_controls_and_invisible_characters_are_refused() {
+        for c in [
+            '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}',
+        ] {
+            let err = validate_name(&format!("a{c}b")).unwrap_err();
+            assert!(err.contains("bidirectional"), "U+{:04X}: {err}", c as u32);
+        }
+        for c in [
+            '\u{00AD}',
+            '\u{034F}',
+            '\u{115F}',
+            '\u{1160}',
+            '\u{17B4}',
+            '\u{180B}',
+            '\u{180F}',
+            '\u{200B}',
+            '\u{200C}',
+            '\u{200D}',
+            '\u{2060}',
+            '\u{206F}',
+            '\u{3164}',
+            '\u{FE00}',
+            '\u{FE0F}',
+            '\u{FEFF}',
+            '\u{FFA0}',
+            '\u{FFF0}',
+            '\u{FFF8}',
+            '\u{1BCA0}',
+            '\u{1BCA3}',
+            '\u{1D173}',
+            '\u{1D17A}',
+            '\u{E0000}',
+            '\u{E0001}',
+            '\u{E0FFF}',
+        ] {
+            let err = validate_name(&format!("a{c}b")).unwrap_err();
+            assert!(err.contains(&format!("U+{:04X}", c as u32)), "{err}");
+        }
+        // Visible non-ASCII text stays valid: accents, scripts written right to left, emoji
+        // (a lone emoji; sequences with a zero-width joiner are refused), and the code
+        // points just outside the refused ranges.
+        for ok in [
+            "café",
+            "שלום",
+            "مرحبا",
+            "日本語",
+            "😀",
+            "\u{2010}",
+            "\u{202F}",
+            "\u{2070}",
+            "\u{FFF9}",
+            "\u{E1000}",
+        ] {
+            assert!(validate_name(ok).is_ok(), "{ok:?}");
+        }
     }
 
     #[test]

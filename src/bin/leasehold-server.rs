@@ -51,8 +51,18 @@ struct Args {
     #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:7878")]
     listen: String,
 
+    /// Serve /metrics (and /healthz) on this address of its own, in plain HTTP, such as a
+    /// private interface; the main address then answers /metrics with 404. Without it,
+    /// /metrics is on the main address, needs no API key, and shows every project's
+    /// activity counts: firewall it or move it here.
+    #[arg(long, env = "LEASEHOLD_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+
     /// Projects and API keys (TOML). Without it: open development mode, any key accepted.
-    /// Re-read when it changes, and on SIGHUP.
+    /// Re-read when it changes (once it has stopped changing), and on SIGHUP. Replace it
+    /// atomically (write a new file, then rename it over this one): a version that does
+    /// not parse, or has no keys while the one in use has some, is refused with a warning
+    /// and the keys in use stay.
     #[arg(long, env = "LEASEHOLD_KEY_FILE")]
     key_file: Option<PathBuf>,
 
@@ -145,13 +155,30 @@ struct Args {
     #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
 
-    /// Time a client has to send a request header (slowloris protection).
+    /// Most open connections from one source address (an IPv6 address counts by its /64),
+    /// so that one client cannot take them all. 0: no per-address cap (behind a proxy or
+    /// load balancer that connects from one address).
+    #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    max_connections_per_ip: usize,
+
+    /// Close a connection whose client takes none of its responses for this long (it
+    /// stopped reading, or keeps its HTTP/2 flow-control window at zero).
+    #[arg(long, env = "LEASEHOLD_WRITE_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
+    write_timeout: Duration,
+
+    /// Time a client has to send a request header (slowloris protection); a new
+    /// connection's first one is due this long after accept, TLS handshake included.
     #[arg(long, env = "LEASEHOLD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     header_read_timeout: Duration,
 
     /// Close connections with no request in flight for this long.
     #[arg(long, env = "LEASEHOLD_IDLE_TIMEOUT", default_value = "60s", value_parser = duration::parse)]
     idle_timeout: Duration,
+
+    /// How long a shutdown waits for requests in progress, and how long a connection asked
+    /// to close (HTTP/2 GOAWAY after the idle timeout) may take to finish before it is cut.
+    #[arg(long, env = "LEASEHOLD_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
+    drain_timeout: Duration,
 
     /// Time a client has to complete the TLS handshake.
     #[arg(long, env = "LEASEHOLD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
@@ -175,11 +202,52 @@ enum Backend {
     Etcd,
 }
 
+/// Libraries whose log lines a client can provoke (the h2 crate logs a warning for every
+/// unsolicited PING acknowledgement): at `error` unless RUST_LOG names them.
+const QUIET_TARGETS: [&str; 7] = [
+    "h2",
+    "h2::proto",
+    "hyper",
+    "hyper_util",
+    "rustls",
+    "tonic",
+    "tower",
+];
+
+/// The log filter: RUST_LOG (default `info`), plus `error` for each of [`QUIET_TARGETS`]
+/// that RUST_LOG does not name (itself or a parent module).
+fn log_filter(rust_log: Option<&str>) -> String {
+    let base = rust_log
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    let named: Vec<&str> = base
+        .split(',')
+        .filter_map(|directive| directive.split(['=', '[']).next())
+        .map(str::trim)
+        .filter(|target| !target.is_empty())
+        .collect();
+    let mut filter = base.to_owned();
+    for target in QUIET_TARGETS {
+        let mentioned = named.iter().any(|n| {
+            target == *n
+                || target
+                    .strip_prefix(n)
+                    .is_some_and(|rest| rest.starts_with("::"))
+        });
+        if !mentioned {
+            filter.push_str(&format!(",{target}=error"));
+        }
+    }
+    filter
+}
+
 fn main() -> ExitCode {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(rust_log.as_deref()))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(None)));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -218,6 +286,9 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), leasehold::Error> {
     let mut builder = Server::builder()
         .bind(&args.listen)
+        .max_connections_per_ip(args.max_connections_per_ip)
+        .write_timeout(args.write_timeout)
+        .drain_timeout(args.drain_timeout)
         .max_lease(args.max_lease)
         .max_poll(args.max_poll)
         .max_waiters_per_lock(args.max_waiters_per_lock)
@@ -227,6 +298,9 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
         .header_read_timeout(args.header_read_timeout)
         .idle_timeout(args.idle_timeout)
         .handshake_timeout(args.handshake_timeout);
+    if let Some(addr) = &args.metrics_listen {
+        builder = builder.metrics_bind(addr);
+    }
     if let Some(path) = &args.event_log {
         builder = builder.event_log(path);
     }
@@ -251,12 +325,15 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
             "OPEN DEVELOPMENT MODE: no key file is configured, so any API key is accepted and each distinct key is its own project. Use --key-file in production."
         );
     }
+    if let Some(addr) = server.metrics_addr() {
+        tracing::info!("serving /metrics on http://{addr}/metrics");
+    }
     tracing::info!("listening on {}", server.url());
     while let Signal::Reload = next_signal().await {
         match server.reload_keys() {
             Ok(keys) => tracing::info!(keys, "SIGHUP: key file reloaded"),
             Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: key file invalid; keeping the keys in use")
+                tracing::warn!(error = %e, "SIGHUP: key file refused; keeping the keys in use")
             }
         }
     }
@@ -402,5 +479,29 @@ async fn next_signal() -> Signal {
         _ = term.recv() => Signal::Stop,
         _ = tokio::signal::ctrl_c() => Signal::Stop,
         _ = hup.recv() => Signal::Reload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn libraries_are_quiet_unless_rust_log_names_them() {
+        assert_eq!(
+            log_filter(None),
+            "info,h2=error,h2::proto=error,hyper=error,hyper_util=error,rustls=error,\
+             tonic=error,tower=error"
+        );
+        let filter = log_filter(Some("debug,h2=trace,leasehold=info"));
+        assert!(
+            filter.starts_with("debug,h2=trace,leasehold=info,"),
+            "{filter}"
+        );
+        assert!(!filter.contains("h2=error") && !filter.contains("h2::proto=error"));
+        assert!(filter.contains("hyper=error") && filter.contains("hyper_util=error"));
+        let filter = log_filter(Some("h2::proto=debug"));
+        assert!(filter.contains(",h2=error") && !filter.contains("h2::proto=error"));
+        assert!(log_filter(Some("  ")).starts_with("info,"));
     }
 }

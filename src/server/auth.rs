@@ -7,6 +7,11 @@
 //!   an unknown key and a wrong secret look the same from outside.
 //!
 //! Keys themselves are never stored or logged; logs name the key id at most.
+//!
+//! Reloads are careful: a changed file is loaded only once it has stopped changing (same
+//! modification time and size at two checks in a row); a version that does not parse, or
+//! that has no keys when the one in use has some (truncated or emptied mid-edit), is
+//! refused and the keys in use stay; keys that did not change keep their rate limiter.
 
 use crate::error::Error;
 use crate::server::store::{Project, ProjectId, Quota};
@@ -60,8 +65,10 @@ enum Mode {
     File {
         path: PathBuf,
         keys: RwLock<Arc<KeyTable>>,
-        /// Modification time and length of the file last loaded.
-        loaded: Mutex<Option<(SystemTime, u64)>>,
+        /// Modification time and length of the file version last loaded or refused.
+        loaded: Mutex<Option<Stamp>>,
+        /// A changed version seen at the last check, not loaded until it stays the same.
+        settling: Mutex<Option<Stamp>>,
     },
 }
 
@@ -74,7 +81,12 @@ struct KeyTable {
 struct KeyEntry {
     digest: [u8; 32],
     caller: Caller,
+    /// The project's rate limit (requests per second, burst), if any.
+    limit: Option<(f64, f64)>,
 }
+
+/// A file's modification time and length.
+type Stamp = (SystemTime, u64);
 
 /// A token bucket: `rate` requests per second, bursts up to `burst`.
 #[derive(Debug)]
@@ -157,6 +169,7 @@ impl Auth {
                 path: path.to_owned(),
                 keys: RwLock::new(Arc::default()),
                 loaded: Mutex::new(None),
+                settling: Mutex::new(None),
             },
             ids: Mutex::new(HashMap::new()),
         };
@@ -168,9 +181,13 @@ impl Auth {
         matches!(self.mode, Mode::Open(_))
     }
 
-    /// Re-reads the key file. On error the keys in use stay as they were.
+    /// Re-reads the key file. On error (unreadable, invalid, or without keys when the keys
+    /// in use have some) the keys in use stay as they were.
     pub fn reload(&self) -> Result<usize, Error> {
-        let Mode::File { path, keys, loaded } = &self.mode else {
+        let Mode::File {
+            path, keys, loaded, ..
+        } = &self.mode
+        else {
             return Ok(0);
         };
         let stamp = file_stamp(path);
@@ -178,28 +195,66 @@ impl Auth {
             context: format!("cannot read key file {}", path.display()),
             source,
         })?;
+        let old = keys.read().unwrap_or_else(|p| p.into_inner()).clone();
         let table = self
-            .parse(&text)
+            .parse_over(&text, &old)
             .map_err(|e| Error::invalid(format!("key file {}: {e}", path.display())))?;
+        if table.by_id.is_empty() && !old.by_id.is_empty() {
+            return Err(Error::invalid(format!(
+                "key file {} has no keys, but {} are in use: refusing it as truncated or \
+                 emptied (replace the file atomically: write a new one, then rename it over \
+                 the old one)",
+                path.display(),
+                old.by_id.len()
+            )));
+        }
         let count = table.by_id.len();
         *keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
         *loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
         Ok(count)
     }
 
-    /// Reloads if the key file changed since it was last loaded (a cheap `stat`).
+    /// Reloads if the key file changed since it was last loaded (a cheap `stat`), once it
+    /// has stopped changing: the same modification time and size as at the previous check.
+    /// A refused version is not tried again until the file changes again.
     pub fn reload_if_changed(&self) -> Option<Result<usize, Error>> {
-        let Mode::File { path, loaded, .. } = &self.mode else {
+        let Mode::File {
+            path,
+            loaded,
+            settling,
+            ..
+        } = &self.mode
+        else {
             return None;
         };
-        let stamp = file_stamp(path);
-        if stamp.is_none() || *loaded.lock().unwrap_or_else(|p| p.into_inner()) == stamp {
+        let stamp = file_stamp(path)?;
+        if *loaded.lock().unwrap_or_else(|p| p.into_inner()) == Some(stamp) {
             return None;
         }
-        Some(self.reload())
+        {
+            let mut settling = settling.lock().unwrap_or_else(|p| p.into_inner());
+            if *settling != Some(stamp) {
+                // Changed since the last check: maybe still being written.
+                *settling = Some(stamp);
+                return None;
+            }
+            *settling = None;
+        }
+        let result = self.reload();
+        if result.is_err() {
+            *loaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(stamp);
+        }
+        Some(result)
     }
 
+    #[cfg(test)]
     fn parse(&self, text: &str) -> Result<KeyTable, String> {
+        self.parse_over(text, &KeyTable::default())
+    }
+
+    /// Parses a key file; keys that are in `old` unchanged (same id, digest, project and
+    /// rate limit) keep their rate limiter, so a reload does not refill their buckets.
+    fn parse_over(&self, text: &str, old: &KeyTable) -> Result<KeyTable, String> {
         let file: KeyFile = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut table = KeyTable::default();
         let mut names = std::collections::HashSet::new();
@@ -237,16 +292,33 @@ impl Auth {
                         key.id
                     ));
                 }
+                let kept = old.by_id.get(&key.id).filter(|e| {
+                    e.digest == digest
+                        && e.caller.project.name == project_ref.name
+                        && e.limit == limit
+                });
+                let bucket = match kept {
+                    Some(entry) => entry.caller.bucket.clone(),
+                    None => {
+                        limit.map(|(rate, burst)| Arc::new(Mutex::new(Bucket::new(rate, burst))))
+                    }
+                };
                 let caller = Caller {
                     project: project_ref.clone(),
                     quota,
-                    bucket: limit
-                        .map(|(rate, burst)| Arc::new(Mutex::new(Bucket::new(rate, burst)))),
+                    bucket,
                     key_id: Some(key.id.as_str().into()),
                 };
                 if table
                     .by_id
-                    .insert(key.id.clone(), KeyEntry { digest, caller })
+                    .insert(
+                        key.id.clone(),
+                        KeyEntry {
+                            digest,
+                            caller,
+                            limit,
+                        },
+                    )
                     .is_some()
                 {
                     return Err(format!("key id {:?} appears twice", key.id));
@@ -307,7 +379,7 @@ impl Auth {
     }
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+fn file_stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }
@@ -461,6 +533,51 @@ mod tests {
             let err = auth.parse(text).unwrap_err();
             assert!(err.contains(expected), "{err}");
         }
+    }
+
+    #[test]
+    fn reloads_wait_for_a_settled_file_refuse_emptied_ones_and_keep_buckets() {
+        let (key, line) = new_key("p");
+        let dir = std::env::temp_dir().join(format!("dl-keys-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        let text = format!(
+            "[[projects]]\nname = \"p\"\nrate_limit = 0.001\nburst = 1\nkeys = [\n  {line}\n]\n"
+        );
+        std::fs::write(&path, &text).unwrap();
+        let auth = Auth::from_file(&path).unwrap();
+        let bearer = [format!("Bearer {key}")];
+        let bearer = headers(&[bearer[0].as_str()]);
+        let take = |auth: &Auth| {
+            let caller = auth.caller(&bearer).unwrap();
+            caller.bucket.unwrap().lock().unwrap().take()
+        };
+        assert!(take(&auth).is_ok());
+        assert!(take(&auth).is_err());
+        // Emptied: seen changed, then settled, then refused; the key still works.
+        std::fs::write(&path, "").unwrap();
+        let mut outcome = None;
+        for _ in 0..3 {
+            if let Some(result) = auth.reload_if_changed() {
+                outcome = Some(result);
+                break;
+            }
+        }
+        let err = outcome.expect("reloaded once settled").unwrap_err();
+        assert!(err.to_string().contains("no keys"), "{err}");
+        assert!(auth.caller(&bearer).is_ok());
+        // Not tried again while it stays the same.
+        assert!(auth.reload_if_changed().is_none());
+        assert!(auth.reload_if_changed().is_none());
+        // The same keys again: the bucket is the one in use (still empty).
+        std::fs::write(&path, format!("{text}\n")).unwrap();
+        assert!(
+            auth.reload_if_changed().is_none(),
+            "loaded before it settled"
+        );
+        assert_eq!(auth.reload_if_changed().unwrap().unwrap(), 1);
+        assert!(take(&auth).is_err(), "the reload refilled the bucket");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

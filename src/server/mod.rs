@@ -27,7 +27,7 @@ mod tls;
 
 use crate::error::Error;
 use auth::Auth;
-use connection::ConnLimits;
+use connection::{ConnLimits, Role};
 use http::{App, Limits};
 use metrics::{Metrics, StoreMetrics};
 use std::fmt;
@@ -42,13 +42,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use auth::new_key;
-pub use connection::{AcceptFuture, Listener};
+pub use connection::{AcceptFromFuture, AcceptFuture, Listener};
 pub use state_dir::default_state_file;
 
 /// Configures and starts a [`Server`].
 #[must_use = "a builder does nothing until start() is awaited"]
 pub struct ServerBuilder {
     bind: String,
+    metrics_bind: Option<String>,
     memory: MemoryConfig,
     limits: Limits,
     conn: ConnLimits,
@@ -67,6 +68,8 @@ pub struct ServerBuilder {
 /// [`Server::shutdown`].
 pub struct Server {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<JoinHandle<()>>,
     tls: bool,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
@@ -79,6 +82,7 @@ impl Server {
     pub fn builder() -> ServerBuilder {
         ServerBuilder {
             bind: "127.0.0.1:7878".into(),
+            metrics_bind: None,
             memory: MemoryConfig::default(),
             limits: Limits {
                 max_body_bytes: 1 << 20,
@@ -104,6 +108,12 @@ impl Server {
     /// The address the server listens on (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address `/metrics` is served on when it has a listener of its own
+    /// ([`ServerBuilder::metrics_bind`]), with the real port when bound to port 0.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The base URL to give the SDK, such as `http://127.0.0.1:40123` (`https` with TLS).
@@ -132,6 +142,9 @@ impl Server {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        if let Some(task) = self.metrics_task.take() {
+            let _ = task.await;
+        }
         if let Err(e) = self.app.store.shutdown().await {
             tracing::error!(error = %e, "store shutdown failed");
         }
@@ -156,6 +169,7 @@ impl fmt::Debug for ServerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerBuilder")
             .field("bind", &self.bind)
+            .field("metrics_bind", &self.metrics_bind)
             .field("key_file", &self.key_file)
             .field("tls", &self.tls)
             .field("custom_listener", &self.listener.is_some())
@@ -177,8 +191,29 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves `/metrics` (and `/healthz`) on a listener of its own at this address, such as
+    /// `10.0.0.5:9100` on a private network, like etcd's `--listen-metrics-urls`; the main
+    /// address then answers `/metrics` with `404`. Without it (the default, as before),
+    /// `/metrics` is served on the main address, where it needs no API key and shows every
+    /// project's activity counts: firewall it, or move it here. The metrics listener
+    /// speaks plain HTTP (no TLS), with the same connection limits as the main one.
+    pub fn metrics_bind(mut self, addr: impl Into<String>) -> ServerBuilder {
+        self.metrics_bind = Some(addr.into());
+        self
+    }
+
     /// Serves the projects and API keys of this key file (TOML) instead of open development
-    /// mode. The file is re-read when it changes. See the README for its format.
+    /// mode. See the README for its format.
+    ///
+    /// The file is re-read when it changes, once it has stopped changing (the same
+    /// modification time and size at two checks in a row). Replace it atomically: write the
+    /// new version to a temporary file in the same directory, then rename it over the old
+    /// one. A version that does not parse, or that has no keys when the one in use has
+    /// some (a truncated or emptied file), is refused with a warning and the keys in use
+    /// stay. Keys that did not change keep their rate-limit state across reloads.
+    ///
+    /// A key revoked while it holds locks gets `401` on renew and release: its locks are
+    /// then never held longer than their lease, and expire as any unrenewed lease does.
     pub fn key_file(mut self, path: impl Into<PathBuf>) -> ServerBuilder {
         self.key_file = Some(path.into());
         self
@@ -347,9 +382,29 @@ impl ServerBuilder {
         self
     }
 
+    /// Most open connections from one source address (default 256; an IPv6 address counts
+    /// by its /64); more are closed at once, so that one client cannot take every
+    /// connection [`max_connections`](Self::max_connections) allows. `0` turns the
+    /// per-address cap off: do so behind a proxy or load balancer that connects from one
+    /// address. Applies to connections whose address the listener knows (TCP).
+    pub fn max_connections_per_ip(mut self, max: usize) -> ServerBuilder {
+        self.conn.max_connections_per_ip = max;
+        self
+    }
+
+    /// A connection whose client takes none of its responses for this long is closed
+    /// (default 10 s): a client that stops reading its socket, or keeps its HTTP/2
+    /// flow-control window at zero, cannot pin responses in server memory.
+    pub fn write_timeout(mut self, timeout: Duration) -> ServerBuilder {
+        self.conn.write_timeout = timeout;
+        self
+    }
+
     /// Time a client has to send a request's header, and then its body (default 10 s
     /// each): protects against connections that trickle bytes to hold server resources
-    /// (slowloris). Late headers close the connection; late bodies get `408`.
+    /// (slowloris). Late headers close the connection; late bodies get `408`. A new
+    /// connection's first request header is due this long after accept, TLS handshake and
+    /// HTTP version detection included: connections that send nothing are closed.
     pub fn header_read_timeout(mut self, timeout: Duration) -> ServerBuilder {
         self.conn.header_read_timeout = timeout;
         self.limits.body_read_timeout = timeout;
@@ -381,7 +436,9 @@ impl ServerBuilder {
         self
     }
 
-    /// How long a graceful shutdown waits for requests in progress (default 10 s).
+    /// How long a graceful shutdown waits for requests in progress (default 10 s); also how
+    /// long a connection asked to close (HTTP/2 GOAWAY after the idle timeout) may take to
+    /// finish before it is cut.
     pub fn drain_timeout(mut self, timeout: Duration) -> ServerBuilder {
         self.conn.drain = timeout;
         self
@@ -411,6 +468,11 @@ impl ServerBuilder {
                  bytes): each project may use a quarter of it",
                 self.limits.body_budget, self.limits.max_body_bytes
             )));
+        }
+        if self.conn.write_timeout.is_zero() || self.conn.header_read_timeout.is_zero() {
+            return Err(Error::invalid(
+                "write_timeout and header_read_timeout must be above 0",
+            ));
         }
         Ok(())
     }
@@ -486,6 +548,20 @@ impl ServerBuilder {
             context: "cannot read the bound address".into(),
             source,
         })?;
+        let metrics_listener = match &self.metrics_bind {
+            Some(bind) => Some(TcpListener::bind(bind).await.map_err(|source| Error::Io {
+                context: format!("cannot listen for /metrics on {bind}"),
+                source,
+            })?),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(listener) => Some(listener.local_addr().map_err(|source| Error::Io {
+                context: "cannot read the bound /metrics address".into(),
+                source,
+            })?),
+            None => None,
+        };
         let (store, store_metrics) = self.open_store().await?;
         let (stop, stopping) = watch::channel(false);
         let app = Arc::new(App {
@@ -503,15 +579,30 @@ impl ServerBuilder {
                 stopping.clone(),
             ));
         }
+        let metrics_task = metrics_listener.map(|listener| {
+            tokio::spawn(connection::serve(
+                Box::new(listener),
+                app.clone(),
+                None,
+                self.conn.clone(),
+                Role::Metrics,
+                stopping.clone(),
+            ))
+        });
         let task = tokio::spawn(connection::serve(
             listener,
             app.clone(),
             tls.clone(),
             self.conn,
+            Role::Api {
+                metrics_elsewhere: metrics_addr.is_some(),
+            },
             stopping,
         ));
         Ok(Server {
             addr,
+            metrics_addr,
+            metrics_task,
             tls: tls.is_some(),
             stop,
             task: Some(task),
@@ -552,7 +643,7 @@ async fn watch_key_file(app: Arc<App>, every: Duration, mut stopping: watch::Rec
         match app.auth.reload_if_changed() {
             Some(Ok(keys)) => tracing::info!(keys, "key file changed: reloaded"),
             Some(Err(e)) => {
-                tracing::error!(error = %e, "key file changed but is invalid; keeping the keys in use")
+                tracing::warn!(error = %e, "key file changed but is refused; keeping the keys in use")
             }
             None => {}
         }
