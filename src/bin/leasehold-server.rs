@@ -151,6 +151,24 @@ struct Args {
     #[arg(long, env = "LEASEHOLD_BODY_BUDGET", default_value_t = 256 << 20)]
     body_budget: usize,
 
+    /// Most locks, held or waited for, one project may have at once where the key file sets
+    /// no max_locks (open mode too); 429 beyond.
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_LOCKS_PER_PROJECT",
+        default_value_t = 1_000_000
+    )]
+    max_locks_per_project: u64,
+
+    /// Most acquire requests of one project in flight at once; every waiter is one (open
+    /// mode too); 429 beyond.
+    #[arg(
+        long,
+        env = "LEASEHOLD_MAX_ACQUIRES_PER_PROJECT",
+        default_value_t = 20_000
+    )]
+    max_acquires_per_project: usize,
+
     /// Most open client connections.
     #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
@@ -294,6 +312,8 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
         .max_waiters_per_lock(args.max_waiters_per_lock)
         .max_body_bytes(args.max_body_bytes)
         .body_budget(args.body_budget)
+        .max_locks_per_project(args.max_locks_per_project)
+        .max_acquires_per_project(args.max_acquires_per_project)
         .max_connections(args.max_connections)
         .header_read_timeout(args.header_read_timeout)
         .idle_timeout(args.idle_timeout)

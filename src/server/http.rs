@@ -6,9 +6,10 @@ use crate::protocol::{
 };
 use crate::server::auth::{Auth, Caller, Refusal};
 use crate::server::budget::{BodyBudget, Exhausted};
+use crate::server::in_flight::{AcquiresInFlight, InFlight};
 use crate::server::metrics::{Metrics, RequestLabels};
 use crate::server::store::{
-    AcquireOutcome, AcquireSpec, HolderView, LockStore, Release, StoreError,
+    AcquireOutcome, AcquireSpec, HolderView, LockStore, Quota, Release, StoreError,
 };
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -32,6 +33,11 @@ pub(crate) struct Limits {
     pub body_read_timeout: Duration,
     /// Most bytes of request bodies held in memory at once (a quarter of it per project).
     pub body_budget: usize,
+    /// Most locks (held or waited for) a project may have where its key file sets no
+    /// `max_locks`, open mode included.
+    pub max_locks_per_project: u64,
+    /// Most acquire requests of one project in flight at once (each waiter is one).
+    pub max_acquires_per_project: usize,
 }
 
 /// Everything a request handler needs.
@@ -42,6 +48,8 @@ pub(crate) struct App {
     pub limits: Limits,
     /// What request bodies being read may hold in memory.
     pub body_budget: BodyBudget,
+    /// Acquires in flight per project.
+    pub acquires: AcquiresInFlight,
     /// Flips to true when the server starts shutting down: long polls answer 503 at once.
     pub stopping: watch::Receiver<bool>,
 }
@@ -261,6 +269,8 @@ impl App {
         }
         match route {
             Route::Acquire => {
+                // Counted before the body is read: a project at its limit costs nothing more.
+                let _in_flight = self.enter_acquire(&caller)?;
                 self.acquire(&caller, self.body(&caller, request).await?)
                     .await
             }
@@ -334,6 +344,25 @@ impl App {
                 )
             }
         })
+    }
+
+    /// Counts an acquire of the caller's project in flight, or refuses it with `429` when
+    /// the project has as many as it may.
+    fn enter_acquire(&self, caller: &Caller) -> Result<InFlight<'_>, Failure> {
+        self.acquires
+            .enter(caller.project.id)
+            .ok_or_else(|| Failure {
+                retry_after: Some(Duration::from_secs(1)),
+                ..Failure::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    codes::TOO_MANY,
+                    format!(
+                        "this project has {} acquires in flight (waiting or being answered), the \
+                     most allowed",
+                        self.acquires.max()
+                    ),
+                )
+            })
     }
 
     /// Reads and parses a JSON body, within the size limit and the budget for bodies held
@@ -433,7 +462,13 @@ impl App {
             poll,
             request_id: req.request_id,
             label: req.metadata,
-            quota: caller.quota,
+            quota: Quota {
+                max_locks: caller
+                    .quota
+                    .max_locks
+                    .or(Some(self.limits.max_locks_per_project)),
+                ..caller.quota
+            },
         };
         self.metrics.acquires.inc();
         let arrived = Instant::now();

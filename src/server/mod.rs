@@ -19,6 +19,7 @@ mod auth;
 mod budget;
 mod connection;
 mod http;
+mod in_flight;
 mod metrics;
 mod state_dir;
 mod state_file;
@@ -91,6 +92,8 @@ impl Server {
                 max_poll: Duration::from_secs(20),
                 body_read_timeout: Duration::from_secs(10),
                 body_budget: 256 << 20,
+                max_locks_per_project: 1_000_000,
+                max_acquires_per_project: 20_000,
             },
             conn: ConnLimits::default(),
             key_file: None,
@@ -334,6 +337,23 @@ impl ServerBuilder {
         self
     }
 
+    /// Most locks, held or waited for, that one project may have at once where its key file
+    /// sets no `max_locks` (default 1,000,000; open mode too). Beyond it acquires of new
+    /// lock names answer `429`.
+    pub fn max_locks_per_project(mut self, max: u64) -> ServerBuilder {
+        self.limits.max_locks_per_project = max;
+        self
+    }
+
+    /// Most acquire requests of one project in flight at once (default 20,000; open mode
+    /// too). Each waiter is a long poll in flight, so this bounds a project's waiters and
+    /// the memory they hold. Beyond it acquires answer `429` with `Retry-After`. Renewals,
+    /// releases and cancels are never refused by it.
+    pub fn max_acquires_per_project(mut self, max: usize) -> ServerBuilder {
+        self.limits.max_acquires_per_project = max;
+        self
+    }
+
     /// Most bytes of request bodies held in memory at once while they are read (default
     /// 256 MiB), and a quarter of that for each project. A body that does not fit is refused
     /// with `503` and `Retry-After: 1` (the SDK retries), so slow senders cannot pin the
@@ -462,6 +482,11 @@ impl ServerBuilder {
                 "max_connections and max_body_bytes must be above 0",
             ));
         }
+        if self.limits.max_locks_per_project == 0 || self.limits.max_acquires_per_project == 0 {
+            return Err(Error::invalid(
+                "max_locks_per_project and max_acquires_per_project must be above 0",
+            ));
+        }
         if self.limits.body_budget / 4 < self.limits.max_body_bytes {
             return Err(Error::invalid(format!(
                 "body_budget ({} bytes) must hold at least four bodies of max_body_bytes ({} \
@@ -569,6 +594,7 @@ impl ServerBuilder {
             auth,
             metrics: Metrics::new(store, store_metrics),
             body_budget: budget::BodyBudget::new(self.limits.body_budget),
+            acquires: in_flight::AcquiresInFlight::new(self.limits.max_acquires_per_project),
             limits: self.limits,
             stopping: stopping.clone(),
         });
