@@ -501,8 +501,10 @@ async fn a_long_etcd_outage_loses_leases_as_documented() {
 async fn a_crowd_on_one_lock_through_two_servers_is_served_one_at_a_time() {
     let _alone = support::heavy().await;
     let etcd = EtcdCluster::start(1).await;
-    let a = TestServer::start_over(Some(&etcd), |b| b).await;
-    let b = TestServer::start_over(Some(&etcd), |b| b).await;
+    // A thousand clients, each with its own connection, stand for a thousand machines: all
+    // on 127.0.0.1 here, so the per-address connection cap is off.
+    let a = TestServer::start_over(Some(&etcd), |b| b.max_connections_per_ip(0)).await;
+    let b = TestServer::start_over(Some(&etcd), |b| b.max_connections_per_ip(0)).await;
     let holder = a.client("p").lock("crowded").await.unwrap();
     let crowd = 1000u64;
     let inside = Arc::new(AtomicBool::new(false));
