@@ -1324,3 +1324,39 @@ impl LockStore for MemoryStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> Id {
+        Id(n.to_be_bytes())
+    }
+
+    #[test]
+    fn tombstones_are_scoped_to_their_lock_and_expire() {
+        let mut tombs = Tombstones::default();
+        tombs.insert(id(1), 7, 0, 100);
+        assert!(tombs.contains(&id(1), 7, 99));
+        assert!(!tombs.contains(&id(1), 8, 99), "another lock");
+        assert!(!tombs.contains(&id(1), 7, 100), "expired");
+        tombs.insert(id(2), 7, 150, 100);
+        assert!(!tombs.by_id.contains_key(&id(1)), "dropped when it expired");
+    }
+
+    #[test]
+    fn tombstones_stay_within_their_bound() {
+        let mut tombs = Tombstones::default();
+        for n in 0..(TOMBSTONES_PER_SHARD as u128 * 3) {
+            // The same id now and then: its newer tombstone outlives the older entry.
+            tombs.insert(id(n % 5_000), 1, n as u64, 1_000_000);
+        }
+        assert!(tombs.order.len() <= TOMBSTONES_PER_SHARD);
+        assert!(tombs.by_id.len() <= TOMBSTONES_PER_SHARD);
+        // The newest are kept, the oldest dropped.
+        let last = TOMBSTONES_PER_SHARD as u128 * 3 - 1;
+        assert!(tombs.contains(&id(last % 5_000), 1, last as u64));
+        // Id 3000 was last inserted at 8000, before the newest 4,096 (8192 to 12,287).
+        assert!(!tombs.contains(&id(3000), 1, last as u64));
+    }
+}
