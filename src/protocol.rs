@@ -214,6 +214,11 @@ pub struct LockInfo {
     /// How long the first waiter in line has waited, in milliseconds.
     #[serde(default)]
     pub oldest_wait_ms: Option<u64>,
+    /// While grants of this lock are held back after a server restart (leases granted before
+    /// it may still run): when the hold-back ends, in Unix milliseconds (server clock).
+    /// Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_back_until_ms: Option<u64>,
 }
 
 /// What inspection shows of a holder (never its lease id).

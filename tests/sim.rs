@@ -247,6 +247,8 @@ async fn server(runs: ServerRuns, state_file: PathBuf) -> turmoil::Result {
         .listener(SimListener(listener))
         .events(events)
         .state_file(state_file)
+        // The state file's writer thread would run on real time, the simulation on its own.
+        .state_file_inline_writes_for_simulations()
         .grace(GRACE)
         .start()
         .await?;

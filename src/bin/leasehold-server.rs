@@ -85,6 +85,12 @@ struct Args {
     #[arg(long, env = "LEASEHOLD_STATE_FILE")]
     state_file: Option<PathBuf>,
 
+    /// After a crash, grant no lock for at most this long (leases up to this long may still
+    /// run). A longer lease is recorded with its lock in the state file, and after a crash
+    /// only that lock waits for it.
+    #[arg(long, env = "LEASEHOLD_CRASH_HOLD_BACK", default_value = "30s", value_parser = duration::parse)]
+    crash_hold_back: Duration,
+
     /// Keep no restart state (development only: a restart may then grant a lock a client
     /// still believes it holds).
     #[arg(long)]
@@ -337,7 +343,11 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
         Backend::Memory if args.no_state_file => tracing::warn!(
             "no state file: after a restart, locks may be granted that clients still believe they hold"
         ),
-        Backend::Memory => builder = builder.state_file(state_file(&args)?),
+        Backend::Memory => {
+            builder = builder
+                .state_file(state_file(&args)?)
+                .crash_hold_back(args.crash_hold_back)
+        }
     }
     let server = builder.start().await?;
     if server.is_open_mode() {

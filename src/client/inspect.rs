@@ -20,6 +20,10 @@ pub struct LockInfo {
     pub waiters: u64,
     /// How long the first in line has waited.
     pub oldest_wait: Option<Duration>,
+    /// While the server holds grants of this lock back after it restarted (leases granted
+    /// before the restart may still run, so nobody gets the lock yet): when the hold-back
+    /// ends, by the server's clock. `None` otherwise, and always on the etcd backend.
+    pub held_back_until: Option<SystemTime>,
 }
 
 /// The holder of a lock, as inspection shows it (never its lease id).
@@ -68,6 +72,7 @@ impl DistributedLock {
                 holder: None,
                 waiters: 0,
                 oldest_wait: None,
+                held_back_until: None,
             });
         }
         if !reply.status.is_success() {
@@ -79,6 +84,9 @@ impl DistributedLock {
             holder: info.holder.map(HolderInfo::from),
             waiters: info.waiters,
             oldest_wait: info.oldest_wait_ms.map(Duration::from_millis),
+            held_back_until: info
+                .held_back_until_ms
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
         })
     }
 }

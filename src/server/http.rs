@@ -504,6 +504,12 @@ impl App {
             AcquireOutcome::StillWaiting { position } => {
                 Ok(json_reply(StatusCode::ACCEPTED, &StillWaiting { position }))
             }
+            AcquireOutcome::Ended => Err(Failure::new(
+                StatusCode::CONFLICT,
+                codes::TIMEOUT,
+                "this request id's acquire has already ended (cancelled, timed out or \
+                 released); a new acquire needs a new request id",
+            )),
             AcquireOutcome::TimedOut { holder } => {
                 self.metrics.timeouts.inc();
                 Err(Failure {
@@ -599,6 +605,7 @@ impl App {
                 holder: view.holder.map(holder_info),
                 waiters: view.waiters,
                 oldest_wait_ms: view.oldest_wait.map(|d| d.as_millis() as u64),
+                held_back_until_ms: view.held_back_until.map(unix_ms),
             },
         ))
     }

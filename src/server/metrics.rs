@@ -170,6 +170,13 @@ impl Collector for StoreCollector {
             None,
             expired.metric_type(),
         )?)?;
+        let writes = ConstCounter::new(stats.state_file_writes);
+        writes.encode(encoder.encode_descriptor(
+            "state_file_writes",
+            "Writes (each with fsync) of the memory store's state file",
+            None,
+            writes.metric_type(),
+        )?)?;
         Ok(())
     }
 }

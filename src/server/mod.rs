@@ -331,9 +331,39 @@ impl ServerBuilder {
     }
 
     /// Longest time one long poll is held open (default 20 s); the client then polls again,
-    /// keeping its place in line.
+    /// keeping its place in line. The memory store remembers ended acquires' request ids
+    /// for three long polls (see the protocol's request ids).
     pub fn max_poll(mut self, poll: Duration) -> ServerBuilder {
         self.limits.max_poll = poll;
+        self.memory.tombstone_ttl = poll.saturating_mul(3);
+        self
+    }
+
+    /// After a crash, the memory store grants no lock until leases granted before it could
+    /// have expired, but for at most this long (default 30 s): leases up to this long are
+    /// covered by it. A longer lease is recorded with its lock in the state file when it is
+    /// granted (and forgotten when its lock is free), and after a crash only that lock waits
+    /// for the lease's full length. Needs [`state_file`](Self::state_file).
+    pub fn crash_hold_back(mut self, bound: Duration) -> ServerBuilder {
+        self.memory.crash_hold_back = bound;
+        self
+    }
+
+    /// How far ahead the memory store reserves fencing tokens in its state file (default
+    /// 60 s of wall-clock microseconds): the next reservation is written when half is used,
+    /// so about every 30 s while grants happen. While a reservation cannot be written, no
+    /// lock is granted (acquires get a retryable `503`).
+    pub fn fencing_token_reserve(mut self, reserve: Duration) -> ServerBuilder {
+        self.memory.token_reserve = reserve;
+        self
+    }
+
+    /// Writes the state file on the request's task, blocking it, instead of on the
+    /// background writer (no grouping, no rate limit): for deterministic simulations, whose
+    /// simulated clock would run on while a real thread writes. Never use it in a server.
+    #[doc(hidden)]
+    pub fn state_file_inline_writes_for_simulations(mut self) -> ServerBuilder {
+        self.memory.state_file_inline_writes = true;
         self
     }
 

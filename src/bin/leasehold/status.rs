@@ -18,8 +18,11 @@ Examples:
 JSON: {\"name\": \"db/migrate\", \"holder\": null | {\"fencing_token\": 42,
 \"since\": \"2025-06-01T11:59:58.000Z\", \"expires_in_ms\": 8200,
 \"lease_deadline\": \"2025-06-01T12:00:08.200Z\", \"label\": null | \"host-a/job-42\"},
-\"waiters\": 2, \"oldest_wait_ms\": null | 1500}
-since is the server's clock; lease_deadline is this machine's clock plus expires_in_ms.
+\"waiters\": 2, \"oldest_wait_ms\": null | 1500, \"held_back_until\": null |
+\"2025-06-01T12:00:30.000Z\"}
+since and held_back_until are the server's clock; lease_deadline is this machine's clock
+plus expires_in_ms. held_back_until: after a server restart, nobody gets the lock before
+then (leases granted before the crash may still run).
 Fields may be added later.
 
 Exit codes: 0 (whether held or not), 64 invalid name, 69 server unavailable, 77 API key
@@ -45,6 +48,9 @@ struct Status {
     waiters: u64,
     /// How long the first in line has waited.
     oldest_wait_ms: Option<u64>,
+    /// While grants are held back after a server restart: until when, by the server's
+    /// clock (RFC 3339, UTC).
+    held_back_until: Option<String>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -73,15 +79,23 @@ impl Status {
             }),
             waiters: info.waiters,
             oldest_wait_ms: info.oldest_wait.map(|d| d.as_millis() as u64),
+            held_back_until: info.held_back_until.map(rfc3339),
         }
     }
 
     /// Label and value of each line of the text form.
     fn rows(&self) -> Vec<(&'static str, String)> {
         let mut rows = vec![("lock", self.name.clone())];
-        match &self.holder {
-            None => rows.push(("holder", "none (the lock is free)".into())),
-            Some(holder) => {
+        match (&self.holder, &self.held_back_until) {
+            (None, Some(until)) => rows.push((
+                "holder",
+                format!(
+                    "none, but held back after a server restart until {until} (leases \
+                     granted before the crash may still run)"
+                ),
+            )),
+            (None, None) => rows.push(("holder", "none (the lock is free)".into())),
+            (Some(holder), _) => {
                 let who = match &holder.label {
                     Some(label) => format!("{label} (fencing token {})", holder.fencing_token),
                     None => format!("fencing token {}", holder.fencing_token),
@@ -191,6 +205,7 @@ mod tests {
             }),
             waiters: 2,
             oldest_wait_ms: Some(1500),
+            held_back_until: None,
         };
         assert_eq!(
             status.text(),
@@ -213,6 +228,7 @@ mod tests {
                 },
                 "waiters": 2,
                 "oldest_wait_ms": 1500,
+                "held_back_until": null,
             })
         );
         let free = Status {
@@ -220,10 +236,22 @@ mod tests {
             holder: None,
             waiters: 0,
             oldest_wait_ms: None,
+            held_back_until: None,
         };
         assert_eq!(
             free.text(),
             "lock:    x\nholder:  none (the lock is free)\nwaiters: 0\n"
+        );
+        let held_back = Status {
+            waiters: 1,
+            held_back_until: Some("2025-06-01T12:00:30.000Z".into()),
+            ..free
+        };
+        assert_eq!(
+            held_back.text(),
+            "lock:    x\nholder:  none, but held back after a server restart until \
+             2025-06-01T12:00:30.000Z (leases granted before the crash may still run)\n\
+             waiters: 1\n"
         );
     }
 }

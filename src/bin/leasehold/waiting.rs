@@ -1,15 +1,19 @@
-//! The live status line shown on an interactive stderr while `run` waits for the lock.
+//! What `run` shows while it waits for the lock: a live status line on an interactive
+//! stderr, else one line after the first second.
 
 use crate::duration::human;
 use leasehold::{DistributedLock, LockInfo};
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 /// How often the line is refreshed (each refresh asks the server once).
 const REFRESH: Duration = Duration::from_secs(1);
 /// Uncontended grants take milliseconds: do not flash a line for them.
 const FIRST_DRAW: Duration = Duration::from_millis(500);
+/// Without a terminal, one line is printed once the wait has lasted this long: logs of
+/// jobs that got their lock at once stay quiet.
+const QUIET_WAIT: Duration = Duration::from_secs(1);
 
 /// One line on stderr, redrawn in place. Exists only when stderr is a terminal.
 #[derive(Debug)]
@@ -50,11 +54,13 @@ impl Drop for StatusLine {
     }
 }
 
-/// What one inspection showed: holder (fencing token, lease left) and waiter count.
+/// What one inspection showed: holder (fencing token, lease left), waiter count, and the
+/// end of a hold-back after a server restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     pub holder: Option<(u64, Duration)>,
     pub waiters: u64,
+    pub held_back_until: Option<SystemTime>,
 }
 
 impl From<&LockInfo> for Seen {
@@ -65,8 +71,33 @@ impl From<&LockInfo> for Seen {
                 .as_ref()
                 .map(|h| (h.fencing_token, h.expires_in)),
             waiters: info.waiters,
+            held_back_until: info.held_back_until,
         }
     }
+}
+
+/// Why nobody gets the lock: `held back after a server restart until 12:00:30 UTC (leases
+/// granted before the crash may still run)`.
+pub fn held_back_text(until: SystemTime) -> String {
+    format!(
+        "held back after a server restart until {} (leases granted before the crash may still run)",
+        clock_utc(until)
+    )
+}
+
+/// `HH:MM:SS UTC` of a wall-clock time.
+pub fn clock_utc(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 /// Where we stand in line, as far as the server's counts tell.
@@ -109,7 +140,7 @@ impl Queue {
 }
 
 /// Redraws the status line about every second until dropped (it never returns). Without a
-/// line it only waits.
+/// line, prints one line once the wait has lasted a second, then only waits.
 pub async fn show(
     dl: &DistributedLock,
     name: &str,
@@ -117,6 +148,12 @@ pub async fn show(
     mut queue: Queue,
 ) {
     let Some(line) = line else {
+        tokio::time::sleep(QUIET_WAIT).await;
+        let info = tokio::time::timeout(REFRESH, dl.inspect(name))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        eprintln!("leasehold: {}", quiet_line(name, info.as_ref(), &mut queue));
         return std::future::pending().await;
     };
     let started = Instant::now();
@@ -136,6 +173,23 @@ pub async fn show(
     }
 }
 
+/// The one line printed without a terminal: the status line's text, and the holder's label
+/// if it gave one (who holds it is what a log reader wants to know).
+pub fn quiet_line(name: &str, info: Option<&LockInfo>, queue: &mut Queue) -> String {
+    let seen = info.map(Seen::from);
+    if let Some(seen) = seen {
+        queue.observe(seen);
+    }
+    let mut text = render(name, QUIET_WAIT, seen, queue);
+    if let Some(label) = info
+        .and_then(|i| i.holder.as_ref())
+        .and_then(|h| h.metadata.as_ref())
+    {
+        text.push_str(&format!("; holder: {label}"));
+    }
+    text
+}
+
 /// The text of the line, such as
 /// `waiting for "deploy": 12s; 2 ahead; held by token 42 (8s left)`: the most useful first,
 /// since a narrow terminal cuts the end off.
@@ -149,12 +203,13 @@ pub fn render(name: &str, waited: Duration, seen: Option<Seen>, queue: &Queue) -
     if let Some(ahead) = queue.ahead() {
         text.push_str(&format!("; {ahead} ahead"));
     }
-    match seen.holder {
-        Some((token, left)) => text.push_str(&format!(
+    match (seen.holder, seen.held_back_until) {
+        (Some((token, left)), _) => text.push_str(&format!(
             "; held by token {token} ({} left)",
             whole_seconds(left)
         )),
-        None => text.push_str("; being handed over"),
+        (None, Some(until)) => text.push_str(&format!("; {}", held_back_text(until))),
+        (None, None) => text.push_str("; being handed over"),
     }
     text
 }
@@ -186,7 +241,27 @@ mod tests {
         Seen {
             holder: holder.map(|token| (token, Duration::from_secs(8))),
             waiters,
+            held_back_until: None,
         }
+    }
+
+    #[test]
+    fn says_until_when_grants_are_held_back() {
+        let until = UNIX_EPOCH + Duration::from_secs(1_700_000_030);
+        let held_back = Seen {
+            held_back_until: Some(until),
+            ..seen(None, 1)
+        };
+        assert_eq!(
+            render(
+                "d",
+                Duration::from_secs(3),
+                Some(held_back),
+                &Queue::joined_after(None)
+            ),
+            "waiting for \"d\": 3s; held back after a server restart until 22:13:50 UTC \
+             (leases granted before the crash may still run)"
+        );
     }
 
     #[test]

@@ -7,13 +7,25 @@
 //! * Waiters wait on a oneshot channel. A waiter whose long poll ended (or whose connection
 //!   dropped) stays in line, detached, for the grace period; a grant made to a detached
 //!   waiter is kept for it for the grace period too.
+//! * Request ids whose acquire has ended (cancelled, timed out, released, expired after it was
+//!   answered) are remembered for a while as tombstones, so that a late attempt of one (a
+//!   retry that arrives after its client gave up) is refused instead of creating a place in
+//!   line or a grant nobody polls. Each shard keeps at most [`TOMBSTONES_PER_SHARD`], each for
+//!   [`MemoryConfig::tombstone_ttl`]; when a shard is full, its oldest is dropped (a late
+//!   attempt of that id is then a new acquire again, as without tombstones).
+//! * With a state file, no grant is answered before what it depends on is durable: its
+//!   fencing token's reservation, its lease length (up to the crash hold-back bound), or its
+//!   lock's record if the lease is longer (see `state_file`).
 
 use super::{
     AcquireOutcome, AcquireSpec, EventKind, EventSink, Grant, HolderView, LockStore, LockView,
     Project, ProjectId, Quota, Release, StoreError, StoreEvent, StoreFuture, StoreStats,
 };
 use crate::id::Id;
-use crate::server::state_file::{Boot, StateFile, wall_micros};
+use crate::server::state_file::{
+    Boot, DEFAULT_CRASH_HOLD_BACK, Generation, LongLease, MIN_FLUSH_INTERVAL, StateFile,
+    wall_micros,
+};
 use rand::RngCore;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -42,6 +54,20 @@ pub struct MemoryConfig {
     pub max_projects: u32,
     /// Where to send the audit trail of every grant, renewal, release and expiry.
     pub events: Option<EventSink>,
+    /// After a crash, every lock waits at most this long (leases up to this long are
+    /// covered); locks with a longer lease are recorded in the state file when it is
+    /// granted, and only they wait for their own lease after a crash.
+    pub crash_hold_back: Duration,
+    /// How far ahead fencing tokens are reserved in the state file (a reservation is written
+    /// when half of it is used, so about every half of this while grants happen).
+    pub token_reserve: Duration,
+    /// How long the request id of an ended acquire is remembered (see the module's notes);
+    /// a few long polls.
+    pub tombstone_ttl: Duration,
+    /// Writes the state file on the task that needs it instead of on the background writer:
+    /// only for deterministic simulations (see
+    /// `ServerBuilder::state_file_inline_writes_for_simulations`).
+    pub state_file_inline_writes: bool,
 }
 
 impl Default for MemoryConfig {
@@ -54,55 +80,65 @@ impl Default for MemoryConfig {
             state_file: None,
             max_projects: 100_000,
             events: None,
+            crash_hold_back: DEFAULT_CRASH_HOLD_BACK,
+            token_reserve: Duration::from_secs(60),
+            tombstone_ttl: Duration::from_secs(60),
+            state_file_inline_writes: false,
         }
     }
 }
 
 /// Fencing tokens: `max(previous + 1, wall-clock µs since 2025)`. They increase across
 /// restarts as long as the clock does not step back; with a state file, also when it does,
-/// because a run reserves tokens ahead in the file before issuing them.
+/// because a run issues only tokens durably reserved in the file. While a reservation cannot
+/// be written, no token (hence no grant) is issued.
 #[derive(Debug)]
 struct Tokens {
     last: AtomicU64,
-    /// Tokens below this are recorded in the state file (`u64::MAX` without one).
-    reserved: AtomicU64,
-    record: Mutex<()>,
+    /// Reservation step, in token units (wall-clock µs): the configured step, plus the
+    /// longest a write may wait for its turn, so that a reservation asked for now is not
+    /// used up by the wall clock by the time it is written.
+    reserve: u64,
 }
 
-/// How far ahead a run reserves tokens: a minute of wall-clock microseconds.
-const TOKEN_RESERVE: u64 = 60_000_000;
+/// Tombstones kept per shard at most: about 64 bytes each (map entry and queue entry), so
+/// the default 16 shards hold at most about 4 MiB of them.
+pub const TOMBSTONES_PER_SHARD: usize = 4096;
 
 impl Tokens {
-    fn new(first: u64, recorded_in_file: bool) -> Tokens {
+    fn new(first: u64, reserve: u64) -> Tokens {
         Tokens {
             last: AtomicU64::new(first.saturating_sub(1)),
-            reserved: AtomicU64::new(if recorded_in_file { first } else { u64::MAX }),
-            record: Mutex::new(()),
+            reserve: reserve.saturating_add(micros(MIN_FLUSH_INTERVAL)),
         }
     }
 
-    fn next(&self, file: Option<&StateFile>) -> u64 {
+    /// The next token to issue, and whether the durable reservation covers it.
+    fn candidate(&self, file: Option<&StateFile>) -> (u64, bool) {
+        let next = (self.last.load(Ordering::Acquire) + 1).max(wall_micros(SystemTime::now()));
+        (next, file.is_none_or(|f| next < f.durable_tokens()))
+    }
+
+    /// Issues a token, or `None` while the reservation that would cover it is not durable.
+    /// Asks for the next reservation when half of the current one is used.
+    fn next(&self, file: Option<&StateFile>) -> Option<u64> {
         let floor = wall_micros(SystemTime::now());
-        let token = match self
+        let below = file.map_or(u64::MAX, StateFile::durable_tokens);
+        let issued = self
             .last
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-                Some((last + 1).max(floor))
-            }) {
+                let token = (last + 1).max(floor);
+                (token < below).then_some(token)
+            });
+        let token = match issued {
             Ok(last) | Err(last) => (last + 1).max(floor),
         };
-        if token >= self.reserved.load(Ordering::Acquire)
-            && let Some(file) = file
+        if let Some(file) = file
+            && token.saturating_add(self.reserve / 2) >= below
         {
-            let _serial = self.record.lock().unwrap_or_else(|p| p.into_inner());
-            if token >= self.reserved.load(Ordering::Acquire) {
-                let below = token + TOKEN_RESERVE;
-                if let Err(e) = file.reserve_tokens(below) {
-                    tracing::error!(error = %e, "could not reserve fencing tokens in the state file");
-                }
-                self.reserved.store(below, Ordering::Release);
-            }
+            file.reserve_tokens(token.saturating_add(self.reserve));
         }
-        token
+        issued.ok().map(|_| token)
     }
 }
 
@@ -125,6 +161,9 @@ struct Shared {
     project_locks: Box<[AtomicU32]>,
     /// No grant before this (micros since `origin`): leases from before a restart may run.
     hold_back_until: u64,
+    /// Locks whose long lease from before a restart may still run: (project name, lock
+    /// name) -> no grant before this (micros since `origin`).
+    lock_hold_backs: HashMap<(String, String), u64>,
     tokens: Tokens,
     state_file: Option<StateFile>,
     max_lease_noted: AtomicU64,
@@ -138,6 +177,52 @@ struct Shared {
 struct Shard {
     state: Mutex<ShardState>,
     wake: Arc<Notify>,
+    /// Locked after `state` when both are.
+    tombstones: Mutex<Tombstones>,
+}
+
+/// Request ids of ended acquires, by id: (fingerprint of the lock key, expiry µs).
+#[derive(Debug, Default)]
+struct Tombstones {
+    by_id: HashMap<Id, (u64, u64)>,
+    /// Insertion order, for expiry and eviction: (expiry µs, id).
+    order: VecDeque<(u64, Id)>,
+}
+
+impl Tombstones {
+    fn insert(&mut self, id: Id, lock: u64, now: u64, ttl: u64) {
+        self.expire(now);
+        while self.order.len() >= TOMBSTONES_PER_SHARD {
+            self.pop_oldest();
+        }
+        self.by_id.insert(id, (lock, now + ttl));
+        self.order.push_back((now + ttl, id));
+    }
+
+    fn contains(&self, id: &Id, lock: u64, now: u64) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|&(l, expires)| l == lock && expires > now)
+    }
+
+    fn expire(&mut self, now: u64) {
+        while self
+            .order
+            .front()
+            .is_some_and(|&(expires, _)| expires <= now)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((expires, id)) = self.order.pop_front()
+            // A newer tombstone of the same id has its own entry further back.
+            && self.by_id.get(&id).is_some_and(|&(_, e)| e == expires)
+        {
+            self.by_id.remove(&id);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +247,10 @@ struct Holder {
     /// Grant time, µs since origin.
     acquired: u64,
     lease_ms: u32,
+    /// Whether an acquire was answered with this grant: only then does its end leave a
+    /// tombstone (a grant nobody collected may still be collected by a slow re-poll, or the
+    /// re-poll may join the line again).
+    answered: bool,
     lease_id: Id,
     request_id: Id,
     /// Boxed twice so that a lock without a label pays one pointer.
@@ -171,8 +260,11 @@ struct Holder {
 #[derive(Debug, Default)]
 struct Queue {
     waiters: VecDeque<Waiter>,
-    /// The holder's expiry timer, if scheduled: its key in `ShardState::timers`.
+    /// The holder's expiry timer, or the end of the lock's hold-back after a restart, if
+    /// scheduled: its key in `ShardState::timers`.
     timer: Option<(u64, u64)>,
+    /// No grant before this (µs since origin): a long lease from before a restart may run.
+    held_back_until: u64,
 }
 
 #[derive(Debug)]
@@ -244,9 +336,15 @@ impl MemoryStore {
     /// Opens the store (reading its state file, if configured) and starts its shard tasks on
     /// the current runtime.
     pub fn open(config: MemoryConfig) -> std::io::Result<MemoryStore> {
+        let token_reserve = micros(config.token_reserve).max(1);
         let (state_file, boot) = match &config.state_file {
             Some(path) => {
-                let (file, boot) = StateFile::open(path)?;
+                let (file, boot) = StateFile::open(
+                    path,
+                    config.crash_hold_back,
+                    token_reserve,
+                    config.state_file_inline_writes,
+                )?;
                 (Some(file), boot)
             }
             None => (
@@ -254,19 +352,34 @@ impl MemoryStore {
                 Boot {
                     first_token: wall_micros(SystemTime::now()),
                     hold_back: Duration::ZERO,
+                    long_leases: Vec::new(),
                 },
             ),
         };
         if !boot.hold_back.is_zero() {
             tracing::warn!(
                 hold_back = ?boot.hold_back,
-                "restarted without knowing which leases are still held: no lock is granted until they have all expired"
+                "restarted without knowing which leases are still held: no lock is granted until they could have expired"
             );
+        }
+        let mut lock_hold_backs = HashMap::new();
+        for long in boot.long_leases {
+            tracing::warn!(
+                lock = %long.lock,
+                hold_back = ?Duration::from_millis(long.lease_ms),
+                "a long lease from before the restart may still be held: this lock is not granted until it could have expired"
+            );
+            let until = long.lease_ms.saturating_mul(1000);
+            let entry = lock_hold_backs
+                .entry((long.project, long.lock))
+                .or_insert(0);
+            *entry = until.max(*entry);
         }
         let shards = (0..config.shards.max(1))
             .map(|_| Shard {
                 state: Mutex::new(ShardState::default()),
                 wake: Arc::new(Notify::new()),
+                tombstones: Mutex::new(Tombstones::default()),
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -278,7 +391,8 @@ impl MemoryStore {
                 .map(|_| AtomicU32::new(0))
                 .collect(),
             hold_back_until: micros(boot.hold_back),
-            tokens: Tokens::new(boot.first_token, state_file.is_some()),
+            lock_hold_backs,
+            tokens: Tokens::new(boot.first_token, token_reserve),
             state_file,
             max_lease_noted: AtomicU64::new(0),
             expirations: AtomicU64::new(0),
@@ -370,8 +484,85 @@ impl Shared {
         }
     }
 
-    fn next_token(&self) -> u64 {
+    fn next_token(&self) -> Option<u64> {
         self.tokens.next(self.state_file.as_ref())
+    }
+
+    /// Makes sure the next token is durably reserved, waiting for the reservation's write if
+    /// it is not: while the state file cannot be written, acquires are refused (`503`).
+    async fn tokens_ready(&self) -> Result<(), StoreError> {
+        let Some(file) = &self.state_file else {
+            return Ok(());
+        };
+        let (next, covered) = self.tokens.candidate(Some(file));
+        if covered {
+            return Ok(());
+        }
+        let generation = file.reserve_tokens(next.saturating_add(self.tokens.reserve));
+        file.durable(generation).await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot reserve fencing tokens, so no lock is granted: {e}"
+            ))
+        })
+    }
+
+    /// Records a lease longer than the crash hold-back bound for its lock, under the shard
+    /// lock (so that the lock cannot be dropped, and its record forgotten, in between).
+    /// Returns the generation to await before the lease may be answered.
+    fn record_long_lease(&self, spec: &AcquireSpec, key: &[u8]) -> Option<Generation> {
+        let file = self.state_file.as_ref()?;
+        if !file.is_long(spec.lease) {
+            return None;
+        }
+        Some(file.record_long_lease(
+            key,
+            LongLease {
+                project: spec.project.name.to_string(),
+                lock: spec.name.clone(),
+                lease_ms: spec.lease.as_millis() as u64,
+            },
+        ))
+    }
+
+    /// When the lock may be granted again after a restart (µs since origin), if not yet.
+    fn held_back(&self, project: &Project, name: &str, now: u64) -> Option<u64> {
+        let lock = if self.lock_hold_backs.is_empty() {
+            0
+        } else {
+            self.lock_hold_backs
+                .get(&(project.name.to_string(), name.to_owned()))
+                .copied()
+                .unwrap_or(0)
+        };
+        let until = lock.max(self.hold_back_until);
+        (until > now).then_some(until)
+    }
+
+    /// Remembers that the acquire `request_id` on lock `key` has ended.
+    fn tombstone(&self, key: &[u8], request_id: Id, now: u64) {
+        let fingerprint = self.hasher.hash_one(key);
+        let shard = &self.shards[(fingerprint % self.shards.len() as u64) as usize];
+        shard
+            .tombstones
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                request_id,
+                fingerprint,
+                now,
+                micros(self.config.tombstone_ttl),
+            );
+    }
+
+    /// Whether the acquire `request_id` on lock `key` has ended.
+    fn is_tombstoned(&self, key: &[u8], request_id: &Id, now: u64) -> bool {
+        let fingerprint = self.hasher.hash_one(key);
+        let shard = &self.shards[(fingerprint % self.shards.len() as u64) as usize];
+        shard
+            .tombstones
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(request_id, fingerprint, now)
     }
 
     fn new_lease_id() -> Id {
@@ -380,17 +571,22 @@ impl Shared {
         Id(bytes)
     }
 
-    /// Makes sure a restart would wait out a lease this long, before it is granted.
-    fn note_lease(&self, lease_ms: u32) -> Result<(), StoreError> {
+    /// Makes sure a restart would wait out a lease this long (up to the crash hold-back
+    /// bound), before it is granted.
+    async fn note_lease(&self, lease_ms: u32) -> Result<(), StoreError> {
         let ms = u64::from(lease_ms);
-        if ms <= self.max_lease_noted.load(Ordering::Relaxed) {
+        let lease = Duration::from_millis(ms);
+        if ms <= self.max_lease_noted.load(Ordering::Relaxed)
+            // Recorded with its lock instead (`record_long_lease`).
+            || self.state_file.as_ref().is_some_and(|f| f.is_long(lease))
+        {
             return Ok(());
         }
-        if let Some(file) = &self.state_file {
-            file.note_lease(Duration::from_millis(ms)).map_err(|e| {
-                StoreError::Unavailable(format!(
-                    "cannot record lease length in the state file: {e}"
-                ))
+        if let Some(file) = &self.state_file
+            && let Some(generation) = file.note_lease(lease)
+        {
+            file.durable(generation).await.map_err(|e| {
+                StoreError::Unavailable(format!("cannot record the lease length: {e}"))
             })?;
         }
         self.max_lease_noted.fetch_max(ms, Ordering::Relaxed);
@@ -408,6 +604,9 @@ impl Shared {
     ) {
         if let Some(holder) = lock.holder.as_ref().filter(|h| h.deadline <= now) {
             let (token, deadline) = (holder.token.get(), holder.deadline);
+            if holder.answered {
+                self.tombstone(key, holder.request_id, now);
+            }
             self.emit(key, now, || EventKind::Expired {
                 token,
                 deadline_us: self.unix_us(deadline),
@@ -415,7 +614,9 @@ impl Shared {
             self.drop_holder(timers, lock);
             self.expirations.fetch_add(1, Ordering::Relaxed);
         }
-        if lock.holder.is_none() && now >= self.hold_back_until {
+        let held_back = now < self.hold_back_until
+            || lock.queue.as_ref().is_some_and(|q| now < q.held_back_until);
+        if lock.holder.is_none() && !held_back {
             self.grant_next(key, lock, now);
         }
         if lock.waiters() == 0 {
@@ -449,14 +650,23 @@ impl Shared {
         let Some(queue) = &mut lock.queue else {
             return;
         };
+        if queue.waiters.is_empty() {
+            return;
+        }
+        // No token, no grant: the waiters keep their places until the state file takes the
+        // next reservation (a sweep tries again).
+        let Some(token) = self.next_token() else {
+            return;
+        };
         let Some(waiter) = queue.waiters.pop_front() else {
             return;
         };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let holder = self.new_holder(waiter.request_id, waiter.lease_ms, waiter.label, now);
+        let mut holder =
+            self.new_holder(token, waiter.request_id, waiter.lease_ms, waiter.label, now);
         let grant = holder.grant(waiter.poll_started, now);
         let delivered = waiter.notify.is_some_and(|tx| tx.send(grant).is_ok());
-        let mut holder = holder;
+        holder.answered = delivered;
         if !delivered {
             // Nobody is listening right now: keep the grant for a returning poll only briefly.
             holder.deadline = holder.deadline.min(now + micros(self.config.grace));
@@ -500,13 +710,21 @@ impl Shared {
             .as_micros() as u64
     }
 
-    fn new_holder(&self, request_id: Id, lease_ms: u32, label: Option<Label>, now: u64) -> Holder {
+    fn new_holder(
+        &self,
+        token: u64,
+        request_id: Id,
+        lease_ms: u32,
+        label: Option<Label>,
+        now: u64,
+    ) -> Holder {
         self.held.fetch_add(1, Ordering::Relaxed);
         Holder {
-            token: NonZeroU64::new(self.next_token()).unwrap_or(NonZeroU64::MIN),
+            token: NonZeroU64::new(token).unwrap_or(NonZeroU64::MIN),
             deadline: now + u64::from(lease_ms) * 1000,
             acquired: now,
             lease_ms,
+            answered: true,
             lease_id: Shared::new_lease_id(),
             request_id,
             label,
@@ -522,12 +740,15 @@ impl Shared {
         }
     }
 
-    fn view(&self, lock: &LockState, now: u64) -> LockView {
+    fn view(&self, lock: &LockState, held_back: Option<u64>, now: u64) -> LockView {
         let first = lock.queue.as_ref().and_then(|q| q.waiters.front());
         LockView {
             holder: lock.holder.as_ref().map(|h| self.holder_view(h, now)),
             waiters: lock.waiters() as u64,
             oldest_wait: first.map(|w| Duration::from_micros(now.saturating_sub(w.queued_at))),
+            held_back_until: held_back
+                .filter(|_| lock.holder.is_none())
+                .map(|until| self.origin_wall + Duration::from_micros(until)),
         }
     }
 
@@ -551,7 +772,15 @@ impl Shared {
     /// Removes an empty lock from its shard, counting it off its project.
     fn remove_lock(&self, locks: &mut HashMap<Box<[u8]>, LockState>, key: &[u8]) {
         if locks.remove(key).is_some() {
-            self.count_lock(key, false);
+            self.lock_gone(key);
+        }
+    }
+
+    /// Accounts for a lock that left the table: nothing runs under it any more.
+    fn lock_gone(&self, key: &[u8]) {
+        self.count_lock(key, false);
+        if let Some(file) = &self.state_file {
+            file.forget_long_lease(key);
         }
     }
 
@@ -608,7 +837,7 @@ impl Shared {
             }
             self.settle(timers, key, lock, now);
             if lock.is_empty() {
-                self.count_lock(key, false);
+                self.lock_gone(key);
             }
             !lock.is_empty()
         });
@@ -623,6 +852,7 @@ impl Shared {
             held: self.held.load(Ordering::Relaxed),
             waiters: self.waiting.load(Ordering::Relaxed),
             expirations: self.expirations.load(Ordering::Relaxed),
+            state_file_writes: self.state_file.as_ref().map_or(0, StateFile::writes),
         }
     }
 }
@@ -685,6 +915,7 @@ impl PendingWait<'_> {
             .filter(|h| h.request_id == self.request_id)
         {
             holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+            holder.answered = true;
             self.shared.emit_deadline(&self.key, holder, now);
             AcquireOutcome::Granted(holder.grant(self.started, now))
         } else if let Some(queue) = &mut lock.queue
@@ -696,6 +927,7 @@ impl PendingWait<'_> {
             if timed_out {
                 queue.waiters.remove(pos);
                 self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.shared.tombstone(&self.key, self.request_id, now);
                 self.shared.emit(&self.key, now, || EventKind::WaiterLeft {
                     request: short(&self.request_id),
                     reason: "timeout".into(),
@@ -754,6 +986,7 @@ impl Drop for PendingWait<'_> {
                 .filter(|h| h.token.get() == grant.fencing_token)
             {
                 holder.deadline = holder.deadline.min(now + micros(self.shared.config.grace));
+                holder.answered = false;
                 self.shared.emit_deadline(&self.key, holder, now);
                 // Re-arm the expiry timer for the earlier deadline.
                 if let Some(queue) = &mut lock.queue
@@ -788,14 +1021,17 @@ impl MemoryStore {
         spec: &AcquireSpec,
         shard: usize,
         key: &[u8],
-    ) -> Result<Step, StoreError> {
+    ) -> Result<(Step, Option<Generation>), StoreError> {
         let shared = &*self.shared;
         // The HTTP layer bounds leases to 24 h, far below u32::MAX ms.
         let lease_ms = u32::try_from(spec.lease.as_millis()).unwrap_or(u32::MAX);
-        shared.note_lease(lease_ms)?;
         // Under the lock: see the timer task.
         let mut state = shared.shard(shard);
         let now = shared.now();
+        if shared.is_tombstoned(key, &spec.request_id, now) {
+            // A late attempt of an acquire that has ended: it must create nothing.
+            return Ok((Step::Done(AcquireOutcome::Ended), None));
+        }
         let ShardState { locks, timers } = &mut *state;
         if !locks.contains_key(key) {
             shared.check_lock_quota(spec.project.id, spec.quota)?;
@@ -804,6 +1040,7 @@ impl MemoryStore {
         }
         let lock = locks.get_mut(key).expect("present: inserted above");
         shared.settle(timers, key, lock, now);
+        let record = shared.record_long_lease(spec, key);
 
         // The same request again: its grant, or its place in line.
         if let Some(holder) = lock
@@ -812,8 +1049,10 @@ impl MemoryStore {
             .filter(|h| h.request_id == spec.request_id)
         {
             holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+            holder.answered = true;
             shared.emit_deadline(key, holder, now);
-            return Ok(Step::Done(AcquireOutcome::Granted(holder.grant(now, now))));
+            let grant = holder.grant(now, now);
+            return Ok((Step::Done(AcquireOutcome::Granted(grant)), record));
         }
         let (tx, rx) = oneshot::channel();
         if let Some(queue) = &mut lock.queue
@@ -824,16 +1063,25 @@ impl MemoryStore {
         {
             waiter.notify = Some(tx);
             waiter.poll_started = now;
-            return Ok(Step::Wait(rx, now));
+            return Ok((Step::Wait(rx, now), record));
         }
 
         let label = spec.label.clone().map(Box::new);
-        if lock.holder.is_none() && lock.queue.is_none() && now >= shared.hold_back_until {
-            let holder = shared.new_holder(spec.request_id, lease_ms, label, now);
+        let held_back = shared.held_back(&spec.project, &spec.name, now);
+        if lock.holder.is_none() && lock.queue.is_none() && held_back.is_none() {
+            let Some(token) = shared.next_token() else {
+                if lock.is_empty() {
+                    shared.remove_lock(locks, key);
+                }
+                return Err(StoreError::Unavailable(
+                    "no fencing token is reserved in the state file yet; retry".into(),
+                ));
+            };
+            let holder = shared.new_holder(token, spec.request_id, lease_ms, label, now);
             shared.emit_granted(key, &holder, now);
             let grant = holder.grant(now, now);
             lock.holder = Some(holder);
-            return Ok(Step::Done(AcquireOutcome::Granted(grant)));
+            return Ok((Step::Done(AcquireOutcome::Granted(grant)), record));
         }
         let max_waiters = spec
             .quota
@@ -851,26 +1099,66 @@ impl MemoryStore {
                 lock.waiters()
             )))
         } else {
-            lock.queue
-                .get_or_insert_with(Default::default)
-                .waiters
-                .push_back(Waiter {
-                    request_id: spec.request_id,
-                    lease_ms,
-                    label,
-                    notify: Some(tx),
-                    detached_at: 0,
-                    queued_at: now,
-                    poll_started: now,
-                });
+            let queue = lock.queue.get_or_insert_with(Default::default);
+            queue.waiters.push_back(Waiter {
+                request_id: spec.request_id,
+                lease_ms,
+                label,
+                notify: Some(tx),
+                detached_at: 0,
+                queued_at: now,
+                poll_started: now,
+            });
+            if let Some(until) = held_back.filter(|&until| until > queue.held_back_until) {
+                // Wake the shard when the lock's own hold-back ends (the global one has
+                // its own wake-up in the shard task).
+                queue.held_back_until = until;
+                if lock.holder.is_none() && queue.timer.is_none() {
+                    timers.insert((until, 0), key.into());
+                    queue.timer = Some((until, 0));
+                }
+            }
             shared.waiting.fetch_add(1, Ordering::Relaxed);
             shared.settle(timers, key, lock, now);
-            return Ok(Step::Wait(rx, now));
+            return Ok((Step::Wait(rx, now), record));
         };
         if lock.is_empty() {
             shared.remove_lock(locks, key);
         }
-        refusal.map(Step::Done)
+        refusal.map(|outcome| (Step::Done(outcome), None))
+    }
+
+    /// Withdraws the waiter with this request id, or drops the grant made to it; true if
+    /// there was one.
+    fn withdraw(&self, project: ProjectId, name: &str, request_id: Id) -> bool {
+        self.on_lock(project, name, |shared, key, lock, timers, now| {
+            if let Some(queue) = &mut lock.queue
+                && let Some(pos) = queue
+                    .waiters
+                    .iter()
+                    .position(|w| w.request_id == request_id)
+            {
+                queue.waiters.remove(pos);
+                shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                shared.emit(key, now, || EventKind::Cancelled {
+                    token: None,
+                    request: short(&request_id),
+                });
+                true
+            } else if let Some(holder) = lock.holder.as_ref().filter(|h| h.request_id == request_id)
+            {
+                let token = holder.token.get();
+                shared.emit(key, now, || EventKind::Cancelled {
+                    token: Some(token),
+                    request: short(&request_id),
+                });
+                shared.drop_holder(timers, lock);
+                true
+            } else {
+                false
+            }
+        })
+        .unwrap_or(false)
     }
 
     /// Runs `f` on the lock's state (if it exists), then settles and drops it if empty.
@@ -901,9 +1189,28 @@ impl MemoryStore {
 impl LockStore for MemoryStore {
     fn acquire(&self, spec: AcquireSpec) -> StoreFuture<'_, AcquireOutcome> {
         Box::pin(async move {
+            // The wait and the poll count from the request's arrival, also when the state
+            // file kept it a moment.
+            let arrived = Instant::now();
             let key = lock_key(spec.project.id, &spec.name);
             let shard = self.shared.shard_of(&key);
-            let (rx, started) = match self.begin_acquire(&spec, shard, &key)? {
+            // Before the shard lock: these may wait for the state file. Tokens last, as
+            // close to the grant as can be.
+            let lease_ms = u32::try_from(spec.lease.as_millis()).unwrap_or(u32::MAX);
+            self.shared.note_lease(lease_ms).await?;
+            self.shared.tokens_ready().await?;
+            let (step, record) = self.begin_acquire(&spec, shard, &key)?;
+            if let (Some(generation), Some(file)) = (record, &self.shared.state_file)
+                && let Err(e) = file.durable(generation).await
+            {
+                // The long lease's record did not reach the disk: a crash could forget it,
+                // so nothing may be answered. The client retries with the same request id.
+                self.withdraw(spec.project.id, &spec.name, spec.request_id);
+                return Err(StoreError::Unavailable(format!(
+                    "cannot record the long lease: {e}"
+                )));
+            }
+            let (rx, started) = match step {
                 Step::Done(outcome) => return Ok(outcome),
                 Step::Wait(rx, started) => (rx, started),
             };
@@ -918,7 +1225,7 @@ impl LockStore for MemoryStore {
             let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
             let timed_out = spec.wait.is_some_and(|w| w <= spec.poll);
             let rx = pending.rx.as_mut().expect("set above");
-            match tokio::time::timeout(poll, rx).await {
+            match tokio::time::timeout_at(arrived + poll, rx).await {
                 Ok(Ok(grant)) => {
                     pending.rx = None;
                     Ok(AcquireOutcome::Granted(grant))
@@ -955,6 +1262,7 @@ impl LockStore for MemoryStore {
             .on_lock(project.id, name, |shared, key, lock, timers, now| {
                 if let Some(holder) = lock.holder.as_ref().filter(|h| h.lease_id == lease_id) {
                     let token = holder.token.get();
+                    shared.tombstone(key, holder.request_id, now);
                     shared.emit(key, now, || EventKind::Released { token });
                     shared.drop_holder(timers, lock);
                     Release::Released
@@ -967,43 +1275,18 @@ impl LockStore for MemoryStore {
     }
 
     fn cancel(&self, project: &Project, name: &str, request_id: Id) -> StoreFuture<'_, bool> {
-        let cancelled = self
-            .on_lock(project.id, name, |shared, key, lock, timers, now| {
-                if let Some(queue) = &mut lock.queue
-                    && let Some(pos) = queue
-                        .waiters
-                        .iter()
-                        .position(|w| w.request_id == request_id)
-                {
-                    queue.waiters.remove(pos);
-                    shared.waiting.fetch_sub(1, Ordering::Relaxed);
-                    shared.emit(key, now, || EventKind::Cancelled {
-                        token: None,
-                        request: short(&request_id),
-                    });
-                    true
-                } else if let Some(holder) =
-                    lock.holder.as_ref().filter(|h| h.request_id == request_id)
-                {
-                    let token = holder.token.get();
-                    shared.emit(key, now, || EventKind::Cancelled {
-                        token: Some(token),
-                        request: short(&request_id),
-                    });
-                    shared.drop_holder(timers, lock);
-                    true
-                } else {
-                    false
-                }
-            })
-            .unwrap_or(false);
+        let cancelled = self.withdraw(project.id, name, request_id);
+        // Also when nothing matched: the cancel may have overtaken its acquire.
+        let shared = &*self.shared;
+        shared.tombstone(&lock_key(project.id, name), request_id, shared.now());
         Box::pin(async move { Ok(cancelled) })
     }
 
     fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>> {
         let view = self
             .on_lock(project.id, name, |shared, _, lock, _, now| {
-                shared.view(lock, now)
+                let held_back = shared.held_back(project, name, now);
+                shared.view(lock, held_back, now)
             })
             // A lock whose holder just expired, with nobody waiting, no longer exists.
             .filter(|view| view.holder.is_some() || view.waiters > 0);
@@ -1024,13 +1307,56 @@ impl LockStore for MemoryStore {
             for index in 0..self.shared.shards.len() {
                 let state = self.shared.shard(index);
                 for lock in state.locks.values() {
-                    if let Some(h) = &lock.holder {
+                    // Longer leases are in the state file with their lock: only that lock
+                    // waits for them after the restart.
+                    if let Some(h) = lock
+                        .holder
+                        .as_ref()
+                        .filter(|h| !file.is_long(Duration::from_millis(u64::from(h.lease_ms))))
+                    {
                         latest = latest.max(h.deadline.saturating_sub(now));
                     }
                 }
             }
             file.clean_shutdown(SystemTime::now() + Duration::from_micros(latest))
+                .await
                 .map_err(|e| StoreError::Unavailable(format!("cannot write the state file: {e}")))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> Id {
+        Id(n.to_be_bytes())
+    }
+
+    #[test]
+    fn tombstones_are_scoped_to_their_lock_and_expire() {
+        let mut tombs = Tombstones::default();
+        tombs.insert(id(1), 7, 0, 100);
+        assert!(tombs.contains(&id(1), 7, 99));
+        assert!(!tombs.contains(&id(1), 8, 99), "another lock");
+        assert!(!tombs.contains(&id(1), 7, 100), "expired");
+        tombs.insert(id(2), 7, 150, 100);
+        assert!(!tombs.by_id.contains_key(&id(1)), "dropped when it expired");
+    }
+
+    #[test]
+    fn tombstones_stay_within_their_bound() {
+        let mut tombs = Tombstones::default();
+        for n in 0..(TOMBSTONES_PER_SHARD as u128 * 3) {
+            // The same id now and then: its newer tombstone outlives the older entry.
+            tombs.insert(id(n % 5_000), 1, n as u64, 1_000_000);
+        }
+        assert!(tombs.order.len() <= TOMBSTONES_PER_SHARD);
+        assert!(tombs.by_id.len() <= TOMBSTONES_PER_SHARD);
+        // The newest are kept, the oldest dropped.
+        let last = TOMBSTONES_PER_SHARD as u128 * 3 - 1;
+        assert!(tombs.contains(&id(last % 5_000), 1, last as u64));
+        // Id 3000 was last inserted at 8000, before the newest 4,096 (8192 to 12,287).
+        assert!(!tombs.contains(&id(3000), 1, last as u64));
     }
 }

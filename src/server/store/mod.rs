@@ -90,6 +90,9 @@ pub enum AcquireOutcome {
         /// Waiters ahead of the caller.
         position: u64,
     },
+    /// This request id's acquire has already ended (cancelled, timed out, or granted and
+    /// then released or expired): a late attempt of it creates nothing.
+    Ended,
 }
 
 /// What inspection shows of a lock.
@@ -101,6 +104,9 @@ pub struct LockView {
     pub waiters: u64,
     /// How long the first in line has waited.
     pub oldest_wait: Option<Duration>,
+    /// While nobody holds the lock and grants are held back after a server restart: when
+    /// the hold-back ends (wall clock).
+    pub held_back_until: Option<SystemTime>,
 }
 
 /// What inspection shows of a holder (never its lease id).
@@ -203,6 +209,8 @@ pub struct StoreStats {
     pub waiters: u64,
     /// Leases that ran out without being released, since start.
     pub expirations: u64,
+    /// Writes of the memory store's state file since start.
+    pub state_file_writes: u64,
 }
 
 /// Why a store refused.

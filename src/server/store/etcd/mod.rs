@@ -355,6 +355,7 @@ impl Inner {
                 .get(1)
                 .map(|kv| Duration::from_millis(now.saturating_sub(Entry::decode(kv.value()).at))),
             holder,
+            held_back_until: None,
         };
         Ok((view.holder.is_some() || view.waiters > 0).then_some(view))
     }
@@ -399,6 +400,7 @@ impl Inner {
             held,
             waiters: queued.saturating_sub(held),
             expirations: 0,
+            state_file_writes: 0,
         })
     }
 }
