@@ -69,7 +69,9 @@
 //!
 //! # How it talks to the server
 //! JSON over HTTP/2 (cleartext, prior knowledge) by default, so every request of a client,
-//! thousands of waiting acquires included, shares one connection per server. Waiting happens
+//! thousands of waiting acquires included, shares two connections per server: one for
+//! acquires, and one for renewals, releases and cancels, so that lease upkeep never waits
+//! for a stream behind long polls (a server allows 2,048 streams per connection). Waiting happens
 //! on the server (long polls in FIFO order), never in a client polling loop. One background
 //! task per client renews every due lease in batched requests. The protocol is written down
 //! in `docs/protocol.md`.

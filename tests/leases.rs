@@ -64,13 +64,27 @@ async fn one_client_renews_many_guards_in_batches(backend: Backend) {
     let _alone = support::heavy().await;
     let server = TestServer::start_on(backend).await;
     let dl = server.client("p");
-    let lease = Duration::from_secs(3);
     let guards_wanted: usize = if backend == Backend::Memory {
         10_000
     } else {
         1_000
     };
-    let guards = acquire_all(&dl, guards_wanted, lease).await;
+    // The lease must outlast what the server needs to serve the burst: renewals of the
+    // first guards wait behind the last acquires (on etcd, behind their transactions), and
+    // no renewal scheme keeps a lease shorter than that. Calibrated on a tenth of the burst
+    // first, with room for the whole burst three times over; 3 s where the machine is fast.
+    let started = Instant::now();
+    drop(
+        acquire_all(
+            &dl,
+            "calibration",
+            guards_wanted / 10,
+            Duration::from_secs(60),
+        )
+        .await,
+    );
+    let lease = (started.elapsed() * 30).max(Duration::from_secs(3));
+    let guards = acquire_all(&dl, "lock", guards_wanted, lease).await;
     let n = guards_wanted as f64;
     let renews_before = server
         .metric(r#"leasehold_http_requests_total{route="renew",status="200"}"#)
@@ -88,7 +102,7 @@ async fn one_client_renews_many_guards_in_batches(backend: Backend) {
         .await
         - renews_before;
     let periods = held_from.elapsed().as_secs_f64() / (lease / 3).as_secs_f64();
-    println!("{n} guards: {renews} renew requests over {periods:.1} renewal periods");
+    println!("{n} guards of {lease:?}: {renews} renew requests over {periods:.1} renewal periods");
     // Unbatched would be one request per guard and period. Batches carry up to 1,000 leases
     // each, so n / 1,000 requests per period is the floor; allow for leases acquired at
     // different moments.
@@ -107,16 +121,18 @@ async fn one_client_renews_many_guards_in_batches(backend: Backend) {
 
 /// Takes `n` distinct locks at once from one client. Every guard must be held at the moment
 /// it is handed over, however long its request waited inside the busy client.
-async fn acquire_all(dl: &DistributedLock, n: usize, lease: Duration) -> Vec<leasehold::LockGuard> {
+async fn acquire_all(
+    dl: &DistributedLock,
+    prefix: &str,
+    n: usize,
+    lease: Duration,
+) -> Vec<leasehold::LockGuard> {
     let mut acquires = tokio::task::JoinSet::new();
     for i in 0..n {
         let dl = dl.clone();
+        let name = format!("{prefix}-{i}");
         acquires.spawn(async move {
-            let guard = dl
-                .lock(format!("lock-{i}"))
-                .expires_in(lease)
-                .await
-                .unwrap();
+            let guard = dl.lock(name).expires_in(lease).await.unwrap();
             // Checked in the same poll that got the guard: nothing else ran in between.
             let held = guard.is_held();
             (guard, held)
@@ -160,7 +176,7 @@ fn a_busy_client_is_never_handed_a_lost_guard() {
             }
         });
         let lease = Duration::from_secs(3);
-        let guards = acquire_all(&dl, 10_000, lease).await;
+        let guards = acquire_all(&dl, "lock", 10_000, lease).await;
         // Held two lease lengths later: the confirmed guards are renewed like any other.
         tokio::time::sleep(2 * lease).await;
         let lost = guards.iter().filter(|g| !g.is_held()).count();
@@ -572,4 +588,38 @@ async fn a_grant_found_gone_is_not_handed_over_and_the_wait_goes_on() {
         server.inspect("p", "gone").await.0,
         Some(guard.fencing_token())
     );
+}
+
+/// A server limits the streams of one connection (2,048); a client with more waiting
+/// acquires than that used to queue its renewals behind them, for as long as the long
+/// polls lasted, and lose the leases it held. Renewals and releases have a connection of
+/// their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_never_wait_behind_the_clients_waiting_acquires() {
+    let _alone = support::heavy().await;
+    let server = TestServer::start().await;
+    let dl = server.client("p");
+    let lease = Duration::from_secs(1);
+    let held = dl.lock("held").expires_in(lease).await.unwrap();
+    let _blocker = dl.lock("crowded").await.unwrap();
+    let crowd = 3_000;
+    let mut waiters = tokio::task::JoinSet::new();
+    for _ in 0..crowd {
+        let dl = dl.clone();
+        waiters.spawn(async move { dl.lock("crowded").await.map(drop) });
+    }
+    // Every stream the server allows is taken by a waiting acquire, the rest queue in the
+    // client; meanwhile the held lease must be renewed every third of a second.
+    eventually(
+        BOUND,
+        "the server's streams are full of waiters",
+        || async { server.inspect("p", "crowded").await.1 >= 2_048 },
+    )
+    .await;
+    let since = Instant::now();
+    while since.elapsed() < 3 * lease {
+        assert!(held.is_held(), "lost after {:?}", since.elapsed());
+        tokio::time::sleep(lease / 10).await;
+    }
+    waiters.abort_all();
 }

@@ -212,7 +212,15 @@ async fn clients_spread_over_their_endpoints_or_prefer_the_first() {
             .endpoints([a.url(), b.url()])
             .build()
             .unwrap();
-        drop(dl.lock("x").timeout(Duration::ZERO).await.unwrap());
+        // Released before the next client tries once: a dropped guard releases in the
+        // background, which could still be on its way.
+        dl.lock("x")
+            .timeout(Duration::ZERO)
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
     }
     // Each of 20 clients picks its first endpoint at random: both are used (all on one
     // would happen once in half a million runs).
@@ -227,7 +235,15 @@ async fn clients_spread_over_their_endpoints_or_prefer_the_first() {
             .prefer_first_endpoint()
             .build()
             .unwrap();
-        drop(dl.lock("x").timeout(Duration::ZERO).await.unwrap());
+        // Released before the next client tries once: a dropped guard releases in the
+        // background, which could still be on its way.
+        dl.lock("x")
+            .timeout(Duration::ZERO)
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
     }
     assert_eq!(b.metric("leasehold_acquires_total").await, on_b);
     assert_eq!(a.metric("leasehold_acquires_total").await, on_a + 10.0);

@@ -324,10 +324,19 @@ impl Renewer {
         let body = json(&RenewRequest { leases });
         let transport = self.transport.clone();
         self.in_flight.spawn(async move {
+            // With another server to fail over to, half the time left goes to this one; with
+            // one server, a slow answer is worth waiting for: abandoning it only makes the
+            // server do the same work again (a large batch on a busy etcd-backed server can
+            // take a second).
+            let left = deadline.saturating_duration_since(sent);
+            let share = if transport.endpoint_count() > 1 {
+                left / 2
+            } else {
+                left
+            };
             let attempts = Attempts {
                 deadline,
-                per_attempt: (deadline.saturating_duration_since(sent) / 2)
-                    .max(Duration::from_millis(50)),
+                per_attempt: share.max(Duration::from_millis(50)),
             };
             let mut sent = sent;
             let results = match transport.post(Route::Renew, body, attempts).await {

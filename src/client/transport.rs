@@ -192,7 +192,12 @@ pub(crate) struct Transport {
     endpoints: Box<[Endpoint]>,
     /// Index of the endpoint in use; moves on when it fails.
     current: AtomicUsize,
-    http: Client<Connector, StampedBody>,
+    /// Acquires (long polls) and inspections.
+    acquires: Client<Connector, StampedBody>,
+    /// Renewals, releases and cancels, on a connection of their own: a server limits the
+    /// streams of one connection (2,048 by default), and thousands of waiting acquires
+    /// would otherwise hold them all while the leases they already hold run out.
+    leases: Client<Connector, StampedBody>,
     auth: HeaderValue,
 }
 
@@ -234,17 +239,19 @@ impl Transport {
             #[cfg(feature = "tls")]
             tls,
         };
-        let http = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            // HTTP/2 with prior knowledge: every request of this client, waiting acquires
-            // included, shares one connection per server.
-            .http2_only(!config.http1_only)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .http2_keep_alive_timeout(Duration::from_secs(5))
-            .http2_initial_max_send_streams(1024)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let pool = || {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                // HTTP/2 with prior knowledge: every request of a pool, waiting acquires
+                // included, shares one connection per server.
+                .http2_only(!config.http1_only)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .http2_keep_alive_timeout(Duration::from_secs(5))
+                .http2_initial_max_send_streams(1024)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector.clone())
+        };
         Ok(Transport {
             endpoints,
             // Clients start at different endpoints, so that load spreads over the servers.
@@ -253,9 +260,15 @@ impl Transport {
             } else {
                 usize::from(crate::id::Id::random().0[0])
             }),
-            http,
+            acquires: pool(),
+            leases: pool(),
             auth,
         })
+    }
+
+    /// How many servers this client may use.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
     }
 
     /// POSTs `body` to `route`, retrying transport faults and 502/503/504 with backoff and
@@ -267,12 +280,20 @@ impl Transport {
         attempts: Attempts,
     ) -> Result<Reply, Error> {
         self.send(
+            self.pool(route),
             Method::POST,
             |e| Ok(e.uri(route)),
             || body.clone(),
             attempts,
         )
         .await
+    }
+
+    fn pool(&self, route: Route) -> &Client<Connector, StampedBody> {
+        match route {
+            Route::Acquire => &self.acquires,
+            Route::Renew | Route::Release | Route::Cancel => &self.leases,
+        }
     }
 
     /// [`Transport::post`] with a body made afresh for each attempt (an acquire's remaining
@@ -283,8 +304,14 @@ impl Transport {
         body: impl Fn() -> Bytes,
         attempts: Attempts,
     ) -> Result<Reply, Error> {
-        self.send(Method::POST, |e| Ok(e.uri(route)), body, attempts)
-            .await
+        self.send(
+            self.pool(route),
+            Method::POST,
+            |e| Ok(e.uri(route)),
+            body,
+            attempts,
+        )
+        .await
     }
 
     /// GETs `path` (already percent-encoded), with the same retry policy as [`Transport::post`].
@@ -294,11 +321,13 @@ impl Transport {
                 .parse::<Uri>()
                 .map_err(|err| Error::invalid(format!("bad path {path:?}: {err}")))
         };
-        self.send(Method::GET, uri, Bytes::new, attempts).await
+        self.send(&self.acquires, Method::GET, uri, Bytes::new, attempts)
+            .await
     }
 
     async fn send(
         &self,
+        pool: &Client<Connector, StampedBody>,
         method: Method,
         uri: impl Fn(&Endpoint) -> Result<Uri, Error>,
         body: impl Fn() -> Bytes,
@@ -314,6 +343,7 @@ impl Transport {
             let answer_by = (attempts.deadline + ANSWER_GRACE).saturating_duration_since(started);
             let failure = match self
                 .attempt(
+                    pool,
                     method.clone(),
                     uri(endpoint)?,
                     body(),
@@ -374,6 +404,7 @@ impl Transport {
 
     async fn attempt(
         &self,
+        pool: &Client<Connector, StampedBody>,
         method: Method,
         uri: Uri,
         body: Bytes,
@@ -389,7 +420,7 @@ impl Transport {
             .map_err(|e| Failed::Retry(e.to_string()))?;
         let connection = capture_connection(&mut request);
         let exchange = async {
-            let response = self.http.request(request).await.map_err(describe)?;
+            let response = pool.request(request).await.map_err(describe)?;
             let status = response.status();
             let retry_after = response
                 .headers()
