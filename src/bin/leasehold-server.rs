@@ -308,6 +308,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), leasehold::Error> {
+    let mut signals = Signals::install();
     let mut builder = Server::builder()
         .bind(&args.listen)
         .max_connections_per_ip(args.max_connections_per_ip)
@@ -359,7 +360,7 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
         tracing::info!("serving /metrics on http://{addr}/metrics");
     }
     tracing::info!("listening on {}", server.url());
-    while let Signal::Reload = next_signal().await {
+    while let Signal::Reload = signals.next().await {
         match server.reload_keys() {
             Ok(keys) => tracing::info!(keys, "SIGHUP: key file reloaded"),
             Err(e) => {
@@ -489,26 +490,45 @@ enum Signal {
     Stop,
 }
 
-#[cfg(not(unix))]
-async fn next_signal() -> Signal {
-    let _ = tokio::signal::ctrl_c().await;
-    Signal::Stop
+/// The signals the server acts on, listened for from the start: a SIGHUP, SIGTERM or SIGINT that
+/// arrived before its handler was installed would end the process at once (their default
+/// action), without the clean shutdown that spares the next start its hold-back.
+struct Signals {
+    #[cfg(unix)]
+    streams: Option<[tokio::signal::unix::Signal; 3]>,
 }
 
-#[cfg(unix)]
-async fn next_signal() -> Signal {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+impl Signals {
+    /// Installs the handlers; call on the runtime, before anything is announced.
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let streams = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) {
+                (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+                _ => None,
+            };
+            Signals { streams }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        if let Some([term, int, hup]) = &mut self.streams {
+            return tokio::select! {
+                _ = term.recv() => Signal::Stop,
+                _ = int.recv() => Signal::Stop,
+                _ = hup.recv() => Signal::Reload,
+            };
+        }
         let _ = tokio::signal::ctrl_c().await;
-        return Signal::Stop;
-    };
-    tokio::select! {
-        _ = term.recv() => Signal::Stop,
-        _ = tokio::signal::ctrl_c() => Signal::Stop,
-        _ = hup.recv() => Signal::Reload,
+        Signal::Stop
     }
 }
 
