@@ -17,6 +17,7 @@
 //!   fencing token's reservation, its lease length (up to the crash hold-back bound), or its
 //!   lock's record if the lease is longer (see `state_file`).
 
+use super::wait_queue::WaitQueue;
 use super::{
     AcquireOutcome, AcquireSpec, EventKind, EventSink, Grant, HolderView, LockStore, LockView,
     Project, ProjectId, Quota, Release, StoreError, StoreEvent, StoreFuture, StoreStats,
@@ -259,7 +260,7 @@ struct Holder {
 
 #[derive(Debug, Default)]
 struct Queue {
-    waiters: VecDeque<Waiter>,
+    waiters: WaitQueue<Waiter>,
     /// The holder's expiry timer, or the end of the lock's hold-back after a restart, if
     /// scheduled: its key in `ShardState::timers`.
     timer: Option<(u64, u64)>,
@@ -919,13 +920,10 @@ impl PendingWait<'_> {
             self.shared.emit_deadline(&self.key, holder, now);
             AcquireOutcome::Granted(holder.grant(self.started, now))
         } else if let Some(queue) = &mut lock.queue
-            && let Some(pos) = queue
-                .waiters
-                .iter()
-                .position(|w| w.request_id == self.request_id)
+            && let Some(pos) = queue.waiters.position(&self.request_id)
         {
             if timed_out {
-                queue.waiters.remove(pos);
+                queue.waiters.remove(&self.request_id);
                 self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
                 self.shared.tombstone(&self.key, self.request_id, now);
                 self.shared.emit(&self.key, now, || EventKind::WaiterLeft {
@@ -939,14 +937,13 @@ impl PendingWait<'_> {
                         .map(|h| self.shared.holder_view(h, now)),
                 }
             } else {
-                let waiter = &mut queue.waiters[pos];
-                if waiter.notify.as_ref().is_some_and(|tx| tx.is_closed()) {
+                if let Some(waiter) = queue.waiters.get_mut(&self.request_id)
+                    && waiter.notify.as_ref().is_some_and(|tx| tx.is_closed())
+                {
                     waiter.notify = None;
                     waiter.detached_at = now;
                 }
-                AcquireOutcome::StillWaiting {
-                    position: pos as u64,
-                }
+                AcquireOutcome::StillWaiting { position: pos }
             }
         } else {
             // Withdrawn meanwhile (cancelled, or gone past its grace period).
@@ -997,10 +994,7 @@ impl Drop for PendingWait<'_> {
                 self.shared.settle(timers, &self.key, lock, now);
             }
         } else if let Some(queue) = &mut lock.queue
-            && let Some(waiter) = queue
-                .waiters
-                .iter_mut()
-                .find(|w| w.request_id == self.request_id)
+            && let Some(waiter) = queue.waiters.get_mut(&self.request_id)
             && waiter.notify.as_ref().is_some_and(|tx| tx.is_closed())
         {
             waiter.notify = None;
@@ -1056,10 +1050,7 @@ impl MemoryStore {
         }
         let (tx, rx) = oneshot::channel();
         if let Some(queue) = &mut lock.queue
-            && let Some(waiter) = queue
-                .waiters
-                .iter_mut()
-                .find(|w| w.request_id == spec.request_id)
+            && let Some(waiter) = queue.waiters.get_mut(&spec.request_id)
         {
             waiter.notify = Some(tx);
             waiter.poll_started = now;
@@ -1100,15 +1091,18 @@ impl MemoryStore {
             )))
         } else {
             let queue = lock.queue.get_or_insert_with(Default::default);
-            queue.waiters.push_back(Waiter {
-                request_id: spec.request_id,
-                lease_ms,
-                label,
-                notify: Some(tx),
-                detached_at: 0,
-                queued_at: now,
-                poll_started: now,
-            });
+            queue.waiters.push_back(
+                spec.request_id,
+                Waiter {
+                    request_id: spec.request_id,
+                    lease_ms,
+                    label,
+                    notify: Some(tx),
+                    detached_at: 0,
+                    queued_at: now,
+                    poll_started: now,
+                },
+            );
             if let Some(until) = held_back.filter(|&until| until > queue.held_back_until) {
                 // Wake the shard when the lock's own hold-back ends (the global one has
                 // its own wake-up in the shard task).
@@ -1133,12 +1127,8 @@ impl MemoryStore {
     fn withdraw(&self, project: ProjectId, name: &str, request_id: Id) -> bool {
         self.on_lock(project, name, |shared, key, lock, timers, now| {
             if let Some(queue) = &mut lock.queue
-                && let Some(pos) = queue
-                    .waiters
-                    .iter()
-                    .position(|w| w.request_id == request_id)
+                && queue.waiters.remove(&request_id).is_some()
             {
-                queue.waiters.remove(pos);
                 shared.waiting.fetch_sub(1, Ordering::Relaxed);
                 shared.emit(key, now, || EventKind::Cancelled {
                     token: None,

@@ -5,6 +5,7 @@
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod memory;
+mod wait_queue;
 
 /// The request ids that [`AcquireSpec::request_id`] carries.
 pub use crate::id::Id;
