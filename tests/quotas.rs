@@ -54,3 +54,87 @@ async fn a_project_may_hold_its_quota_of_locks_and_no_more() {
     held.pop().unwrap().release().await.unwrap();
     let _again = within(BOUND, dl.lock("lock-5")).await.unwrap();
 }
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Linux /proc");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// Acquire+release pairs of one client, each timed, sorted.
+async fn pairs(dl: &leasehold::DistributedLock, n: usize) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = tokio::time::Instant::now();
+        dl.lock("work").await.unwrap().release().await.unwrap();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times
+}
+
+fn p99(sorted: &[Duration]) -> Duration {
+    sorted[sorted.len() * 99 / 100]
+}
+
+/// One open-mode key held 139,000 waiters (about 5 KB each). Against the real binary, with
+/// the quota set to 2,000 so that the test stays small: the rest of a crowd is refused,
+/// the server's memory stays bounded, and another project keeps its pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_waiters_from_one_key_is_bounded() {
+    let _alone = support::heavy().await;
+    let server = support::process::ServerProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--no-state-file",
+        "--max-acquires-per-project",
+        "2000",
+    ])
+    .await;
+    let legit = support::client_for(&server.url, "legit");
+    pairs(&legit, 50).await; // warm up
+    let baseline = pairs(&legit, 300).await;
+    let rss_before = rss(server.pid());
+
+    let attacker = support::client_for(&server.url, "anything");
+    let _holder = attacker.lock("x").await.unwrap();
+    let mut crowd = tokio::task::JoinSet::new();
+    for _ in 0..3_000 {
+        let dl = attacker.clone();
+        crowd.spawn(async move { dl.lock("x").await.map(drop) });
+    }
+    let mut refused = 0;
+    while refused < 1_000 {
+        let result = within(BOUND, crowd.join_next()).await.unwrap().unwrap();
+        assert!(result.unwrap_err().is_limit_reached());
+        refused += 1;
+    }
+    assert_eq!(attacker.inspect("x").await.unwrap().waiters, 2_000);
+    let during = pairs(&legit, 300).await;
+    let grown = rss(server.pid()).saturating_sub(rss_before);
+    println!(
+        "2,000 waiters held, 1,000 refused: server memory +{} MiB; another project's p99 \
+         {:?} before, {:?} during",
+        grown >> 20,
+        p99(&baseline),
+        p99(&during)
+    );
+    // About 5 KB a waiter, twice over for the allocator's slack.
+    assert!(
+        grown < 2_000 * 10 * 1024 + (16 << 20),
+        "grew {} MiB",
+        grown >> 20
+    );
+    assert!(
+        p99(&during) <= 3 * p99(&baseline),
+        "another project's p99 went from {:?} to {:?}",
+        p99(&baseline),
+        p99(&during)
+    );
+    crowd.abort_all();
+}
