@@ -4,54 +4,14 @@
 
 mod support;
 
-use leasehold::DistributedLock;
 use std::net::SocketAddr;
-use std::time::Duration;
+use support::load::{p99, pairs, rss};
 use support::process::ServerProcess;
-use support::{client_for, raw};
+use support::{client_for, metric};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 const BODY: usize = 1 << 20;
-
-/// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Linux /proc");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024
-}
-
-/// Acquire+release pairs of one client, each timed.
-async fn pairs(dl: &DistributedLock, n: usize) -> Vec<Duration> {
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        dl.lock("work").await.unwrap().release().await.unwrap();
-        times.push(started.elapsed());
-    }
-    times.sort();
-    times
-}
-
-fn p99(sorted: &[Duration]) -> Duration {
-    sorted[sorted.len() * 99 / 100]
-}
-
-async fn metric(addr: SocketAddr, series: &str) -> f64 {
-    let (status, body) = raw(addr, "GET", "/metrics", &[], "").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().expect("metric value"))
-        })
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_large_bodies_are_bounded_and_other_projects_keep_their_pace() {

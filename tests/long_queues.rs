@@ -9,11 +9,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use leasehold::DistributedLock;
 use std::time::Duration;
 use support::client_for;
+use support::load::{cpu_time, p99, pairs};
 use support::process::ServerProcess;
-use tokio::time::Instant;
 
 /// Plain HTTP/2 requests with request ids the test chooses.
 #[derive(Clone)]
@@ -52,18 +51,6 @@ impl Raw {
     }
 }
 
-/// Acquire+release pairs of one client, each timed, sorted.
-async fn pairs(dl: &DistributedLock, n: usize) -> Vec<Duration> {
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        dl.lock("work").await.unwrap().release().await.unwrap();
-        times.push(started.elapsed());
-    }
-    times.sort();
-    times
-}
-
 /// `n` re-polls of one waiter's place, from `tasks` tasks at once.
 async fn repolls(raw: &Raw, name: &str, id: &str, n: usize, tasks: usize) {
     let mut set = tokio::task::JoinSet::new();
@@ -78,21 +65,6 @@ async fn repolls(raw: &Raw, name: &str, id: &str, n: usize, tasks: usize) {
     while let Some(done) = set.join_next().await {
         done.unwrap();
     }
-}
-
-/// CPU time a process has used (user and system), from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("Linux /proc");
-    // Fields after the command name, which ends with the last ')'.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_secs_f64(ticks as f64 / per_second as f64)
-}
-
-fn p99(sorted: &[Duration]) -> Duration {
-    sorted[sorted.len() * 99 / 100]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 mod support;
 
 use std::time::Duration;
+use support::load::{p99, pairs, rss};
 use support::{TestServer, eventually, within};
 
 const BOUND: Duration = Duration::from_secs(20);
@@ -53,33 +54,6 @@ async fn a_project_may_hold_its_quota_of_locks_and_no_more() {
     let _other = server.client("q").lock("lock-5").await.unwrap();
     held.pop().unwrap().release().await.unwrap();
     let _again = within(BOUND, dl.lock("lock-5")).await.unwrap();
-}
-
-/// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Linux /proc");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024
-}
-
-/// Acquire+release pairs of one client, each timed, sorted.
-async fn pairs(dl: &leasehold::DistributedLock, n: usize) -> Vec<Duration> {
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = tokio::time::Instant::now();
-        dl.lock("work").await.unwrap().release().await.unwrap();
-        times.push(started.elapsed());
-    }
-    times.sort();
-    times
-}
-
-fn p99(sorted: &[Duration]) -> Duration {
-    sorted[sorted.len() * 99 / 100]
 }
 
 /// One open-mode key held 139,000 waiters (about 5 KB each). Against the real binary, with

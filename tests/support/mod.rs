@@ -6,6 +6,7 @@ pub mod contend;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod history;
+pub mod load;
 pub mod process;
 pub mod proxy;
 pub mod sim;
@@ -290,14 +291,7 @@ impl TestServer {
     /// The value of one metric line, such as `leasehold_grants_total` or
     /// `leasehold_http_requests_total{route="renew",status="200"}`; 0 if absent.
     pub async fn metric(&self, series: &str) -> f64 {
-        let (status, body) = raw(self.addr, "GET", "/metrics", &[], "").await;
-        assert_eq!(status, 200);
-        body.lines()
-            .find_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                (name == series).then(|| value.parse().expect("metric value"))
-            })
-            .unwrap_or(0.0)
+        metric(self.addr, series).await
     }
 
     /// Inspection as project `key` sees it: (holder token, waiters).
@@ -366,6 +360,18 @@ pub async fn raw(
     }
     request.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
     raw_bytes(addr, request.as_bytes()).await
+}
+
+/// One series of the server's `/metrics` at `addr` (0 when absent).
+pub async fn metric(addr: SocketAddr, series: &str) -> f64 {
+    let (status, body) = raw(addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().expect("metric value"))
+        })
+        .unwrap_or(0.0)
 }
 
 /// Sends bytes as they are and reads the answer until the server closes.
