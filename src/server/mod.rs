@@ -20,6 +20,7 @@ mod budget;
 mod connection;
 mod http;
 mod in_flight;
+mod log_limit;
 mod metrics;
 mod state_dir;
 mod state_file;

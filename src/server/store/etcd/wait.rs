@@ -8,6 +8,7 @@ use super::call::{
     self, EtcdError, ahead_of, delete, first, first_since, get, kvs, put, queue_oldest, revision,
 };
 use super::keys::{Entry, LockKeys, unix_ms};
+use crate::server::log_limit::LogLimit;
 use crate::server::store::AcquireOutcome;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use std::time::{Duration, SystemTime};
@@ -114,7 +115,12 @@ impl Inner {
                             Ok(Ok(())) => refreshed = sent,
                             Ok(Err(EtcdError::LeaseGone)) => continue 'check,
                             Ok(Err(e)) => {
-                                tracing::warn!(error = ?e, "keeping a waiter alive failed")
+                                // One line per waiter would flood the log during an etcd
+                                // outage with many waiters.
+                                static FAILED: LogLimit = LogLimit::new();
+                                if FAILED.allow().is_some() {
+                                    tracing::warn!(error = ?e, "keeping a waiter alive failed")
+                                }
                             }
                             Err(_) => break 'check,
                         }
