@@ -247,6 +247,17 @@ async fn after_a_crash_the_long_lease_lock_waits_for_its_own_lease() {
     let addr: std::net::SocketAddr = server.url.trim_start_matches("http://").parse().unwrap();
     let dl = client_for(&server.url, "p");
     let _other = within(BOUND, dl.lock("other")).await.unwrap();
+    // Inspection says so before anyone waits too.
+    let (status, body) = raw(
+        addr,
+        "GET",
+        "/v1/locks/long",
+        &[("authorization", "Bearer p")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(json(&body)["held_back_until_ms"].is_u64(), "{body}");
 
     // A waiter (the CLI, its stderr a pipe) and inspection see the hold-back's end.
     let cli = tokio::process::Command::new(CLI_BIN)

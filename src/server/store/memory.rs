@@ -1279,7 +1279,19 @@ impl LockStore for MemoryStore {
                 shared.view(lock, held_back, now)
             })
             // A lock whose holder just expired, with nobody waiting, no longer exists.
-            .filter(|view| view.holder.is_some() || view.waiters > 0);
+            .filter(|view| view.holder.is_some() || view.waiters > 0)
+            .or_else(|| {
+                // Nobody holds or waits, but grants are held back after a restart: say
+                // until when, so that an operator sees why the first acquire will wait.
+                let shared = &*self.shared;
+                let until = shared.held_back(project, name, shared.now())?;
+                Some(LockView {
+                    holder: None,
+                    waiters: 0,
+                    oldest_wait: None,
+                    held_back_until: Some(shared.origin_wall + Duration::from_micros(until)),
+                })
+            });
         Box::pin(async move { Ok(view) })
     }
 
