@@ -194,17 +194,7 @@ async fn request_from(
     let _ = tcp.write_all(request.as_bytes()).await;
     let mut answer = Vec::new();
     let _ = within(BOUND, tcp.read_to_end(&mut answer)).await;
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    support::parse_answer(&answer)
 }
 
 /// A legitimate client's round: acquire a lock and release it, from 127.0.0.2. Returns how

@@ -50,6 +50,13 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: String) -> (u16, Str
     raw(addr, "POST", path, &[("authorization", "Bearer p")], &body).await
 }
 
+/// Inspection of lock `long` of project `p`, if it answers `200`.
+async fn inspect_long(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
+    let auth = [("authorization", "Bearer p")];
+    let (status, body) = raw(addr, "GET", "/v1/locks/long", &auth, "").await;
+    (status == 200).then(|| json(&body))
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
@@ -248,16 +255,13 @@ async fn after_a_crash_the_long_lease_lock_waits_for_its_own_lease() {
     let dl = client_for(&server.url, "p");
     let _other = within(BOUND, dl.lock("other")).await.unwrap();
     // Inspection says so before anyone waits too.
-    let (status, body) = raw(
-        addr,
-        "GET",
-        "/v1/locks/long",
-        &[("authorization", "Bearer p")],
-        "",
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert!(json(&body)["held_back_until_ms"].is_u64(), "{body}");
+    let before_anyone = inspect_long(addr)
+        .await
+        .expect("a held-back lock answers 200");
+    assert!(
+        before_anyone["held_back_until_ms"].is_u64(),
+        "{before_anyone}"
+    );
 
     // A waiter (the CLI, its stderr a pipe) and inspection see the hold-back's end.
     let cli = tokio::process::Command::new(CLI_BIN)
@@ -270,20 +274,9 @@ async fn after_a_crash_the_long_lease_lock_waits_for_its_own_lease() {
     let seen = std::cell::Cell::new(None);
     let until = &seen;
     eventually(BOUND, "the CLI waits in line", || async move {
-        let (status, body) = raw(
-            addr,
-            "GET",
-            "/v1/locks/long",
-            &[("authorization", "Bearer p")],
-            "",
-        )
-        .await;
-        until.set(
-            (status == 200)
-                .then(|| json(&body)["held_back_until_ms"].as_u64())
-                .flatten(),
-        );
-        until.get().is_some()
+        let info = inspect_long(addr).await.unwrap_or_default();
+        until.set(info["held_back_until_ms"].as_u64());
+        info["waiters"] == 1 && until.get().is_some()
     })
     .await;
     let until = seen.get().unwrap();

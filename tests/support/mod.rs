@@ -381,7 +381,12 @@ pub async fn raw_bytes(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     let mut answer = Vec::new();
     // A reset counts as an answer without a status (0).
     let _ = within(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
-    let text = String::from_utf8_lossy(&answer).into_owned();
+    parse_answer(&answer)
+}
+
+/// (status, body) of a raw HTTP/1.1 answer; status 0 when there is none (a reset).
+pub fn parse_answer(answer: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(answer);
     let status = text
         .split(' ')
         .nth(1)

@@ -541,29 +541,23 @@ impl Shared {
 
     /// Remembers that the acquire `request_id` on lock `key` has ended.
     fn tombstone(&self, key: &[u8], request_id: Id, now: u64) {
-        let fingerprint = self.hasher.hash_one(key);
-        let shard = &self.shards[(fingerprint % self.shards.len() as u64) as usize];
-        shard
-            .tombstones
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                request_id,
-                fingerprint,
-                now,
-                micros(self.config.tombstone_ttl),
-            );
+        let ttl = micros(self.config.tombstone_ttl);
+        let (fingerprint, mut tombstones) = self.tombstones_of(key);
+        tombstones.insert(request_id, fingerprint, now, ttl);
     }
 
     /// Whether the acquire `request_id` on lock `key` has ended.
     fn is_tombstoned(&self, key: &[u8], request_id: &Id, now: u64) -> bool {
+        let (fingerprint, tombstones) = self.tombstones_of(key);
+        tombstones.contains(request_id, fingerprint, now)
+    }
+
+    /// The tombstones of `key`'s shard, and the key's fingerprint in them.
+    fn tombstones_of(&self, key: &[u8]) -> (u64, MutexGuard<'_, Tombstones>) {
         let fingerprint = self.hasher.hash_one(key);
         let shard = &self.shards[(fingerprint % self.shards.len() as u64) as usize];
-        shard
-            .tombstones
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(request_id, fingerprint, now)
+        let tombstones = shard.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+        (fingerprint, tombstones)
     }
 
     fn new_lease_id() -> Id {
