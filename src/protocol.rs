@@ -24,6 +24,8 @@ pub const PATH_RELEASE: &str = "/v1/release";
 pub const PATH_CANCEL: &str = "/v1/cancel";
 /// Prefix of the inspect endpoint; the percent-encoded lock name follows.
 pub const PATH_LOCKS_PREFIX: &str = "/v1/locks/";
+/// Revoke path (operators: ends the current holder's lease).
+pub const PATH_REVOKE: &str = "/v1/revoke";
 
 /// Checks a lock name against the protocol's rules; the message says what is wrong.
 pub fn validate_name(name: &str) -> Result<(), String> {
@@ -115,6 +117,15 @@ pub struct AcquireRequest {
     /// (same rules as names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<String>,
+    /// Longest time the lease may be held, counted from the grant: renewals never extend it
+    /// past that, and renewing later answers `gone` with reason `max_hold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_hold_ms: Option<u64>,
+    /// Lock-delay: if this lease ends without a release (it expires, reaches its
+    /// `max_hold`, or is revoked), nobody is granted the lock until this long after.
+    /// At most the server's maximum (`400` above it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_delay_ms: Option<u64>,
 }
 
 /// `200` answer to an acquire: the lock is yours.
@@ -167,8 +178,28 @@ pub enum RenewResult {
         /// Lease length, in milliseconds.
         lease_ms: u64,
     },
-    /// Not held under this id (expired, released, or never existed).
-    Gone,
+    /// Not held under this id (expired, released, revoked, or never existed).
+    Gone {
+        /// Why, when the server knows: absent for a lease it does not know (expired long
+        /// ago, released, or never granted).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<GoneReason>,
+    },
+}
+
+/// Why a lease the server still remembers has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GoneReason {
+    /// Its time ran out without a renewal.
+    Expired,
+    /// It reached the `max_hold_ms` its acquire asked for.
+    MaxHold,
+    /// An operator revoked it.
+    Revoked,
+    /// A reason this client does not know (a newer server).
+    #[serde(other)]
+    Other,
 }
 
 /// `200` answer to a renew.
@@ -200,6 +231,21 @@ pub struct CancelResponse {
 pub struct ReleaseResponse {
     /// Always true in a `200`; a lease that is not held answers `410`.
     pub released: bool,
+}
+
+/// `POST /v1/revoke` request body: end the current holder's lease of `name` now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// Lock name.
+    pub name: String,
+}
+
+/// `200` answer to a revoke.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// The fencing token of the lease that was revoked.
+    pub fencing_token: u64,
 }
 
 /// `GET /v1/locks/{name}` answer.
@@ -261,6 +307,8 @@ pub mod codes {
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     /// 409: the wait ended without the lock.
     pub const TIMEOUT: &str = "timeout";
+    /// 403: the key may not do this (revoking with a key that is not an admin key).
+    pub const FORBIDDEN: &str = "forbidden";
     /// 410: the lease is not held.
     pub const GONE: &str = "gone";
     /// 413: body too large.
@@ -346,7 +394,20 @@ mod tests {
     fn renew_results_are_tagged() {
         let json = serde_json::to_string(&RenewResult::Renewed { lease_ms: 5 }).unwrap();
         assert_eq!(json, r#"{"status":"renewed","lease_ms":5}"#);
-        let json = serde_json::to_string(&RenewResult::Gone).unwrap();
+        let json = serde_json::to_string(&RenewResult::Gone { reason: None }).unwrap();
         assert_eq!(json, r#"{"status":"gone"}"#);
+        let json = serde_json::to_string(&RenewResult::Gone {
+            reason: Some(GoneReason::MaxHold),
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"status":"gone","reason":"max_hold"}"#);
+        let unknown: RenewResult =
+            serde_json::from_str(r#"{"status":"gone","reason":"moved"}"#).unwrap();
+        assert_eq!(
+            unknown,
+            RenewResult::Gone {
+                reason: Some(GoneReason::Other)
+            }
+        );
     }
 }

@@ -398,7 +398,7 @@ impl Renewer {
                     lease.state.send_replace(Some(lease.deadline));
                     lease.next_event(outcome.sent)
                 }
-                (Some(RenewResult::Gone), _) => {
+                (Some(RenewResult::Gone { .. }), _) => {
                     self.lose(key, true);
                     continue;
                 }

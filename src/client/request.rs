@@ -219,6 +219,8 @@ impl LockRequest {
                     poll_ms: Some(POLL.as_millis() as u64),
                     request_id,
                     metadata: self.metadata.clone(),
+                    max_hold_ms: None,
+                    lock_delay_ms: None,
                 })
             };
             let attempts = Attempts {

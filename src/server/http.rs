@@ -549,10 +549,10 @@ impl App {
                 Some(lease) => RenewResult::Renewed {
                     lease_ms: lease.as_millis() as u64,
                 },
-                None => RenewResult::Gone,
+                None => RenewResult::Gone { reason: None },
             })
             .collect();
-        let renewed = results.iter().filter(|r| **r != RenewResult::Gone).count();
+        let renewed = results.iter().filter(|r| matches!(r, RenewResult::Renewed { .. })).count();
         self.metrics.renewals.inc_by(renewed as u64);
         Ok(json_reply(StatusCode::OK, &RenewResponse { results }))
     }
