@@ -13,6 +13,27 @@ fn held_by(holder: &Option<HolderInfo>) -> String {
     }
 }
 
+/// An underlying error kept as [`source`](std::error::Error::source).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `534ms`, `2.5s`, `3m 20s`: a duration as people read it, not `534.558327ms`.
+pub(crate) fn round(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1_000 {
+        format!("{ms}ms")
+    } else if ms < 10_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else if ms < 120_000 {
+        format!("{}s", d.as_secs())
+    } else {
+        let s = d.as_secs();
+        match s % 60 {
+            0 => format!("{}m", s / 60),
+            rest => format!("{}m {rest}s", s / 60),
+        }
+    }
+}
+
 /// Everything that can go wrong, as variants a caller can act on.
 ///
 /// Messages name the lock and the endpoint involved, never the API key.
@@ -21,7 +42,8 @@ fn held_by(holder: &Option<HolderInfo>) -> String {
 pub enum Error {
     /// The wait for the lock reached its `timeout` without the lock being granted.
     #[error(
-        "timed out after {waited:?} waiting for lock {name:?}{}",
+        "timed out after {} waiting for lock {name:?}{}",
+        round(*waited),
         held_by(holder)
     )]
     Timeout {
@@ -35,10 +57,12 @@ pub enum Error {
 
     /// The lease ended (expired, revoked, or could not be renewed in time) while it was
     /// believed held, or it was already gone when released.
-    #[error("lost the lease on lock {name:?}")]
+    #[error("lost the lease on lock {name:?}: {reason}")]
     LockLost {
         /// The lock whose lease was lost.
         name: String,
+        /// Why.
+        reason: crate::LostReason,
     },
 
     /// The server refused the API key.
@@ -55,13 +79,40 @@ pub enum Error {
         message: String,
     },
 
-    /// No server could be reached (or all were shutting down) within the deadline.
+    /// No server could be reached (or all were shutting down) within the deadline. A client
+    /// that never reached any server gives up after a few seconds, saying so.
     #[error("lock server unavailable at {endpoint}: {reason}")]
     Unavailable {
         /// The endpoint tried last.
         endpoint: String,
         /// The last failure seen.
         reason: String,
+        /// The underlying transport error, if there was one (not for a `503` answer).
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The server refused the request for this key: revoking with a key that is not an
+    /// admin key of its project.
+    #[error("{endpoint} refused: {message} (403 Forbidden)")]
+    Forbidden {
+        /// The endpoint that refused.
+        endpoint: String,
+        /// The server's explanation.
+        message: String,
+    },
+
+    /// The server's answer could not be decoded: not the protocol's JSON (a proxy's error
+    /// page, or a server of another protocol version at that URL).
+    #[error("{endpoint} answered {status} with a body that is not the protocol's: {source}")]
+    Decode {
+        /// The endpoint that answered.
+        endpoint: String,
+        /// HTTP status code.
+        status: u16,
+        /// Why it could not be decoded.
+        #[source]
+        source: serde_json::Error,
     },
 
     /// A server limit was reached: the project's lock quota, the lock's waiter limit, or the
@@ -85,6 +136,10 @@ pub enum Error {
         status: u16,
         /// The server's message.
         message: String,
+        /// Why the body was not the protocol's error object, when it was not (a proxy's
+        /// page, say): then `message` is the body as text.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A TLS handshake with the server failed (an untrusted or mismatched certificate, or
@@ -94,6 +149,18 @@ pub enum Error {
         /// The endpoint.
         endpoint: String,
         /// What failed.
+        message: String,
+        /// The underlying TLS error, if there is one to keep.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The embedded server's configuration was refused by what it connects to: etcd
+    /// credentials it rejects, or a user without permission on the key prefix. Retrying
+    /// does not help; fix the settings.
+    #[error("configuration refused: {message}")]
+    Configuration {
+        /// What was refused, and what to check.
         message: String,
     },
 
@@ -134,6 +201,21 @@ impl Error {
         matches!(self, Error::Unavailable { .. })
     }
 
+    /// True for [`Error::Forbidden`].
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Error::Forbidden { .. })
+    }
+
+    /// True for [`Error::Decode`].
+    pub fn is_decode(&self) -> bool {
+        matches!(self, Error::Decode { .. })
+    }
+
+    /// True for [`Error::Tls`].
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Error::Tls { .. })
+    }
+
     /// True for [`Error::LimitReached`].
     pub fn is_limit_reached(&self) -> bool {
         matches!(self, Error::LimitReached { .. })
@@ -143,5 +225,20 @@ impl Error {
         Error::InvalidArgument {
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(round(Duration::from_micros(534_558)), "534ms");
+        assert_eq!(round(Duration::from_millis(2_540)), "2.5s");
+        assert_eq!(round(Duration::from_millis(42_900)), "42s");
+        assert_eq!(round(Duration::from_secs(200)), "3m 20s");
+        assert_eq!(round(Duration::from_secs(300)), "5m");
     }
 }

@@ -37,7 +37,7 @@
 //!
 //! // Stop work if the lease is ever lost.
 //! tokio::select! {
-//!     _ = guard.lost() => return Err(Error::LockLost { name: "my-lock".into() }),
+//!     reason = guard.lost() => return Err(Error::LockLost { name: "my-lock".into(), reason }),
 //!     _ = async { /* critical section */ } => {}
 //! }
 //! guard.release().await?; // or just drop the guard
@@ -98,13 +98,20 @@ mod protocol;
 
 pub use client::guard::LockGuard;
 pub use client::inspect::{HolderInfo, LockInfo};
+pub use client::lease::{Lease, LockFn};
+pub use client::lease_state::{GuardState, LostReason, LostSignal};
 pub use client::request::{DEFAULT_EXPIRES_IN, LockFuture, LockRequest};
 pub use client::transport::{Connect, ConnectFuture, Io};
 pub use client::{DEFAULT_ENDPOINT, DistributedLock, DistributedLockBuilder, URL_ENV};
 pub use error::Error;
 
 #[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
+
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 /// The README's examples compile and run as doctests.
 #[cfg(doctest)]

@@ -735,9 +735,13 @@ async fn a_server_stops_promptly_while_etcd_is_out_of_reach() {
 
 /// The message of a server start that must fail, within a bound: a refusal is no hang.
 async fn start_error(builder: ServerBuilder) -> String {
+    start_failure(builder).await.to_string()
+}
+
+async fn start_failure(builder: ServerBuilder) -> leasehold::Error {
     match within(BOUND, builder.bind("127.0.0.1:0").start()).await {
         Ok(server) => panic!("the server started: {server:?}"),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     }
 }
 
@@ -768,13 +772,16 @@ async fn tls_that_etcd_refuses_stops_the_server_at_start() {
     let pki = etcd.pki.as_ref().unwrap();
     // etcd's certificate is signed by a CA the server does not trust.
     let other_ca = etcd.file("other-ca.pem", &support::etcd::Ca::new("another CA").pem);
-    let err = start_error(
+    let err = start_failure(
         Server::builder()
             .etcd(etcd.endpoints())
             .etcd_ca_file(&other_ca)
             .etcd_client_cert(&pki.client_cert, &pki.client_key),
     )
     .await;
+    // Reported as what it is: TLS, not a bad argument.
+    assert!(err.is_tls(), "{err:?}");
+    let err = err.to_string();
     assert!(err.contains("etcd's certificate is not trusted"), "{err}");
     // The server trusts etcd, but presents no client certificate to an etcd that wants one.
     let err = start_error(
@@ -830,7 +837,15 @@ async fn bad_tls_settings_are_refused_before_reaching_etcd() {
         ),
     ];
     for (builder, expected) in cases {
-        let err = start_error(builder).await;
+        let err = start_failure(builder).await;
+        assert!(
+            matches!(
+                err,
+                leasehold::Error::Configuration { .. } | leasehold::Error::Io { .. }
+            ),
+            "{err:?}"
+        );
+        let err = err.to_string();
         assert!(err.contains(expected), "expected {expected:?}: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -845,12 +860,18 @@ async fn an_etcd_user_logs_in_and_a_wrong_password_is_refused_at_start() {
     let server = TestServer::start_over(Some(&etcd), |b| b.etcd_user("locks", "s3cret")).await;
     let guard = server.client("p").lock("guarded").await.unwrap();
     guard.release().await.unwrap();
-    let err = start_error(
+    let err = start_failure(
         Server::builder()
             .etcd(etcd.endpoints())
             .etcd_user("locks", "not-the-password"),
     )
     .await;
+    // Reported as what it is: a configuration etcd refuses, not a bad argument.
+    assert!(
+        matches!(err, leasehold::Error::Configuration { .. }),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(err.contains("authentication failed"), "{err}");
     assert!(!err.contains("not-the-password"), "{err}");
     // The right password, but a prefix outside the user's permissions.

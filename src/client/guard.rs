@@ -1,7 +1,9 @@
 //! `LockGuard`: proof of a held lease, renewed in the background while it lives.
 
+use crate::client::lease::{Lease, remaining};
+use crate::client::lease_state::{GuardState, LostReason, LostSignal, StateReader};
 use crate::client::mailbox::Commands;
-use crate::client::renewer::{Command, LeaseState, json};
+use crate::client::renewer::{Command, json};
 use crate::client::transport::{Attempts, Route, Transport};
 use crate::error::Error;
 use crate::protocol::{Id, LeaseRef};
@@ -41,7 +43,7 @@ pub struct LockGuard {
     pub(crate) lease_id: Id,
     pub(crate) fencing_token: u64,
     pub(crate) key: u64,
-    pub(crate) state: LeaseState,
+    pub(crate) state: StateReader,
     pub(crate) commands: Commands,
     pub(crate) transport: Arc<Transport>,
     pub(crate) margin: Duration,
@@ -64,37 +66,66 @@ impl LockGuard {
     }
 
     /// True while the lease is held: false once it is known lost, or once its local
-    /// deadline passed without a confirmed renewal.
+    /// deadline ([`valid_until`](LockGuard::valid_until)) passed without a confirmed renewal.
     pub fn is_held(&self) -> bool {
-        match *self.state.borrow() {
-            Some(deadline) => Instant::now() < deadline && self.state.has_changed().is_ok(),
-            None => false,
-        }
+        self.state.is_held()
     }
 
-    /// Resolves when the lease is lost (at once if it already is). Use it in
+    /// Time left before the guard presumes its lease lost: until
+    /// [`valid_until`](LockGuard::valid_until), zero once lost. Renewals push it back.
+    ///
+    /// The same deadline [`is_held`](LockGuard::is_held) and [`lost`](LockGuard::lost) use,
+    /// so a check like this is sound before a step that must finish under the lock:
+    ///
+    /// ```no_run
+    /// # async fn run(guard: leasehold::LockGuard) {
+    /// # use std::time::Duration;
+    /// if guard.remaining() > Duration::from_secs(2) {
+    ///     // start a step that takes at most 2 s
+    /// }
+    /// # }
+    /// ```
+    pub fn remaining(&self) -> Duration {
+        remaining(&self.state)
+    }
+
+    /// The instant after which the guard presumes its lease lost unless a renewal is
+    /// confirmed before: a safety margin before the server could expire it. Once the lease
+    /// is lost, the moment that happened.
+    pub fn valid_until(&self) -> Instant {
+        self.state.valid_until()
+    }
+
+    /// Where the lease stands: [`GuardState::Held`], [`GuardState::Jeopardy`] from the
+    /// first failed or late renewal until one succeeds, or [`GuardState::Lost`] with why.
+    pub fn state(&self) -> GuardState {
+        self.state.state()
+    }
+
+    /// Resolves when the lease is lost (at once if it already is), with why. Use it in
     /// `tokio::select!` to stop work that must not continue without the lock.
     ///
     /// # Cancel safety
     /// Cancel safe: dropping the future has no effect on the lease.
-    pub async fn lost(&self) {
-        let mut state = self.state.clone();
-        loop {
-            let Some(deadline) = *state.borrow_and_update() else {
-                return;
-            };
-            tokio::select! {
-                changed = state.changed() => {
-                    if changed.is_err() {
-                        return; // the renewal task is gone: nobody renews this lease now
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    if *state.borrow() == Some(deadline) {
-                        return;
-                    }
-                }
-            }
+    pub async fn lost(&self) -> LostReason {
+        self.state.lost().await
+    }
+
+    /// A `Clone + Send + 'static` handle on this lease's loss, for workers that must stop
+    /// when it is lost while the guard stays with one owner. Once the guard is released or
+    /// dropped, the signal reports [`LostReason::Released`].
+    pub fn lost_signal(&self) -> LostSignal {
+        LostSignal {
+            state: self.state.clone(),
+        }
+    }
+
+    /// The lease as a [`with_lock`](crate::DistributedLock::with_lock) closure sees it.
+    pub(crate) fn lease(&self) -> Lease {
+        Lease {
+            name: self.name.clone(),
+            fencing_token: self.fencing_token,
+            state: self.state.clone(),
         }
     }
 
@@ -111,9 +142,9 @@ impl LockGuard {
     /// (say, a cancelled [`with_lock`](crate::DistributedLock::with_lock) call), the release
     /// goes on in the background, as for a dropped guard.
     pub async fn release(mut self) -> Result<(), Error> {
-        let deadline = match *self.state.borrow() {
-            Some(deadline) if Instant::now() < deadline => deadline,
-            _ => {
+        let deadline = match self.state.state() {
+            GuardState::Held | GuardState::Jeopardy => self.state.valid_until(),
+            GuardState::Lost(_) => {
                 // The server may hold it a while yet: the renewal task releases it, if it
                 // still can.
                 self.released = true;
@@ -148,8 +179,15 @@ impl LockGuard {
     }
 
     fn lost_error(&self) -> Error {
+        let reason = match self.state.state() {
+            // (`Released` is this release's own doing, seen after the server said `gone`.)
+            GuardState::Lost(reason) if reason != LostReason::Released => reason,
+            // The server no longer knew the lease although the guard thought it held.
+            _ => LostReason::Expired,
+        };
         Error::LockLost {
             name: self.name.to_string(),
+            reason,
         }
     }
 }

@@ -2,19 +2,23 @@
 
 pub(crate) mod guard;
 pub(crate) mod inspect;
+pub(crate) mod lease;
+pub(crate) mod lease_state;
 pub(crate) mod mailbox;
 pub(crate) mod renewer;
 pub(crate) mod request;
 pub(crate) mod retry;
+pub(crate) mod revoke;
 pub(crate) mod stamped;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;
 pub(crate) mod transport;
 
 use crate::error::Error;
+use guard::LockGuard;
+use lease::LockFn;
 use request::LockRequest;
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,14 +119,50 @@ impl DistributedLock {
     /// # Ok(()) }
     /// ```
     ///
+    /// The closure may take the [`Lease`](crate::Lease), to pass its fencing token on (give
+    /// its parameter a type, `|lease: Lease|`, so Rust knows which shape it is):
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), leasehold::Error> {
+    /// # async fn write(token: u64) {}
+    /// use leasehold::Lease;
+    /// let dl = leasehold::DistributedLock::new("project-api-key");
+    /// dl.with_lock("my-lock", |lease: Lease| async move { write(lease.fencing_token()).await })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Cancel safety
     /// Dropping the future stops `f` and releases (or withdraws from) the lock.
-    pub async fn with_lock<F, Fut, T>(&self, name: impl Into<String>, f: F) -> Result<T, Error>
+    pub async fn with_lock<F, Args>(
+        &self,
+        name: impl Into<String>,
+        f: F,
+    ) -> Result<F::Output, Error>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = T>,
+        F: LockFn<Args>,
     {
         self.lock(name).with_lock(f).await
+    }
+
+    /// Takes the lock `name` (default settings) if it is free, without waiting: `Ok(None)`
+    /// if someone holds or waits for it. See [`LockRequest::try_lock`] to set a lease.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), leasehold::Error> {
+    /// let dl = leasehold::DistributedLock::new("project-api-key");
+    /// match dl.try_lock("nightly-report").await? {
+    ///     Some(guard) => { /* we run it */ drop(guard) }
+    ///     None => println!("another instance runs it"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// As for awaiting [`lock`](DistributedLock::lock): a grant that raced the drop is
+    /// released at once.
+    pub async fn try_lock(&self, name: impl Into<String>) -> Result<Option<LockGuard>, Error> {
+        self.lock(name).try_lock().await
     }
 }
 

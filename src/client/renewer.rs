@@ -5,29 +5,26 @@
 //! `Drop` never needs a runtime. It ends when every sender (the client and all guards) is
 //! gone.
 
+use crate::client::lease_state::{LostReason, Published, StateSender};
 use crate::client::mailbox::{Commands, Inbox, mailbox};
 use crate::client::retry;
 use crate::client::transport::{Attempts, Route, Transport};
 use crate::protocol::{
-    CancelRequest, Id, LeaseRef, MAX_RENEW_BATCH, RenewRequest, RenewResponse, RenewResult,
+    CancelRequest, GoneReason, Id, LeaseRef, MAX_RENEW_BATCH, RenewRequest, RenewResponse,
+    RenewResult,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-
-/// What a guard can see of its lease: `Some(deadline)` while held (the local instant after
-/// which it must be presumed lost), `None` once lost.
-pub(crate) type LeaseState = watch::Receiver<Option<Instant>>;
 
 /// Messages to the renewer.
 pub(crate) enum Command {
     /// Start tracking a lease; the renewer first acts on it at `first`.
     Track {
         key: u64,
-        lease: Lease,
+        lease: TrackedLease,
         first: Instant,
     },
     /// The guard was dropped: stop renewing and release the lease on the server.
@@ -39,51 +36,90 @@ pub(crate) enum Command {
 }
 
 /// A lease as the renewer tracks it.
-pub(crate) struct Lease {
+pub(crate) struct TrackedLease {
     pub name: Arc<str>,
     pub lease_id: Id,
     pub length: Duration,
     pub margin: Duration,
     pub auto_renew: bool,
+    /// The latest local deadline `max_hold` allows, if one was set: renewals never extend
+    /// the lease past it (the server enforces the same bound, from its later clock).
+    pub hold_end: Option<Instant>,
     /// Local deadline; also published to the guard through `state`. While `confirming`,
     /// the last moment the server could still hold the lease instead.
     pub deadline: Instant,
-    pub state: watch::Sender<Option<Instant>>,
+    /// From when the guard reports jeopardy, unless a renewal is confirmed before.
+    pub jeopardy_at: Instant,
+    pub state: StateSender,
     /// A grant that arrived too late to hand over as it is: its acquire waits until a
     /// renewal confirms it (or it is found lost) before it gives the guard to the caller.
     pub confirming: bool,
 }
 
-impl Lease {
-    /// When the renewer must next act on a lease granted or renewed by a request sent at
-    /// `sent`: its next renewal, or for plain expiry its deadline.
-    pub fn next_event(&self, sent: Instant) -> Instant {
-        Lease::next_event_of(self.auto_renew, sent, self.length, self.deadline)
-    }
-
-    /// [`Lease::next_event`] before the lease is built.
-    pub fn next_event_of(
-        auto_renew: bool,
-        sent: Instant,
-        length: Duration,
-        deadline: Instant,
-    ) -> Instant {
-        if auto_renew {
-            sent + length / 3
-        } else {
-            deadline
-        }
-    }
-
+impl TrackedLease {
     /// When the lease must be presumed lost, counted from when a grant or renewal was sent:
     /// the server started its own clock later than that, so this is always earlier than its.
     pub fn deadline_after(sent: Instant, length: Duration, margin: Duration) -> Instant {
         sent + length.saturating_sub(margin)
     }
+
+    /// Sets the deadline for a grant or renewal of `length` counted from `base` (see
+    /// [`TrackedLease::deadline_after`]), capped by `max_hold`, and when jeopardy begins:
+    /// once the renewal due a third into the lease is a sixth of the lease late.
+    pub fn extend(&mut self, base: Instant, length: Duration) {
+        let deadline = TrackedLease::deadline_after(base, length, self.margin);
+        self.deadline = self.hold_end.map_or(deadline, |end| deadline.min(end));
+        self.jeopardy_at = if self.renews() {
+            (base + length / 2).min(self.deadline)
+        } else {
+            self.deadline
+        };
+    }
+
+    /// Whether renewals can still extend the lease: auto-renewed, and short of `max_hold`.
+    fn renews(&self) -> bool {
+        self.auto_renew && self.hold_end.is_none_or(|end| self.deadline < end)
+    }
+
+    /// When the renewer must next act on a lease granted or renewed by a request sent at
+    /// `sent`: its next renewal, or when renewals cannot extend it, its deadline.
+    pub fn next_event(&self, sent: Instant) -> Instant {
+        if self.renews() {
+            (sent + self.length / 3).min(self.deadline)
+        } else {
+            self.deadline
+        }
+    }
+
+    /// Why the lease ends if its deadline passes with no news.
+    fn ends(&self) -> LostReason {
+        if self.hold_end == Some(self.deadline) {
+            LostReason::MaxHold
+        } else {
+            LostReason::Expired
+        }
+    }
+
+    /// Tells the guard (and its signals) the deadline in force.
+    pub fn publish(&self) {
+        self.state.send_replace(Published::Held {
+            deadline: self.deadline,
+            jeopardy_at: self.jeopardy_at,
+            ends: self.ends(),
+        });
+    }
+
+    /// Tells the guard its lease has ended, and why.
+    fn publish_lost(&self, reason: LostReason) {
+        self.state.send_replace(Published::Lost {
+            reason,
+            at: Instant::now().min(self.deadline),
+        });
+    }
 }
 
 struct Tracked {
-    lease: Lease,
+    lease: TrackedLease,
     /// The queue entry of this lease, absent while a renewal is in flight.
     queued: Option<Instant>,
 }
@@ -123,7 +159,7 @@ pub(crate) struct Renewer {
     /// Leases presumed lost whose guards live on: the server may still hold them until
     /// their deadline plus margin (longer, if a renewal reached it whose answer came too
     /// late), so a guard's drop or release still releases them, best effort.
-    lost: HashMap<u64, Lease>,
+    lost: HashMap<u64, TrackedLease>,
     /// Next event of each lease: its renewal for auto-renewed leases, its deadline otherwise.
     queue: BTreeSet<(Instant, u64)>,
     in_flight: JoinSet<BatchOutcome>,
@@ -205,12 +241,22 @@ impl Renewer {
                 );
             }
             Command::Release(key) => {
-                if let Some(lease) = self.forget(key).or_else(|| self.lost.remove(&key)) {
+                let lease = match self.forget(key) {
+                    Some(lease) => {
+                        lease.publish_lost(LostReason::Released);
+                        Some(lease)
+                    }
+                    // Lost before: its signals keep the reason they saw.
+                    None => self.lost.remove(&key),
+                };
+                if let Some(lease) = lease {
                     self.release_on_server(lease);
                 }
             }
             Command::Forget(key) => {
-                self.forget(key);
+                if let Some(lease) = self.forget(key) {
+                    lease.publish_lost(LostReason::Released);
+                }
                 self.lost.remove(&key);
             }
             Command::Cancel { name, request_id } => {
@@ -230,7 +276,7 @@ impl Renewer {
         }
     }
 
-    fn forget(&mut self, key: u64) -> Option<Lease> {
+    fn forget(&mut self, key: u64) -> Option<TrackedLease> {
         let tracked = self.leases.remove(&key)?;
         if let Some(at) = tracked.queued {
             self.queue.remove(&(at, key));
@@ -240,7 +286,7 @@ impl Renewer {
 
     /// Best-effort release, so that the next waiter need not wait for expiry. Worth trying
     /// until the earliest moment the server could expire the lease by itself.
-    fn release_on_server(&self, lease: Lease) {
+    fn release_on_server(&self, lease: TrackedLease) {
         let cutoff = lease.deadline + lease.margin;
         if cutoff <= Instant::now() {
             return;
@@ -262,10 +308,10 @@ impl Renewer {
     /// Tells the guard its lease is lost. Nothing is sent yet: the application may still be
     /// stopping its work, and the margin is its time to do so before anyone else can get
     /// the lock. The guard's drop or release sends the release. `gone`: the server said so.
-    fn lose(&mut self, key: u64, gone: bool) {
+    fn lose(&mut self, key: u64, reason: LostReason, gone: bool) {
         if let Some(lease) = self.forget(key) {
-            tracing::warn!(lock = %lease.name, "lease lost");
-            lease.state.send_replace(None);
+            tracing::warn!(lock = %lease.name, %reason, "lease lost");
+            lease.publish_lost(reason);
             if !gone {
                 self.lost.insert(key, lease);
             }
@@ -290,12 +336,13 @@ impl Renewer {
             };
             let lease = &tracked.lease;
             if lease.deadline <= now {
-                self.lose(key, false);
+                let reason = lease.ends();
+                self.lose(key, reason, false);
                 continue;
             }
             // Only leases within half an interval of their own due time ride along. A grant
             // to confirm is renewed once even without auto-renewal.
-            if !(lease.auto_renew || lease.confirming) || at > now + lease.length / 6 {
+            if !(lease.renews() || lease.confirming) || at > now + lease.length / 6 {
                 break;
             }
             self.queue.pop_first();
@@ -385,7 +432,8 @@ impl Renewer {
             // guard may have said so already. (The clock is read again for each lease, so
             // that none is revived just after its deadline passed.)
             if lease.deadline <= Instant::now() {
-                self.lose(key, false);
+                let reason = lease.ends();
+                self.lose(key, reason, false);
                 continue;
             }
             let next = match (results.get(i), retry_at) {
@@ -393,16 +441,29 @@ impl Renewer {
                     let length =
                         Duration::from_millis((*lease_ms).min(crate::protocol::MAX_LEASE_MS));
                     let base = self.lease_clock.base(outcome.sent);
-                    lease.deadline = Lease::deadline_after(base, length, lease.margin);
+                    lease.extend(base, length);
                     lease.confirming = false;
-                    lease.state.send_replace(Some(lease.deadline));
+                    lease.publish();
                     lease.next_event(outcome.sent)
                 }
-                (Some(RenewResult::Gone { .. }), _) => {
-                    self.lose(key, true);
+                (Some(RenewResult::Gone { reason }), _) => {
+                    let reason = match reason {
+                        Some(GoneReason::MaxHold) => LostReason::MaxHold,
+                        Some(GoneReason::Revoked) => LostReason::Revoked,
+                        _ => LostReason::Expired,
+                    };
+                    self.lose(key, reason, true);
                     continue;
                 }
-                (None, retry_at) => retry_at.unwrap_or(now).min(lease.deadline),
+                (None, retry_at) => {
+                    // A failed renewal puts the lease in jeopardy until one gets through.
+                    // (A grant being confirmed hears only of success or loss.)
+                    if !lease.confirming && lease.jeopardy_at > now {
+                        lease.jeopardy_at = now;
+                        lease.publish();
+                    }
+                    retry_at.unwrap_or(now).min(lease.deadline)
+                }
             };
             tracked.queued = Some(next);
             self.queue.insert((next, key));

@@ -2,8 +2,10 @@
 
 use crate::client::DistributedLock;
 use crate::client::guard::LockGuard;
+use crate::client::lease::LockFn;
 use crate::client::mailbox::Commands;
-use crate::client::renewer::{Command, Lease, json};
+use crate::client::lease_state::{LostReason, Published, StateReader};
+use crate::client::renewer::{Command, TrackedLease, json};
 use crate::client::transport::{Attempts, Route};
 use crate::error::Error;
 use crate::protocol::{self, AcquireRequest, Granted, Id};
@@ -64,6 +66,14 @@ pub struct LockRequest {
     timeout: Option<Duration>,
     auto_renew: bool,
     metadata: Option<String>,
+    max_hold: Option<Duration>,
+    lock_delay: Option<Duration>,
+}
+
+/// What the renewer needs of a request's settings.
+pub(crate) struct Terms {
+    pub auto_renew: bool,
+    pub max_hold: Option<Duration>,
 }
 
 impl LockRequest {
@@ -75,6 +85,8 @@ impl LockRequest {
             timeout: None,
             auto_renew: true,
             metadata: None,
+            max_hold: None,
+            lock_delay: None,
         }
     }
 
@@ -109,7 +121,43 @@ impl LockRequest {
         self
     }
 
+    /// The longest the lock may be held, counted from the grant: renewals stop there,
+    /// [`LockGuard::lost`] resolves with [`LostReason::MaxHold`](crate::LostReason::MaxHold)
+    /// (a safety margin early, like any loss), and the server frees the lock at that time
+    /// even if the client keeps asking: it refuses renewals past it. Default: no limit.
+    pub fn max_hold(mut self, limit: Duration) -> LockRequest {
+        self.max_hold = Some(limit);
+        self
+    }
+
+    /// Lock-delay: if this holder's lease ends without a release (it expires, reaches
+    /// `max_hold`, or is revoked), nobody gets the lock for `delay` after that. A clean
+    /// release frees it at once. For resources that cannot check fencing tokens: writes a
+    /// paused holder still had in flight land before the next holder starts. The server
+    /// caps it (`--max-lock-delay`, 60 s by default; more is [`Error::InvalidArgument`]).
+    pub fn lock_delay(mut self, delay: Duration) -> LockRequest {
+        self.lock_delay = Some(delay);
+        self
+    }
+
+    /// Takes the lock if nobody holds it or waits for it, without waiting: `Ok(None)` if
+    /// it is taken. Same as `.timeout(Duration::ZERO)` with the timeout as `None`.
+    ///
+    /// # Cancel safety
+    /// As for awaiting the request: a grant that raced the drop is released at once.
+    pub async fn try_lock(self) -> Result<Option<LockGuard>, Error> {
+        match self.timeout(Duration::ZERO).await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(Error::Timeout { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Takes the lock, runs `f`, releases the lock and returns what `f` returned.
+    ///
+    /// `f` is `|| async { .. }`, or `|lease: Lease| async move { .. }` to get the
+    /// [`Lease`](crate::Lease): its fencing token for the resource, its deadline and its
+    /// loss signal.
     ///
     /// If the lease is lost while `f` runs, `f`'s future is dropped at once and the call
     /// returns [`Error::LockLost`]: the closure never keeps running without the lock. If the
@@ -118,16 +166,18 @@ impl LockRequest {
     ///
     /// # Cancel safety
     /// Dropping the future stops `f` and releases (or withdraws from) the lock.
-    pub async fn with_lock<F, Fut, T>(self, f: F) -> Result<T, Error>
+    pub async fn with_lock<F, Args>(self, f: F) -> Result<F::Output, Error>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = T>,
+        F: LockFn<Args>,
     {
         let guard = self.await?;
+        let work = f.call(guard.lease());
         let value = tokio::select! {
             biased;
-            _ = guard.lost() => return Err(Error::LockLost { name: guard.name().to_owned() }),
-            value = f() => value,
+            reason = guard.lost() => {
+                return Err(Error::LockLost { name: guard.name().to_owned(), reason });
+            }
+            value = work => value,
         };
         match guard.release().await {
             Err(lost @ Error::LockLost { .. }) => Err(lost),
@@ -146,6 +196,9 @@ impl LockRequest {
         }
         if self.expires_in.is_zero() {
             return Err(Error::invalid("expires_in must be longer than zero"));
+        }
+        if self.max_hold.is_some_and(|hold| hold < Duration::from_millis(1)) {
+            return Err(Error::invalid("max_hold must be at least 1 ms"));
         }
         if self.expires_in < Duration::from_millis(1)
             || self.expires_in > Duration::from_millis(protocol::MAX_LEASE_MS)
@@ -171,7 +224,11 @@ impl LockRequest {
             let (granted, sent, commands) = self
                 .wait_in_line(&client, &name, started, wait_deadline)
                 .await?;
-            let held = client.hold(name.clone(), granted, sent, self.auto_renew, commands);
+            let terms = Terms {
+                auto_renew: self.auto_renew,
+                max_hold: self.max_hold,
+            };
+            let held = client.hold(name.clone(), granted, sent, &terms, commands);
             if let Some(guard) = held.confirmed().await {
                 return Ok(guard);
             }
@@ -219,8 +276,8 @@ impl LockRequest {
                     poll_ms: Some(POLL.as_millis() as u64),
                     request_id,
                     metadata: self.metadata.clone(),
-                    max_hold_ms: None,
-                    lock_delay_ms: None,
+                    max_hold_ms: self.max_hold.map(|hold| hold.as_millis() as u64),
+                    lock_delay_ms: self.lock_delay.map(|delay| delay.as_millis() as u64),
                 })
             };
             let attempts = Attempts {
@@ -284,10 +341,13 @@ impl Held {
             Held::Ready(guard) => return Some(guard),
             Held::Confirming(guard) => guard,
         };
-        let mut state = guard.state.clone();
-        // The renewer answers by publishing a new deadline (renewed) or `None` (lost); its
-        // end (the runtime went away) leaves the lease unconfirmed.
-        if state.changed().await.is_err() || state.borrow_and_update().is_none() {
+        let mut state = guard.state.0.clone();
+        // The renewer answers by publishing a new deadline (renewed) or a loss; its end (the
+        // runtime went away) leaves the lease unconfirmed.
+        if state.changed().await.is_err() {
+            return None;
+        }
+        if matches!(*state.borrow_and_update(), Published::Lost { .. }) {
             return None;
         }
         // Renewed, but the answer may itself have come late: held means held now.
@@ -302,7 +362,7 @@ impl crate::client::Inner {
         name: Arc<str>,
         granted: Granted,
         sent: Instant,
-        auto_renew: bool,
+        terms: &Terms,
         commands: Commands,
     ) -> Held {
         // A server's figures are checked, not trusted: no lease beyond the protocol's
@@ -315,30 +375,40 @@ impl crate::client::Inner {
             .lease_clock
             .base(sent + Duration::from_millis(granted.waited_ms).min(sent.elapsed()));
         let now = Instant::now();
-        let deadline = Lease::deadline_after(started, length, margin);
-        let confirming = deadline.saturating_duration_since(now) < length / 3;
-        // A lease to confirm is renewed at once; the server granted it no later than now,
-        // so it cannot hold it past `now + length`: renewing is worth trying until then.
-        let (deadline, first) = if confirming {
-            (now + length, now)
-        } else {
-            (
-                deadline,
-                Lease::next_event_of(auto_renew, started, length, deadline),
-            )
-        };
-        let (state_tx, state_rx) = watch::channel(Some(deadline));
-        let key = self.next_key();
-        let lease = Lease {
+        let (state_tx, state_rx) = watch::channel(Published::Lost {
+            reason: LostReason::Expired,
+            at: now,
+        });
+        let mut lease = TrackedLease {
             name: name.clone(),
             lease_id: granted.lease_id,
             length,
             margin,
-            auto_renew,
-            deadline,
+            auto_renew: terms.auto_renew,
+            // The server counts `max_hold` from its grant, which is no earlier than `started`.
+            hold_end: terms.max_hold.map(|hold| started + hold.saturating_sub(margin)),
+            deadline: now,
+            jeopardy_at: now,
             state: state_tx,
-            confirming,
+            confirming: false,
         };
+        lease.extend(started, length);
+        // What is left must last a third of the lease (or of `max_hold`, if shorter);
+        // otherwise the grant is confirmed first.
+        let span = terms.max_hold.map_or(length, |hold| hold.min(length));
+        let first = if lease.deadline.saturating_duration_since(now) < span / 3 {
+            // Renewed at once; the server granted it no later than now, so it cannot hold
+            // it past `now + length`: renewing is worth trying until then.
+            lease.confirming = true;
+            lease.deadline = now + length;
+            lease.jeopardy_at = now;
+            now
+        } else {
+            lease.next_event(started)
+        };
+        let confirming = lease.confirming;
+        lease.publish();
+        let key = self.next_key();
         // The renewal task may have ended with its runtime while this acquire waited (a
         // client used from several runtimes): this acquire's runtime starts another.
         let commands = if commands.is_closed() {
@@ -352,7 +422,7 @@ impl crate::client::Inner {
             lease_id: granted.lease_id,
             fencing_token: granted.fencing_token,
             key,
-            state: state_rx,
+            state: StateReader(state_rx),
             commands,
             transport: self.transport().clone(),
             margin,
@@ -401,6 +471,8 @@ impl fmt::Debug for LockRequest {
             .field("timeout", &self.timeout)
             .field("auto_renew", &self.auto_renew)
             .field("metadata", &self.metadata)
+            .field("max_hold", &self.max_hold)
+            .field("lock_delay", &self.lock_delay)
             .finish()
     }
 }

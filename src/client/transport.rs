@@ -2,7 +2,7 @@
 
 use crate::client::retry;
 use crate::client::stamped::StampedBody;
-use crate::error::Error;
+use crate::error::{BoxError, Error};
 use crate::protocol::{self, ErrorBody};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
@@ -15,7 +15,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -27,6 +27,10 @@ const MAX_RESPONSE_BYTES: usize = 4 << 20;
 /// How long past a call's deadline an answer may still arrive: a server that ends a wait at
 /// the deadline answers one network trip later.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
+/// How long a client that has never reached a server keeps trying to open a connection
+/// before it says that nothing answers at its URL. Once any server has answered, failures
+/// are retried until the caller's deadline (`unavailable_after`, a timeout, a lease).
+const FIRST_CONTACT: Duration = Duration::from_secs(3);
 
 /// A byte stream to a lock server, as returned by a custom [`Connect`].
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -53,6 +57,7 @@ struct Endpoint {
     renew: Uri,
     release: Uri,
     cancel: Uri,
+    revoke: Uri,
 }
 
 impl Endpoint {
@@ -93,6 +98,7 @@ impl Endpoint {
             renew: join(protocol::PATH_RENEW),
             release: join(protocol::PATH_RELEASE),
             cancel: join(protocol::PATH_CANCEL),
+            revoke: join(protocol::PATH_REVOKE),
             base: base.into(),
         })
     }
@@ -103,6 +109,7 @@ impl Endpoint {
             Route::Renew => self.renew.clone(),
             Route::Release => self.release.clone(),
             Route::Cancel => self.cancel.clone(),
+            Route::Revoke => self.revoke.clone(),
         }
     }
 }
@@ -114,6 +121,7 @@ pub(crate) enum Route {
     Renew,
     Release,
     Cancel,
+    Revoke,
 }
 
 /// How hard to try.
@@ -144,23 +152,31 @@ pub(crate) struct Reply {
 
 impl Reply {
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
-        serde_json::from_slice(&self.body).map_err(|e| Error::Server {
+        serde_json::from_slice(&self.body).map_err(|source| Error::Decode {
             endpoint: self.endpoint.to_string(),
             status: self.status.as_u16(),
-            message: format!("unreadable answer: {e}"),
+            source,
         })
     }
 
     /// Maps an answer no caller handles specially to an error.
     pub fn into_error(self) -> Error {
-        let message = serde_json::from_slice::<ErrorBody>(&self.body)
-            .map(|b| b.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&self.body).into_owned());
+        let (message, source) = match serde_json::from_slice::<ErrorBody>(&self.body) {
+            Ok(body) => (body.message, None),
+            Err(e) => (
+                String::from_utf8_lossy(&self.body).into_owned(),
+                Some(Box::new(e) as BoxError),
+            ),
+        };
         match self.status {
             StatusCode::UNAUTHORIZED => Error::Unauthorized {
                 endpoint: self.endpoint.to_string(),
             },
             StatusCode::BAD_REQUEST => Error::InvalidArgument { message },
+            StatusCode::FORBIDDEN => Error::Forbidden {
+                endpoint: self.endpoint.to_string(),
+                message,
+            },
             StatusCode::TOO_MANY_REQUESTS => Error::LimitReached {
                 endpoint: self.endpoint.to_string(),
                 message,
@@ -170,6 +186,7 @@ impl Reply {
                 endpoint: self.endpoint.to_string(),
                 status: status.as_u16(),
                 message,
+                source,
             },
         }
     }
@@ -199,6 +216,8 @@ pub(crate) struct Transport {
     /// would otherwise hold them all while the leases they already hold run out.
     leases: Client<Connector, StampedBody>,
     auth: HeaderValue,
+    /// Whether any server has answered yet (see [`FIRST_CONTACT`]).
+    reached: AtomicBool,
 }
 
 impl fmt::Debug for Transport {
@@ -263,6 +282,7 @@ impl Transport {
             acquires: pool(),
             leases: pool(),
             auth,
+            reached: AtomicBool::new(false),
         })
     }
 
@@ -291,7 +311,7 @@ impl Transport {
 
     fn pool(&self, route: Route) -> &Client<Connector, StampedBody> {
         match route {
-            Route::Acquire => &self.acquires,
+            Route::Acquire | Route::Revoke => &self.acquires,
             Route::Renew | Route::Release | Route::Cancel => &self.leases,
         }
     }
@@ -335,6 +355,9 @@ impl Transport {
     ) -> Result<Reply, Error> {
         let mut delays = retry::delays();
         let mut attempt = 0;
+        // A client that never reached any server gives up early while nothing even accepts
+        // its connections: most likely no server runs at that URL at all.
+        let first_contact_by = Instant::now() + FIRST_CONTACT;
         loop {
             attempt += 1;
             let index = self.current.load(Ordering::Relaxed);
@@ -352,6 +375,7 @@ impl Transport {
                 .await
             {
                 Ok(answer) if !retryable(answer.status) => {
+                    self.reached.store(true, Ordering::Relaxed);
                     // A body never read (an answer before the request was written) counts
                     // from the attempt's start: earlier, so still safe.
                     let sent = answer.left.unwrap_or(started);
@@ -373,16 +397,24 @@ impl Transport {
                         sent,
                     });
                 }
-                Ok(answer) => format!("answered {}", answer.status),
-                Err(Failed::Tls(message)) => {
+                Ok(answer) => {
+                    self.reached.store(true, Ordering::Relaxed);
+                    Failure {
+                        reason: format!("answered {}", answer.status),
+                        source: None,
+                        connect: false,
+                    }
+                }
+                Err(Failed::Tls { message, source }) => {
                     return Err(Error::Tls {
                         endpoint: endpoint.base.to_string(),
                         message,
+                        source: Some(source),
                     });
                 }
-                Err(Failed::Retry(reason)) => reason,
+                Err(Failed::Retry(failure)) => failure,
             };
-            tracing::debug!(endpoint = %endpoint.base, %failure, "lock server request failed");
+            tracing::debug!(endpoint = %endpoint.base, failure = %failure.reason, "lock server request failed");
             // Move on from the failed endpoint unless another caller already did.
             let _ = self.current.compare_exchange(
                 index,
@@ -392,10 +424,24 @@ impl Transport {
             );
             let delay = delays.next().unwrap_or(Duration::from_millis(500));
             let now = Instant::now();
-            if now + delay >= attempts.deadline {
+            let never_reached = !self.reached.load(Ordering::Relaxed) && failure.connect;
+            if now + delay >= attempts.deadline || never_reached && now + delay >= first_contact_by
+            {
+                let reason = if never_reached {
+                    format!(
+                        "nothing answers there ({}); start a server with `leasehold-server` \
+                         (or run `cargo run --example quickstart` for a local one), or set \
+                         {} to where one runs",
+                        failure.reason,
+                        crate::client::URL_ENV
+                    )
+                } else {
+                    failure.reason
+                };
                 return Err(Error::Unavailable {
                     endpoint: endpoint.base.to_string(),
-                    reason: failure,
+                    reason,
+                    source: failure.source,
                 });
             }
             tokio::time::sleep(delay).await;
@@ -417,7 +463,7 @@ impl Transport {
             .header(header::AUTHORIZATION, self.auth.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .body(body)
-            .map_err(|e| Failed::Retry(e.to_string()))?;
+            .map_err(|e| Failed::retry(e.to_string(), Some(Box::new(e))))?;
         let connection = capture_connection(&mut request);
         let exchange = async {
             let response = pool.request(request).await.map_err(describe)?;
@@ -431,7 +477,7 @@ impl Transport {
             let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| Failed::Retry(format!("reading the answer failed: {e}")))?
+                .map_err(|e| Failed::retry(format!("reading the answer failed: {e}"), Some(e)))?
                 .to_bytes();
             Ok(Answer {
                 status,
@@ -448,7 +494,10 @@ impl Transport {
                 if let Some(connected) = connection.connection_metadata().as_ref() {
                     connected.poison();
                 }
-                Err(Failed::Retry(format!("no answer within {timeout:?}")))
+                Err(Failed::retry(
+                    format!("no answer within {}", crate::error::round(timeout)),
+                    None,
+                ))
             }
         }
     }
@@ -473,15 +522,36 @@ fn retryable(status: StatusCode) -> bool {
 /// Why an attempt failed.
 pub(crate) enum Failed {
     /// Worth another attempt (transport fault, no answer).
-    Retry(String),
+    Retry(Failure),
     /// The TLS handshake failed: retrying will not help.
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
-    Tls(String),
+    Tls { message: String, source: BoxError },
 }
 
-/// The whole cause chain of a hyper error, which alone says only "client error (Connect)".
+/// A failure worth another attempt.
+pub(crate) struct Failure {
+    /// What went wrong, in a few words.
+    reason: String,
+    /// The underlying error, kept for [`Error::Unavailable`]'s `source()`.
+    source: Option<BoxError>,
+    /// No connection could be opened (refused, unreachable, timed out): nothing answered.
+    connect: bool,
+}
+
+impl Failed {
+    fn retry(reason: String, source: Option<BoxError>) -> Failed {
+        Failed::Retry(Failure {
+            reason,
+            source,
+            connect: false,
+        })
+    }
+}
+
+/// A hyper error as a failure: its innermost cause says what happened (hyper's own text
+/// says only "client error (Connect)"); the whole chain stays reachable through `source`.
 fn describe(error: hyper_util::client::legacy::Error) -> Failed {
-    let mut text = error.to_string();
+    let mut reason = error.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         #[cfg(feature = "tls")]
@@ -490,13 +560,19 @@ fn describe(error: hyper_util::client::legacy::Error) -> Failed {
             .and_then(|e| e.get_ref())
             .and_then(|e| e.downcast_ref::<crate::client::tls::TlsFailure>())
         {
-            return Failed::Tls(tls.0.clone());
+            return Failed::Tls {
+                message: tls.0.clone(),
+                source: Box::new(error),
+            };
         }
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        reason = cause.to_string();
         source = cause.source();
     }
-    Failed::Retry(text)
+    Failed::Retry(Failure {
+        reason,
+        connect: error.is_connect(),
+        source: Some(Box::new(error)),
+    })
 }
 
 /// Opens connections: the custom [`Connect`] if one was given, else TCP with `TCP_NODELAY`.

@@ -52,6 +52,8 @@ pub(crate) struct App {
     pub acquires: AcquiresInFlight,
     /// Flips to true when the server starts shutting down: long polls answer 503 at once.
     pub stopping: watch::Receiver<bool>,
+    /// True while the server is paused (the test kit's `pause`): requests and answers wait.
+    pub paused: watch::Sender<bool>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -217,10 +219,13 @@ impl App {
     ) -> Result<Reply, std::convert::Infallible> {
         let route = Route::of(request.uri().path());
         let started = Instant::now();
+        self.unpaused().await;
         let reply = self
             .route(route, request)
             .await
             .unwrap_or_else(|failure| failure.into_reply(route));
+        // A paused server answers nothing, not even what it had started on.
+        self.unpaused().await;
         tracing::debug!(
             route = route.label(),
             status = reply.status().as_u16(),
@@ -235,6 +240,13 @@ impl App {
             })
             .inc();
         Ok(reply)
+    }
+
+    /// Returns once the server is not paused (at once, unless a test paused it).
+    async fn unpaused(&self) {
+        if *self.paused.borrow() {
+            let _ = self.paused.subscribe().wait_for(|paused| !paused).await;
+        }
     }
 
     async fn route(&self, route: Route, request: Request<Incoming>) -> Result<Reply, Failure> {

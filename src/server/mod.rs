@@ -138,6 +138,13 @@ impl Server {
         self.app.auth.reload()
     }
 
+    /// Stops answering (`true`) or answers again (`false`): requests and answers wait, while
+    /// leases run on. For the test kit.
+    #[cfg(feature = "testing")]
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.app.paused.send_replace(paused);
+    }
+
     /// Stops accepting connections, answers waiting acquires with a retryable `503`, lets
     /// requests in progress finish (up to the drain timeout), and records a clean shutdown
     /// in the state file.
@@ -549,7 +556,7 @@ impl ServerBuilder {
             };
             let store = store::etcd::EtcdStore::connect(config)
                 .await
-                .map_err(|e| Error::invalid(e.to_string()))?;
+                .map_err(store::etcd::setup_error)?;
             let metrics = store.metrics();
             return Ok((
                 Arc::new(store),
@@ -628,6 +635,7 @@ impl ServerBuilder {
             acquires: in_flight::AcquiresInFlight::new(self.limits.max_acquires_per_project),
             limits: self.limits,
             stopping: stopping.clone(),
+            paused: watch::Sender::new(false),
         });
         if self.key_file.is_some() && !self.key_reload_interval.is_zero() {
             tokio::spawn(watch_key_file(

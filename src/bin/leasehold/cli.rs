@@ -1,6 +1,6 @@
 //! The command line: subcommands, the options every subcommand shares, and `main`.
 
-use crate::{exit, run, status};
+use crate::{exit, revoke, run, status};
 use clap::Parser;
 use leasehold::{DistributedLock, DistributedLockBuilder, Error};
 use std::fmt;
@@ -31,6 +31,8 @@ fn help() -> String {
   # deploy: one migration at a time; wait up to 10 minutes for the lock
   leasehold run db/migrate --timeout 10m -- ./manage.py migrate
   leasehold status db/migrate --json
+  # an operator ends a stuck holder's lease
+  leasehold revoke db/migrate
 
 See `leasehold run --help` for the options of run.
 
@@ -43,6 +45,7 @@ See `leasehold run --help` for the options of run.
 enum Command {
     Run(run::RunArgs),
     Status(status::StatusArgs),
+    Revoke(revoke::RevokeArgs),
 }
 
 /// Where the lock server is and how to authenticate, shared by every subcommand.
@@ -142,6 +145,14 @@ pub fn main() -> ExitCode {
                     |builder: DistributedLockBuilder| builder.unavailable_after(STATUS_GIVE_UP);
                 match cli.server.client(give_up) {
                     Ok(dl) => status::status(args, dl).await,
+                    Err(error) => exit::fail(exit::for_error(&error), error),
+                }
+            }
+            Command::Revoke(args) => {
+                let give_up =
+                    |builder: DistributedLockBuilder| builder.unavailable_after(STATUS_GIVE_UP);
+                match cli.server.client(give_up) {
+                    Ok(dl) => revoke::revoke(args, dl).await,
                     Err(error) => exit::fail(exit::for_error(&error), error),
                 }
             }

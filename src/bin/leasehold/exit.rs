@@ -45,7 +45,7 @@ pub fn for_error(error: &Error) -> u8 {
     match error {
         Error::Timeout { .. } => TIMEOUT,
         Error::LockLost { .. } => LEASE_LOST,
-        Error::Unauthorized { .. } => NO_PERMISSION,
+        Error::Unauthorized { .. } | Error::Forbidden { .. } => NO_PERMISSION,
         Error::InvalidArgument { .. } => USAGE,
         // Unavailable, other server answers, and whatever later versions add.
         _ => UNAVAILABLE,
@@ -97,7 +97,10 @@ mod tests {
             holder: None,
         };
         assert_eq!(for_error(&timeout), TIMEOUT);
-        assert_eq!(for_error(&Error::LockLost { name: "n".into() }), LEASE_LOST);
+        assert_eq!(for_error(&Error::LockLost {
+            name: "n".into(),
+            reason: leasehold::LostReason::Expired
+        }), LEASE_LOST);
         let refused = Error::Unauthorized {
             endpoint: "e".into(),
         };
@@ -105,6 +108,7 @@ mod tests {
         let unavailable = Error::Unavailable {
             endpoint: "e".into(),
             reason: "r".into(),
+            source: None,
         };
         assert_eq!(for_error(&unavailable), UNAVAILABLE);
     }

@@ -6,7 +6,7 @@ use crate::duration::{self, human};
 use crate::exit;
 use crate::signals::Signals;
 use crate::waiting::{self, Queue, Seen, StatusLine};
-use leasehold::{DistributedLock, Error, LockGuard};
+use leasehold::{DistributedLock, Error, LockGuard, LostReason};
 use std::ffi::OsString;
 use std::future::IntoFuture;
 use std::io;
@@ -231,6 +231,11 @@ async fn acquire(
         .lock(&args.name)
         .expires_in(args.expires_in)
         .metadata(label);
+    // The SDK and the server enforce --max-hold: the guard reports it as the lease's loss,
+    // and the server frees the lock then even if this process stalls.
+    if let Some(limit) = args.max_hold {
+        request = request.max_hold(limit);
+    }
     if let Some(timeout) = args.timeout {
         request = request.timeout(timeout);
     }
@@ -279,7 +284,6 @@ async fn supervise(
     args: &RunArgs,
     signals: &mut Signals,
 ) -> (Option<Stop>, io::Result<ExitStatus>) {
-    let hold_deadline = args.max_hold.map(|d| Instant::now() + d);
     let mut stop: Option<Stop> = None;
     let mut kill_at: Option<Instant> = None;
     let mut lease_lost = false;
@@ -288,29 +292,28 @@ async fn supervise(
             biased;
             status = running.child.wait() => return (stop, status),
             signal = signals.recv() => running.signal_group(signal),
-            () = guard.lost(), if !lease_lost => {
+            reason = guard.lost(), if !lease_lost => {
                 lease_lost = true;
                 if stop.is_none() {
-                    stop = Some(Stop::LeaseLost);
-                    eprintln!(
-                        "leasehold: lost the lease on lock {:?}; stopping the command (SIGTERM, SIGKILL after {})",
-                        args.name,
-                        human(args.kill_after)
-                    );
+                    if reason == LostReason::MaxHold {
+                        stop = Some(Stop::MaxHold);
+                        eprintln!(
+                            "leasehold: held lock {:?} for --max-hold {}; stopping the command (SIGTERM, SIGKILL after {})",
+                            args.name,
+                            human(args.max_hold.unwrap_or_default()),
+                            human(args.kill_after)
+                        );
+                    } else {
+                        stop = Some(Stop::LeaseLost);
+                        eprintln!(
+                            "leasehold: lost the lease on lock {:?} ({reason}); stopping the command (SIGTERM, SIGKILL after {})",
+                            args.name,
+                            human(args.kill_after)
+                        );
+                    }
                     running.signal_group(libc::SIGTERM);
                     kill_at = Some(Instant::now() + args.kill_after);
                 }
-            }
-            () = sleep_until(hold_deadline), if stop.is_none() => {
-                stop = Some(Stop::MaxHold);
-                eprintln!(
-                    "leasehold: held lock {:?} for --max-hold {}; stopping the command (SIGTERM, SIGKILL after {})",
-                    args.name,
-                    human(args.max_hold.unwrap_or_default()),
-                    human(args.kill_after)
-                );
-                running.signal_group(libc::SIGTERM);
-                kill_at = Some(Instant::now() + args.kill_after);
             }
             () = sleep_until(kill_at) => {
                 kill_at = None;

@@ -52,7 +52,7 @@ async fn store_for_tests() -> (etcd_harness::EtcdCluster, EtcdStore) {
 }
 
 pub(crate) use metrics::EtcdMetrics;
-pub(crate) use security::TlsFiles;
+pub(crate) use security::{TlsFiles, setup_error};
 pub use security::{EtcdTls, EtcdUser};
 
 use super::{

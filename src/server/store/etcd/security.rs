@@ -44,7 +44,9 @@ impl EtcdTls {
     /// Mozilla's roots. Fails when `pem` holds no certificate or one that does not parse.
     pub fn ca_certificate(self, pem: impl AsRef<[u8]>) -> Result<EtcdTls, Error> {
         self.with_ca(pem.as_ref())
-            .map_err(|why| Error::invalid(format!("etcd CA certificate: {why}")))
+            .map_err(|why| Error::Configuration {
+                message: format!("etcd CA certificate: {why}"),
+            })
     }
 
     /// Presents this client certificate chain and private key (PEM) to etcd, for mutual
@@ -55,7 +57,9 @@ impl EtcdTls {
         key_pem: impl AsRef<[u8]>,
     ) -> Result<EtcdTls, Error> {
         self.with_identity(cert_pem.as_ref(), key_pem.as_ref())
-            .map_err(|why| Error::invalid(format!("etcd client certificate: {why}")))
+            .map_err(|why| Error::Configuration {
+                message: format!("etcd client certificate: {why}"),
+            })
     }
 
     fn with_ca(mut self, pem: &[u8]) -> Result<EtcdTls, String> {
@@ -182,7 +186,9 @@ fn read(what: &str, path: &Path) -> Result<Vec<u8>, Error> {
 }
 
 fn in_file(what: &str, files: impl fmt::Display, why: String) -> Error {
-    Error::invalid(format!("etcd {what} {files}: {why}"))
+    Error::Configuration {
+        message: format!("etcd {what} {files}: {why}"),
+    }
 }
 
 fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -279,6 +285,24 @@ pub(super) fn refusal(error: &etcd_client::Error) -> Option<String> {
 /// The gRPC status code etcd answers when the user's roles do not cover a key.
 const PERMISSION_DENIED: i32 = 7;
 
+/// How every TLS refusal's message starts, so that start-up can report it as TLS.
+const TLS_FAILED: &str = "TLS with etcd failed";
+
+/// Why etcd refused the server at start-up, as what it is: TLS (a certificate either side
+/// does not accept), or a configuration etcd refuses (credentials, permissions, settings).
+pub(crate) fn setup_error(error: super::StoreError) -> Error {
+    let message = error.to_string();
+    if message.contains(TLS_FAILED) {
+        Error::Tls {
+            endpoint: "etcd".into(),
+            message,
+            source: None,
+        }
+    } else {
+        Error::Configuration { message }
+    }
+}
+
 /// Why a TLS handshake with etcd failed, when it failed for a reason that lasts: etcd's
 /// certificate is not trusted, or etcd sent a fatal alert (it refused ours, or has none).
 fn tls_refusal(error: &etcd_client::Error) -> Option<String> {
@@ -298,7 +322,7 @@ fn tls_refusal(error: &etcd_client::Error) -> Option<String> {
             e.downcast_ref::<rustls::Error>().or(wrapped)
         {
             return Some(format!(
-                "TLS with etcd failed (invalid peer certificate: {why:?}): etcd's certificate is \
+                "{TLS_FAILED} (invalid peer certificate: {why:?}): etcd's certificate is \
                  not trusted; check the etcd CA certificate, and that etcd's certificate names \
                  the endpoint's host"
             ));
@@ -307,7 +331,7 @@ fn tls_refusal(error: &etcd_client::Error) -> Option<String> {
         let text = e.to_string();
         if text.starts_with("received fatal alert") {
             return Some(format!(
-                "TLS with etcd failed ({text}): etcd refused the handshake; it may require a \
+                "{TLS_FAILED} ({text}): etcd refused the handshake; it may require a \
                  client certificate signed by a CA it trusts"
             ));
         }
