@@ -19,6 +19,36 @@
 //! assert_eq!(guard.lost().await, LostReason::Revoked);
 //! # }
 //! ```
+//!
+//! # Lease logic on tokio's paused clock
+//! Code that plans work against a lease's deadline is best written against the deadline
+//! itself ([`LockGuard::valid_until`](crate::LockGuard::valid_until)), and tested with
+//! `#[tokio::test(start_paused = true)]`: tokio's clock then jumps ahead whenever every task
+//! waits, so minutes of lease take no time. Keep the `TestServer` out of such tests: a
+//! paused clock also jumps while a request is on the wire, which makes leases look expired.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tokio::time::Instant;
+//!
+//! /// Runs steps of `step` each while another one still fits before `valid_until`.
+//! async fn run_steps(valid_until: Instant, step: Duration, steps: u32) -> u32 {
+//!     let mut done = 0;
+//!     while done < steps && Instant::now() + step <= valid_until {
+//!         tokio::time::sleep(step).await; // the real step
+//!         done += 1;
+//!     }
+//!     done
+//! }
+//!
+//! // #[tokio::test(start_paused = true)]
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! async fn stops_before_the_lease_ends() {
+//!     let valid_until = Instant::now() + Duration::from_secs(60); // guard.valid_until()
+//!     assert_eq!(run_steps(valid_until, Duration::from_secs(25), 10).await, 2);
+//! }
+//! # fn main() { stops_before_the_lease_ends() }
+//! ```
 
 use crate::DistributedLock;
 use crate::server::Server;

@@ -113,7 +113,11 @@ async fn max_hold_ends_the_lease_on_the_client_and_on_the_server() {
     let reason = within(max_hold + SLACK, guard.lost()).await;
     assert_eq!(reason, LostReason::MaxHold);
     // Renewals ran until then (the lease alone would have ended after 1 s).
-    assert!(granted.elapsed() >= max_hold - lease, "{:?}", granted.elapsed());
+    assert!(
+        granted.elapsed() >= max_hold - lease,
+        "{:?}",
+        granted.elapsed()
+    );
     // The server ends it too, while the guard lives on: someone else gets the lock.
     let next = within(lease + SLACK, dl.lock("bounded")).await.unwrap();
     assert!(next.fencing_token() > token);

@@ -88,9 +88,7 @@ impl StateReader {
     fn state_at(&self, now: Instant) -> GuardState {
         match *self.0.borrow() {
             Published::Lost { reason, .. } => GuardState::Lost(reason),
-            Published::Held { deadline, .. } if now >= deadline => {
-                GuardState::Lost(self.ends())
-            }
+            Published::Held { deadline, .. } if now >= deadline => GuardState::Lost(self.ends()),
             // The renewal task is gone (its runtime shut down): nobody renews the lease.
             Published::Held { .. } if self.0.has_changed().is_err() => {
                 GuardState::Lost(LostReason::Expired)

@@ -3,8 +3,8 @@
 use crate::client::DistributedLock;
 use crate::client::guard::LockGuard;
 use crate::client::lease::LockFn;
-use crate::client::mailbox::Commands;
 use crate::client::lease_state::{LostReason, Published, StateReader};
+use crate::client::mailbox::Commands;
 use crate::client::renewer::{Command, TrackedLease, json};
 use crate::client::transport::{Attempts, Route};
 use crate::error::Error;
@@ -197,7 +197,10 @@ impl LockRequest {
         if self.expires_in.is_zero() {
             return Err(Error::invalid("expires_in must be longer than zero"));
         }
-        if self.max_hold.is_some_and(|hold| hold < Duration::from_millis(1)) {
+        if self
+            .max_hold
+            .is_some_and(|hold| hold < Duration::from_millis(1))
+        {
             return Err(Error::invalid("max_hold must be at least 1 ms"));
         }
         if self.expires_in < Duration::from_millis(1)
@@ -386,7 +389,9 @@ impl crate::client::Inner {
             margin,
             auto_renew: terms.auto_renew,
             // The server counts `max_hold` from its grant, which is no earlier than `started`.
-            hold_end: terms.max_hold.map(|hold| started + hold.saturating_sub(margin)),
+            hold_end: terms
+                .max_hold
+                .map(|hold| started + hold.saturating_sub(margin)),
             deadline: now,
             jeopardy_at: now,
             state: state_tx,

@@ -564,7 +564,10 @@ impl App {
                 None => RenewResult::Gone { reason: None },
             })
             .collect();
-        let renewed = results.iter().filter(|r| matches!(r, RenewResult::Renewed { .. })).count();
+        let renewed = results
+            .iter()
+            .filter(|r| matches!(r, RenewResult::Renewed { .. }))
+            .count();
         self.metrics.renewals.inc_by(renewed as u64);
         Ok(json_reply(StatusCode::OK, &RenewResponse { results }))
     }

@@ -97,10 +97,13 @@ mod tests {
             holder: None,
         };
         assert_eq!(for_error(&timeout), TIMEOUT);
-        assert_eq!(for_error(&Error::LockLost {
-            name: "n".into(),
-            reason: leasehold::LostReason::Expired
-        }), LEASE_LOST);
+        assert_eq!(
+            for_error(&Error::LockLost {
+                name: "n".into(),
+                reason: leasehold::LostReason::Expired
+            }),
+            LEASE_LOST
+        );
         let refused = Error::Unauthorized {
             endpoint: "e".into(),
         };

@@ -52,8 +52,8 @@ async fn store_for_tests() -> (etcd_harness::EtcdCluster, EtcdStore) {
 }
 
 pub(crate) use metrics::EtcdMetrics;
-pub(crate) use security::{TlsFiles, setup_error};
 pub use security::{EtcdTls, EtcdUser};
+pub(crate) use security::{TlsFiles, setup_error};
 
 use super::{
     HolderView, LockStore, LockView, Project, Release, StoreError, StoreFuture, StoreStats,
