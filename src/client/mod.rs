@@ -198,8 +198,9 @@ impl Inner {
         self.next_key.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// How long before the server could expire a lease the guard presumes it lost: the
-    /// configured margin, by default a tenth of the lease up to one second.
+    /// How long before the server could expire a lease (of `lease`, or a shorter
+    /// `max_hold`) the guard presumes it lost: the configured margin, by default a tenth of
+    /// it up to one second; never more than half of it.
     fn margin_for(&self, lease: Duration) -> Duration {
         match self.safety_margin {
             Some(margin) => margin.min(lease / 2),

@@ -123,8 +123,9 @@ impl LockRequest {
 
     /// The longest the lock may be held, counted from the grant: renewals stop there,
     /// [`LockGuard::lost`] resolves with [`LostReason::MaxHold`](crate::LostReason::MaxHold)
-    /// (a safety margin early, like any loss), and the server frees the lock at that time
-    /// even if the client keeps asking: it refuses renewals past it. Default: no limit.
+    /// (a safety margin early, like any loss: at most half of `limit`), and the server frees
+    /// the lock at that time even if the client keeps asking: it refuses renewals past it.
+    /// Default: no limit.
     pub fn max_hold(mut self, limit: Duration) -> LockRequest {
         self.max_hold = Some(limit);
         self
@@ -371,7 +372,9 @@ impl crate::client::Inner {
         // A server's figures are checked, not trusted: no lease beyond the protocol's
         // longest, and no start later than now.
         let length = Duration::from_millis(granted.lease_ms.min(protocol::MAX_LEASE_MS));
-        let margin = self.margin_for(length);
+        // A `max_hold` shorter than the lease bounds the margin too, so that some of it is
+        // left to hold.
+        let margin = self.margin_for(terms.max_hold.map_or(length, |hold| hold.min(length)));
         // The lease started `waited_ms` after the server received the request, so no
         // earlier than that long after it was sent.
         let started = self

@@ -36,8 +36,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
     timeout: Option<Duration>,
 
-    /// Longest time the command may run holding the lock; then it is stopped and
-    /// leasehold exits 78. [default: no limit]
+    /// Longest time the lock may be held, from the grant. The server frees the lock then,
+    /// even if this process stalls. The command gets SIGTERM early enough to be gone by
+    /// then (--kill-after plus a safety margin before), and leasehold exits 78.
+    /// [default: no limit]
     #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
     max_hold: Option<Duration>,
 
@@ -105,6 +107,15 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
              use a longer --expires-in or a shorter --kill-after",
             human(args.kill_after),
             human(args.expires_in)
+        );
+    }
+    if let Some(limit) = args.max_hold.filter(|limit| margin > *limit / 2) {
+        eprintln!(
+            "leasehold: warning: with --kill-after {} and --max-hold {}, the command may still \
+             run when the server frees the lock at --max-hold; use a longer --max-hold or a \
+             shorter --kill-after",
+            human(args.kill_after),
+            human(limit)
         );
     }
     let dl = match server.client(|builder| builder.safety_margin(margin)) {
