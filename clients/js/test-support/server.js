@@ -6,6 +6,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { after, before } from 'node:test';
 import { serverBin } from './binaries.js';
 import { within } from './time.js';
 
@@ -51,4 +52,24 @@ export async function startServer(args = []) {
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * One server for the test file: started before its first test, stopped after its last.
+ * Read `.url` inside tests; a `before` hook of the file that needs the server awaits
+ * `.started` (Node 20 runs a file's top-level `before` hooks at the same time).
+ * @param {string[]} [args]
+ */
+export function serverForThisFile(args = []) {
+  /** @type {(value: unknown) => void} */
+  let markStarted = () => {};
+  /** @type {{url: string, server: Awaited<ReturnType<typeof startServer>> | null, started: Promise<unknown>}} */
+  const handle = { url: '', server: null, started: new Promise((resolve) => { markStarted = resolve; }) };
+  before(async () => {
+    handle.server = await startServer(args);
+    handle.url = handle.server.url;
+    markStarted(undefined);
+  });
+  after(() => handle.server?.stop());
+  return handle;
 }

@@ -2,19 +2,17 @@
 // its three call shapes, plus the input checks and the release in `finally`.
 
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
+import { before, describe, test } from 'node:test';
 import DistributedLock, { DistributedLockError, InvalidArgumentError, TimeoutError } from 'leasehold';
-import { startServer } from '../test-support/server.js';
+import { serverForThisFile } from '../test-support/server.js';
 
 describe('the original README, unchanged', () => {
-  /** @type {Awaited<ReturnType<typeof startServer>>} */
-  let server;
+  const server = serverForThisFile();
+  // The README's code takes the endpoint from the environment, as its users' code will.
   before(async () => {
-    server = await startServer();
-    // The README's code takes the endpoint from the environment, as its users' code will.
+    await server.started;
     process.env.LEASEHOLD_URL = server.url;
   });
-  after(() => server.stop());
 
   test('plain: fn runs holding the lock, its value comes back, the lock is free after', async () => {
     const dl = new DistributedLock('your-project-api-key');
