@@ -91,6 +91,11 @@ export class Renewer {
     this.#lastTick = sent;
     const due = [];
     for (const lease of this.#leases) {
+      if (!lease.lost && sent >= lease.deadline) {
+        // Overdue (its timer may not have run yet on a busy event loop): no renewal brings
+        // it back.
+        lease.markLost();
+      }
       if (lease.lost) {
         this.#leases.delete(lease);
       } else if (!lease.inFlight && lease.due <= sent + lease.lengthMs / 6) {

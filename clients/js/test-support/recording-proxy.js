@@ -75,12 +75,16 @@ export async function startProxy(upstream) {
       forwarded.end(raw);
     });
   });
+  let connections = 0;
+  server.on('connection', () => { connections += 1; });
   await new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(undefined)));
   const { port } = /** @type {import('node:net').AddressInfo} */ (server.address());
 
   return {
     url: `http://127.0.0.1:${port}`,
     exchanges,
+    /** TCP connections the client opened so far. */
+    connections: () => connections,
     /** Requests to `path` so far. */
     sent: (/** @type {string} */ path) => exchanges.filter((e) => e.path === path),
     /** Holds the next request to `path` this long before passing it on. */

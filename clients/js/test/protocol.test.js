@@ -105,6 +105,19 @@ test('acquireLock releases in finally, whatever fn did', async () => {
   assert.deepEqual(release.answer, { released: true });
 });
 
+test('requests go over kept-alive HTTP/1.1 connections', async () => {
+  const dl = viaProxy();
+  const connectionsBefore = proxy.connections();
+  const requestsBefore = proxy.exchanges.length;
+  for (let round = 0; round < 5; round++) {
+    await dl.acquireLock({ lockName: 'kept-alive', fn: () => round });
+  }
+  // An acquire and a release each round, one after another: one connection serves them all
+  // (one that an earlier test left open, or a new one).
+  assert.equal(proxy.exchanges.length - requestsBefore, 10);
+  assert.ok(proxy.connections() - connectionsBefore <= 1, `${proxy.connections() - connectionsBefore} connections`);
+});
+
 test('the lease is counted from the send: a grant that arrives late is confirmed first', async () => {
   // The request reaches the server late (a slow network): by the client's count, which
   // starts at the send, less than a third of the lease is left when the grant arrives.
