@@ -45,7 +45,6 @@ describe('the original README, unchanged', () => {
     });
     assert.equal(result, 10);
     assert.ok(seen.holder.expiresInMs > 10_000 && seen.holder.expiresInMs <= 20_000, `${seen.holder.expiresInMs}`);
-    assert.equal(seen.holder.expiresAtMs - seen.holder.acquiredAtMs <= 20_000, true);
   });
 
   test('timeout: a free lock is taken at once; a held one gives up with TimeoutError', async () => {
