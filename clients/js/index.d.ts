@@ -65,6 +65,8 @@ export class Lock {
   isHeld(): boolean;
   /** Releases the lock; rejects with LockLostError if the lease was already lost. Idempotent. */
   release(): Promise<void>;
+  /** `await using lock = await dl.lock(name)` releases at the end of the block. */
+  [Symbol.asyncDispose](): Promise<void>;
 }
 
 export default class DistributedLock {

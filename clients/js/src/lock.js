@@ -56,6 +56,11 @@ export class Lock {
     return this.#releasing;
   }
 
+  /** `await using lock = await dl.lock(name)` (TypeScript 5.2+) releases at the block's end. */
+  [Symbol.asyncDispose]() {
+    return this.release();
+  }
+
   async #release() {
     const lease = this.#lease;
     const held = lease.isHeld();

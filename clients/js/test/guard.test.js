@@ -58,3 +58,11 @@ test('an aborted wait rejects with the signal\'s reason and leaves the line', as
   await until(20 * LEASE_MS, 'the waiter to leave', async () => (await dl.inspect('abandoned')).waiters === 0);
   await held.release();
 });
+
+test('Symbol.asyncDispose releases (for `await using`)', async () => {
+  const dl = new DistributedLock('guard-test', { url: server.url });
+  const lock = await dl.lock('disposed');
+  await lock[Symbol.asyncDispose]();
+  assert.equal(lock.isHeld(), false);
+  assert.equal(await dl.inspect('disposed'), null);
+});
