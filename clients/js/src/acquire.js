@@ -49,8 +49,9 @@ export async function waitInLine(transport, { name, leaseMs, waitDeadline, start
         () => ({
           name,
           lease_ms: leaseMs,
-          // The server counts the wait from each request's arrival: ask for what remains.
-          ...(waitDeadline === null ? {} : { wait_ms: Math.max(0, Math.floor(waitDeadline - now())) }),
+          // The server counts the wait from each request's arrival: ask for what remains
+          // (rounded up, so that a caller's `timeout` is always waited out in full).
+          ...(waitDeadline === null ? {} : { wait_ms: Math.max(0, Math.ceil(waitDeadline - now())) }),
           poll_ms: POLL_MS,
           request_id: requestId,
           ...(label === null ? {} : { metadata: label }),
