@@ -330,6 +330,8 @@ mod tests {
             request_id: Id::random(),
             label: None,
             quota: Default::default(),
+            max_hold: None,
+            lock_delay: None,
         }
     }
 

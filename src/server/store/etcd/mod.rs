@@ -32,6 +32,7 @@ mod keys;
 mod leases;
 mod metrics;
 mod renew;
+mod revoke;
 mod security;
 mod wait;
 
@@ -56,7 +57,7 @@ pub(crate) use security::TlsFiles;
 pub use security::{EtcdTls, EtcdUser};
 
 use super::{
-    HolderView, LockStore, LockView, Project, Release, StoreError, StoreFuture, StoreStats,
+    HolderView, LockStore, LockView, Project, Release, Renewal, StoreError, StoreFuture, StoreStats,
 };
 use crate::id::Id;
 use call::{EtcdError, count, count_of, delete, first, get, kvs, queue_oldest};
@@ -417,13 +418,14 @@ impl LockStore for EtcdStore {
         Box::pin(async move { Ok(self.inner.acquire(spec).await?) })
     }
 
-    fn renew(
-        &self,
-        project: &Project,
-        leases: Vec<(String, Id)>,
-    ) -> StoreFuture<'_, Vec<Option<Duration>>> {
+    fn renew(&self, project: &Project, leases: Vec<(String, Id)>) -> StoreFuture<'_, Vec<Renewal>> {
         let project = project.clone();
         Box::pin(async move { Ok(self.inner.renew(&project, leases).await?) })
+    }
+
+    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<u64>> {
+        let (project, name) = (project.clone(), name.to_owned());
+        Box::pin(async move { Ok(self.inner.revoke(&project, &name).await?) })
     }
 
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {

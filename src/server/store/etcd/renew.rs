@@ -4,17 +4,16 @@ use super::Inner;
 use super::call::{EtcdError, first, get};
 use super::keys::{Entry, LeaseId, LockKeys};
 use crate::id::Id;
-use crate::server::store::Project;
+use crate::server::store::{Project, Renewal};
 use etcd_client::{KeyValue, Txn};
 use std::sync::Arc;
-use std::time::Duration;
 
 impl Inner {
     pub(super) async fn renew(
         &self,
         project: &Project,
         leases: Vec<(String, Id)>,
-    ) -> Result<Vec<Option<Duration>>, EtcdError> {
+    ) -> Result<Vec<Renewal>, EtcdError> {
         let targets: Vec<Option<(LeaseId, LockKeys)>> = leases
             .iter()
             .map(|(name, id)| Some((LeaseId::from_id(*id)?, self.keys(project, name))))
@@ -56,9 +55,9 @@ impl Inner {
             .zip(after)
             .map(|(b, a)| match (b, a) {
                 (Some((rev, _, _)), Some((rev_after, _, entry))) if rev == rev_after => {
-                    Some(entry.lease())
+                    Renewal::Renewed(entry.lease())
                 }
-                _ => None,
+                _ => Renewal::Gone(None),
             })
             .collect())
     }
