@@ -80,6 +80,12 @@ async fn acquire(
     }
 }
 
+/// An acquire that waits (long polls) for up to `BOUND`.
+async fn wait_for(addr: SocketAddr, key: &str, name: &str, lease: Duration) -> (u16, Value) {
+    let wait_ms = BOUND.as_millis() as u64;
+    acquire(addr, key, name, lease, json!({ "wait_ms": wait_ms })).await
+}
+
 /// A granted acquire's (lease id, fencing token, lease ms).
 fn granted(answer: &(u16, Value)) -> (String, u64, u64) {
     assert_eq!(answer.0, 200, "not granted: {answer:?}");
@@ -209,14 +215,7 @@ async fn a_waiter_gets_the_lock_at_the_holders_max_hold(backend: Backend) {
     .await;
     let received = Instant::now();
     let (_, first_token, _) = granted(&answer);
-    let waiter = acquire(
-        server.addr,
-        "p",
-        "hog",
-        lease,
-        json!({"wait_ms": BOUND.as_millis() as u64}),
-    )
-    .await;
+    let waiter = wait_for(server.addr, "p", "hog", lease).await;
     let got = Instant::now();
     let (_, token, _) = granted(&waiter);
     assert!(token > first_token);
@@ -250,14 +249,7 @@ async fn lock_delay_holds_back_after_an_expiry_not_after_a_release(backend: Back
     let waiter = tokio::spawn({
         let addr = server.addr;
         async move {
-            let answer = acquire(
-                addr,
-                "p",
-                "d",
-                lease,
-                json!({"wait_ms": BOUND.as_millis() as u64}),
-            )
-            .await;
+            let answer = wait_for(addr, "p", "d", lease).await;
             (answer, Instant::now())
         }
     });
@@ -333,16 +325,7 @@ async fn revoke_hands_the_lock_to_the_next_waiter(backend: Backend) {
         granted(&acquire(server.addr, "p", "r", lease, json!({})).await);
     let waiter = tokio::spawn({
         let addr = server.addr;
-        async move {
-            acquire(
-                addr,
-                "p",
-                "r",
-                lease,
-                json!({"wait_ms": BOUND.as_millis() as u64}),
-            )
-            .await
-        }
+        async move { wait_for(addr, "p", "r", lease).await }
     });
     eventually(BOUND, "the waiter is in line", || async {
         server.inspect("p", "r").await.1 == 1
@@ -384,14 +367,7 @@ async fn revoke_honours_the_revoked_leases_lock_delay(backend: Backend) {
     let (status, answer) = revoke(server.addr, "p", "rd").await;
     let revoke_received = Instant::now();
     assert_eq!(status, 200, "{answer}");
-    let answer = acquire(
-        server.addr,
-        "p",
-        "rd",
-        lease,
-        json!({"wait_ms": BOUND.as_millis() as u64}),
-    )
-    .await;
+    let answer = wait_for(server.addr, "p", "rd", lease).await;
     let got = Instant::now();
     granted(&answer);
     assert!(
@@ -445,4 +421,55 @@ async fn revoke_needs_an_admin_key_of_the_project(backend: Backend) {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["fencing_token"].as_u64(), Some(token));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The memory store remembers why a lease ended: a renewal after it expired says so.
+#[tokio::test]
+async fn a_late_renewal_of_an_expired_lease_says_expired() {
+    let server = TestServer::start().await;
+    let lease = Duration::from_millis(50);
+    let (lease_id, _, _) = granted(&acquire(server.addr, "p", "late", lease, json!({})).await);
+    let sent = Instant::now();
+    eventually(BOUND, "the lease expires", || async {
+        sent.elapsed() > lease && server.inspect("p", "late").await.0.is_none()
+    })
+    .await;
+    let result = renew(server.addr, "p", "late", &lease_id).await;
+    assert_eq!(result, json!({"status": "gone", "reason": "expired"}));
+    // A lease id the server never issued has no reason.
+    let unknown = renew(server.addr, "p", "late", &request_id()).await;
+    assert_eq!(unknown, json!({"status": "gone"}));
+}
+
+/// On etcd, the lock-delay is in etcd, not in the server that granted the lease: a holder
+/// whose server is gone (and who stops renewing) delays a waiter on another server.
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn another_server_over_the_same_etcd_respects_the_lock_delay() {
+    let etcd = support::etcd::EtcdCluster::start(1).await;
+    let first = TestServer::start_over(Some(&etcd), |b| b).await;
+    let second = TestServer::start_over(Some(&etcd), |b| b).await;
+    let lease = Backend::Etcd.lease(Duration::from_millis(300));
+    let delay = Duration::from_secs(2);
+    let sent = Instant::now();
+    let (_, first_token, lease_ms) = granted(
+        &acquire(
+            first.addr,
+            "p",
+            "shared",
+            lease,
+            json!({"lock_delay_ms": delay.as_millis() as u64}),
+        )
+        .await,
+    );
+    let received = Instant::now();
+    first.stop().await;
+    let answer = wait_for(second.addr, "p", "shared", lease).await;
+    let got = Instant::now();
+    let (_, token, _) = granted(&answer);
+    assert!(token > first_token);
+    let earliest = sent + Duration::from_millis(lease_ms) + delay;
+    assert!(got >= earliest, "granted {:?} early", earliest - got);
+    let latest = received + Duration::from_millis(lease_ms) + delay + slack(Backend::Etcd);
+    assert!(got <= latest, "granted {:?} late", got - latest);
 }
