@@ -291,4 +291,16 @@ mod tests {
         );
         assert_eq!(Entry::decode(b"junk").ttl, 1);
     }
+
+    #[test]
+    fn the_hold_caps_the_lease_once_granted() {
+        let mut entry = Entry::decode(b"{\"ttl\":5,\"ask\":5,\"at\":1000,\"max_hold_ms\":7000}");
+        assert_eq!(entry.hold_until(), None, "not granted yet");
+        assert_eq!(entry.lease_at(2000), Duration::from_secs(5));
+        entry.granted = Some(2000);
+        assert_eq!(entry.hold_until(), Some(9000));
+        assert_eq!(entry.lease_at(3000), Duration::from_secs(5));
+        assert_eq!(entry.lease_at(6500), Duration::from_millis(2500));
+        assert_eq!(entry.lease_at(9500), Duration::ZERO);
+    }
 }

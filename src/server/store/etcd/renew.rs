@@ -26,9 +26,11 @@ impl Inner {
         let now = unix_ms(SystemTime::now());
         let mut at_max_hold = vec![false; targets.len()];
         for (i, found) in before.iter_mut().enumerate() {
+            // Less than a millisecond left counts as over: there is no lease to report.
+            let over = |until: u64| until <= now.saturating_add(1);
             let ended = found
                 .as_ref()
-                .filter(|(_, _, entry)| entry.hold_until().is_some_and(|until| until <= now));
+                .filter(|(_, _, entry)| entry.hold_until().is_some_and(over));
             if let (Some((rev, lease, entry)), Some((id, keys))) = (ended, &targets[i]) {
                 let key = keys.queue_key(id.etcd);
                 self.end_lease(keys, key, *rev, *lease, entry, Ended::MaxHold)
