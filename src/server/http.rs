@@ -11,9 +11,8 @@ use crate::server::auth::{Auth, Caller, Refusal};
 use crate::server::budget::{BodyBudget, Exhausted};
 use crate::server::in_flight::{AcquiresInFlight, InFlight};
 use crate::server::metrics::{Metrics, RequestLabels};
-use crate::server::store::Renewal;
 use crate::server::store::{
-    AcquireOutcome, AcquireSpec, HolderView, LockStore, Quota, Release, StoreError,
+    AcquireOutcome, AcquireSpec, HolderView, LockStore, Quota, Release, Renewal, StoreError,
 };
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};

@@ -10,8 +10,7 @@ use super::call::{
 use super::keys::{Entry, LockKeys, unix_ms};
 use super::limits::Gate;
 use crate::server::log_limit::LogLimit;
-use crate::server::store::AcquireOutcome;
-use crate::server::store::Ended;
+use crate::server::store::{AcquireOutcome, Ended};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
