@@ -48,6 +48,8 @@ fn main() {
                                 request_id: Id::random(),
                 label: None,
                 quota: Quota::default(),
+                max_hold: None,
+                lock_delay: None,
             };
             match store.acquire(spec).await.unwrap() {
                 AcquireOutcome::Granted(grant) => leases.push(grant.lease_id),

@@ -140,6 +140,11 @@ struct Args {
     #[arg(long, env = "LEASEHOLD_MAX_LEASE", default_value = "1h", value_parser = duration::parse)]
     max_lease: Duration,
 
+    /// Longest lock-delay (`lock_delay_ms`) an acquire may ask for; longer ones are refused
+    /// with 400 (at most 24h; 0 refuses every lock-delay).
+    #[arg(long, env = "LEASEHOLD_MAX_LOCK_DELAY", default_value = "60s", value_parser = duration::parse)]
+    max_lock_delay: Duration,
+
     /// Longest time one long poll is held open.
     #[arg(long, env = "LEASEHOLD_MAX_POLL", default_value = "20s", value_parser = duration::parse)]
     max_poll: Duration,
@@ -315,6 +320,7 @@ async fn run(args: Args) -> Result<(), leasehold::Error> {
         .write_timeout(args.write_timeout)
         .drain_timeout(args.drain_timeout)
         .max_lease(args.max_lease)
+        .max_lock_delay(args.max_lock_delay)
         .max_poll(args.max_poll)
         .max_waiters_per_lock(args.max_waiters_per_lock)
         .max_body_bytes(args.max_body_bytes)

@@ -49,6 +49,9 @@ pub(crate) struct Caller {
     pub bucket: Option<Arc<Mutex<Bucket>>>,
     /// Non-secret key id, for logs (none in open mode).
     pub key_id: Option<Arc<str>>,
+    /// Whether the key may act on other holders' leases (revoke): keys marked `admin` in
+    /// the key file, and every key in open mode (each is alone in its project there).
+    pub admin: bool,
 }
 
 /// Resolves the `Authorization` header to a [`Caller`].
@@ -152,6 +155,9 @@ struct ProjectEntry {
 struct KeyLine {
     id: String,
     sha256: String,
+    /// May revoke other holders' leases in its project.
+    #[serde(default)]
+    admin: bool,
 }
 
 impl Auth {
@@ -308,6 +314,7 @@ impl Auth {
                     quota,
                     bucket,
                     key_id: Some(key.id.as_str().into()),
+                    admin: key.admin,
                 };
                 if table
                     .by_id
@@ -359,6 +366,7 @@ impl Auth {
                     quota: Quota::default(),
                     bucket: None,
                     key_id: None,
+                    admin: true,
                 })
             }
             Mode::File { keys, .. } => {

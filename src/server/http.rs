@@ -1,5 +1,8 @@
 //! HTTP in, store calls out: routing, authentication, rate limits, input checks, metrics.
 
+mod lease_limits;
+mod revoke;
+
 use crate::protocol::{
     self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, LeaseRef, LockInfo,
     ReleaseResponse, RenewRequest, RenewResponse, RenewResult, StillWaiting, WireHolder, codes,
@@ -9,7 +12,7 @@ use crate::server::budget::{BodyBudget, Exhausted};
 use crate::server::in_flight::{AcquiresInFlight, InFlight};
 use crate::server::metrics::{Metrics, RequestLabels};
 use crate::server::store::{
-    AcquireOutcome, AcquireSpec, HolderView, LockStore, Quota, Release, StoreError,
+    AcquireOutcome, AcquireSpec, HolderView, LockStore, Quota, Release, Renewal, StoreError,
 };
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -38,6 +41,8 @@ pub(crate) struct Limits {
     pub max_locks_per_project: u64,
     /// Most acquire requests of one project in flight at once (each waiter is one).
     pub max_acquires_per_project: usize,
+    /// Longest lock-delay an acquire may ask for.
+    pub max_lock_delay: Duration,
 }
 
 /// Everything a request handler needs.
@@ -65,6 +70,7 @@ enum Route {
     Renew,
     Release,
     Cancel,
+    Revoke,
     Inspect,
     Healthz,
     Metrics,
@@ -78,6 +84,7 @@ impl Route {
             protocol::PATH_RENEW => Route::Renew,
             protocol::PATH_RELEASE => Route::Release,
             protocol::PATH_CANCEL => Route::Cancel,
+            protocol::PATH_REVOKE => Route::Revoke,
             "/healthz" => Route::Healthz,
             "/metrics" => Route::Metrics,
             p if p.starts_with(protocol::PATH_LOCKS_PREFIX) => Route::Inspect,
@@ -91,6 +98,7 @@ impl Route {
             Route::Renew => "renew",
             Route::Release => "release",
             Route::Cancel => "cancel",
+            Route::Revoke => "revoke",
             Route::Inspect => "inspect",
             Route::Healthz => "healthz",
             Route::Metrics => "metrics",
@@ -100,15 +108,18 @@ impl Route {
 
     fn method(self) -> Method {
         match self {
-            Route::Acquire | Route::Renew | Route::Release | Route::Cancel => Method::POST,
+            Route::Acquire | Route::Renew | Route::Release | Route::Cancel | Route::Revoke => {
+                Method::POST
+            }
             _ => Method::GET,
         }
     }
 
     /// Renewals, releases and cancels are never rate limited: a throttled client must not
-    /// lose its leases, nor keep locks (or places in line) longer than it wants.
+    /// lose its leases, nor keep locks (or places in line) longer than it wants. Revocations
+    /// are limited like inspection.
     fn rate_limited(self) -> bool {
-        matches!(self, Route::Acquire | Route::Inspect)
+        matches!(self, Route::Acquire | Route::Inspect | Route::Revoke)
     }
 }
 
@@ -298,6 +309,10 @@ impl App {
                 self.cancel(&caller, self.body(&caller, request).await?)
                     .await
             }
+            Route::Revoke => {
+                self.revoke(&caller, self.body(&caller, request).await?)
+                    .await
+            }
             _ => {
                 let encoded = &request.uri().path()[protocol::PATH_LOCKS_PREFIX.len()..];
                 self.inspect(&caller, encoded).await
@@ -463,6 +478,7 @@ impl App {
         if let Some(label) = &req.metadata {
             protocol::validate_name(label).map_err(|e| bad(format!("metadata: {e}")))?;
         }
+        let (max_hold, lock_delay) = self.lease_limits(&req)?;
         let poll = req.poll_ms.map_or(self.limits.max_poll, |ms| {
             Duration::from_millis(ms).min(self.limits.max_poll)
         });
@@ -481,6 +497,8 @@ impl App {
                     .or(Some(self.limits.max_locks_per_project)),
                 ..caller.quota
             },
+            max_hold,
+            lock_delay,
         };
         self.metrics.acquires.inc();
         let arrived = Instant::now();
@@ -558,10 +576,12 @@ impl App {
             .await?
             .into_iter()
             .map(|renewed| match renewed {
-                Some(lease) => RenewResult::Renewed {
+                Renewal::Renewed(lease) => RenewResult::Renewed {
                     lease_ms: lease.as_millis() as u64,
                 },
-                None => RenewResult::Gone { reason: None },
+                Renewal::Gone(why) => RenewResult::Gone {
+                    reason: why.map(lease_limits::gone_reason),
+                },
             })
             .collect();
         let renewed = results

@@ -30,6 +30,7 @@ pub(crate) struct Metrics {
     pub timeouts: Counter,
     pub releases: Counter,
     pub renewals: Counter,
+    pub revocations: Counter,
     pub wait_seconds: Histogram,
     pub connections_open: Gauge,
     pub connections: Counter,
@@ -81,6 +82,12 @@ impl Metrics {
             "Leases renewed (one batch renews many)",
             renewals.clone(),
         );
+        let revocations = Counter::default();
+        registry.register(
+            "revocations",
+            "Leases ended by POST /v1/revoke",
+            revocations.clone(),
+        );
         let wait_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 12));
         registry.register(
             "wait_seconds",
@@ -118,6 +125,7 @@ impl Metrics {
             acquires,
             grants,
             timeouts,
+            revocations,
             releases,
             renewals,
             wait_seconds,

@@ -95,6 +95,7 @@ impl Server {
                 body_budget: 256 << 20,
                 max_locks_per_project: 1_000_000,
                 max_acquires_per_project: 20_000,
+                max_lock_delay: Duration::from_secs(60),
             },
             conn: ConnLimits::default(),
             key_file: None,
@@ -332,6 +333,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Longest lock-delay (`lock_delay_ms`) a client may ask for (default 60 s, at most
+    /// 24 h): a longer one is refused with `400`. `Duration::ZERO` refuses every delay.
+    pub fn max_lock_delay(mut self, delay: Duration) -> ServerBuilder {
+        self.limits.max_lock_delay = delay;
+        self
+    }
+
     /// Shortest lease a client may ask for (default 10 ms).
     pub fn min_lease(mut self, lease: Duration) -> ServerBuilder {
         self.limits.min_lease = lease;
@@ -510,6 +518,11 @@ impl ServerBuilder {
         {
             return Err(Error::invalid(format!(
                 "lease bounds: need 0 < min_lease <= max_lease <= {protocol_max:?}"
+            )));
+        }
+        if self.limits.max_lock_delay > protocol_max {
+            return Err(Error::invalid(format!(
+                "max_lock_delay must be at most {protocol_max:?}"
             )));
         }
         if self.conn.max_header_bytes < 8192 {

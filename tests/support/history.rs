@@ -243,6 +243,7 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
                     }
                 }
                 EventKind::Released { token }
+                | EventKind::Revoked { token }
                 | EventKind::Cancelled {
                     token: Some(token), ..
                 } => {

@@ -156,6 +156,7 @@ impl ServerRuns {
                                 *deadline_us = sim(*deadline_us);
                             }
                             EventKind::Released { .. }
+                            | EventKind::Revoked { .. }
                             | EventKind::Cancelled { .. }
                             | EventKind::WaiterLeft { .. } => {}
                         }

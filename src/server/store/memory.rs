@@ -19,8 +19,9 @@
 
 use super::wait_queue::WaitQueue;
 use super::{
-    AcquireOutcome, AcquireSpec, EventKind, EventSink, Grant, HolderView, LockStore, LockView,
-    Project, ProjectId, Quota, Release, StoreError, StoreEvent, StoreFuture, StoreStats,
+    AcquireOutcome, AcquireSpec, Ended, EventKind, EventSink, Grant, HolderView, LockStore,
+    LockView, Project, ProjectId, Quota, Release, Renewal, StoreError, StoreEvent, StoreFuture,
+    StoreStats,
 };
 use crate::id::Id;
 use crate::server::state_file::{
@@ -180,30 +181,47 @@ struct Shard {
     wake: Arc<Notify>,
     /// Locked after `state` when both are.
     tombstones: Mutex<Tombstones>,
+    /// Lease ids of leases that ended without a release, tagged with why (`Ended`), so
+    /// that a late renewal can say why. Locked after `state` when both are.
+    ended: Mutex<Tombstones>,
 }
 
-/// Request ids of ended acquires, by id: (fingerprint of the lock key, expiry µs).
+/// Request ids of ended acquires (or lease ids of ended leases), by id: (fingerprint of the
+/// lock key, expiry µs, a tag saying why).
 #[derive(Debug, Default)]
 struct Tombstones {
-    by_id: HashMap<Id, (u64, u64)>,
+    by_id: HashMap<Id, (u64, u64, u8)>,
     /// Insertion order, for expiry and eviction: (expiry µs, id).
     order: VecDeque<(u64, Id)>,
 }
 
 impl Tombstones {
     fn insert(&mut self, id: Id, lock: u64, now: u64, ttl: u64) {
+        self.insert_tagged(id, lock, now, ttl, 0);
+    }
+
+    /// Inserts with a tag. Entries may have different TTLs: one that expires early behind a
+    /// later one is dropped only when it reaches the front (or by the bound), and `tag`
+    /// ignores it once expired.
+    fn insert_tagged(&mut self, id: Id, lock: u64, now: u64, ttl: u64, tag: u8) {
         self.expire(now);
         while self.order.len() >= TOMBSTONES_PER_SHARD {
             self.pop_oldest();
         }
-        self.by_id.insert(id, (lock, now + ttl));
+        self.by_id.insert(id, (lock, now + ttl, tag));
         self.order.push_back((now + ttl, id));
     }
 
     fn contains(&self, id: &Id, lock: u64, now: u64) -> bool {
+        self.tag(id, lock, now).is_some()
+    }
+
+    /// The tag of a live tombstone of `id` on `lock`.
+    fn tag(&self, id: &Id, lock: u64, now: u64) -> Option<u8> {
         self.by_id
             .get(id)
-            .is_some_and(|&(l, expires)| l == lock && expires > now)
+            .filter(|&&(l, expires, _)| l == lock && expires > now)
+            .map(|&(_, _, tag)| tag)
     }
 
     fn expire(&mut self, now: u64) {
@@ -219,7 +237,7 @@ impl Tombstones {
     fn pop_oldest(&mut self) {
         if let Some((expires, id)) = self.order.pop_front()
             // A newer tombstone of the same id has its own entry further back.
-            && self.by_id.get(&id).is_some_and(|&(_, e)| e == expires)
+            && self.by_id.get(&id).is_some_and(|&(_, e, _)| e == expires)
         {
             self.by_id.remove(&id);
         }
@@ -248,6 +266,10 @@ struct Holder {
     /// Grant time, µs since origin.
     acquired: u64,
     lease_ms: u32,
+    /// The lease never runs past this (µs since origin; `u64::MAX` without a `max_hold`).
+    hold_until: u64,
+    /// Lock-delay applied if the lease ends without a release (ms; 0 for none).
+    lock_delay_ms: u32,
     /// Whether an acquire was answered with this grant: only then does its end leave a
     /// tombstone (a grant nobody collected may still be collected by a slow re-poll, or the
     /// re-poll may join the line again).
@@ -272,6 +294,7 @@ struct Queue {
 struct Waiter {
     request_id: Id,
     lease_ms: u32,
+    limits: LeaseLimits,
     label: Option<Label>,
     /// The long poll waiting for this waiter's grant; `None` while detached.
     notify: Option<oneshot::Sender<Grant>>,
@@ -283,15 +306,70 @@ struct Waiter {
     poll_started: u64,
 }
 
+/// What an acquire asked of its lease beyond its length.
+#[derive(Debug, Clone, Copy)]
+struct LeaseLimits {
+    /// Longest hold from the grant, µs (`u64::MAX` for none).
+    max_hold: u64,
+    /// Lock-delay, ms (0 for none).
+    lock_delay_ms: u32,
+}
+
+impl LeaseLimits {
+    fn of(spec: &AcquireSpec) -> LeaseLimits {
+        LeaseLimits {
+            max_hold: spec.max_hold.map_or(u64::MAX, micros),
+            // The HTTP layer bounds the delay to the server's maximum, at most 24 h.
+            lock_delay_ms: spec
+                .lock_delay
+                .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
 impl Holder {
     /// The grant as the acquire call that began at `call_started` sees it; the lease's
-    /// clock (re)started at `lease_started`.
+    /// clock (re)started at `lease_started`. The lease reported is what is left of it then,
+    /// which is less than its length when its `max_hold` is near.
     fn grant(&self, call_started: u64, lease_started: u64) -> Grant {
         Grant {
             lease_id: self.lease_id,
             fencing_token: self.token.get(),
-            lease: Duration::from_millis(u64::from(self.lease_ms)),
+            lease: Duration::from_millis(self.deadline.saturating_sub(lease_started) / 1000),
             waited: Duration::from_micros(lease_started.saturating_sub(call_started)),
+        }
+    }
+
+    /// Runs the lease its length from `now`, but never past its `max_hold`.
+    fn extend(&mut self, now: u64) {
+        self.deadline = (now + u64::from(self.lease_ms) * 1000).min(self.hold_until);
+    }
+
+    /// Why the lease ends if it ends at its deadline.
+    fn ends_by(&self) -> Ended {
+        if self.deadline >= self.hold_until {
+            Ended::MaxHold
+        } else {
+            Ended::Expired
+        }
+    }
+}
+
+impl Ended {
+    fn tag(self) -> u8 {
+        match self {
+            Ended::Expired => 1,
+            Ended::MaxHold => 2,
+            Ended::Revoked => 3,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<Ended> {
+        match tag {
+            1 => Some(Ended::Expired),
+            2 => Some(Ended::MaxHold),
+            3 => Some(Ended::Revoked),
+            _ => None,
         }
     }
 }
@@ -381,6 +459,7 @@ impl MemoryStore {
                 state: Mutex::new(ShardState::default()),
                 wake: Arc::new(Notify::new()),
                 tombstones: Mutex::new(Tombstones::default()),
+                ended: Mutex::new(Tombstones::default()),
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -554,10 +633,47 @@ impl Shared {
 
     /// The tombstones of `key`'s shard, and the key's fingerprint in them.
     fn tombstones_of(&self, key: &[u8]) -> (u64, MutexGuard<'_, Tombstones>) {
+        self.tombs_of(key, |shard| &shard.tombstones)
+    }
+
+    /// The tombstones `pick` chooses of `key`'s shard, and the key's fingerprint in them.
+    fn tombs_of(
+        &self,
+        key: &[u8],
+        pick: impl FnOnce(&Shard) -> &Mutex<Tombstones>,
+    ) -> (u64, MutexGuard<'_, Tombstones>) {
         let fingerprint = self.hasher.hash_one(key);
         let shard = &self.shards[(fingerprint % self.shards.len() as u64) as usize];
-        let tombstones = shard.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+        let tombstones = pick(shard).lock().unwrap_or_else(|p| p.into_inner());
         (fingerprint, tombstones)
+    }
+
+    /// Remembers why a lease ended without a release, for at least its length (a holder
+    /// that renews on time learns why), and at least the tombstone TTL.
+    fn lease_ended(&self, key: &[u8], holder: &Holder, why: Ended, now: u64) {
+        let ttl = micros(self.config.tombstone_ttl).max(u64::from(holder.lease_ms) * 1000);
+        let (fingerprint, mut ended) = self.tombs_of(key, |shard| &shard.ended);
+        ended.insert_tagged(holder.lease_id, fingerprint, now, ttl, why.tag());
+    }
+
+    /// Why the lease `lease_id` of lock `key` ended, if that is remembered.
+    fn ended_why(&self, key: &[u8], lease_id: &Id, now: u64) -> Option<Ended> {
+        let (fingerprint, ended) = self.tombs_of(key, |shard| &shard.ended);
+        ended
+            .tag(lease_id, fingerprint, now)
+            .and_then(Ended::from_tag)
+    }
+
+    /// Starts a lock-delay of `delay_ms` from `ended_at` (µs since origin), if it has not
+    /// run out by `now`: no grant before it does. Kept in the lock's queue, which stays
+    /// while the delay runs even with nobody waiting (`settle`).
+    fn delay_grants(&self, lock: &mut LockState, ended_at: u64, delay_ms: u32, now: u64) {
+        let until = ended_at.saturating_add(u64::from(delay_ms) * 1000);
+        if delay_ms == 0 || until <= now {
+            return;
+        }
+        let queue = lock.queue.get_or_insert_with(Default::default);
+        queue.held_back_until = queue.held_back_until.max(until);
     }
 
     fn new_lease_id() -> Id {
@@ -602,11 +718,15 @@ impl Shared {
             if holder.answered {
                 self.tombstone(key, holder.request_id, now);
             }
+            self.lease_ended(key, holder, holder.ends_by(), now);
+            let delay_ms = holder.lock_delay_ms;
             self.emit(key, now, || EventKind::Expired {
                 token,
                 deadline_us: self.unix_us(deadline),
             });
             self.drop_holder(timers, lock);
+            // The delay counts from when the lease ended, not from when that was noticed.
+            self.delay_grants(lock, deadline, delay_ms, now);
             self.expirations.fetch_add(1, Ordering::Relaxed);
         }
         let held_back = now < self.hold_back_until
@@ -614,7 +734,8 @@ impl Shared {
         if lock.holder.is_none() && !held_back {
             self.grant_next(key, lock, now);
         }
-        if lock.waiters() == 0 {
+        let delay_runs = lock.queue.as_ref().is_some_and(|q| now < q.held_back_until);
+        if lock.waiters() == 0 && !delay_runs {
             if let Some(queue) = lock.queue.take()
                 && let Some(timer) = queue.timer
             {
@@ -624,6 +745,17 @@ impl Shared {
             && queue.timer.is_none()
         {
             let timer = (holder.deadline, holder.token.get());
+            timers.insert(timer, key.into());
+            queue.timer = Some(timer);
+        } else if let (None, Some(queue)) = (&lock.holder, &mut lock.queue)
+            && queue.timer.is_none()
+            && delay_runs
+        {
+            // Wake when the delay (or a restart's hold-back) ends: waiters are granted then,
+            // or the lock is dropped. The key's hash tells apart locks whose delays end in
+            // the same microsecond (a token would collide with no timer's: those are µs
+            // since 2025, this is random).
+            let timer = (queue.held_back_until, self.hasher.hash_one(key));
             timers.insert(timer, key.into());
             queue.timer = Some(timer);
         }
@@ -657,8 +789,14 @@ impl Shared {
             return;
         };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let mut holder =
-            self.new_holder(token, waiter.request_id, waiter.lease_ms, waiter.label, now);
+        let mut holder = self.new_holder(
+            token,
+            waiter.request_id,
+            waiter.lease_ms,
+            waiter.limits,
+            waiter.label,
+            now,
+        );
         let grant = holder.grant(waiter.poll_started, now);
         let delivered = waiter.notify.is_some_and(|tx| tx.send(grant).is_ok());
         holder.answered = delivered;
@@ -710,15 +848,19 @@ impl Shared {
         token: u64,
         request_id: Id,
         lease_ms: u32,
+        limits: LeaseLimits,
         label: Option<Label>,
         now: u64,
     ) -> Holder {
         self.held.fetch_add(1, Ordering::Relaxed);
+        let hold_until = now.saturating_add(limits.max_hold);
         Holder {
             token: NonZeroU64::new(token).unwrap_or(NonZeroU64::MIN),
-            deadline: now + u64::from(lease_ms) * 1000,
+            deadline: (now + u64::from(lease_ms) * 1000).min(hold_until),
             acquired: now,
             lease_ms,
+            hold_until,
+            lock_delay_ms: limits.lock_delay_ms,
             answered: true,
             lease_id: Shared::new_lease_id(),
             request_id,
@@ -737,6 +879,13 @@ impl Shared {
 
     fn view(&self, lock: &LockState, held_back: Option<u64>, now: u64) -> LockView {
         let first = lock.queue.as_ref().and_then(|q| q.waiters.front());
+        // A lock-delay (or a restart's hold-back) the lock's queue keeps.
+        let delayed = lock
+            .queue
+            .as_ref()
+            .map(|q| q.held_back_until)
+            .filter(|&until| until > now);
+        let held_back = held_back.max(delayed);
         LockView {
             holder: lock.holder.as_ref().map(|h| self.holder_view(h, now)),
             waiters: lock.waiters() as u64,
@@ -909,7 +1058,7 @@ impl PendingWait<'_> {
             .as_mut()
             .filter(|h| h.request_id == self.request_id)
         {
-            holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+            holder.extend(now);
             holder.answered = true;
             self.shared.emit_deadline(&self.key, holder, now);
             AcquireOutcome::Granted(holder.grant(self.started, now))
@@ -1036,7 +1185,7 @@ impl MemoryStore {
             .as_mut()
             .filter(|h| h.request_id == spec.request_id)
         {
-            holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+            holder.extend(now);
             holder.answered = true;
             shared.emit_deadline(key, holder, now);
             let grant = holder.grant(now, now);
@@ -1062,7 +1211,14 @@ impl MemoryStore {
                     "no fencing token is reserved in the state file yet; retry".into(),
                 ));
             };
-            let holder = shared.new_holder(token, spec.request_id, lease_ms, label, now);
+            let holder = shared.new_holder(
+                token,
+                spec.request_id,
+                lease_ms,
+                LeaseLimits::of(spec),
+                label,
+                now,
+            );
             shared.emit_granted(key, &holder, now);
             let grant = holder.grant(now, now);
             lock.holder = Some(holder);
@@ -1090,6 +1246,7 @@ impl MemoryStore {
                 Waiter {
                     request_id: spec.request_id,
                     lease_ms,
+                    limits: LeaseLimits::of(spec),
                     label,
                     notify: Some(tx),
                     detached_at: 0,
@@ -1221,24 +1378,54 @@ impl LockStore for MemoryStore {
         })
     }
 
-    fn renew(
-        &self,
-        project: &Project,
-        leases: Vec<(String, Id)>,
-    ) -> StoreFuture<'_, Vec<Option<Duration>>> {
+    fn renew(&self, project: &Project, leases: Vec<(String, Id)>) -> StoreFuture<'_, Vec<Renewal>> {
+        let shared = &*self.shared;
         let renewed = leases
             .iter()
             .map(|(name, lease_id)| {
                 self.on_lock(project.id, name, |shared, key, lock, _, now| {
                     let holder = lock.holder.as_mut().filter(|h| h.lease_id == *lease_id)?;
-                    holder.deadline = now + u64::from(holder.lease_ms) * 1000;
+                    holder.extend(now);
+                    if holder.deadline < now + 1000 {
+                        // Less than a millisecond left before its max_hold: no lease to
+                        // report, so it ends now (`on_lock` settles it), for that reason.
+                        holder.hold_until = now;
+                        holder.deadline = now;
+                    }
                     shared.emit_deadline(key, holder, now);
-                    Some(Duration::from_millis(u64::from(holder.lease_ms)))
+                    let left = holder.deadline.saturating_sub(now) / 1000;
+                    Some((left > 0).then(|| Duration::from_millis(left)))
                 })
                 .flatten()
+                .map_or_else(
+                    || {
+                        let key = lock_key(project.id, name);
+                        Renewal::Gone(shared.ended_why(&key, lease_id, shared.now()))
+                    },
+                    |left| left.map_or(Renewal::Gone(Some(Ended::MaxHold)), Renewal::Renewed),
+                )
             })
             .collect();
         Box::pin(async move { Ok(renewed) })
+    }
+
+    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<u64>> {
+        let token = self
+            .on_lock(project.id, name, |shared, key, lock, timers, now| {
+                let holder = lock.holder.as_ref()?;
+                let token = holder.token.get();
+                // A late re-poll of its acquire must not find the grant again.
+                shared.tombstone(key, holder.request_id, now);
+                shared.lease_ended(key, holder, Ended::Revoked, now);
+                let delay_ms = holder.lock_delay_ms;
+                shared.emit(key, now, || EventKind::Revoked { token });
+                shared.drop_holder(timers, lock);
+                // `on_lock` settles next: the next waiter is granted unless this delays it.
+                shared.delay_grants(lock, now, delay_ms, now);
+                Some(token)
+            })
+            .flatten();
+        Box::pin(async move { Ok(token) })
     }
 
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {
@@ -1254,7 +1441,16 @@ impl LockStore for MemoryStore {
                     Release::Gone
                 }
             })
-            .unwrap_or(Release::NoSuchLock);
+            .unwrap_or_else(|| {
+                // The lock went with the lease: a lease that ended without a release (still
+                // remembered) is `Gone` rather than a lock that never was.
+                let shared = &*self.shared;
+                let key = lock_key(project.id, name);
+                match shared.ended_why(&key, &lease_id, shared.now()) {
+                    Some(_) => Release::Gone,
+                    None => Release::NoSuchLock,
+                }
+            });
         Box::pin(async move { Ok(outcome) })
     }
 
@@ -1272,8 +1468,11 @@ impl LockStore for MemoryStore {
                 let held_back = shared.held_back(project, name, now);
                 shared.view(lock, held_back, now)
             })
-            // A lock whose holder just expired, with nobody waiting, no longer exists.
-            .filter(|view| view.holder.is_some() || view.waiters > 0)
+            // A lock whose holder just expired, with nobody waiting and no lock-delay
+            // running, no longer exists.
+            .filter(|view| {
+                view.holder.is_some() || view.waiters > 0 || view.held_back_until.is_some()
+            })
             .or_else(|| {
                 // Nobody holds or waits, but grants are held back after a restart: say
                 // until when, so that an operator sees why the first acquire will wait.

@@ -50,6 +50,32 @@ pub struct AcquireSpec {
     pub label: Option<String>,
     /// The project's limits.
     pub quota: Quota,
+    /// Longest time the lease may be held from its grant, renewals included (validated).
+    pub max_hold: Option<Duration>,
+    /// Lock-delay: if the lease ends without a release, no grant until this long after its
+    /// end (validated against the server's maximum).
+    pub lock_delay: Option<Duration>,
+}
+
+/// How one lease of a renew fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Held: the lease now runs this long from the renewal (less than its length when its
+    /// `max_hold` is near).
+    Renewed(Duration),
+    /// Not held under this id; why, if the store still remembers the lease.
+    Gone(Option<Ended>),
+}
+
+/// Why a lease ended without a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It ran out without a renewal.
+    Expired,
+    /// It reached its `max_hold`.
+    MaxHold,
+    /// It was revoked.
+    Revoked,
 }
 
 /// Per-project limits a store enforces; `None` leaves the store's own default.
@@ -171,6 +197,11 @@ pub enum EventKind {
         /// The acquire cancelled.
         request: String,
     },
+    /// The lease was revoked (its holder did not release it).
+    Revoked {
+        /// Fencing token of the lease.
+        token: u64,
+    },
     /// The lease ran out at `deadline_us` (noticed at `at_us`).
     Expired {
         /// Fencing token of the lease.
@@ -235,13 +266,15 @@ pub trait LockStore: Send + Sync + 'static {
     /// a grant made to it meanwhile is kept for it only that long.
     fn acquire(&self, spec: AcquireSpec) -> StoreFuture<'_, AcquireOutcome>;
 
-    /// Extends each lease that is still held under its id, by its own lease length from now.
-    /// Returns, in order, the lease length for renewed leases and `None` for gone ones.
-    fn renew(
-        &self,
-        project: &Project,
-        leases: Vec<(String, Id)>,
-    ) -> StoreFuture<'_, Vec<Option<Duration>>>;
+    /// Extends each lease that is still held under its id, by its own lease length from now
+    /// (never past its `max_hold`). Returns how each fared, in order.
+    fn renew(&self, project: &Project, leases: Vec<(String, Id)>) -> StoreFuture<'_, Vec<Renewal>>;
+
+    /// Ends the current holder's lease of the lock now, as if it had expired (its lock-delay
+    /// applies): the next waiter may be granted. Returns the revoked lease's fencing token,
+    /// `None` if nobody holds the lock. The revoked holder's renewals answer
+    /// `Gone(Some(Ended::Revoked))` for at least its lease length.
+    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<u64>>;
 
     /// Releases the lease if it is held (nothing changes otherwise).
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release>;

@@ -8,6 +8,7 @@ use super::call::{
 };
 use super::keys::{Entry, LeaseId, LockKeys, Slot, project_queues, unix_ms};
 use super::leases::ttl_for;
+use super::limits::Gate;
 use crate::server::store::{AcquireOutcome, AcquireSpec, Grant};
 use etcd_client::{Compare, CompareOp, KeyValue, Txn};
 use std::time::{Duration, SystemTime};
@@ -33,7 +34,7 @@ impl Place {
         Grant {
             lease_id: self.lease.to_id(),
             fencing_token: self.revision as u64,
-            lease: self.entry.lease(),
+            lease: self.entry.lease_at(unix_ms(SystemTime::now())),
             waited,
         }
     }
@@ -51,8 +52,13 @@ pub(super) enum Standing {
     Gone,
     /// First in line: it holds the lock.
     Head,
-    /// Behind `predecessor`, as of `revision`.
-    Behind { predecessor: Vec<u8>, revision: i64 },
+    /// Behind `predecessor`, as of `revision`. `head` is the first in line, when known: if
+    /// it is the predecessor and has a `max_hold`, this waiter ends it when that is over.
+    Behind {
+        predecessor: Vec<u8>,
+        revision: i64,
+        head: Option<Box<KeyValue>>,
+    },
 }
 
 impl Inner {
@@ -98,6 +104,9 @@ impl Inner {
                 at: unix_ms(SystemTime::now()),
                 granted: None,
                 label: spec.label.clone(),
+                max_hold_ms: spec.max_hold.map(|d| d.as_millis() as u64),
+                lock_delay_ms: spec.lock_delay.map(|d| d.as_millis() as u64),
+                delay_lease: None,
             };
             let mut when = vec![absent(request_key.clone()), absent(key.clone())];
             if try_once {
@@ -110,6 +119,7 @@ impl Inner {
                     put(key.clone(), entry.encode(), lease.id),
                     // The new key and the one just ahead of it (if any).
                     queue_newest(keys.queue(), 2),
+                    queue_oldest(keys.queue(), 1),
                 ])
                 .or_else(vec![
                     get(request_key.clone()),
@@ -154,7 +164,7 @@ impl Inner {
                 }
                 continue;
             }
-            let place = Place {
+            let mut place = Place {
                 lease: LeaseId {
                     slot,
                     etcd: lease.id,
@@ -179,10 +189,18 @@ impl Inner {
             }
             let in_line = count_of(&answer, 2);
             let Some(predecessor) = kvs(&answer, 2).get(1).map(|kv| kv.key().to_vec()) else {
-                // The lease was refreshed (or granted) after this call began.
-                return Ok(Placed::Done(AcquireOutcome::Granted(
-                    place.grant(Duration::ZERO),
-                )));
+                return match self.gate(keys, &mut place).await? {
+                    // The lease was refreshed (or granted) after this call began.
+                    Gate::Open => Ok(Placed::Done(AcquireOutcome::Granted(
+                        place.grant(Duration::ZERO),
+                    ))),
+                    Gate::HeldBack if try_once => {
+                        self.give_up(&place);
+                        Ok(Placed::Done(AcquireOutcome::TimedOut { holder: None }))
+                    }
+                    Gate::HeldBack => Ok(Placed::Waiting(place, Some(Standing::Head))),
+                    Gate::Gone => continue,
+                };
             };
             let max_waiters = spec
                 .quota
@@ -200,6 +218,7 @@ impl Inner {
             let standing = Standing::Behind {
                 predecessor,
                 revision: place.revision,
+                head: first(&answer, 3).map(Box::new),
             };
             return Ok(Placed::Waiting(place, Some(standing)));
         }
@@ -258,7 +277,7 @@ impl Inner {
     /// Leaves the line off the caller's path: deletes the place's keys if they are still
     /// there, and only then revokes its etcd lease. (Had the keys gone another way, a
     /// release may have handed the etcd lease to a new acquire meanwhile.)
-    fn give_up(&self, place: &Place) {
+    pub(super) fn give_up(&self, place: &Place) {
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
                 place.key.clone(),
@@ -330,6 +349,8 @@ mod tests {
             request_id: Id::random(),
             label: None,
             quota: Default::default(),
+            max_hold: None,
+            lock_delay: None,
         }
     }
 

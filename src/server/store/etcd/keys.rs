@@ -3,7 +3,16 @@
 //! ```text
 //! <prefix>/p/<hex project>/q/<hex lock name>/<hex etcd lease id>   the acquire's place in line
 //! <prefix>/r/<hex project>/<hex lock name>/<hex slot>              the acquire's request id
+//! <prefix>/x/<hex project>/<hex lock name>/<hex etcd lease id>   a holder's lock-delay
+//! <prefix>/g/<hex project>/<hex lock name>/<hex etcd lease id>   why a lease ended early
 //! ```
+//!
+//! The last two serve lock-delay, `max_hold` and revocation (see `limits.rs` and
+//! docs/etcd.md): a *delay key* is written when a holder that asked for a lock-delay is
+//! granted, on an etcd lease of its own that outlives the holder's by the delay; a release
+//! deletes it with the holder's keys, so it outlives the holder only when the lease ended
+//! without a release, and while it exists nobody else is granted the lock. An *ended key*
+//! says `revoked` or `max_hold` to the holder's late renewals.
 //!
 //! An acquire writes both keys in one transaction, attached to its own etcd lease, and they
 //! go together (release, cancel, expiry). The *queue key* orders the lock's acquires by
@@ -59,6 +68,10 @@ pub(super) struct LockKeys {
     queue: Vec<u8>,
     /// `<prefix>/r/<project>/<name>/`: the request keys of the lock's acquires.
     requests: Vec<u8>,
+    /// `<prefix>/x/<project>/<name>/`: the lock's delay keys.
+    delays: Vec<u8>,
+    /// `<prefix>/g/<project>/<name>/`: why leases of the lock ended early.
+    ended: Vec<u8>,
 }
 
 impl LockKeys {
@@ -67,7 +80,24 @@ impl LockKeys {
         LockKeys {
             queue: format!("{prefix}/p/{project}/q/{name}/").into_bytes(),
             requests: format!("{prefix}/r/{project}/{name}/").into_bytes(),
+            delays: format!("{prefix}/x/{project}/{name}/").into_bytes(),
+            ended: format!("{prefix}/g/{project}/{name}/").into_bytes(),
         }
+    }
+
+    /// The prefix under which the lock's delay keys live.
+    pub fn delays(&self) -> &[u8] {
+        &self.delays
+    }
+
+    /// The delay key of the holder on etcd lease `lease`.
+    pub fn delay_key(&self, lease: i64) -> Vec<u8> {
+        named(&self.delays, &lease.to_be_bytes())
+    }
+
+    /// The key saying why the lease on etcd lease `lease` ended early.
+    pub fn ended_key(&self, lease: i64) -> Vec<u8> {
+        named(&self.ended, &lease.to_be_bytes())
     }
 
     /// The prefix under which the lock's queue keys live.
@@ -77,17 +107,20 @@ impl LockKeys {
 
     /// The queue key of the acquire that holds etcd lease `lease`.
     pub fn queue_key(&self, lease: i64) -> Vec<u8> {
-        let mut key = self.queue.clone();
-        key.extend_from_slice(hex(&lease.to_be_bytes()).as_bytes());
-        key
+        named(&self.queue, &lease.to_be_bytes())
     }
 
     /// The request key of the acquire in `slot`.
     pub fn request_key(&self, slot: Slot) -> Vec<u8> {
-        let mut key = self.requests.clone();
-        key.extend_from_slice(hex(&slot.0).as_bytes());
-        key
+        named(&self.requests, &slot.0)
     }
+}
+
+/// The key under `prefix` named after `id` in hex.
+fn named(prefix: &[u8], id: &[u8]) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(hex(id).as_bytes());
+    key
 }
 
 /// Where a request's key lives: the first 8 bytes of the SHA-256 of its request id.
@@ -140,6 +173,15 @@ pub(super) struct Entry {
     pub granted: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// The acquire's `max_hold`, ms: the lease ends at `granted` plus this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_hold_ms: Option<u64>,
+    /// The acquire's lock-delay, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_delay_ms: Option<u64>,
+    /// The etcd lease of the holder's delay key, once written (kept alive with the lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_lease: Option<i64>,
 }
 
 impl Entry {
@@ -155,11 +197,29 @@ impl Entry {
             at: 0,
             granted: None,
             label: None,
+            max_hold_ms: None,
+            lock_delay_ms: None,
+            delay_lease: None,
         })
     }
 
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.ttl.max(1) as u64)
+    }
+
+    /// When the lease's `max_hold` ends (Unix ms), once it has been granted.
+    pub fn hold_until(&self) -> Option<u64> {
+        Some(self.granted?.saturating_add(self.max_hold_ms?))
+    }
+
+    /// The lease length to report at `now` (Unix ms): never past the hold's end.
+    pub fn lease_at(&self, now: u64) -> Duration {
+        match self.hold_until() {
+            Some(until) => self
+                .lease()
+                .min(Duration::from_millis(until.saturating_sub(now))),
+            None => self.lease(),
+        }
     }
 }
 
@@ -220,6 +280,9 @@ mod tests {
             at: 42,
             granted: None,
             label: Some("host/1".into()),
+            max_hold_ms: None,
+            lock_delay_ms: None,
+            delay_lease: None,
         };
         let back = Entry::decode(&entry.encode());
         assert_eq!(
@@ -227,5 +290,17 @@ mod tests {
             (3, 2, 42, entry.label)
         );
         assert_eq!(Entry::decode(b"junk").ttl, 1);
+    }
+
+    #[test]
+    fn the_hold_caps_the_lease_once_granted() {
+        let mut entry = Entry::decode(b"{\"ttl\":5,\"ask\":5,\"at\":1000,\"max_hold_ms\":7000}");
+        assert_eq!(entry.hold_until(), None, "not granted yet");
+        assert_eq!(entry.lease_at(2000), Duration::from_secs(5));
+        entry.granted = Some(2000);
+        assert_eq!(entry.hold_until(), Some(9000));
+        assert_eq!(entry.lease_at(3000), Duration::from_secs(5));
+        assert_eq!(entry.lease_at(6500), Duration::from_millis(2500));
+        assert_eq!(entry.lease_at(9500), Duration::ZERO);
     }
 }

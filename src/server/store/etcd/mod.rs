@@ -30,8 +30,10 @@ mod deletions;
 mod keepers;
 mod keys;
 mod leases;
+mod limits;
 mod metrics;
 mod renew;
+mod revoke;
 mod security;
 mod wait;
 
@@ -56,10 +58,10 @@ pub use security::{EtcdTls, EtcdUser};
 pub(crate) use security::{TlsFiles, setup_error};
 
 use super::{
-    HolderView, LockStore, LockView, Project, Release, StoreError, StoreFuture, StoreStats,
+    HolderView, LockStore, LockView, Project, Release, Renewal, StoreError, StoreFuture, StoreStats,
 };
 use crate::id::Id;
-use call::{EtcdError, count, count_of, delete, first, get, kvs, queue_oldest};
+use call::{EtcdError, count, count_of, delete, first, get, kvs};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn};
 use keys::{Entry, LeaseId, LockKeys, from_unix_ms, unix_ms};
 use leases::Leases;
@@ -243,10 +245,16 @@ impl Inner {
             return Ok(None);
         };
         let entry = Entry::decode(kv.value());
+        let now = unix_ms(SystemTime::now());
+        let mut expires_in = Duration::from_secs(left as u64);
+        if let Some(until) = entry.hold_until() {
+            // It ends at its max_hold at the latest (see `limits.rs`).
+            expires_in = expires_in.min(Duration::from_millis(until.saturating_sub(now)));
+        }
         Ok(Some(HolderView {
             fencing_token: kv.create_revision() as u64,
             acquired_at: from_unix_ms(entry.granted.unwrap_or(entry.at)),
-            expires_in: Duration::from_secs(left as u64),
+            expires_in,
             label: entry.label,
         }))
     }
@@ -264,8 +272,15 @@ impl Inner {
                 held_by(request_key.clone(), lease.etcd),
                 held_by(key.clone(), lease.etcd),
             ])
-            .and_then(vec![get(key.clone()), delete(key), delete(request_key)])
-            .or_else(vec![count(keys.queue())]);
+            // A release ends the lease cleanly: its delay key (if any) goes with it, in the
+            // same write, so that nobody waits for a lock-delay.
+            .and_then(vec![
+                get(key.clone()),
+                delete(key),
+                delete(request_key),
+                delete(keys.delay_key(lease.etcd)),
+            ])
+            .or_else(vec![count(keys.queue()), get(keys.ended_key(lease.etcd))]);
         let (answer, attempts) = self.etcd.txn_counted("release", txn).await?;
         if !answer.succeeded() {
             if attempts > 1 {
@@ -275,9 +290,15 @@ impl Inner {
                 // may have handed it to a new acquire meanwhile.
                 return Ok(Release::Released);
             }
-            return Ok(gone_or_missing(count_of(&answer, 0)));
+            // A lease that ended early (revoked, max_hold) is gone, lock or no lock.
+            let ended = first(&answer, 1).is_some();
+            return Ok(gone_or_missing(count_of(&answer, 0) + i64::from(ended)));
         }
-        match first(&answer, 0).map(|kv| Entry::decode(kv.value())) {
+        let entry = first(&answer, 0).map(|kv| Entry::decode(kv.value()));
+        if let Some(delay_lease) = entry.as_ref().and_then(|e| e.delay_lease) {
+            self.etcd.revoke_later(delay_lease);
+        }
+        match entry {
             Some(entry) => self.leases.put_back(
                 entry.ask,
                 leases::Lease {
@@ -322,7 +343,12 @@ impl Inner {
                 "cancel",
                 Txn::new()
                     .when(vec![held_by(request_key.clone(), lease)])
-                    .and_then(vec![delete(request_key), delete(keys.queue_key(lease))]),
+                    .and_then(vec![
+                        delete(request_key),
+                        delete(keys.queue_key(lease)),
+                        // A cancelled grant ends like a release: no lock-delay.
+                        delete(keys.delay_key(lease)),
+                    ]),
             )
             .await?;
         if !answer.succeeded() {
@@ -335,29 +361,50 @@ impl Inner {
 
     async fn inspect(&self, project: &Project, name: &str) -> Result<Option<LockView>, EtcdError> {
         let keys = self.keys(project, name);
-        let answer = self
-            .etcd
-            .txn(
-                "inspect",
-                Txn::new().and_then(vec![queue_oldest(keys.queue(), 2)]),
-            )
-            .await?;
+        let answer = self.head_and_delays("inspect", &keys, 2).await?;
         let in_line = count_of(&answer, 0);
         let oldest = kvs(&answer, 0);
-        let Some(head) = oldest.first() else {
-            return Ok(None);
+        let head = oldest.first();
+        // A delay key of anyone but the first in line: an earlier holder's lock-delay runs,
+        // and the first in line (if any) waits for it.
+        let own = head.map(|h| keys.delay_key(h.lease()));
+        let mut held_back_until = None;
+        for kv in kvs(&answer, 1) {
+            if Some(kv.key()) != own.as_deref()
+                && let Some(left) = self.etcd.time_to_live(kv.lease()).await?
+            {
+                // Whole seconds, rounded down: say the latest it may end.
+                let until = SystemTime::now() + Duration::from_secs(left as u64 + 1);
+                held_back_until = held_back_until.max(Some(until));
+            }
+        }
+        let Some(head) = head else {
+            return Ok(held_back_until.map(|until| LockView {
+                held_back_until: Some(until),
+                ..LockView::default()
+            }));
         };
-        let holder = self.holder_view(head).await?;
+        let holder = match held_back_until {
+            Some(_) => None,
+            None => self.holder_view(head).await?,
+        };
         let now = unix_ms(SystemTime::now());
+        let (waiters, oldest_wait) = match holder {
+            Some(_) => (in_line.saturating_sub(1), oldest.get(1)),
+            // Held back: the first in line is still waiting.
+            None => (in_line, Some(head)),
+        };
         let view = LockView {
-            waiters: in_line.saturating_sub(1) as u64,
-            oldest_wait: oldest
-                .get(1)
+            waiters: waiters as u64,
+            oldest_wait: oldest_wait
                 .map(|kv| Duration::from_millis(now.saturating_sub(Entry::decode(kv.value()).at))),
             holder,
-            held_back_until: None,
+            held_back_until,
         };
-        Ok((view.holder.is_some() || view.waiters > 0).then_some(view))
+        Ok(
+            (view.holder.is_some() || view.waiters > 0 || view.held_back_until.is_some())
+                .then_some(view),
+        )
     }
 
     /// Whether etcd serves linearizable reads now (a leader and a quorum are reachable):
@@ -417,13 +464,14 @@ impl LockStore for EtcdStore {
         Box::pin(async move { Ok(self.inner.acquire(spec).await?) })
     }
 
-    fn renew(
-        &self,
-        project: &Project,
-        leases: Vec<(String, Id)>,
-    ) -> StoreFuture<'_, Vec<Option<Duration>>> {
+    fn renew(&self, project: &Project, leases: Vec<(String, Id)>) -> StoreFuture<'_, Vec<Renewal>> {
         let project = project.clone();
         Box::pin(async move { Ok(self.inner.renew(&project, leases).await?) })
+    }
+
+    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<u64>> {
+        let (project, name) = (project.clone(), name.to_owned());
+        Box::pin(async move { Ok(self.inner.revoke(&project, &name).await?) })
     }
 
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {

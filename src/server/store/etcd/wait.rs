@@ -8,14 +8,28 @@ use super::call::{
     self, EtcdError, ahead_of, delete, first, first_since, get, kvs, put, queue_oldest, revision,
 };
 use super::keys::{Entry, LockKeys, unix_ms};
+use super::limits::Gate;
 use crate::server::log_limit::LogLimit;
-use crate::server::store::AcquireOutcome;
+use crate::server::store::{AcquireOutcome, Ended};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 /// How often a waiter looks at the queue while the shared watch is down.
 const WATCH_DOWN_LOOK_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the first in line looks whether a lock-delay that holds it back has ended.
+const HELD_BACK_LOOK_EVERY: Duration = Duration::from_millis(100);
+
+/// How a waiter's keep-alive went.
+enum Kept {
+    Alive,
+    /// Its etcd lease has ended.
+    Gone,
+    /// etcd did not answer properly (logged); the next keep-alive may.
+    Failed,
+    PollOver,
+}
 
 impl Inner {
     /// Where a waiter stands now.
@@ -27,6 +41,7 @@ impl Inner {
                 Txn::new().and_then(vec![
                     get(place.key.clone()),
                     ahead_of(keys.queue(), place.revision, 1),
+                    queue_oldest(keys.queue(), 1),
                 ]),
             )
             .await?;
@@ -38,6 +53,7 @@ impl Inner {
             Some(predecessor) => Standing::Behind {
                 predecessor: predecessor.key().to_vec(),
                 revision: revision(&answer),
+                head: first(&answer, 2).map(Box::new),
             },
         })
     }
@@ -46,7 +62,7 @@ impl Inner {
     pub(super) async fn wait(
         &self,
         keys: &LockKeys,
-        place: Place,
+        mut place: Place,
         mut known: Option<Standing>,
         arrived: Instant,
         poll_end: Instant,
@@ -58,6 +74,8 @@ impl Inner {
         let keep_alive_every = Duration::from_secs(place.entry.ttl.max(1) as u64) / 3;
         let mut next_keep_alive = Instant::now() + keep_alive_every;
         let mut refreshed = arrived;
+        // When the holder just ahead reaches its max_hold, and its key.
+        let mut hold_end: Option<(Instant, Box<etcd_client::KeyValue>)>;
         'check: loop {
             if Instant::now() >= poll_end {
                 break;
@@ -73,14 +91,47 @@ impl Inner {
             };
             let (predecessor, at) = match standing {
                 Standing::Gone => return self.withdrawn(keys).await,
-                Standing::Head => {
-                    self.note_granted(&place);
-                    return Ok(AcquireOutcome::Granted(place.grant(refreshed - arrived)));
-                }
+                Standing::Head => match self.gate(keys, &mut place).await? {
+                    Gate::Open => {
+                        self.note_granted(&place);
+                        return Ok(AcquireOutcome::Granted(place.grant(refreshed - arrived)));
+                    }
+                    Gate::Gone => return self.withdrawn(keys).await,
+                    Gate::HeldBack => {
+                        // A previous holder's delay key goes when its etcd lease ends, which
+                        // no watch here sees: look again shortly, keeping the place alive.
+                        let look = poll_end.min(Instant::now() + HELD_BACK_LOOK_EVERY);
+                        if next_keep_alive <= look {
+                            tokio::time::sleep_until(next_keep_alive).await;
+                            let sent = Instant::now();
+                            next_keep_alive = sent + keep_alive_every;
+                            match self.keep_waiter_alive(&place, poll_end).await {
+                                Kept::Alive => refreshed = sent,
+                                Kept::Gone | Kept::Failed => {}
+                                Kept::PollOver => break 'check,
+                            }
+                        } else {
+                            tokio::time::sleep_until(look).await;
+                        }
+                        continue 'check;
+                    }
+                },
                 Standing::Behind {
                     predecessor,
                     revision,
-                } => (predecessor, revision),
+                    head,
+                } => {
+                    // The holder just ahead ends at its max_hold, renewed or not: this
+                    // waiter (the one that wants the lock next) ends it then.
+                    hold_end = head
+                        .filter(|head| head.key() == predecessor.as_slice())
+                        .and_then(|head| {
+                            let until = Entry::decode(head.value()).hold_until()?;
+                            let left = until.saturating_sub(unix_ms(SystemTime::now()));
+                            Some((Instant::now() + Duration::from_millis(left), head))
+                        });
+                    (predecessor, revision)
+                }
             };
             // Wait for the key just ahead (or our own: a cancel) to go. Deletions up to the
             // shared watch's revision have passed already: if that is beyond what we looked
@@ -104,25 +155,24 @@ impl Inner {
                 None => poll_end.min(Instant::now() + WATCH_DOWN_LOOK_EVERY),
             };
             loop {
+                let hold_over = hold_end.as_ref().map_or(poll_end, |(at, _)| *at);
                 tokio::select! {
                     () = deleted.woken() => continue 'check,
                     _ = tokio::time::sleep_until(look_again) => continue 'check,
+                    _ = tokio::time::sleep_until(hold_over), if hold_end.is_some() => {
+                        if let Some((_, head)) = hold_end.take() {
+                            self.end_holder(keys, &head, Ended::MaxHold).await?;
+                        }
+                        continue 'check;
+                    }
                     _ = tokio::time::sleep_until(next_keep_alive) => {
                         let sent = Instant::now();
                         next_keep_alive = sent + keep_alive_every;
-                        let kept = self.etcd.keep_alive(place.lease.etcd, place.entry.ttl);
-                        match tokio::time::timeout_at(poll_end, kept).await {
-                            Ok(Ok(())) => refreshed = sent,
-                            Ok(Err(EtcdError::LeaseGone)) => continue 'check,
-                            Ok(Err(e)) => {
-                                // One line per waiter would flood the log during an etcd
-                                // outage with many waiters.
-                                static FAILED: LogLimit = LogLimit::new();
-                                if FAILED.allow().is_some() {
-                                    tracing::warn!(error = ?e, "keeping a waiter alive failed")
-                                }
-                            }
-                            Err(_) => break 'check,
+                        match self.keep_waiter_alive(&place, poll_end).await {
+                            Kept::Alive => refreshed = sent,
+                            Kept::Gone => continue 'check,
+                            Kept::Failed => {}
+                            Kept::PollOver => break 'check,
                         }
                     }
                     _ = tokio::time::sleep_until(poll_end) => break 'check,
@@ -133,13 +183,32 @@ impl Inner {
             .await
     }
 
+    /// One keep-alive of a waiter's lease, bounded by the poll's end.
+    async fn keep_waiter_alive(&self, place: &Place, poll_end: Instant) -> Kept {
+        let kept = self.etcd.keep_alive(place.lease.etcd, place.entry.ttl);
+        match tokio::time::timeout_at(poll_end, kept).await {
+            Ok(Ok(())) => Kept::Alive,
+            Ok(Err(EtcdError::LeaseGone)) => Kept::Gone,
+            Ok(Err(e)) => {
+                // One line per waiter would flood the log during an etcd outage with many
+                // waiters.
+                static FAILED: LogLimit = LogLimit::new();
+                if FAILED.allow().is_some() {
+                    tracing::warn!(error = ?e, "keeping a waiter alive failed")
+                }
+                Kept::Failed
+            }
+            Err(_) => Kept::PollOver,
+        }
+    }
+
     /// The poll is over: a grant that raced wins; else the waiter leaves the line
     /// (`last_poll`) or keeps its place for its TTL, counted from now.
     /// `waited`: how long after the call began the lease was last kept alive.
     async fn end_poll(
         &self,
         keys: &LockKeys,
-        place: Place,
+        mut place: Place,
         waited: Duration,
         last_poll: bool,
     ) -> Result<AcquireOutcome, EtcdError> {
@@ -161,8 +230,18 @@ impl Inner {
                 ]);
             let answer = self.etcd.txn("end_wait", txn).await?;
             if answer.succeeded() {
-                self.note_granted(&place);
-                return Ok(AcquireOutcome::Granted(place.grant(waited)));
+                return match self.gate(keys, &mut place).await? {
+                    Gate::Open => {
+                        self.note_granted(&place);
+                        Ok(AcquireOutcome::Granted(place.grant(waited)))
+                    }
+                    Gate::HeldBack => {
+                        // First in line, but the wait is over before the delay: leave.
+                        self.give_up(&place);
+                        Ok(AcquireOutcome::TimedOut { holder: None })
+                    }
+                    Gate::Gone => self.withdrawn(keys).await,
+                };
             }
             // Revoke the etcd lease only if this left the line: had the key gone another way
             // (say, granted through another server and released), a release may have handed
@@ -194,8 +273,14 @@ impl Inner {
         }
         let ahead = kvs(&answer, 1).len() as u64;
         if ahead == 0 {
-            self.note_granted(&place);
-            return Ok(AcquireOutcome::Granted(place.grant(waited)));
+            return match self.gate(keys, &mut place).await? {
+                Gate::Open => {
+                    self.note_granted(&place);
+                    Ok(AcquireOutcome::Granted(place.grant(waited)))
+                }
+                Gate::HeldBack => Ok(AcquireOutcome::StillWaiting { position: 0 }),
+                Gate::Gone => self.withdrawn(keys).await,
+            };
         }
         Ok(AcquireOutcome::StillWaiting {
             position: ahead - 1,
