@@ -294,3 +294,42 @@ async fn a_client_that_never_reached_a_server_says_so_within_seconds() {
     // The transport error itself is kept as the cause.
     assert!(std::error::Error::source(&err).is_some(), "{err:?}");
 }
+
+#[tokio::test]
+async fn lock_delay_holds_the_next_grant_back_after_an_unclean_end_only() {
+    let server = TestServer::start().await;
+    let dl = server.client("k");
+    let delay = Duration::from_secs(3);
+    // A clean release frees the lock at once for the next one...
+    let guard = dl.lock("delayed").lock_delay(delay).await.unwrap();
+    let waiter = tokio::spawn({
+        let dl = dl.clone();
+        async move { dl.lock("delayed").lock_delay(delay).await }
+    });
+    eventually(SLACK, "the waiter is in line", || async {
+        dl.inspect("delayed").await.unwrap().waiters == 1
+    })
+    .await;
+    let released_at = Instant::now();
+    guard.release().await.unwrap();
+    let next = within(SLACK, waiter).await.unwrap().unwrap();
+    let clean = released_at.elapsed();
+    // ...but a revoked lease (an unclean end) keeps it from anyone for the delay.
+    let waiter = tokio::spawn({
+        let dl = dl.clone();
+        async move { dl.lock("delayed").await }
+    });
+    eventually(SLACK, "the waiter is in line", || async {
+        dl.inspect("delayed").await.unwrap().waiters == 1
+    })
+    .await;
+    let revoked_at = Instant::now();
+    assert_eq!(server.revoke("delayed").await, Some(next.fencing_token()));
+    let after = within(delay + SLACK, waiter).await.unwrap().unwrap();
+    assert!(revoked_at.elapsed() >= delay, "{:?}", revoked_at.elapsed());
+    assert!(after.fencing_token() > next.fencing_token());
+    assert!(clean < delay, "a clean release waited {clean:?}");
+    drop(next);
+    after.release().await.unwrap();
+    server.shutdown().await;
+}

@@ -133,13 +133,11 @@ impl LockGuard {
     ///
     /// Returns [`Error::LockLost`] if the lease was already lost (so the lock may have been
     /// someone else's for a while), or [`Error::Unavailable`] if no server answered before
-    /// the lease would have expired anyway. A lost lease is still released, best effort,
-    /// before this returns: the server may hold it for up to the safety margin after the
-    /// guard gave it up (a lease that reached its `max_hold`, one the server stopped
-    /// answering for), and the next waiter need not wait for that. The attempt ends when the
-    /// server could have expired the lease by itself; if a renewal reached the server
-    /// whose answer came too late, it may hold it longer, and the release goes on in the
-    /// background.
+    /// the lease would have expired anyway. A lost lease is still released in the
+    /// background, best effort, so that the next waiter need not wait for its expiry: the
+    /// server may hold it for up to the safety margin after the guard gave it up, or longer
+    /// if a renewal reached it whose answer came too late. It is not waited for, since a
+    /// lease is often lost because no server answers.
     ///
     /// # Cancel safety
     /// The guard is consumed at once. If the future is dropped before the server answered
@@ -149,24 +147,12 @@ impl LockGuard {
         let deadline = match self.state.state() {
             GuardState::Held | GuardState::Jeopardy => self.state.valid_until(),
             GuardState::Lost(_) => {
-                let error = self.lost_error();
-                // The server may hold it a while yet: tell it, while that is worth it.
-                let cutoff = self.state.valid_until() + self.margin;
-                if Instant::now() < cutoff {
-                    let body = json(&LeaseRef {
-                        name: self.name.to_string(),
-                        lease_id: self.lease_id,
-                    });
-                    let attempts = Attempts {
-                        deadline: cutoff,
-                        per_attempt: Duration::from_secs(2),
-                    };
-                    let _ = self.transport.post(Route::Release, body, attempts).await;
-                }
-                // The renewal task still releases it if a late renewal may have extended it.
+                // The server may hold it a while yet (up to the safety margin, or longer
+                // after a late renewal): the renewal task releases it while that is worth
+                // it. Not waited for: a lease is often lost because no server answers.
                 self.released = true;
                 self.commands.send(Command::Release(self.key), None);
-                return Err(error);
+                return Err(self.lost_error());
             }
         };
         // Worth trying until the server could have expired the lease by itself.

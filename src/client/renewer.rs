@@ -45,6 +45,9 @@ pub(crate) struct TrackedLease {
     /// The latest local deadline `max_hold` allows, if one was set: renewals never extend
     /// the lease past it (the server enforces the same bound, from its later clock).
     pub hold_end: Option<Instant>,
+    /// The server answered a renewal with less than the lease: it is counting down to its
+    /// own `max_hold` bound, and no renewal can extend the lease any more.
+    pub held_to_the_end: bool,
     /// Local deadline; also published to the guard through `state`. While `confirming`,
     /// the last moment the server could still hold the lease instead.
     pub deadline: Instant,
@@ -67,6 +70,9 @@ impl TrackedLease {
     /// [`TrackedLease::deadline_after`]), capped by `max_hold`, and when jeopardy begins:
     /// once the renewal due a third into the lease is a sixth of the lease late.
     pub fn extend(&mut self, base: Instant, length: Duration) {
+        if self.hold_end.is_some() && length < self.length {
+            self.held_to_the_end = true;
+        }
         let deadline = TrackedLease::deadline_after(base, length, self.margin);
         self.deadline = self.hold_end.map_or(deadline, |end| deadline.min(end));
         self.jeopardy_at = if self.renews() {
@@ -78,7 +84,9 @@ impl TrackedLease {
 
     /// Whether renewals can still extend the lease: auto-renewed, and short of `max_hold`.
     fn renews(&self) -> bool {
-        self.auto_renew && self.hold_end.is_none_or(|end| self.deadline < end)
+        self.auto_renew
+            && !self.held_to_the_end
+            && self.hold_end.is_none_or(|end| self.deadline < end)
     }
 
     /// When the renewer must next act on a lease granted or renewed by a request sent at
@@ -93,7 +101,7 @@ impl TrackedLease {
 
     /// Why the lease ends if its deadline passes with no news.
     fn ends(&self) -> LostReason {
-        if self.hold_end == Some(self.deadline) {
+        if self.held_to_the_end || self.hold_end == Some(self.deadline) {
             LostReason::MaxHold
         } else {
             LostReason::Expired

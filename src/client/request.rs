@@ -395,6 +395,7 @@ impl crate::client::Inner {
             hold_end: terms
                 .max_hold
                 .map(|hold| started + hold.saturating_sub(margin)),
+            held_to_the_end: false,
             deadline: now,
             jeopardy_at: now,
             state: state_tx,
