@@ -31,6 +31,24 @@ impl Id {
         Id(bytes)
     }
 
+    /// A fresh request id without a system call: SipHash (keyed from the OS's randomness
+    /// once per process) of a process-wide counter. Unpredictable and, at 128 bits,
+    /// practically unique across clients; one `getrandom` call per acquire was a tenth of
+    /// the client's system calls under load.
+    pub fn fresh() -> Id {
+        use std::hash::{BuildHasher, RandomState};
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static KEYS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let (a, b) = KEYS.get_or_init(|| (RandomState::new(), RandomState::new()));
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&a.hash_one(n).to_le_bytes());
+        bytes[8..].copy_from_slice(&b.hash_one(n).to_le_bytes());
+        Id(bytes)
+    }
+
     fn parse_hex(s: &str) -> Option<Id> {
         let raw = s.as_bytes();
         if raw.len() != 32 {
@@ -78,6 +96,12 @@ impl<'de> Deserialize<'de> for Id {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fresh_ids_differ() {
+        let ids: std::collections::HashSet<Id> = (0..10_000).map(|_| Id::fresh()).collect();
+        assert_eq!(ids.len(), 10_000);
+    }
 
     #[test]
     fn id_round_trips_through_json() {

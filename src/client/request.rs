@@ -259,7 +259,7 @@ impl LockRequest {
         started: Instant,
         wait_deadline: Option<Instant>,
     ) -> Result<(Granted, Instant, Commands), Error> {
-        let request_id = Id::random();
+        let request_id = Id::fresh();
         let commands = client.renewer();
         let mut withdraw = WithdrawOnDrop {
             commands: Some(commands.clone()),

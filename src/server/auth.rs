@@ -64,7 +64,8 @@ pub(crate) struct Auth {
 
 #[derive(Debug)]
 enum Mode {
-    Open(Mutex<HashMap<[u8; 32], ProjectId>>),
+    /// Each key's project, by the key's digest; the name is made once, not per request.
+    Open(Mutex<HashMap<[u8; 32], Project>>),
     File {
         path: PathBuf,
         keys: RwLock<Arc<KeyTable>>,
@@ -357,12 +358,15 @@ impl Auth {
                 if next >= MAX_OPEN_PROJECTS && !projects.contains_key(&digest) {
                     return Err(Refusal::TooManyProjects);
                 }
-                let id = *projects.entry(digest).or_insert(next as ProjectId);
-                Ok(Caller {
-                    project: Project {
-                        id,
+                let project = projects
+                    .entry(digest)
+                    .or_insert_with(|| Project {
+                        id: next as ProjectId,
                         name: hex(&digest).into(),
-                    },
+                    })
+                    .clone();
+                Ok(Caller {
+                    project,
                     quota: Quota::default(),
                     bucket: None,
                     key_id: None,
@@ -445,7 +449,13 @@ pub fn new_key(project: &str) -> (String, String) {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 #[cfg(test)]
