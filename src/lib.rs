@@ -98,6 +98,7 @@ mod protocol;
 
 pub use client::guard::LockGuard;
 pub use client::inspect::{HolderInfo, LockInfo};
+pub use client::list::LockPage;
 pub use client::request::{DEFAULT_EXPIRES_IN, LockFuture, LockRequest};
 pub use client::transport::{Connect, ConnectFuture, Io};
 pub use client::{DEFAULT_ENDPOINT, DistributedLock, DistributedLockBuilder, URL_ENV};

@@ -2,6 +2,7 @@
 
 pub(crate) mod guard;
 pub(crate) mod inspect;
+pub(crate) mod list;
 pub(crate) mod mailbox;
 pub(crate) mod renewer;
 pub(crate) mod request;

@@ -18,8 +18,10 @@
 mod auth;
 mod budget;
 mod connection;
+pub(crate) mod console;
 mod http;
 mod in_flight;
+mod listing;
 mod log_limit;
 mod metrics;
 mod state_dir;
@@ -579,6 +581,14 @@ impl ServerBuilder {
             tokio::task::spawn_blocking(move || write_events(file, events));
             self.memory.events = Some(sink);
         }
+        // The console's live view sees every event first, then the audit trail (if any).
+        let event_hub = Arc::new(console::EventHub::default());
+        let (sink, events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(
+            event_hub
+                .clone()
+                .feed(events, self.memory.events.replace(sink)),
+        );
         let auth = match &self.key_file {
             Some(path) => Auth::from_file(path)?,
             None => Auth::open(),
@@ -628,6 +638,7 @@ impl ServerBuilder {
             acquires: in_flight::AcquiresInFlight::new(self.limits.max_acquires_per_project),
             limits: self.limits,
             stopping: stopping.clone(),
+            events: event_hub,
         });
         if self.key_file.is_some() && !self.key_reload_interval.is_zero() {
             tokio::spawn(watch_key_file(

@@ -19,8 +19,9 @@
 
 use super::wait_queue::WaitQueue;
 use super::{
-    AcquireOutcome, AcquireSpec, EventKind, EventSink, Grant, HolderView, LockStore, LockView,
-    Project, ProjectId, Quota, Release, StoreError, StoreEvent, StoreFuture, StoreStats,
+    AcquireOutcome, AcquireSpec, EventKind, EventSink, Grant, HolderView, ListPage, ListSpec,
+    LockStore, LockView, Project, ProjectId, Quota, Release, StoreError, StoreEvent, StoreFuture,
+    StoreStats,
 };
 use crate::id::Id;
 use crate::server::state_file::{
@@ -747,6 +748,52 @@ impl Shared {
         }
     }
 
+    /// A page of a project's locks: one pass over every shard (each locked in turn), keeping
+    /// the `limit + 1` smallest names that qualify.
+    fn list(&self, project: &Project, spec: &ListSpec) -> ListPage {
+        let limit = spec.limit.max(1);
+        let start = lock_key(project.id, &spec.prefix);
+        let after = spec.after.as_deref().map(|a| lock_key(project.id, a));
+        let mut found: BTreeMap<Box<[u8]>, LockView> = BTreeMap::new();
+        for index in 0..self.shards.len() {
+            let state = self.shard(index);
+            let now = self.now();
+            for (key, lock) in &state.locks {
+                if !key.starts_with(&start)
+                    || after.as_ref().is_some_and(|a| key <= a)
+                    || (found.len() > limit && found.last_key_value().is_some_and(|(l, _)| key > l))
+                {
+                    continue;
+                }
+                let name = String::from_utf8_lossy(&key[4..]);
+                let mut view = self.view(lock, self.held_back(project, &name, now), now);
+                // An expired holder nobody has noticed yet holds nothing.
+                if lock.holder.as_ref().is_some_and(|h| h.deadline <= now) {
+                    view.holder = None;
+                }
+                if view.holder.is_none() && view.waiters == 0 {
+                    continue;
+                }
+                found.insert(key.clone(), view);
+                if found.len() > limit + 1 {
+                    found.pop_last();
+                }
+            }
+        }
+        let more = found.len() > limit;
+        if more {
+            found.pop_last();
+        }
+        let locks: Vec<(String, LockView)> = found
+            .into_iter()
+            .map(|(key, view)| (String::from_utf8_lossy(&key[4..]).into_owned(), view))
+            .collect();
+        let next = more
+            .then(|| locks.last().map(|(name, _)| name.clone()))
+            .flatten();
+        ListPage { locks, next }
+    }
+
     /// Refuses a new lock beyond the project's quota.
     fn check_lock_quota(&self, project: ProjectId, quota: Quota) -> Result<(), StoreError> {
         let Some(max) = quota.max_locks else {
@@ -1287,6 +1334,11 @@ impl LockStore for MemoryStore {
                 })
             });
         Box::pin(async move { Ok(view) })
+    }
+
+    fn list(&self, project: &Project, spec: ListSpec) -> StoreFuture<'_, ListPage> {
+        let page = self.shared.list(project, &spec);
+        Box::pin(async move { Ok(page) })
     }
 
     fn stats(&self) -> StoreStats {

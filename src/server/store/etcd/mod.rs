@@ -30,6 +30,7 @@ mod deletions;
 mod keepers;
 mod keys;
 mod leases;
+mod listing;
 mod metrics;
 mod renew;
 mod security;
@@ -56,7 +57,8 @@ pub(crate) use security::TlsFiles;
 pub use security::{EtcdTls, EtcdUser};
 
 use super::{
-    HolderView, LockStore, LockView, Project, Release, StoreError, StoreFuture, StoreStats,
+    HolderView, ListPage, ListSpec, LockStore, LockView, Project, Release, StoreError, StoreFuture,
+    StoreStats,
 };
 use crate::id::Id;
 use call::{EtcdError, count, count_of, delete, first, get, kvs, queue_oldest};
@@ -439,6 +441,11 @@ impl LockStore for EtcdStore {
     fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>> {
         let (project, name) = (project.clone(), name.to_owned());
         Box::pin(async move { Ok(self.inner.inspect(&project, &name).await?) })
+    }
+
+    fn list(&self, project: &Project, spec: ListSpec) -> StoreFuture<'_, ListPage> {
+        let project = project.clone();
+        Box::pin(async move { Ok(self.inner.list(&project, &spec).await?) })
     }
 
     /// The last count of held locks and waiters in the whole store (all servers), recounted
