@@ -524,6 +524,7 @@ async fn usage_errors_exit_64() {
         &["run", "x", "--expires-in", "0", "--", "true"],
         &["run", "bad\nname", "--", "true"], // invalid lock name
         &["status", "bad\nname"],
+        &["list", "x", "--limit", "5"],
         &["frobnicate"],
     ] {
         let output = within(BOUND, cli(url, args).output()).await.unwrap();
@@ -544,7 +545,12 @@ async fn usage_errors_exit_64() {
 
 #[tokio::test]
 async fn help_shows_examples_and_exit_codes_but_never_the_key() {
-    for args in [&["--help"][..], &["run", "--help"], &["status", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["status", "--help"],
+        &["list", "--help"],
+    ] {
         let output = within(
             BOUND,
             cli("http://127.0.0.1:1", args)
@@ -675,4 +681,57 @@ async fn a_kill_after_too_long_for_the_lease_is_warned_about() {
     // The defaults are consistent.
     let output = finish(run_sh(&server.url(), "warn", &[], "exit 0")).await;
     assert!(output.stderr.is_empty(), "{output:?}");
+}
+
+#[tokio::test]
+async fn list_shows_every_lock_as_a_table_and_as_json() {
+    let server = TestServer::start().await;
+    let list = |args: &[&str]| cli(&server.url(), args).output();
+    let dl = server.client("p");
+    let db = dl
+        .lock("db/migrate")
+        .metadata("host-a/job-42")
+        .await
+        .unwrap();
+    let _cache = dl.lock("cache/warm").await.unwrap();
+    let waiter = server.client("p");
+    let _waiter = tokio::spawn(async move { waiter.lock("db/migrate").await });
+    eventually(BOUND, "one waits", || async {
+        server.inspect("p", "db/migrate").await.1 == 1
+    })
+    .await;
+
+    let output = within(BOUND, list(&["list"])).await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("LEASE LEFT"),
+        "{text}"
+    );
+    assert!(lines[1].starts_with("cache/warm "), "{text}");
+    let db_line = lines[2];
+    assert!(db_line.starts_with("db/migrate "), "{text}");
+    assert!(db_line.contains("host-a/job-42"), "{text}");
+    assert!(db_line.contains(&db.fencing_token().to_string()), "{text}");
+
+    let output = within(BOUND, list(&["list", "db/", "--json"]))
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let locks = json.as_array().expect("an array");
+    assert_eq!(locks.len(), 1, "{json}");
+    assert_eq!(locks[0]["name"], "db/migrate");
+    assert_eq!(locks[0]["waiters"], 1);
+    assert_eq!(locks[0]["holder"]["label"], "host-a/job-42");
+    assert_eq!(locks[0]["holder"]["fencing_token"], db.fencing_token());
+
+    let output = within(BOUND, list(&["list", "nothing/"])).await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "no locks held or waited for\n"
+    );
 }

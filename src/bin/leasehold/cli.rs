@@ -1,17 +1,21 @@
 //! The command line: subcommands, the options every subcommand shares, and `main`.
 
-use crate::{exit, run, status};
+use crate::{exit, list, run, status};
 use clap::Parser;
 use leasehold::{DistributedLock, DistributedLockBuilder, Error};
 use std::fmt;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// How long `status` keeps trying an unreachable server.
+/// How long `status` and `list` keep trying an unreachable server.
 const STATUS_GIVE_UP: Duration = Duration::from_secs(5);
 
-/// Take a distributed lock from the shell: run a command while holding it, or see who
-/// holds it.
+fn give_up(builder: DistributedLockBuilder) -> DistributedLockBuilder {
+    builder.unavailable_after(STATUS_GIVE_UP)
+}
+
+/// Take a distributed lock from the shell: run a command while holding it, see who holds
+/// it, or list the project's locks.
 #[derive(Debug, Parser)]
 #[command(name = "leasehold", version, after_help = help())]
 struct Cli {
@@ -31,6 +35,8 @@ fn help() -> String {
   # deploy: one migration at a time; wait up to 10 minutes for the lock
   leasehold run db/migrate --timeout 10m -- ./manage.py migrate
   leasehold status db/migrate --json
+  # every lock of the project whose name starts with db/: holders, leases, waiters
+  leasehold list db/
 
 See `leasehold run --help` for the options of run.
 
@@ -43,6 +49,7 @@ See `leasehold run --help` for the options of run.
 enum Command {
     Run(run::RunArgs),
     Status(status::StatusArgs),
+    List(list::ListArgs),
 }
 
 /// Where the lock server is and how to authenticate, shared by every subcommand.
@@ -137,14 +144,14 @@ pub fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args, &cli.server).await,
-            Command::Status(args) => {
-                let give_up =
-                    |builder: DistributedLockBuilder| builder.unavailable_after(STATUS_GIVE_UP);
-                match cli.server.client(give_up) {
-                    Ok(dl) => status::status(args, dl).await,
-                    Err(error) => exit::fail(exit::for_error(&error), error),
-                }
-            }
+            Command::Status(args) => match cli.server.client(give_up) {
+                Ok(dl) => status::status(args, dl).await,
+                Err(error) => exit::fail(exit::for_error(&error), error),
+            },
+            Command::List(args) => match cli.server.client(give_up) {
+                Ok(dl) => list::list(args, dl).await,
+                Err(error) => exit::fail(exit::for_error(&error), error),
+            },
         }
     })
 }
