@@ -7,6 +7,10 @@ use std::fmt;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// The key used when none is configured: a server in open mode (no key file) accepts any
+/// key, so local development needs no set-up; a server with a key file refuses it (401).
+const DEFAULT_KEY: &str = "default";
+
 /// How long `status` and `list` keep trying an unreachable server.
 const STATUS_GIVE_UP: Duration = Duration::from_secs(5);
 
@@ -61,7 +65,8 @@ pub struct ServerArgs {
     url: Option<String>,
 
     /// The project's API key. Prefer the environment variable: other users of the
-    /// machine can see command-line arguments.
+    /// machine can see command-line arguments. [default: the key `default`, which only a
+    /// server in open mode accepts]
     #[arg(
         long,
         env = "LEASEHOLD_API_KEY",
@@ -81,9 +86,11 @@ impl ServerArgs {
         let key = match &self.api_key {
             Some(ApiKey(key)) if !key.trim().is_empty() => key.clone(),
             _ => {
-                return Err(Error::InvalidArgument {
-                    message: "no API key: set LEASEHOLD_API_KEY or pass --api-key".into(),
-                });
+                eprintln!(
+                    "leasehold: no API key configured (LEASEHOLD_API_KEY or --api-key); using \
+                     the key {DEFAULT_KEY:?}, which a server in open mode accepts"
+                );
+                DEFAULT_KEY.to_owned()
             }
         };
         let mut builder = DistributedLock::builder(key);
