@@ -429,3 +429,91 @@ async fn answer_head(addr: std::net::SocketAddr, path: &str) -> String {
         .split_once("\r\n\r\n")
         .map_or(answer.to_string(), |(head, _)| head.to_owned())
 }
+
+/// 10,000 locks: the page shows one page of them at a time, pages on, and filters by
+/// prefix, without a row per lock of the project in the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pages_through_ten_thousand_locks() {
+    const LOCKS: usize = 10_000;
+    // Long enough to outlast the test without renewals; waits below are bounded by it.
+    let lease = Duration::from_secs(300);
+    let startup = Duration::from_secs(60);
+    let server = TestServer::start().await;
+    let dl = server.client("bulk-key");
+    let mut guards = Vec::with_capacity(LOCKS);
+    for chunk in (0..LOCKS).collect::<Vec<_>>().chunks(100) {
+        let mut set = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let dl = dl.clone();
+            set.spawn(async move {
+                dl.lock(format!("bulk/{i:05}"))
+                    .metadata(format!("worker-{}", i % 7))
+                    .expires_in(lease)
+                    .auto_renew(false)
+                    .await
+                    .expect("lock")
+            });
+        }
+        while let Some(guard) = set.join_next().await {
+            guards.push(guard.expect("task"));
+        }
+    }
+
+    let browser = Browser::start(startup).await;
+    open(&browser, &format!("{}/ui#key=bulk-key", server.url())).await;
+    let page_info = || async { browser.texts("#page-info").await.concat() };
+    eventually(startup, "the first page of 100", || async {
+        rows(&browser).await.len() == 100 && page_info().await.contains("locks 1–100, more follow")
+    })
+    .await;
+    let first = rows(&browser).await;
+    assert_eq!(first[0]["name"], "bulk/00000");
+    assert_eq!(first[99]["name"], "bulk/00099");
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('#locks tbody tr').length;")
+            .await,
+        Value::from(100),
+        "one page of rows in the page, not one per lock"
+    );
+
+    browser
+        .client
+        .find(fantoccini::Locator::Id("next"))
+        .await
+        .expect("the next button")
+        .click()
+        .await
+        .expect("click");
+    eventually(lease, "the second page", || async {
+        page_info().await.contains("locks 101–200")
+            && rows(&browser)
+                .await
+                .first()
+                .is_some_and(|r| r["name"] == "bulk/00100")
+    })
+    .await;
+
+    browser
+        .client
+        .find(fantoccini::Locator::Id("prefix"))
+        .await
+        .expect("the prefix box")
+        .send_keys("bulk/0999")
+        .await
+        .expect("typing");
+    eventually(lease, "the ten locks of the prefix", || async {
+        let names: Vec<String> = rows(&browser)
+            .await
+            .into_iter()
+            .map(|r| r["name"].clone())
+            .collect();
+        names.len() == 10 && names.iter().all(|n| n.starts_with("bulk/0999"))
+    })
+    .await;
+    assert!(!page_info().await.contains("more follow"));
+
+    browser.close().await;
+    drop(guards);
+    server.stop().await;
+}
