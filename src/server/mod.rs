@@ -581,14 +581,11 @@ impl ServerBuilder {
             tokio::task::spawn_blocking(move || write_events(file, events));
             self.memory.events = Some(sink);
         }
-        // The console's live view sees every event first, then the audit trail (if any).
+        // The console's live view gets the store's events too.
         let event_hub = Arc::new(console::EventHub::default());
         let (sink, events) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(
-            event_hub
-                .clone()
-                .feed(events, self.memory.events.replace(sink)),
-        );
+        tokio::spawn(event_hub.clone().feed(events));
+        self.memory.console_events = Some(sink);
         let auth = match &self.key_file {
             Some(path) => Auth::from_file(path)?,
             None => Auth::open(),

@@ -7,7 +7,7 @@
 use crate::server::auth::Caller;
 use crate::server::http::{App, Failure, Reply, bad, json_reply};
 use crate::server::listing::{number, query_params};
-use crate::server::store::{EventKind, EventSink, StoreEvent};
+use crate::server::store::{EventKind, StoreEvent};
 use http::StatusCode;
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -61,20 +61,12 @@ impl Default for EventHub {
 }
 
 impl EventHub {
-    /// Takes the store's events, keeps them for polls, and passes each on to `downstream`
-    /// (the audit trail, if one is configured); ends when the store drops its sender.
-    pub(crate) async fn feed(
-        self: Arc<Self>,
-        mut events: mpsc::UnboundedReceiver<StoreEvent>,
-        downstream: Option<EventSink>,
-    ) {
+    /// Keeps the store's events for polls; ends when the store drops its sender.
+    pub(crate) async fn feed(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<StoreEvent>) {
         while let Some(event) = events.recv().await {
             // Lease extensions come with every renewal: noise to an operator.
             if !matches!(event.kind, EventKind::Deadline { .. }) {
-                self.push(event.clone());
-            }
-            if let Some(downstream) = &downstream {
-                let _ = downstream.send(event);
+                self.push(event);
             }
         }
     }

@@ -56,6 +56,8 @@ pub struct MemoryConfig {
     pub max_projects: u32,
     /// Where to send the audit trail of every grant, renewal, release and expiry.
     pub events: Option<EventSink>,
+    /// A second sink for the same events: the server's console (live view).
+    pub console_events: Option<EventSink>,
     /// After a crash, every lock waits at most this long (leases up to this long are
     /// covered); locks with a longer lease are recorded in the state file when it is
     /// granted, and only they wait for their own lease after a crash.
@@ -82,6 +84,7 @@ impl Default for MemoryConfig {
             state_file: None,
             max_projects: 100_000,
             events: None,
+            console_events: None,
             crash_hold_back: DEFAULT_CRASH_HOLD_BACK,
             token_reserve: Duration::from_secs(60),
             tombstone_ttl: Duration::from_secs(60),
@@ -686,15 +689,23 @@ impl Shared {
         });
     }
 
-    /// Sends an event to the audit trail, if one is configured.
+    /// Sends an event to the audit trail and the console, where configured.
     fn emit(&self, key: &[u8], now: u64, kind: impl FnOnce() -> EventKind) {
-        if let Some(events) = &self.config.events {
-            let _ = events.send(StoreEvent {
-                at_us: self.unix_us(now),
-                project: project_of(key).to_string(),
-                lock: String::from_utf8_lossy(&key[4..]).into_owned(),
-                kind: kind(),
-            });
+        let (trail, console) = (&self.config.events, &self.config.console_events);
+        if trail.is_none() && console.is_none() {
+            return;
+        }
+        let event = StoreEvent {
+            at_us: self.unix_us(now),
+            project: project_of(key).to_string(),
+            lock: String::from_utf8_lossy(&key[4..]).into_owned(),
+            kind: kind(),
+        };
+        if let Some(console) = console {
+            let _ = console.send(event.clone());
+        }
+        if let Some(trail) = trail {
+            let _ = trail.send(event);
         }
     }
 
