@@ -179,3 +179,71 @@ impl App {
         Ok(json_reply(StatusCode::OK, &empty))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(project: &str, lock: &str) -> StoreEvent {
+        StoreEvent {
+            at_us: 1,
+            project: project.into(),
+            lock: lock.into(),
+            kind: EventKind::Released { token: 7 },
+        }
+    }
+
+    /// The JSON of an answer.
+    fn body(reply: Reply) -> serde_json::Value {
+        use http_body_util::BodyExt;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let bytes = runtime
+            .block_on(reply.into_body().collect())
+            .expect("body")
+            .to_bytes();
+        serde_json::from_slice(&bytes).expect("json")
+    }
+
+    #[test]
+    fn polls_see_their_project_after_their_cursor() {
+        let hub = EventHub::default();
+        hub.push(event("1", "a"));
+        hub.push(event("2", "secret"));
+        hub.push(event("1", "b"));
+        // The first poll: the project's recent events, at once.
+        let first = body(hub.batch("1", None).expect("an answer"));
+        let locks: Vec<&str> = first["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["lock"].as_str().unwrap())
+            .collect();
+        assert_eq!(locks, ["a", "b"]);
+        assert_eq!(first["next"], 3);
+        // Nothing new for project 1 (another project's event does not wake it).
+        assert!(hub.batch("1", Some(3)).is_none());
+        hub.push(event("2", "other"));
+        assert!(hub.batch("1", Some(3)).is_none());
+        hub.push(event("1", "c"));
+        let next = body(hub.batch("1", Some(3)).expect("an answer"));
+        assert_eq!(next["events"][0]["lock"], "c");
+        assert_eq!(next["events"][0]["event"], "released");
+        assert_eq!(next["next"], 5);
+        // A cursor from before a restart starts over, and says so.
+        let stale = body(hub.batch("1", Some(99)).expect("an answer"));
+        assert_eq!(stale["missed"], true);
+    }
+
+    #[test]
+    fn old_events_make_room_and_polls_learn_they_missed_some() {
+        let hub = EventHub::default();
+        for _ in 0..KEPT + 10 {
+            hub.push(event("1", "x"));
+        }
+        let late = body(hub.batch("1", Some(1)).expect("an answer"));
+        assert_eq!(late["missed"], true);
+        assert_eq!(late["events"].as_array().unwrap().len(), MAX_BATCH);
+    }
+}
