@@ -4,6 +4,7 @@
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,6 +26,8 @@ impl Browser {
             .port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            // A group of its own, with the browser it starts: a failed test kills them all.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -119,7 +122,9 @@ impl Browser {
 impl Drop for Browser {
     /// Also when a test fails: no driver or profile is left behind.
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        // SAFETY: kill(2) with a negative pid signals that process group: the driver's own
+        // (it leads it), which holds the browser too.
+        unsafe { libc::kill(-(self.driver.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
     }
