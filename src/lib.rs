@@ -100,6 +100,7 @@ pub use client::guard::LockGuard;
 pub use client::inspect::{HolderInfo, LockInfo};
 pub use client::lease::{Lease, LockFn};
 pub use client::lease_state::{GuardState, LostReason, LostSignal};
+pub use client::list::LockPage;
 pub use client::request::{DEFAULT_EXPIRES_IN, LockFuture, LockRequest};
 pub use client::transport::{Connect, ConnectFuture, Io};
 pub use client::{DEFAULT_ENDPOINT, DistributedLock, DistributedLockBuilder, URL_ENV};

@@ -26,6 +26,12 @@ pub const PATH_CANCEL: &str = "/v1/cancel";
 pub const PATH_LOCKS_PREFIX: &str = "/v1/locks/";
 /// Revoke path (operators: ends the current holder's lease).
 pub const PATH_REVOKE: &str = "/v1/revoke";
+/// Path of the listing endpoint (`GET`, query `prefix`, `after`, `limit`).
+pub const PATH_LOCKS: &str = "/v1/locks";
+/// Locks per listing page when the request names no `limit`.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+/// Most locks per listing page.
+pub const MAX_LIST_LIMIT: usize = 1000;
 
 /// Checks a lock name against the protocol's rules; the message says what is wrong.
 pub fn validate_name(name: &str) -> Result<(), String> {
@@ -265,6 +271,17 @@ pub struct LockInfo {
     /// Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_back_until_ms: Option<u64>,
+}
+
+/// `GET /v1/locks` answer: one page of the project's locks, in bytewise name order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockList {
+    /// Each lock somebody holds or waits for, as `GET /v1/locks/{name}` shows it.
+    pub locks: Vec<LockInfo>,
+    /// The cursor of the next page (pass it as `after`) if more locks may follow; absent at
+    /// the end. A page may hold fewer than `limit` locks and still have a next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// What inspection shows of a holder (never its lease id).

@@ -199,7 +199,12 @@ async fn a_timeout_exits_75_without_running_the_command() {
     let server = TestServer::start().await;
     let dir = TempDir::new("timeout");
     let ran = dir.file("ran");
-    let holder = server.client("p").lock("busy").await.unwrap();
+    let holder = server
+        .client("p")
+        .lock("busy")
+        .metadata("host-a/job-42")
+        .await
+        .unwrap();
     for timeout in ["300ms", "0"] {
         let started = Instant::now();
         let run = run_sh(
@@ -220,6 +225,14 @@ async fn a_timeout_exits_75_without_running_the_command() {
         assert!(!err.contains('\r'), "{err:?}");
         assert!(
             err.contains("timed out") && err.contains("not run"),
+            "{err}"
+        );
+        // Who holds it, by label.
+        assert!(
+            err.contains(&format!(
+                "held by \"host-a/job-42\" (fencing token {})",
+                holder.fencing_token()
+            )),
             "{err}"
         );
     }
@@ -532,29 +545,144 @@ async fn usage_errors_exit_64() {
         &["run", "x"][..],                                     // no command
         &["run", "x", "--timeout", "5 parsecs", "--", "true"], // bad duration
         &["run", "x", "--expires-in", "0", "--", "true"],
-        &["run", "bad\nname", "--", "true"], // invalid lock name
+        &["run", "x", "--timeout", "5", "--", "true"], // a duration without its unit
+        &["run", "x", "-c", "true", "--", "true"],     // -c and a command
+        &["run", "bad\nname", "--", "true"],           // invalid lock name
         &["status", "bad\nname"],
+        &["list", "x", "--limit", "5"],
         &["frobnicate"],
     ] {
         let output = within(BOUND, cli(url, args).output()).await.unwrap();
         assert_eq!(output.status.code(), Some(64), "{args:?}: {output:?}");
     }
-    // No API key at all.
     let output = within(
         BOUND,
-        cli(url, &["status", "x"])
+        cli(url, &["run", "x", "--timeout", "5", "--", "true"]).output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        stderr(&output).contains("write 5s for seconds"),
+        "{output:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_key_the_cli_uses_the_key_default_and_says_so() {
+    // Open mode accepts it.
+    let server = TestServer::start().await;
+    let holder = server.client("default").lock("k").await.unwrap();
+    let output = within(
+        BOUND,
+        cli(&server.url(), &["status", "k", "--json"])
             .env_remove("LEASEHOLD_API_KEY")
             .output(),
     )
     .await
     .unwrap();
-    assert_eq!(output.status.code(), Some(64), "{output:?}");
-    assert!(stderr(&output).contains("API key"), "{output:?}");
+    assert!(output.status.success(), "{output:?}");
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "said once: {err}");
+    assert!(
+        err.contains("no API key configured") && err.contains("\"default\""),
+        "{err}"
+    );
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["holder"]["fencing_token"], holder.fencing_token());
+    server.stop().await;
+
+    // A server with a key file refuses it, as any unknown key: 401, exit 77.
+    let dir = TempDir::new("default-key");
+    let keys = dir.file("keys.toml");
+    let (_, line) = leasehold::server::new_key("ops");
+    std::fs::write(
+        &keys,
+        format!("[[projects]]\nname = \"ops\"\nkeys = [{line}\n]\n"),
+    )
+    .unwrap();
+    let server = TestServer::start_with(|b| b.key_file(&keys)).await;
+    let output = within(
+        BOUND,
+        cli(&server.url(), &["list"])
+            .env_remove("LEASEHOLD_API_KEY")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(77), "{output:?}");
+    assert!(
+        stderr(&output).contains("refused the API key"),
+        "{output:?}"
+    );
+}
+
+#[tokio::test]
+async fn dash_c_runs_a_shell_command_line() {
+    let server = TestServer::start().await;
+    let dir = TempDir::new("dash-c");
+    let out = dir.file("out");
+    let output = finish(
+        cli(
+            &server.url(),
+            &[
+                "run",
+                "c",
+                "-c",
+                &format!("echo \"$LEASEHOLD_NAME\" > '{out}'; exit 3"),
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    assert_eq!(read(&out), "c\n");
+}
+
+#[tokio::test]
+async fn a_wait_over_a_second_prints_one_line_naming_the_holder() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let server = TestServer::start().await;
+    let holder = server
+        .client("p")
+        .lock("q")
+        .metadata("host-a/job-42")
+        .await
+        .unwrap();
+    let mut run = cli(&server.url(), &["run", "q", "--", "true"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(run.stderr.take().unwrap()).lines();
+    let line = within(BOUND, lines.next_line())
+        .await
+        .unwrap()
+        .expect("a line");
+    let expected = format!(
+        "leasehold: waiting for \"q\": 1s; 0 ahead; held by \"host-a/job-42\" (fencing token {}), ",
+        holder.fencing_token()
+    );
+    assert!(
+        line.starts_with(&expected) && line.ends_with(" left"),
+        "{line}"
+    );
+    holder.release().await.unwrap();
+    let status = within(BOUND, run.wait()).await.unwrap();
+    assert!(status.success());
+    assert_eq!(
+        within(BOUND, lines.next_line()).await.unwrap(),
+        None,
+        "one line only"
+    );
 }
 
 #[tokio::test]
 async fn help_shows_examples_and_exit_codes_but_never_the_key() {
-    for args in [&["--help"][..], &["run", "--help"], &["status", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["status", "--help"],
+        &["list", "--help"],
+    ] {
         let output = within(
             BOUND,
             cli("http://127.0.0.1:1", args)
@@ -635,7 +763,7 @@ async fn on_a_terminal_a_status_line_shows_the_wait() {
     let token = holder.fencing_token();
     assert!(
         screen.contains(&format!(
-            "waiting for \"tty\": 1s; 1 ahead; held by token {token} ("
+            "waiting for \"tty\": 1s; 1 ahead; held by fencing token {token}, "
         )),
         "{screen:?}"
     );
@@ -685,4 +813,57 @@ async fn a_kill_after_too_long_for_the_lease_is_warned_about() {
     // The defaults are consistent.
     let output = finish(run_sh(&server.url(), "warn", &[], "exit 0")).await;
     assert!(output.stderr.is_empty(), "{output:?}");
+}
+
+#[tokio::test]
+async fn list_shows_every_lock_as_a_table_and_as_json() {
+    let server = TestServer::start().await;
+    let list = |args: &[&str]| cli(&server.url(), args).output();
+    let dl = server.client("p");
+    let db = dl
+        .lock("db/migrate")
+        .metadata("host-a/job-42")
+        .await
+        .unwrap();
+    let _cache = dl.lock("cache/warm").await.unwrap();
+    let waiter = server.client("p");
+    let _waiter = tokio::spawn(async move { waiter.lock("db/migrate").await });
+    eventually(BOUND, "one waits", || async {
+        server.inspect("p", "db/migrate").await.1 == 1
+    })
+    .await;
+
+    let output = within(BOUND, list(&["list"])).await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("LEASE LEFT"),
+        "{text}"
+    );
+    assert!(lines[1].starts_with("cache/warm "), "{text}");
+    let db_line = lines[2];
+    assert!(db_line.starts_with("db/migrate "), "{text}");
+    assert!(db_line.contains("host-a/job-42"), "{text}");
+    assert!(db_line.contains(&db.fencing_token().to_string()), "{text}");
+
+    let output = within(BOUND, list(&["list", "db/", "--json"]))
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let locks = json.as_array().expect("an array");
+    assert_eq!(locks.len(), 1, "{json}");
+    assert_eq!(locks[0]["name"], "db/migrate");
+    assert_eq!(locks[0]["waiters"], 1);
+    assert_eq!(locks[0]["holder"]["label"], "host-a/job-42");
+    assert_eq!(locks[0]["holder"]["fencing_token"], db.fencing_token());
+
+    let output = within(BOUND, list(&["list", "nothing/"])).await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "no locks held or waited for\n"
+    );
 }

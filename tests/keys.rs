@@ -4,41 +4,11 @@
 mod support;
 
 use leasehold::server::new_key;
-use std::path::PathBuf;
 use std::time::Duration;
+use support::key_file::KeyFile;
 use support::{Backend, TestServer, client_for, eventually, raw, within};
 
 const BOUND: Duration = Duration::from_secs(10);
-
-struct KeyFile {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl KeyFile {
-    fn new(test: &str) -> KeyFile {
-        let dir = std::env::temp_dir().join(format!("dl-keys-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        KeyFile {
-            path: dir.join("keys.toml"),
-            dir,
-        }
-    }
-
-    /// Writes the file atomically (so a reload never sees half of it).
-    fn write(&self, text: &str) {
-        let tmp = self.dir.join("keys.tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &self.path).unwrap();
-    }
-}
-
-impl Drop for KeyFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn project(name: &str, extra: &str, lines: &[&str]) -> String {
     format!(

@@ -78,8 +78,13 @@ impl DistributedLock {
         if !reply.status.is_success() {
             return Err(reply.into_error());
         }
-        let info: protocol::LockInfo = reply.json()?;
-        Ok(LockInfo {
+        Ok(reply.json::<protocol::LockInfo>()?.into())
+    }
+}
+
+impl From<protocol::LockInfo> for LockInfo {
+    fn from(info: protocol::LockInfo) -> LockInfo {
+        LockInfo {
             name: info.name,
             holder: info.holder.map(HolderInfo::from),
             waiters: info.waiters,
@@ -87,12 +92,12 @@ impl DistributedLock {
             held_back_until: info
                 .held_back_until_ms
                 .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
-        })
+        }
     }
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986).
-fn percent_encode(name: &str) -> String {
+pub(crate) fn percent_encode(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

@@ -4,6 +4,7 @@ pub(crate) mod guard;
 pub(crate) mod inspect;
 pub(crate) mod lease;
 pub(crate) mod lease_state;
+pub(crate) mod list;
 pub(crate) mod mailbox;
 pub(crate) mod renewer;
 pub(crate) mod request;

@@ -59,9 +59,11 @@ pub(crate) struct App {
     pub stopping: watch::Receiver<bool>,
     /// True while the server is paused (the test kit's `pause`): requests and answers wait.
     pub paused: watch::Sender<bool>,
+    /// Recent store events, for the console's live view.
+    pub events: Arc<crate::server::console::EventHub>,
 }
 
-type Reply = Response<Full<Bytes>>;
+pub(crate) type Reply = Response<Full<Bytes>>;
 
 /// The routes, named as in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +74,9 @@ enum Route {
     Cancel,
     Revoke,
     Inspect,
+    List,
+    Events,
+    Console,
     Healthz,
     Metrics,
     Other,
@@ -87,6 +92,9 @@ impl Route {
             protocol::PATH_REVOKE => Route::Revoke,
             "/healthz" => Route::Healthz,
             "/metrics" => Route::Metrics,
+            protocol::PATH_LOCKS => Route::List,
+            crate::server::console::PATH_EVENTS => Route::Events,
+            p if crate::server::console::is_asset(p) => Route::Console,
             p if p.starts_with(protocol::PATH_LOCKS_PREFIX) => Route::Inspect,
             _ => Route::Other,
         }
@@ -100,6 +108,9 @@ impl Route {
             Route::Cancel => "cancel",
             Route::Revoke => "revoke",
             Route::Inspect => "inspect",
+            Route::List => "list",
+            Route::Events => "events",
+            Route::Console => "console",
             Route::Healthz => "healthz",
             Route::Metrics => "metrics",
             Route::Other => "other",
@@ -119,12 +130,15 @@ impl Route {
     /// lose its leases, nor keep locks (or places in line) longer than it wants. Revocations
     /// are limited like inspection.
     fn rate_limited(self) -> bool {
-        matches!(self, Route::Acquire | Route::Inspect | Route::Revoke)
+        matches!(
+            self,
+            Route::Acquire | Route::Inspect | Route::Revoke | Route::List | Route::Events
+        )
     }
 }
 
 /// An answer that is not a success.
-struct Failure {
+pub(crate) struct Failure {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -133,7 +147,11 @@ struct Failure {
 }
 
 impl Failure {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Failure {
         Failure {
             status,
             code,
@@ -187,11 +205,11 @@ impl From<StoreError> for Failure {
     }
 }
 
-fn bad(message: impl Into<String>) -> Failure {
+pub(crate) fn bad(message: impl Into<String>) -> Failure {
     Failure::new(StatusCode::BAD_REQUEST, codes::INVALID_ARGUMENT, message)
 }
 
-fn json_reply<T: Serialize>(status: StatusCode, body: &T) -> Reply {
+pub(crate) fn json_reply<T: Serialize>(status: StatusCode, body: &T) -> Reply {
     let bytes = serde_json::to_vec(body).expect("wire types always serialize");
     Response::builder()
         .status(status)
@@ -208,11 +226,11 @@ fn text_reply(status: StatusCode, content_type: &'static str, body: String) -> R
         .expect("static headers are valid")
 }
 
-fn unix_ms(t: std::time::SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-fn holder_info(view: HolderView) -> WireHolder {
+pub(crate) fn holder_info(view: HolderView) -> WireHolder {
     WireHolder {
         fencing_token: view.fencing_token,
         acquired_at_ms: unix_ms(view.acquired_at),
@@ -277,6 +295,7 @@ impl App {
         }
         match route {
             Route::Healthz => return Ok(self.health().await),
+            Route::Console => return Ok(crate::server::console::asset(request.uri().path())),
             Route::Metrics => {
                 return Ok(text_reply(
                     StatusCode::OK,
@@ -313,6 +332,8 @@ impl App {
                 self.revoke(&caller, self.body(&caller, request).await?)
                     .await
             }
+            Route::List => self.list(&caller, request.uri().query()).await,
+            Route::Events => self.events(&caller, request.uri().query()).await,
             _ => {
                 let encoded = &request.uri().path()[protocol::PATH_LOCKS_PREFIX.len()..];
                 self.inspect(&caller, encoded).await

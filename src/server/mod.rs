@@ -18,8 +18,10 @@
 mod auth;
 mod budget;
 mod connection;
+pub(crate) mod console;
 mod http;
 mod in_flight;
+mod listing;
 mod log_limit;
 mod metrics;
 mod state_dir;
@@ -599,6 +601,11 @@ impl ServerBuilder {
             tokio::task::spawn_blocking(move || write_events(file, events));
             self.memory.events = Some(sink);
         }
+        // The console's live view gets the store's events too.
+        let event_hub = Arc::new(console::EventHub::default());
+        let (sink, events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(event_hub.clone().feed(events));
+        self.memory.console_events = Some(sink);
         let auth = match &self.key_file {
             Some(path) => Auth::from_file(path)?,
             None => Auth::open(),
@@ -649,6 +656,7 @@ impl ServerBuilder {
             limits: self.limits,
             stopping: stopping.clone(),
             paused: watch::Sender::new(false),
+            events: event_hub,
         });
         if self.key_file.is_some() && !self.key_reload_interval.is_zero() {
             tokio::spawn(watch_key_file(

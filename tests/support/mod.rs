@@ -6,6 +6,7 @@ pub mod contend;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod history;
+pub mod key_file;
 pub mod load;
 pub mod process;
 pub mod proxy;

@@ -1,17 +1,25 @@
 //! The command line: subcommands, the options every subcommand shares, and `main`.
 
-use crate::{exit, revoke, run, status};
+use crate::{exit, list, revoke, run, status};
 use clap::Parser;
 use leasehold::{DistributedLock, DistributedLockBuilder, Error};
 use std::fmt;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// How long `status` keeps trying an unreachable server.
+/// The key used when none is configured: a server in open mode (no key file) accepts any
+/// key, so local development needs no set-up; a server with a key file refuses it (401).
+const DEFAULT_KEY: &str = "default";
+
+/// How long `status` and `list` keep trying an unreachable server.
 const STATUS_GIVE_UP: Duration = Duration::from_secs(5);
 
-/// Take a distributed lock from the shell: run a command while holding it, or see who
-/// holds it.
+fn give_up(builder: DistributedLockBuilder) -> DistributedLockBuilder {
+    builder.unavailable_after(STATUS_GIVE_UP)
+}
+
+/// Take a distributed lock from the shell: run a command while holding it, see who holds
+/// it, or list the project's locks.
 #[derive(Debug, Parser)]
 #[command(name = "leasehold", version, after_help = help())]
 struct Cli {
@@ -33,6 +41,8 @@ fn help() -> String {
   leasehold status db/migrate --json
   # an operator ends a stuck holder's lease
   leasehold revoke db/migrate
+  # every lock of the project whose name starts with db/: holders, leases, waiters
+  leasehold list db/
 
 See `leasehold run --help` for the options of run.
 
@@ -46,6 +56,7 @@ enum Command {
     Run(run::RunArgs),
     Status(status::StatusArgs),
     Revoke(revoke::RevokeArgs),
+    List(list::ListArgs),
 }
 
 /// Where the lock server is and how to authenticate, shared by every subcommand.
@@ -57,7 +68,8 @@ pub struct ServerArgs {
     url: Option<String>,
 
     /// The project's API key. Prefer the environment variable: other users of the
-    /// machine can see command-line arguments.
+    /// machine can see command-line arguments. [default: the key `default`, which only a
+    /// server in open mode accepts]
     #[arg(
         long,
         env = "LEASEHOLD_API_KEY",
@@ -77,9 +89,11 @@ impl ServerArgs {
         let key = match &self.api_key {
             Some(ApiKey(key)) if !key.trim().is_empty() => key.clone(),
             _ => {
-                return Err(Error::InvalidArgument {
-                    message: "no API key: set LEASEHOLD_API_KEY or pass --api-key".into(),
-                });
+                eprintln!(
+                    "leasehold: no API key configured (LEASEHOLD_API_KEY or --api-key); using \
+                     the key {DEFAULT_KEY:?}, which a server in open mode accepts"
+                );
+                DEFAULT_KEY.to_owned()
             }
         };
         let mut builder = DistributedLock::builder(key);
@@ -140,22 +154,18 @@ pub fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args, &cli.server).await,
-            Command::Status(args) => {
-                let give_up =
-                    |builder: DistributedLockBuilder| builder.unavailable_after(STATUS_GIVE_UP);
-                match cli.server.client(give_up) {
-                    Ok(dl) => status::status(args, dl).await,
-                    Err(error) => exit::fail(exit::for_error(&error), error),
-                }
-            }
-            Command::Revoke(args) => {
-                let give_up =
-                    |builder: DistributedLockBuilder| builder.unavailable_after(STATUS_GIVE_UP);
-                match cli.server.client(give_up) {
-                    Ok(dl) => revoke::revoke(args, dl).await,
-                    Err(error) => exit::fail(exit::for_error(&error), error),
-                }
-            }
+            Command::Status(args) => match cli.server.client(give_up) {
+                Ok(dl) => status::status(args, dl).await,
+                Err(error) => exit::fail(exit::for_error(&error), error),
+            },
+            Command::List(args) => match cli.server.client(give_up) {
+                Ok(dl) => list::list(args, dl).await,
+                Err(error) => exit::fail(exit::for_error(&error), error),
+            },
+            Command::Revoke(args) => match cli.server.client(give_up) {
+                Ok(dl) => revoke::revoke(args, dl).await,
+                Err(error) => exit::fail(exit::for_error(&error), error),
+            },
         }
     })
 }

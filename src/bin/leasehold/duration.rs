@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-/// Parses `250ms`, `10s`, `5m`, `1h`; a bare number is seconds.
+/// Parses `250ms`, `10s`, `5m`, `1h`. A number needs its unit (`5` could mean anything),
+/// except `0`.
 pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -14,9 +15,15 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a duration like 250ms, 10s, 5m or 1h"))?;
     let ms = match unit {
         "ms" => n,
-        "s" | "" => n.saturating_mul(1000),
+        "s" => n.saturating_mul(1000),
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
+        "" if n == 0 => 0,
+        "" => {
+            return Err(format!(
+                "{s:?} has no unit: write {n}s for seconds (or {n}ms, {n}m, {n}h)"
+            ));
+        }
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
     Ok(Duration::from_millis(ms))
@@ -49,7 +56,10 @@ mod tests {
     fn parses_units() {
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(
+            parse("10"),
+            Err("\"10\" has no unit: write 10s for seconds (or 10ms, 10m, 10h)".into())
+        );
         assert_eq!(parse("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse("0"), Ok(Duration::ZERO));

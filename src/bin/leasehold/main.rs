@@ -2,8 +2,9 @@
 //!
 //! `run NAME -- CMD ARGS...` runs a command while holding a lock (`run.rs`, with the child
 //! process in `child.rs` and the waiting display in `waiting.rs`); `status NAME` shows who
-//! holds it (`status.rs`); `revoke NAME` ends the holder's lease (`revoke.rs`). The command line itself is in `cli.rs`, exit codes in `exit.rs`,
-//! the signals passed on to the command in `signals.rs`.
+//! holds it (`status.rs`); `list [PREFIX]` shows every lock of the project (`list.rs`);
+//! `revoke NAME` ends the holder's lease (`revoke.rs`). The command line itself is in
+//! `cli.rs`, exit codes in `exit.rs`, the signals passed on to the command in `signals.rs`.
 //! Unix only: it relies on process groups and signals.
 
 #[cfg(unix)]
@@ -14,6 +15,8 @@ mod cli;
 mod duration;
 #[cfg(unix)]
 mod exit;
+#[cfg(unix)]
+mod list;
 #[cfg(unix)]
 mod revoke;
 #[cfg(unix)]

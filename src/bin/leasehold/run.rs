@@ -5,7 +5,7 @@ use crate::cli::ServerArgs;
 use crate::duration::{self, human};
 use crate::exit;
 use crate::signals::Signals;
-use crate::waiting::{self, Queue, Seen, StatusLine};
+use crate::waiting::{self, Queue, Seen, StatusLine, holder_text};
 use leasehold::{DistributedLock, Error, LockGuard, LostReason};
 use std::ffi::OsString;
 use std::future::IntoFuture;
@@ -52,9 +52,30 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration::parse)]
     kill_after: Duration,
 
+    /// Run this shell command line with `/bin/sh -c`, as `flock -c` does, instead of a
+    /// COMMAND after `--`.
+    #[arg(
+        short = 'c',
+        long = "command",
+        value_name = "SHELL COMMAND",
+        conflicts_with = "command"
+    )]
+    shell: Option<String>,
+
     /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    #[arg(last = true, required_unless_present = "shell", value_name = "COMMAND")]
     command: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// The program and its arguments: the COMMAND after `--`, or `/bin/sh -c` and the
+    /// shell command line.
+    fn argv(&self) -> Vec<OsString> {
+        match &self.shell {
+            Some(line) => vec!["/bin/sh".into(), "-c".into(), line.into()],
+            None => self.command.clone(),
+        }
+    }
 }
 
 fn help() -> String {
@@ -64,8 +85,10 @@ fn help() -> String {
   leasehold run reports/nightly --timeout 0 -- ./nightly-report.sh
   # deploy: wait up to 10 minutes for other migrations; stop ours after an hour
   leasehold run db/migrate --timeout 10m --max-hold 1h -- ./manage.py migrate
+  # a shell command line, as with flock -c
+  leasehold run db/backup -c 'pg_dump app | gzip > /backup/app.sql.gz'
 
-Durations: 250ms, 10s, 5m, 1h.
+Durations: 250ms, 10s, 5m, 1h (a number needs its unit, except 0).
 
 If the lease is lost (the server cannot be reached for most of a lease, or restarted
 without its state), the command gets SIGTERM early enough that even the SIGKILL that follows
@@ -138,7 +161,8 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
         ("LEASEHOLD_NAME", args.name.clone()),
         ("LEASEHOLD_FENCING_TOKEN", token.to_string()),
     ];
-    let mut running = match child::spawn(&args.command, &env) {
+    let argv = args.argv();
+    let mut running = match child::spawn(&argv, &env) {
         Ok(running) => running,
         Err(error) => {
             let _ = release(guard).await;
@@ -146,7 +170,7 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
                 io::ErrorKind::NotFound => exit::NOT_FOUND,
                 _ => exit::CANNOT_EXECUTE,
             };
-            let program = args.command[0].to_string_lossy();
+            let program = argv[0].to_string_lossy();
             return exit::fail(code, format!("cannot run {program:?}: {error}"));
         }
     };
@@ -253,7 +277,7 @@ async fn acquire(
     let mut acquire = request.into_future();
     let result = tokio::select! {
         result = &mut acquire => result,
-        () = waiting::show(dl, &args.name, line.as_mut(), Queue::joined_after(before)) => {
+        () = waiting::show(dl, &args.name, line.as_mut(), Queue::joined_after(before.as_ref())) => {
             unreachable!("the status line never ends")
         }
         signal = signals.recv() => {
@@ -275,14 +299,22 @@ async fn acquire(
     };
     drop(line);
     result.map_err(|error| match error {
-        Error::Timeout { .. } => exit::fail(
-            exit::TIMEOUT,
-            format!(
-                "timed out after {} waiting for lock {:?}; the command was not run",
-                human(args.timeout.unwrap_or_default()),
-                args.name
-            ),
-        ),
+        Error::Timeout { holder, .. } => {
+            let held_by = holder.map_or(String::new(), |h| {
+                format!(
+                    " (held by {})",
+                    holder_text(h.fencing_token, h.metadata.as_deref())
+                )
+            });
+            exit::fail(
+                exit::TIMEOUT,
+                format!(
+                    "timed out after {} waiting for lock {:?}{held_by}; the command was not run",
+                    human(args.timeout.unwrap_or_default()),
+                    args.name
+                ),
+            )
+        }
         error => exit::fail(exit::for_error(&error), error),
     })
 }

@@ -41,7 +41,7 @@ pub struct StatusArgs {
 /// Built from the SDK's `LockInfo`. A new field goes into `Holder` (or `Status`), is filled
 /// in `Status::new` and gets a row in `Status::rows`: JSON follows by itself.
 #[derive(Debug, Serialize, PartialEq)]
-struct Status {
+pub struct Status {
     name: String,
     holder: Option<Holder>,
     /// How many wait in line.
@@ -67,7 +67,7 @@ struct Holder {
 }
 
 impl Status {
-    fn new(info: &LockInfo, now: SystemTime) -> Status {
+    pub fn new(info: &LockInfo, now: SystemTime) -> Status {
         Status {
             name: info.name.clone(),
             holder: info.holder.as_ref().map(|holder| Holder {

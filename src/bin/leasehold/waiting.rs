@@ -54,25 +54,44 @@ impl Drop for StatusLine {
     }
 }
 
-/// What one inspection showed: holder (fencing token, lease left), waiter count, and the
-/// end of a hold-back after a server restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What one inspection showed: holder, waiter count, and the end of a hold-back after a
+/// server restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
-    pub holder: Option<(u64, Duration)>,
+    pub holder: Option<SeenHolder>,
     pub waiters: u64,
     pub held_back_until: Option<SystemTime>,
+}
+
+/// The holder as one inspection showed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenHolder {
+    pub token: u64,
+    /// Lease left unless renewed.
+    pub left: Duration,
+    pub label: Option<String>,
 }
 
 impl From<&LockInfo> for Seen {
     fn from(info: &LockInfo) -> Seen {
         Seen {
-            holder: info
-                .holder
-                .as_ref()
-                .map(|h| (h.fencing_token, h.expires_in)),
+            holder: info.holder.as_ref().map(|h| SeenHolder {
+                token: h.fencing_token,
+                left: h.expires_in,
+                label: h.metadata.clone(),
+            }),
             waiters: info.waiters,
             held_back_until: info.held_back_until,
         }
+    }
+}
+
+/// Who holds a lock, by label if it gave one: `"host-a/job-42" (fencing token 42)`, or
+/// `fencing token 42`.
+pub fn holder_text(token: u64, label: Option<&str>) -> String {
+    match label {
+        Some(label) => format!("{label:?} (fencing token {token})"),
+        None => format!("fencing token {token}"),
     }
 }
 
@@ -114,17 +133,17 @@ pub struct Queue {
 
 impl Queue {
     /// Starts from what the server showed just before we joined the line.
-    pub fn joined_after(before: Option<Seen>) -> Queue {
+    pub fn joined_after(before: Option<&Seen>) -> Queue {
         Queue {
             ahead: before.map(|seen| seen.waiters),
-            holder: before.and_then(|seen| seen.holder.map(|(token, _)| token)),
+            holder: before.and_then(|seen| seen.holder.as_ref().map(|h| h.token)),
         }
     }
 
     /// Takes in one inspection made while we wait in line.
-    pub fn observe(&mut self, seen: Seen) {
+    pub fn observe(&mut self, seen: &Seen) {
         let others = seen.waiters.saturating_sub(1);
-        let token = seen.holder.map(|(token, _)| token);
+        let token = seen.holder.as_ref().map(|h| h.token);
         let mut ahead = self.ahead.map_or(others, |a| a.min(others));
         if matches!((self.holder, token), (Some(before), Some(now)) if now > before) {
             ahead = ahead.saturating_sub(1);
@@ -166,34 +185,27 @@ pub async fn show(
             .ok()
             .and_then(Result::ok)
             .map(|info| Seen::from(&info));
-        if let Some(seen) = seen {
+        if let Some(seen) = &seen {
             queue.observe(seen);
         }
-        line.draw(&render(name, started.elapsed(), seen, &queue));
+        line.draw(&render(name, started.elapsed(), seen.as_ref(), &queue));
     }
 }
 
-/// The one line printed without a terminal: the status line's text, and the holder's label
-/// if it gave one (who holds it is what a log reader wants to know).
+/// The one line printed without a terminal: the status line's text (who holds the lock,
+/// and why we wait).
 pub fn quiet_line(name: &str, info: Option<&LockInfo>, queue: &mut Queue) -> String {
     let seen = info.map(Seen::from);
-    if let Some(seen) = seen {
+    if let Some(seen) = &seen {
         queue.observe(seen);
     }
-    let mut text = render(name, QUIET_WAIT, seen, queue);
-    if let Some(label) = info
-        .and_then(|i| i.holder.as_ref())
-        .and_then(|h| h.metadata.as_ref())
-    {
-        text.push_str(&format!("; holder: {label}"));
-    }
-    text
+    render(name, QUIET_WAIT, seen.as_ref(), queue)
 }
 
 /// The text of the line, such as
-/// `waiting for "deploy": 12s; 2 ahead; held by token 42 (8s left)`: the most useful first,
-/// since a narrow terminal cuts the end off.
-pub fn render(name: &str, waited: Duration, seen: Option<Seen>, queue: &Queue) -> String {
+/// `waiting for "deploy": 12s; 2 ahead; held by "host-a/job-42" (fencing token 42, 8s
+/// left)`: the most useful first, since a narrow terminal cuts the end off.
+pub fn render(name: &str, waited: Duration, seen: Option<&Seen>, queue: &Queue) -> String {
     let whole_seconds = |d: Duration| human(Duration::from_secs(d.as_secs()));
     let mut text = format!("waiting for {name:?}: {}", whole_seconds(waited));
     let Some(seen) = seen else {
@@ -203,10 +215,11 @@ pub fn render(name: &str, waited: Duration, seen: Option<Seen>, queue: &Queue) -
     if let Some(ahead) = queue.ahead() {
         text.push_str(&format!("; {ahead} ahead"));
     }
-    match (seen.holder, seen.held_back_until) {
-        (Some((token, left)), _) => text.push_str(&format!(
-            "; held by token {token} ({} left)",
-            whole_seconds(left)
+    match (&seen.holder, seen.held_back_until) {
+        (Some(holder), _) => text.push_str(&format!(
+            "; held by {}, {} left",
+            holder_text(holder.token, holder.label.as_deref()),
+            whole_seconds(holder.left)
         )),
         (None, Some(until)) => text.push_str(&format!("; {}", held_back_text(until))),
         (None, None) => text.push_str("; being handed over"),
@@ -239,7 +252,11 @@ mod tests {
 
     fn seen(holder: Option<u64>, waiters: u64) -> Seen {
         Seen {
-            holder: holder.map(|token| (token, Duration::from_secs(8))),
+            holder: holder.map(|token| SeenHolder {
+                token,
+                left: Duration::from_secs(8),
+                label: None,
+            }),
             waiters,
             held_back_until: None,
         }
@@ -256,7 +273,7 @@ mod tests {
             render(
                 "d",
                 Duration::from_secs(3),
-                Some(held_back),
+                Some(&held_back),
                 &Queue::joined_after(None)
             ),
             "waiting for \"d\": 3s; held back after a server restart until 22:13:50 UTC \
@@ -267,17 +284,17 @@ mod tests {
     #[test]
     fn counts_those_ahead_down() {
         // Two waited before us; nobody joins behind us yet.
-        let mut queue = Queue::joined_after(Some(seen(Some(10), 2)));
-        queue.observe(seen(Some(10), 3));
+        let mut queue = Queue::joined_after(Some(&seen(Some(10), 2)));
+        queue.observe(&seen(Some(10), 3));
         assert_eq!(queue.ahead(), Some(2));
         // Others join behind us: still two ahead.
-        queue.observe(seen(Some(10), 6));
+        queue.observe(&seen(Some(10), 6));
         assert_eq!(queue.ahead(), Some(2));
         // A hand-over took one from the front.
-        queue.observe(seen(Some(11), 5));
+        queue.observe(&seen(Some(11), 5));
         assert_eq!(queue.ahead(), Some(1));
         // The one ahead gave up: only we and those behind wait... bounded by the count.
-        queue.observe(seen(Some(11), 1));
+        queue.observe(&seen(Some(11), 1));
         assert_eq!(queue.ahead(), Some(0));
     }
 
@@ -285,21 +302,35 @@ mod tests {
     fn without_a_first_look_the_count_bounds_it() {
         let mut queue = Queue::joined_after(None);
         assert_eq!(queue.ahead(), None);
-        queue.observe(seen(Some(10), 4));
+        queue.observe(&seen(Some(10), 4));
         assert_eq!(queue.ahead(), Some(3));
     }
 
     #[test]
     fn renders_what_is_known() {
-        let queue = Queue::joined_after(Some(seen(Some(42), 2)));
+        let queue = Queue::joined_after(Some(&seen(Some(42), 2)));
         assert_eq!(
             render(
                 "deploy",
                 Duration::from_millis(12_400),
-                Some(seen(Some(42), 3)),
+                Some(&seen(Some(42), 3)),
                 &queue
             ),
-            "waiting for \"deploy\": 12s; 2 ahead; held by token 42 (8s left)"
+            "waiting for \"deploy\": 12s; 2 ahead; held by fencing token 42, 8s left"
+        );
+        let labelled = Seen {
+            holder: Some(SeenHolder {
+                token: 42,
+                left: Duration::from_secs(8),
+                label: Some("host-a/job-42".into()),
+            }),
+            waiters: 1,
+            held_back_until: None,
+        };
+        assert_eq!(
+            render("deploy", Duration::from_secs(2), Some(&labelled), &queue),
+            "waiting for \"deploy\": 2s; 2 ahead; held by \"host-a/job-42\" (fencing token 42), \
+             8s left"
         );
         assert_eq!(
             render("deploy", Duration::from_secs(75), None, &queue),
@@ -309,7 +340,7 @@ mod tests {
             render(
                 "d",
                 Duration::ZERO,
-                Some(seen(None, 1)),
+                Some(&seen(None, 1)),
                 &Queue::joined_after(None)
             ),
             "waiting for \"d\": 0s; being handed over"

@@ -19,9 +19,9 @@
 
 use super::wait_queue::WaitQueue;
 use super::{
-    AcquireOutcome, AcquireSpec, Ended, EventKind, EventSink, Grant, HolderView, LockStore,
-    LockView, Project, ProjectId, Quota, Release, Renewal, StoreError, StoreEvent, StoreFuture,
-    StoreStats,
+    AcquireOutcome, AcquireSpec, Ended, EventKind, EventSink, Grant, HolderView, ListPage,
+    ListSpec, LockStore, LockView, Project, ProjectId, Quota, Release, Renewal, StoreError,
+    StoreEvent, StoreFuture, StoreStats,
 };
 use crate::id::Id;
 use crate::server::state_file::{
@@ -56,6 +56,8 @@ pub struct MemoryConfig {
     pub max_projects: u32,
     /// Where to send the audit trail of every grant, renewal, release and expiry.
     pub events: Option<EventSink>,
+    /// A second sink for the same events: the server's console (live view).
+    pub console_events: Option<EventSink>,
     /// After a crash, every lock waits at most this long (leases up to this long are
     /// covered); locks with a longer lease are recorded in the state file when it is
     /// granted, and only they wait for their own lease after a crash.
@@ -82,6 +84,7 @@ impl Default for MemoryConfig {
             state_file: None,
             max_projects: 100_000,
             events: None,
+            console_events: None,
             crash_hold_back: DEFAULT_CRASH_HOLD_BACK,
             token_reserve: Duration::from_secs(60),
             tombstone_ttl: Duration::from_secs(60),
@@ -823,15 +826,23 @@ impl Shared {
         });
     }
 
-    /// Sends an event to the audit trail, if one is configured.
+    /// Sends an event to the audit trail and the console, where configured.
     fn emit(&self, key: &[u8], now: u64, kind: impl FnOnce() -> EventKind) {
-        if let Some(events) = &self.config.events {
-            let _ = events.send(StoreEvent {
-                at_us: self.unix_us(now),
-                project: project_of(key).to_string(),
-                lock: String::from_utf8_lossy(&key[4..]).into_owned(),
-                kind: kind(),
-            });
+        let (trail, console) = (&self.config.events, &self.config.console_events);
+        if trail.is_none() && console.is_none() {
+            return;
+        }
+        let event = StoreEvent {
+            at_us: self.unix_us(now),
+            project: project_of(key).to_string(),
+            lock: String::from_utf8_lossy(&key[4..]).into_owned(),
+            kind: kind(),
+        };
+        if let Some(console) = console {
+            let _ = console.send(event.clone());
+        }
+        if let Some(trail) = trail {
+            let _ = trail.send(event);
         }
     }
 
@@ -894,6 +905,52 @@ impl Shared {
                 .filter(|_| lock.holder.is_none())
                 .map(|until| self.origin_wall + Duration::from_micros(until)),
         }
+    }
+
+    /// A page of a project's locks: one pass over every shard (each locked in turn), keeping
+    /// the `limit + 1` smallest names that qualify.
+    fn list(&self, project: &Project, spec: &ListSpec) -> ListPage {
+        let limit = spec.limit.max(1);
+        let start = lock_key(project.id, &spec.prefix);
+        let after = spec.after.as_deref().map(|a| lock_key(project.id, a));
+        let mut found: BTreeMap<Box<[u8]>, LockView> = BTreeMap::new();
+        for index in 0..self.shards.len() {
+            let state = self.shard(index);
+            let now = self.now();
+            for (key, lock) in &state.locks {
+                if !key.starts_with(&start)
+                    || after.as_ref().is_some_and(|a| key <= a)
+                    || (found.len() > limit && found.last_key_value().is_some_and(|(l, _)| key > l))
+                {
+                    continue;
+                }
+                let name = String::from_utf8_lossy(&key[4..]);
+                let mut view = self.view(lock, self.held_back(project, &name, now), now);
+                // An expired holder nobody has noticed yet holds nothing.
+                if lock.holder.as_ref().is_some_and(|h| h.deadline <= now) {
+                    view.holder = None;
+                }
+                if view.holder.is_none() && view.waiters == 0 {
+                    continue;
+                }
+                found.insert(key.clone(), view);
+                if found.len() > limit + 1 {
+                    found.pop_last();
+                }
+            }
+        }
+        let more = found.len() > limit;
+        if more {
+            found.pop_last();
+        }
+        let locks: Vec<(String, LockView)> = found
+            .into_iter()
+            .map(|(key, view)| (String::from_utf8_lossy(&key[4..]).into_owned(), view))
+            .collect();
+        let next = more
+            .then(|| locks.last().map(|(name, _)| name.clone()))
+            .flatten();
+        ListPage { locks, next }
     }
 
     /// Refuses a new lock beyond the project's quota.
@@ -1486,6 +1543,11 @@ impl LockStore for MemoryStore {
                 })
             });
         Box::pin(async move { Ok(view) })
+    }
+
+    fn list(&self, project: &Project, spec: ListSpec) -> StoreFuture<'_, ListPage> {
+        let page = self.shared.list(project, &spec);
+        Box::pin(async move { Ok(page) })
     }
 
     fn stats(&self) -> StoreStats {

@@ -221,6 +221,26 @@ pub enum EventKind {
 /// Where a store sends its [`StoreEvent`]s.
 pub type EventSink = tokio::sync::mpsc::UnboundedSender<StoreEvent>;
 
+/// Which page of a project's locks [`LockStore::list`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListSpec {
+    /// Only names starting with this (bytewise); empty for every lock.
+    pub prefix: String,
+    /// Only names after this one (bytewise): the previous page's cursor.
+    pub after: Option<String>,
+    /// Most locks in the page (at least 1).
+    pub limit: usize,
+}
+
+/// One page of a project's locks, in bytewise name order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// Each lock somebody holds or waits for, with what inspection shows of it.
+    pub locks: Vec<(String, LockView)>,
+    /// Where the next page starts (pass it as [`ListSpec::after`]) if more locks may follow.
+    pub next: Option<String>,
+}
+
 /// How a release ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
@@ -284,6 +304,10 @@ pub trait LockStore: Send + Sync + 'static {
 
     /// Shows a lock without changing it; `None` if nobody holds or waits for it.
     fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>>;
+
+    /// A page of the project's locks that somebody holds or waits for, in bytewise name
+    /// order: what [`inspect`](Self::inspect) shows of each, without changing any.
+    fn list(&self, project: &Project, spec: ListSpec) -> StoreFuture<'_, ListPage>;
 
     /// Store-wide figures.
     fn stats(&self) -> StoreStats;

@@ -31,6 +31,7 @@ mod keepers;
 mod keys;
 mod leases;
 mod limits;
+mod listing;
 mod metrics;
 mod renew;
 mod revoke;
@@ -58,7 +59,8 @@ pub use security::{EtcdTls, EtcdUser};
 pub(crate) use security::{TlsFiles, setup_error};
 
 use super::{
-    HolderView, LockStore, LockView, Project, Release, Renewal, StoreError, StoreFuture, StoreStats,
+    HolderView, ListPage, ListSpec, LockStore, LockView, Project, Release, Renewal, StoreError,
+    StoreFuture, StoreStats,
 };
 use crate::id::Id;
 use call::{EtcdError, count, count_of, delete, first, get, kvs};
@@ -487,6 +489,11 @@ impl LockStore for EtcdStore {
     fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>> {
         let (project, name) = (project.clone(), name.to_owned());
         Box::pin(async move { Ok(self.inner.inspect(&project, &name).await?) })
+    }
+
+    fn list(&self, project: &Project, spec: ListSpec) -> StoreFuture<'_, ListPage> {
+        let project = project.clone();
+        Box::pin(async move { Ok(self.inner.list(&project, &spec).await?) })
     }
 
     /// The last count of held locks and waiters in the whole store (all servers), recounted
