@@ -80,7 +80,8 @@ pub enum Error {
     },
 
     /// No server could be reached (or all were shutting down) within the deadline. A client
-    /// that never reached any server gives up after a few seconds, saying so.
+    /// that never reached any server gives up after a few seconds, saying so, unless the
+    /// call has a `timeout` of its own.
     #[error("lock server unavailable at {endpoint}: {reason}")]
     Unavailable {
         /// The endpoint tried last.

@@ -867,3 +867,46 @@ async fn list_shows_every_lock_as_a_table_and_as_json() {
         "no locks held or waited for\n"
     );
 }
+
+#[tokio::test]
+async fn revoke_ends_the_holders_lease_and_says_when_nobody_holds() {
+    let server = TestServer::start().await;
+    let lease = Duration::from_secs(2);
+    let holder = server
+        .client("p")
+        .lock("rv")
+        .expires_in(lease)
+        .await
+        .unwrap();
+    let token = holder.fencing_token();
+    let output = within(BOUND, cli(&server.url(), &["revoke", "rv"]).output())
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains(&format!("fencing token {token}")),
+        "{printed}"
+    );
+    // The holder hears it on its next renewal, due a third into the lease.
+    assert_eq!(
+        within(lease + BOUND, holder.lost()).await,
+        leasehold::LostReason::Revoked
+    );
+    let output = within(BOUND, cli(&server.url(), &["revoke", "rv"]).output())
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(stderr(&output).contains("nobody holds"), "{output:?}");
+    // Another project's key sees nothing to revoke there.
+    let _held = server.client("p").lock("rv").await.unwrap();
+    let output = within(
+        BOUND,
+        cli(&server.url(), &["revoke", "rv"])
+            .env("LEASEHOLD_API_KEY", "another-project")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+}

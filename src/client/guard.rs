@@ -164,6 +164,7 @@ impl LockGuard {
         let attempts = Attempts {
             deadline: cutoff,
             per_attempt: Duration::from_secs(5),
+            first_contact: false,
         };
         // The renewal task keeps the lease until the server answers: should this future be
         // dropped meanwhile, the guard's drop hands the release to it.

@@ -63,6 +63,7 @@ impl DistributedLock {
         let attempts = Attempts {
             deadline: crate::client::later(Instant::now(), self.inner.unavailable_after),
             per_attempt: Duration::from_secs(10),
+            first_contact: true,
         };
         let reply = self.inner.transport().get(&path, attempts).await?;
         if reply.status == StatusCode::NOT_FOUND {

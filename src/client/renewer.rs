@@ -277,6 +277,7 @@ impl Renewer {
                     let attempts = Attempts {
                         deadline: Instant::now() + Duration::from_secs(5),
                         per_attempt: Duration::from_secs(2),
+                        first_contact: false,
                     };
                     let _ = transport.post(Route::Cancel, json(&body), attempts).await;
                 });
@@ -308,6 +309,7 @@ impl Renewer {
             let attempts = Attempts {
                 deadline: cutoff,
                 per_attempt: Duration::from_secs(2),
+                first_contact: false,
             };
             let _ = transport.post(Route::Release, json(&body), attempts).await;
         });
@@ -392,6 +394,7 @@ impl Renewer {
             let attempts = Attempts {
                 deadline,
                 per_attempt: share.max(Duration::from_millis(50)),
+                first_contact: false,
             };
             let mut sent = sent;
             let results = match transport.post(Route::Renew, body, attempts).await {

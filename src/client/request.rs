@@ -286,10 +286,12 @@ impl LockRequest {
             };
             let attempts = Attempts {
                 // Unreachable servers end the call at the caller's timeout, or after the
-                // client's `unavailable_after` when it waits without limit.
+                // client's `unavailable_after` when it waits without limit (sooner if no
+                // server was ever reached).
                 deadline: wait_deadline
                     .unwrap_or_else(|| crate::client::later(polled, client.unavailable_after)),
                 per_attempt: POLL + POLL_SLACK,
+                first_contact: wait_deadline.is_none(),
             };
             let reply = client
                 .transport()
@@ -381,7 +383,7 @@ impl crate::client::Inner {
             .lease_clock
             .base(sent + Duration::from_millis(granted.waited_ms).min(sent.elapsed()));
         let now = Instant::now();
-        let (state_tx, state_rx) = watch::channel(Published::Lost {
+        let (state_tx, mut state_rx) = watch::channel(Published::Lost {
             reason: LostReason::Expired,
             at: now,
         });
@@ -417,6 +419,8 @@ impl crate::client::Inner {
         };
         let confirming = lease.confirming;
         lease.publish();
+        // Seen: a grant to confirm waits for the renewer's next word, not for this one.
+        state_rx.borrow_and_update();
         let key = self.next_key();
         // The renewal task may have ended with its runtime while this acquire waited (a
         // client used from several runtimes): this acquire's runtime starts another.

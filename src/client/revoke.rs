@@ -27,6 +27,7 @@ impl DistributedLock {
         let attempts = Attempts {
             deadline: crate::client::later(Instant::now(), self.inner.unavailable_after),
             per_attempt: Duration::from_secs(10),
+            first_contact: true,
         };
         let body = json(&RevokeRequest {
             name: name.to_owned(),

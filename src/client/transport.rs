@@ -131,6 +131,10 @@ pub(crate) struct Attempts {
     pub deadline: Instant,
     /// Longest wait for one answer.
     pub per_attempt: Duration,
+    /// Whether a client that has never reached any server gives up after [`FIRST_CONTACT`]
+    /// while nothing accepts its connections: for calls bounded only by
+    /// `unavailable_after`, not for a caller's own timeout (it said how long to wait).
+    pub first_contact: bool,
 }
 
 /// A server's answer that the caller interprets.
@@ -425,8 +429,9 @@ impl Transport {
             let delay = delays.next().unwrap_or(Duration::from_millis(500));
             let now = Instant::now();
             let never_reached = !self.reached.load(Ordering::Relaxed) && failure.connect;
-            if now + delay >= attempts.deadline || never_reached && now + delay >= first_contact_by
-            {
+            let give_up_early =
+                attempts.first_contact && never_reached && now + delay >= first_contact_by;
+            if now + delay >= attempts.deadline || give_up_early {
                 let reason = if never_reached {
                     format!(
                         "nothing answers there ({}); start a server with `leasehold-server` \
