@@ -101,6 +101,12 @@ export class TimeoutError extends DistributedLockError {
 /** The lease ended while it was believed held. */
 export class LockLostError extends DistributedLockError {
   readonly lockName: string;
+  /**
+   * Why: `expired` (no renewal got through in time, or the server no longer knew the lease),
+   * `max_hold` (it reached the hold limit its acquire set) or `revoked` (an operator revoked
+   * it, `leasehold revoke NAME`).
+   */
+  readonly reason: 'expired' | 'max_hold' | 'revoked';
 }
 
 /** The server refused the API key (401). */

@@ -161,7 +161,9 @@ async function whileHeld(lock, fn) {
   try {
     const value = await Promise.race([work, lost]);
     // The deadline timer may lag the clock on a busy event loop: held means held now.
-    if (!lock.isHeld()) throw new LockLostError(lock.name);
+    if (!lock.isHeld()) {
+      throw signal.reason instanceof LockLostError ? signal.reason : new LockLostError(lock.name);
+    }
     return value;
   } finally {
     signal.removeEventListener('abort', onAbort);

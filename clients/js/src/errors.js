@@ -52,12 +52,26 @@ export class TimeoutError extends DistributedLockError {
  * server said it is gone, or it was already gone at release. Another party may hold the lock.
  */
 export class LockLostError extends DistributedLockError {
-  /** @param {string} lockName */
-  constructor(lockName) {
-    super(`lost the lease on lock ${JSON.stringify(lockName)}`);
+  /**
+   * @param {string} lockName
+   * @param {'expired' | 'max_hold' | 'revoked'} [reason]
+   */
+  constructor(lockName, reason = 'expired') {
+    super(`lost the lease on lock ${JSON.stringify(lockName)} (${REASONS[reason] ?? reason})`);
     this.lockName = lockName;
+    /**
+     * Why: 'expired' (no renewal got through in time, or the server no longer knew the
+     * lease), 'max_hold' (it reached its maxHoldMs) or 'revoked' (an operator revoked it).
+     */
+    this.reason = reason;
   }
 }
+
+const REASONS = {
+  expired: 'the lease expired',
+  max_hold: 'the lease reached its maxHoldMs',
+  revoked: 'the lease was revoked',
+};
 
 /** The server refused the API key (401). */
 export class UnauthorizedError extends DistributedLockError {

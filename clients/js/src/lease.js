@@ -30,6 +30,8 @@ export class Lease {
    * @param {number} grant.started no later than the server started the lease (monotonic ms)
    */
   constructor({ name, leaseId, fencingToken, lengthMs, marginMs, started }) {
+    /** Why the lease was lost, once it is. @type {'expired' | 'max_hold' | 'revoked'} */
+    this.lostReason = 'expired';
     this.name = name;
     this.leaseId = leaseId;
     this.fencingToken = fencingToken;
@@ -108,12 +110,16 @@ export class Lease {
     }
   }
 
-  /** @param {{gone?: boolean}} [how] gone: the server said so */
-  markLost({ gone = false } = {}) {
+  /**
+   * @param {{gone?: boolean, reason?: 'expired' | 'max_hold' | 'revoked'}} [how] gone: the
+   *   server said so, and why
+   */
+  markLost({ gone = false, reason = 'expired' } = {}) {
     this.stopWatching();
     this.gone ||= gone;
     if (!this.lost) {
-      this.#controller.abort(new LockLostError(this.name));
+      this.lostReason = reason;
+      this.#controller.abort(new LockLostError(this.name, reason));
     }
   }
 }

@@ -73,7 +73,7 @@ export class Lock {
       if (!lease.gone && now() < cutoff) {
         this.#send(cutoff, true).catch(() => {});
       }
-      throw new LockLostError(lease.name);
+      throw new LockLostError(lease.name, lease.lostReason);
     }
     const reply = await this.#send(cutoff);
     if (reply.status >= 200 && reply.status < 300) return;
@@ -81,7 +81,7 @@ export class Lock {
       // A retried release whose first attempt succeeded unanswered finds nothing (§5.6).
       if (reply.attempts > 1) return;
       lease.markLost({ gone: true });
-      throw new LockLostError(lease.name);
+      throw new LockLostError(lease.name, lease.lostReason);
     }
     throw errorFromReply(reply);
   }

@@ -146,7 +146,10 @@ export class Renewer {
         // A server's figures are checked, not trusted: no lease beyond the protocol's longest.
         lease.renewed(sent, Math.min(result.lease_ms, MAX_LEASE_MS));
       } else if (result?.status === 'gone') {
-        lease.markLost({ gone: true });
+        const reason = result.reason === 'max_hold' || result.reason === 'revoked'
+          ? result.reason
+          : 'expired';
+        lease.markLost({ gone: true, reason });
       } else {
         lease.due = Math.min(retryAt ?? now(), lease.deadline);
       }

@@ -76,3 +76,39 @@ test('lock(): the guard\'s signal fires, isHeld() turns false, release() rejects
     await server.stop();
   }
 });
+
+test('acquireLock: a revoked lease aborts fn and says it was revoked', async () => {
+  const server = await startServer();
+  try {
+    const key = 'revoke-test';
+    const dl = new DistributedLock(key, { url: server.url });
+    let fnStarted;
+    const started = new Promise((resolve) => { fnStarted = resolve; });
+    const result = dl.acquireLock({
+      lockName: 'revoked',
+      expirationTimeMs: LEASE_MS,
+      fn: async ({ signal }) => {
+        fnStarted();
+        await new Promise((resolve) => signal.addEventListener('abort', resolve, { once: true }));
+        return 'finished as if held';
+      },
+    });
+    await within(LOSS_BOUND_MS, 'fn to start', started);
+    // An operator revokes it (docs/protocol.md: POST /v1/revoke).
+    const answer = await fetch(`${server.url}/v1/revoke`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ name: 'revoked' }),
+    });
+    assert.equal(answer.status, 200);
+    // The holder hears it on its next renewal, a third into the lease.
+    await within(LOSS_BOUND_MS, 'acquireLock to reject', assert.rejects(result, (error) => {
+      assert.ok(error instanceof LockLostError, `${error}`);
+      assert.equal(error.reason, 'revoked');
+      assert.match(error.message, /revoked/);
+      return true;
+    }));
+  } finally {
+    await server.stop();
+  }
+});
