@@ -18,7 +18,7 @@ pub enum LostReason {
     /// The lease reached the [`max_hold`](crate::LockRequest::max_hold) its request set.
     MaxHold,
     /// An operator revoked the lease (`leasehold revoke`, `POST /v1/revoke`, or
-    /// [`TestServer::revoke`](crate::testing::TestServer::revoke) in tests).
+    /// `TestServer::revoke` of the `testing` feature, in tests).
     Revoked,
     /// The guard was released or dropped: the lock is no longer this holder's. Only
     /// [`LostSignal`] and [`Lease`](crate::Lease) copies that outlive their guard see it.
