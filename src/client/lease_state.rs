@@ -82,26 +82,18 @@ impl StateReader {
     }
 
     pub fn state(&self) -> GuardState {
-        self.state_at(Instant::now())
-    }
-
-    fn state_at(&self, now: Instant) -> GuardState {
-        match *self.0.borrow() {
+        let now = Instant::now();
+        // Copied out: the watch's lock is not held while `has_changed` takes it again.
+        let published = *self.0.borrow();
+        match published {
             Published::Lost { reason, .. } => GuardState::Lost(reason),
-            Published::Held { deadline, .. } if now >= deadline => GuardState::Lost(self.ends()),
+            Published::Held { deadline, ends, .. } if now >= deadline => GuardState::Lost(ends),
             // The renewal task is gone (its runtime shut down): nobody renews the lease.
             Published::Held { .. } if self.0.has_changed().is_err() => {
                 GuardState::Lost(LostReason::Expired)
             }
             Published::Held { jeopardy_at, .. } if now >= jeopardy_at => GuardState::Jeopardy,
             Published::Held { .. } => GuardState::Held,
-        }
-    }
-
-    fn ends(&self) -> LostReason {
-        match *self.0.borrow() {
-            Published::Held { ends, .. } => ends,
-            Published::Lost { reason, .. } => reason,
         }
     }
 

@@ -58,6 +58,8 @@ pub(crate) struct App {
     /// Flips to true when the server starts shutting down: long polls answer 503 at once.
     pub stopping: watch::Receiver<bool>,
     /// True while the server is paused (the test kit's `pause`): requests and answers wait.
+    /// Only in builds with the test kit, so that other servers pay nothing for it.
+    #[cfg(feature = "testing")]
     pub paused: watch::Sender<bool>,
     /// Recent store events, for the console's live view.
     pub events: Arc<crate::server::console::EventHub>,
@@ -273,6 +275,7 @@ impl App {
 
     /// Returns once the server is not paused (at once, unless a test paused it).
     async fn unpaused(&self) {
+        #[cfg(feature = "testing")]
         if *self.paused.borrow() {
             let _ = self.paused.subscribe().wait_for(|paused| !paused).await;
         }

@@ -569,9 +569,7 @@ impl ServerBuilder {
                 tls: self.etcd_tls_files.load()?.or_else(|| config.tls.clone()),
                 ..config.clone()
             };
-            let store = store::etcd::EtcdStore::connect(config)
-                .await
-                .map_err(store::etcd::setup_error)?;
+            let store = store::etcd::EtcdStore::connect(config).await?;
             let metrics = store.metrics();
             return Ok((
                 Arc::new(store),
@@ -655,6 +653,7 @@ impl ServerBuilder {
             acquires: in_flight::AcquiresInFlight::new(self.limits.max_acquires_per_project),
             limits: self.limits,
             stopping: stopping.clone(),
+            #[cfg(feature = "testing")]
             paused: watch::Sender::new(false),
             events: event_hub,
         });

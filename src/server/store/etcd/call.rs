@@ -27,7 +27,7 @@ pub(super) enum EtcdError {
     Unavailable(String),
     /// etcd refuses this server's settings: its certificate, its user or its permissions.
     /// Retrying does not help until the settings or etcd's are changed.
-    Refused(String),
+    Refused(security::Refusal),
     /// A store limit.
     Full(String),
 }
@@ -39,8 +39,8 @@ impl From<EtcdError> for StoreError {
             EtcdError::Unavailable(message) => {
                 StoreError::Unavailable(format!("etcd unavailable: {message}"))
             }
-            EtcdError::Refused(message) => {
-                StoreError::Unavailable(format!("etcd refused this server: {message}"))
+            EtcdError::Refused(refusal) => {
+                StoreError::Unavailable(format!("etcd refused this server: {refusal}"))
             }
             EtcdError::Full(message) => StoreError::Full(message),
         }
@@ -52,7 +52,7 @@ enum Failure {
     Gone,
     Retry(String),
     Fatal(String),
-    Refused(String),
+    Refused(security::Refusal),
 }
 
 fn classify(error: etcd_client::Error) -> Failure {

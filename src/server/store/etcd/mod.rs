@@ -55,13 +55,14 @@ async fn store_for_tests() -> (etcd_harness::EtcdCluster, EtcdStore) {
 }
 
 pub(crate) use metrics::EtcdMetrics;
+pub(crate) use security::TlsFiles;
 pub use security::{EtcdTls, EtcdUser};
-pub(crate) use security::{TlsFiles, setup_error};
 
 use super::{
     HolderView, ListPage, ListSpec, LockStore, LockView, Project, Release, Renewal, StoreError,
     StoreFuture, StoreStats,
 };
+use crate::error::Error;
 use crate::id::Id;
 use call::{EtcdError, count, count_of, delete, first, get, kvs};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn};
@@ -132,12 +133,15 @@ impl EtcdStore {
         self.inner.etcd.metrics.clone()
     }
 
-    /// Connects to etcd. Fails on malformed settings, and, with TLS or a user, when etcd
-    /// refuses them (an untrusted certificate, a wrong password). An unreachable etcd is
-    /// reported by each request (`503`) until it can be reached.
-    pub async fn connect(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
+    /// Connects to etcd. Fails on malformed settings ([`Error::Configuration`]), and, with
+    /// TLS or a user, when etcd refuses them: [`Error::Tls`] for a certificate either side
+    /// does not accept, [`Error::Configuration`] for a wrong password or missing
+    /// permissions. An unreachable etcd is reported by each request (`503`) until it can be
+    /// reached.
+    pub async fn connect(config: EtcdConfig) -> Result<EtcdStore, Error> {
+        let settings = |message: String| Error::Configuration { message };
         if config.endpoints.is_empty() {
-            return Err(StoreError::Unavailable("no etcd endpoint given".into()));
+            return Err(settings("no etcd endpoint given".into()));
         }
         let connect_timeout = Duration::from_secs(2);
         // etcd refuses client pings more often than every 5 s (--grpc-keepalive-min-time)
@@ -155,12 +159,10 @@ impl EtcdStore {
             config.tls.as_ref(),
             connect_timeout,
         )
-        .map_err(StoreError::Unavailable)?;
+        .map_err(settings)?;
         let login = match &config.user {
             Some(user) if user.name().is_empty() => {
-                return Err(StoreError::Unavailable(
-                    "the etcd user name is empty".into(),
-                ));
+                return Err(settings("the etcd user name is empty".into()));
             }
             Some(user) => {
                 if !secure {
@@ -175,7 +177,7 @@ impl EtcdStore {
         };
         let client = Client::connect(&config.endpoints, Some(options))
             .await
-            .map_err(|e| StoreError::Unavailable(format!("etcd client: {e}")))?;
+            .map_err(|e| settings(format!("etcd client: {e}")))?;
         let etcd = call::Etcd {
             client,
             timeout: config.call_timeout,
@@ -205,15 +207,13 @@ impl EtcdStore {
 /// One read under the prefix, so that a certificate, password or permission that etcd
 /// refuses stops the server at startup rather than failing every request. An etcd that
 /// cannot be reached does not: requests get `503` until it can be.
-async fn check_access(etcd: &call::Etcd, prefix: &str) -> Result<(), StoreError> {
+async fn check_access(etcd: &call::Etcd, prefix: &str) -> Result<(), Error> {
     match etcd
         .get("access_check", &keys::all_projects(prefix), None)
         .await
     {
         Ok(_) => Ok(()),
-        Err(EtcdError::Refused(reason)) => Err(StoreError::Unavailable(format!(
-            "etcd refused this server: {reason}"
-        ))),
+        Err(EtcdError::Refused(refusal)) => Err(refusal.into_error()),
         Err(e) => {
             let e = StoreError::from(e);
             tracing::warn!(error = %e, "etcd not reachable at startup; requests get 503 until it is");

@@ -259,49 +259,63 @@ impl Login {
     }
 }
 
+/// Why etcd refuses this server for good: what, and whether it is TLS (a certificate either
+/// side does not accept) rather than the user or its permissions.
+#[derive(Debug)]
+pub(super) struct Refusal {
+    pub reason: String,
+    pub tls: bool,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl Refusal {
+    /// The error an embedded server's start-up reports: TLS, or a configuration etcd
+    /// refuses.
+    pub(super) fn into_error(self) -> Error {
+        let message = format!("etcd refused this server: {}", self.reason);
+        if self.tls {
+            Error::Tls {
+                endpoint: "etcd".into(),
+                message,
+                source: None,
+            }
+        } else {
+            Error::Configuration { message }
+        }
+    }
+}
+
 /// Why etcd refuses this server for good, when it does: its certificate or its client
 /// certificate, its user, or its permissions. Retrying such a call only delays the answer.
-pub(super) fn refusal(error: &etcd_client::Error) -> Option<String> {
+pub(super) fn refusal(error: &etcd_client::Error) -> Option<Refusal> {
+    let settings = |reason: String| Some(Refusal { reason, tls: false });
     if let etcd_client::Error::GRpcStatus(status) = error {
         let message = status.message();
         if message.contains("authentication failed") {
-            return Some("authentication failed: wrong etcd user name or password".into());
+            return settings("authentication failed: wrong etcd user name or password".into());
         }
         if message.contains("authentication is not enabled") {
-            return Some("an etcd user is configured, but etcd's authentication is off".into());
+            return settings("an etcd user is configured, but etcd's authentication is off".into());
         }
         if message.contains("user name is empty") {
-            return Some("etcd requires authentication: configure an etcd user".into());
+            return settings("etcd requires authentication: configure an etcd user".into());
         }
         if status.code() as i32 == PERMISSION_DENIED {
-            return Some(format!(
+            return settings(format!(
                 "the etcd user lacks permission on the key prefix ({message})"
             ));
         }
     }
-    tls_refusal(error)
+    tls_refusal(error).map(|reason| Refusal { reason, tls: true })
 }
 
 /// The gRPC status code etcd answers when the user's roles do not cover a key.
 const PERMISSION_DENIED: i32 = 7;
-
-/// How every TLS refusal's message starts, so that start-up can report it as TLS.
-const TLS_FAILED: &str = "TLS with etcd failed";
-
-/// Why etcd refused the server at start-up, as what it is: TLS (a certificate either side
-/// does not accept), or a configuration etcd refuses (credentials, permissions, settings).
-pub(crate) fn setup_error(error: super::StoreError) -> Error {
-    let message = error.to_string();
-    if message.contains(TLS_FAILED) {
-        Error::Tls {
-            endpoint: "etcd".into(),
-            message,
-            source: None,
-        }
-    } else {
-        Error::Configuration { message }
-    }
-}
 
 /// Why a TLS handshake with etcd failed, when it failed for a reason that lasts: etcd's
 /// certificate is not trusted, or etcd sent a fatal alert (it refused ours, or has none).
@@ -322,7 +336,7 @@ fn tls_refusal(error: &etcd_client::Error) -> Option<String> {
             e.downcast_ref::<rustls::Error>().or(wrapped)
         {
             return Some(format!(
-                "{TLS_FAILED} (invalid peer certificate: {why:?}): etcd's certificate is \
+                "TLS with etcd failed (invalid peer certificate: {why:?}): etcd's certificate is \
                  not trusted; check the etcd CA certificate, and that etcd's certificate names \
                  the endpoint's host"
             ));
@@ -331,7 +345,7 @@ fn tls_refusal(error: &etcd_client::Error) -> Option<String> {
         let text = e.to_string();
         if text.starts_with("received fatal alert") {
             return Some(format!(
-                "{TLS_FAILED} ({text}): etcd refused the handshake; it may require a \
+                "TLS with etcd failed ({text}): etcd refused the handshake; it may require a \
                  client certificate signed by a CA it trusts"
             ));
         }
