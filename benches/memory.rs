@@ -50,6 +50,8 @@ fn main() {
                 quota: Quota::default(),
                 max_hold: None,
                 lock_delay: None,
+                mode: Default::default(),
+                value: None,
             };
             match store.acquire(spec).await.unwrap() {
                 AcquireOutcome::Granted(grant) => leases.push(grant.lease_id),

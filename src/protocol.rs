@@ -324,6 +324,10 @@ pub mod codes {
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     /// 409: the wait ended without the lock.
     pub const TIMEOUT: &str = "timeout";
+    /// 409: the acquire does not fit how the name is in use (a semaphore of another permit
+    /// count, a semaphore and a read-write lock under one name), or a proclaim by a holder
+    /// that does not hold the name exclusively. Retrying the same request does not help.
+    pub const CONFLICT: &str = "conflict";
     /// 403: the key may not do this (revoking with a key that is not an admin key).
     pub const FORBIDDEN: &str = "forbidden";
     /// 410: the lease is not held.

@@ -425,6 +425,8 @@ fn the_checker_catches_each_kind_of_violation() {
                 token,
                 request: request.into(),
                 deadline_us,
+                shared: false,
+                permits: None,
             },
         )
     };

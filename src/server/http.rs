@@ -203,6 +203,9 @@ impl From<StoreError> for Failure {
             StoreError::Unavailable(message) => {
                 Failure::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, message)
             }
+            StoreError::Conflict(message) => {
+                Failure::new(StatusCode::CONFLICT, codes::CONFLICT, message)
+            }
         }
     }
 }
@@ -523,6 +526,8 @@ impl App {
             },
             max_hold,
             lock_delay,
+            mode: Default::default(),
+            value: None,
         };
         self.metrics.acquires.inc();
         let arrived = Instant::now();
@@ -661,7 +666,7 @@ impl App {
             StatusCode::OK,
             &LockInfo {
                 name,
-                holder: view.holder.map(holder_info),
+                holder: view.holders.into_iter().next().map(holder_info),
                 waiters: view.waiters,
                 oldest_wait_ms: view.oldest_wait.map(|d| d.as_millis() as u64),
                 held_back_until_ms: view.held_back_until.map(unix_ms),

@@ -86,7 +86,7 @@ fn list_spec(query: Option<&str>) -> Result<ListSpec, Failure> {
 pub(crate) fn lock_info(name: String, view: LockView) -> LockInfo {
     LockInfo {
         name,
-        holder: view.holder.map(holder_info),
+        holder: view.holders.into_iter().next().map(holder_info),
         waiters: view.waiters,
         oldest_wait_ms: view.oldest_wait.map(|d| d.as_millis() as u64),
         held_back_until_ms: view.held_back_until.map(unix_ms),

@@ -208,6 +208,7 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
                     token,
                     request,
                     deadline_us,
+                    ..
                 } => {
                     report.grants += 1;
                     // (1) no token regressions, across runs too.
@@ -268,6 +269,7 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
                 | EventKind::WaiterLeft { request, .. } => {
                     gone_requests.insert(format!("{lock} {request}"));
                 }
+                EventKind::Proclaimed { .. } => {}
             }
         }
         // The run ended (shutdown or crash): what was open counts until its deadline.

@@ -158,6 +158,7 @@ impl ServerRuns {
                             EventKind::Released { .. }
                             | EventKind::Revoked { .. }
                             | EventKind::Cancelled { .. }
+                            | EventKind::Proclaimed { .. }
                             | EventKind::WaiterLeft { .. } => {}
                         }
                         e

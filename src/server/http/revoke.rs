@@ -23,7 +23,8 @@ impl App {
             ));
         }
         Self::check_name(&req.name)?;
-        let Some(fencing_token) = self.store.revoke(&caller.project, &req.name).await? else {
+        let Some(&fencing_token) = self.store.revoke(&caller.project, &req.name).await?.last()
+        else {
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
                 codes::NOT_FOUND,

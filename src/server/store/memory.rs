@@ -20,8 +20,8 @@
 use super::wait_queue::WaitQueue;
 use super::{
     AcquireOutcome, AcquireSpec, Ended, EventKind, EventSink, Grant, HolderView, ListPage,
-    ListSpec, LockStore, LockView, Project, ProjectId, Quota, Release, Renewal, StoreError,
-    StoreEvent, StoreFuture, StoreStats,
+    ListSpec, LockStore, LockView, Mode, Observation, Proclaimed, Project, ProjectId, Quota,
+    Release, Renewal, StoreError, StoreEvent, StoreFuture, StoreStats,
 };
 use crate::id::Id;
 use crate::server::state_file::{
@@ -816,6 +816,8 @@ impl Shared {
             token: holder.token.get(),
             request: short(&holder.request_id),
             deadline_us: self.unix_us(holder.deadline),
+            shared: false,
+            permits: None,
         });
     }
 
@@ -885,6 +887,7 @@ impl Shared {
             acquired_at: self.origin_wall + Duration::from_micros(holder.acquired),
             expires_in: Duration::from_micros(holder.deadline.saturating_sub(now)),
             label: holder.label.as_deref().cloned(),
+            value: None,
         }
     }
 
@@ -898,7 +901,12 @@ impl Shared {
             .filter(|&until| until > now);
         let held_back = held_back.max(delayed);
         LockView {
-            holder: lock.holder.as_ref().map(|h| self.holder_view(h, now)),
+            holders: lock
+                .holder
+                .iter()
+                .map(|h| self.holder_view(h, now))
+                .collect(),
+            mode: Mode::Exclusive,
             waiters: lock.waiters() as u64,
             oldest_wait: first.map(|w| Duration::from_micros(now.saturating_sub(w.queued_at))),
             held_back_until: held_back
@@ -928,9 +936,9 @@ impl Shared {
                 let mut view = self.view(lock, self.held_back(project, &name, now), now);
                 // An expired holder nobody has noticed yet holds nothing.
                 if lock.holder.as_ref().is_some_and(|h| h.deadline <= now) {
-                    view.holder = None;
+                    view.holders.clear();
                 }
-                if view.holder.is_none() && view.waiters == 0 {
+                if view.holders.is_empty() && view.waiters == 0 {
                     continue;
                 }
                 found.insert(key.clone(), view);
@@ -1466,7 +1474,7 @@ impl LockStore for MemoryStore {
         Box::pin(async move { Ok(renewed) })
     }
 
-    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<u64>> {
+    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Vec<u64>> {
         let token = self
             .on_lock(project.id, name, |shared, key, lock, timers, now| {
                 let holder = lock.holder.as_ref()?;
@@ -1482,7 +1490,7 @@ impl LockStore for MemoryStore {
                 Some(token)
             })
             .flatten();
-        Box::pin(async move { Ok(token) })
+        Box::pin(async move { Ok(token.into_iter().collect()) })
     }
 
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {
@@ -1528,7 +1536,7 @@ impl LockStore for MemoryStore {
             // A lock whose holder just expired, with nobody waiting and no lock-delay
             // running, no longer exists.
             .filter(|view| {
-                view.holder.is_some() || view.waiters > 0 || view.held_back_until.is_some()
+                !view.holders.is_empty() || view.waiters > 0 || view.held_back_until.is_some()
             })
             .or_else(|| {
                 // Nobody holds or waits, but grants are held back after a restart: say
@@ -1536,13 +1544,31 @@ impl LockStore for MemoryStore {
                 let shared = &*self.shared;
                 let until = shared.held_back(project, name, shared.now())?;
                 Some(LockView {
-                    holder: None,
-                    waiters: 0,
-                    oldest_wait: None,
                     held_back_until: Some(shared.origin_wall + Duration::from_micros(until)),
+                    ..LockView::default()
                 })
             });
         Box::pin(async move { Ok(view) })
+    }
+
+    fn proclaim(
+        &self,
+        _project: &Project,
+        _name: &str,
+        _lease_id: Id,
+        _value: String,
+    ) -> StoreFuture<'_, Proclaimed> {
+        Box::pin(async { Err(StoreError::Unavailable("proclaim: not yet".into())) })
+    }
+
+    fn observe(
+        &self,
+        _project: &Project,
+        _name: &str,
+        _after: Option<u64>,
+        _wait: Duration,
+    ) -> StoreFuture<'_, Vec<Observation>> {
+        Box::pin(async { Err(StoreError::Unavailable("observe: not yet".into())) })
     }
 
     fn list(&self, project: &Project, spec: ListSpec) -> StoreFuture<'_, ListPage> {

@@ -55,6 +55,64 @@ pub struct AcquireSpec {
     /// Lock-delay: if the lease ends without a release, no grant until this long after its
     /// end (validated against the server's maximum).
     pub lock_delay: Option<Duration>,
+    /// What the caller asks to hold: alone, shared with readers, or one of a semaphore's
+    /// permits (validated: at least one permit).
+    pub mode: Mode,
+    /// An election value the holder shows as leader (already validated); changed later by
+    /// [`LockStore::proclaim`].
+    pub value: Option<String>,
+}
+
+/// What an acquire asks to hold. A lock's holders always share one mode: one `Exclusive`
+/// holder, or any number of `Shared` holders, or up to `n` holders of `Permit(n)`.
+///
+/// A name is either a lock (`Exclusive` and `Shared` acquires, which meet as writers and
+/// readers) or a semaphore of `n` permits, for as long as anyone holds or waits for it: an
+/// acquire of the other kind, or of a different `n`, is refused with
+/// [`StoreError::Conflict`] naming what is in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// Alone: a mutex, a write lock, or a campaign for leadership.
+    #[default]
+    Exclusive,
+    /// Together with other `Shared` holders and nobody else: a read lock.
+    Shared,
+    /// One of up to this many holders at once: a semaphore (never 0).
+    Permit(u32),
+}
+
+impl Mode {
+    /// Whether a waiter of this mode may be granted next to `holders` holders of mode
+    /// `held` (`None` when nobody holds): the one rule every store applies, in FIFO order,
+    /// stopping at the first waiter it does not admit.
+    pub fn admits(self, held: Option<Mode>, holders: usize) -> bool {
+        match (self, held) {
+            (_, None) => true,
+            (Mode::Shared, Some(Mode::Shared)) => true,
+            (Mode::Permit(n), Some(Mode::Permit(m))) => n == m && holders < n as usize,
+            _ => false,
+        }
+    }
+
+    /// Why an acquire of this mode may not queue for a name whose holders or waiters use
+    /// `in_use`, or `None` if it may. The message names the lock and the count in use.
+    pub fn conflict(self, name: &str, in_use: Mode) -> Option<String> {
+        match (self, in_use) {
+            (Mode::Exclusive | Mode::Shared, Mode::Exclusive | Mode::Shared) => None,
+            (Mode::Permit(n), Mode::Permit(m)) if n == m => None,
+            (Mode::Permit(n), Mode::Permit(m)) => Some(format!(
+                "semaphore {name:?} is in use with {m} permits; this acquire asked for {n}"
+            )),
+            (Mode::Permit(n), _) => Some(format!(
+                "{name:?} is in use as a lock (read-write); a semaphore of {n} permits cannot \
+                 use the same name while anyone holds or waits for it"
+            )),
+            (_, Mode::Permit(m)) => Some(format!(
+                "{name:?} is in use as a semaphore with {m} permits; a lock (read-write) \
+                 cannot use the same name while anyone holds or waits for it"
+            )),
+        }
+    }
 }
 
 /// How one lease of a renew fared.
@@ -125,8 +183,12 @@ pub enum AcquireOutcome {
 /// What inspection shows of a lock.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LockView {
-    /// The current holder.
-    pub holder: Option<HolderView>,
+    /// Every current holder, oldest grant first: one for an exclusive lock, the readers of a
+    /// shared one, the permit holders of a semaphore.
+    pub holders: Vec<HolderView>,
+    /// The mode the holders hold; with no holder, the mode of the first waiter (so a
+    /// semaphore's permit count shows while it has only waiters).
+    pub mode: Mode,
     /// Queued waiters.
     pub waiters: u64,
     /// How long the first in line has waited.
@@ -147,6 +209,40 @@ pub struct HolderView {
     pub expires_in: Duration,
     /// The holder's label, if it gave one.
     pub label: Option<String>,
+    /// The holder's election value, if it gave one (see [`LockStore::proclaim`]).
+    pub value: Option<String>,
+}
+
+/// The leader of an election: the holder of its name's exclusive lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderView {
+    /// Fencing token of the leader's grant.
+    pub fencing_token: u64,
+    /// Its election value (as last proclaimed); empty if it campaigned without one.
+    pub value: String,
+    /// Its label, if it gave one.
+    pub label: Option<String>,
+    /// When it was granted (wall clock).
+    pub acquired_at: SystemTime,
+}
+
+/// One state of an election's leadership, as [`LockStore::observe`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// Where this state stands in the store's order of changes: later states have higher
+    /// revisions. Pass the last one seen as `after` to get the changes since.
+    pub revision: u64,
+    /// The leader from this revision on; `None` while nobody holds the name exclusively.
+    pub leader: Option<LeaderView>,
+}
+
+/// How a proclaim ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proclaimed {
+    /// The lease holds the name exclusively; its value is now the new one.
+    Done,
+    /// Not held under this id (why, if the store still remembers the lease); nothing changed.
+    Gone(Option<Ended>),
 }
 
 /// What happened to a lock, in the order the store saw it: an audit trail, used by the fault
@@ -177,6 +273,19 @@ pub enum EventKind {
         request: String,
         /// Lease end, Unix µs.
         deadline_us: u64,
+        /// A shared (read) grant; absent for an exclusive or permit grant.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        shared: bool,
+        /// A semaphore grant: how many permits the name has; absent otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        permits: Option<u32>,
+    },
+    /// The exclusive holder changed its election value.
+    Proclaimed {
+        /// Fencing token of the lease.
+        token: u64,
+        /// The new value.
+        value: String,
     },
     /// The lease's end moved (renewal, re-poll, or a grant nobody collected being cut short).
     Deadline {
@@ -274,6 +383,11 @@ pub enum StoreError {
     /// The store cannot serve now (shutting down, backend unreachable); retry.
     #[error("{0}")]
     Unavailable(String),
+    /// The acquire does not fit how the name is in use (a semaphore acquire for a read-write
+    /// lock, a different permit count, a proclaim by a shared holder); the message says what
+    /// is in use. Retrying the same request does not help.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// The operations the HTTP layer needs. Every method is atomic with respect to the others
@@ -290,17 +404,44 @@ pub trait LockStore: Send + Sync + 'static {
     /// (never past its `max_hold`). Returns how each fared, in order.
     fn renew(&self, project: &Project, leases: Vec<(String, Id)>) -> StoreFuture<'_, Vec<Renewal>>;
 
-    /// Ends the current holder's lease of the lock now, as if it had expired (its lock-delay
-    /// applies): the next waiter may be granted. Returns the revoked lease's fencing token,
-    /// `None` if nobody holds the lock. The revoked holder's renewals answer
+    /// Ends every current holder's lease of the lock now, as if it had expired (lock-delays
+    /// apply): the next waiters may be granted. Returns the revoked leases' fencing tokens in
+    /// ascending order, empty if nobody holds the lock. A revoked holder's renewals answer
     /// `Gone(Some(Ended::Revoked))` for at least its lease length.
-    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<u64>>;
+    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Vec<u64>>;
 
     /// Releases the lease if it is held (nothing changes otherwise).
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release>;
 
     /// Withdraws the waiter with this request id, or releases the lease granted to it.
     fn cancel(&self, project: &Project, name: &str, request_id: Id) -> StoreFuture<'_, bool>;
+
+    /// Sets the election value of the lease if it holds the lock exclusively, atomically with
+    /// respect to every other operation on the lock: a lease that is no longer held changes
+    /// nothing and answers `Gone`. A lease held in another mode is refused with
+    /// [`StoreError::Conflict`].
+    fn proclaim(
+        &self,
+        project: &Project,
+        name: &str,
+        lease_id: Id,
+        value: String,
+    ) -> StoreFuture<'_, Proclaimed>;
+
+    /// The leadership of an election, for observers.
+    ///
+    /// With `after` `None`: the current state at once, as one observation. With `after`
+    /// `Some(r)`: every state after revision `r`, in order, as soon as there is one (waiting
+    /// up to `wait`, then answering an empty list). A state is recorded whenever the exclusive
+    /// holder or its value changes, so no leader is missed, however briefly it led. If the
+    /// store no longer knows the states since `r`, it answers the current one alone.
+    fn observe(
+        &self,
+        project: &Project,
+        name: &str,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> StoreFuture<'_, Vec<Observation>>;
 
     /// Shows a lock without changing it; `None` if nobody holds or waits for it.
     fn inspect(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<LockView>>;
@@ -320,5 +461,37 @@ pub trait LockStore: Send + Sync + 'static {
     /// Called once when the server shuts down gracefully.
     fn shutdown(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mode;
+
+    #[test]
+    fn modes_admit_only_their_own_kind() {
+        assert!(Mode::Exclusive.admits(None, 0));
+        assert!(!Mode::Exclusive.admits(Some(Mode::Exclusive), 1));
+        assert!(!Mode::Exclusive.admits(Some(Mode::Shared), 3));
+        assert!(Mode::Shared.admits(Some(Mode::Shared), 3));
+        assert!(!Mode::Shared.admits(Some(Mode::Exclusive), 1));
+        assert!(Mode::Permit(2).admits(Some(Mode::Permit(2)), 1));
+        assert!(!Mode::Permit(2).admits(Some(Mode::Permit(2)), 2));
+        assert!(!Mode::Permit(3).admits(Some(Mode::Permit(2)), 1));
+    }
+
+    #[test]
+    fn conflicts_name_the_count_in_use() {
+        assert_eq!(Mode::Shared.conflict("c", Mode::Exclusive), None);
+        assert_eq!(Mode::Permit(5).conflict("p", Mode::Permit(5)), None);
+        let msg = Mode::Permit(3).conflict("p", Mode::Permit(5)).unwrap();
+        assert!(
+            msg.contains("5 permits") && msg.contains("asked for 3"),
+            "{msg}"
+        );
+        let msg = Mode::Shared.conflict("p", Mode::Permit(5)).unwrap();
+        assert!(msg.contains("semaphore with 5 permits"), "{msg}");
+        let msg = Mode::Permit(2).conflict("c", Mode::Shared).unwrap();
+        assert!(msg.contains("read-write"), "{msg}");
     }
 }

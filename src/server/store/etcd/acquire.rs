@@ -351,6 +351,8 @@ mod tests {
             quota: Default::default(),
             max_hold: None,
             lock_delay: None,
+            mode: Default::default(),
+            value: None,
         }
     }
 

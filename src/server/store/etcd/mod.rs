@@ -258,6 +258,7 @@ impl Inner {
             acquired_at: from_unix_ms(entry.granted.unwrap_or(entry.at)),
             expires_in,
             label: entry.label,
+            value: None,
         }))
     }
 
@@ -400,11 +401,12 @@ impl Inner {
             waiters: waiters as u64,
             oldest_wait: oldest_wait
                 .map(|kv| Duration::from_millis(now.saturating_sub(Entry::decode(kv.value()).at))),
-            holder,
+            holders: holder.into_iter().collect(),
+            mode: super::Mode::Exclusive,
             held_back_until,
         };
         Ok(
-            (view.holder.is_some() || view.waiters > 0 || view.held_back_until.is_some())
+            (!view.holders.is_empty() || view.waiters > 0 || view.held_back_until.is_some())
                 .then_some(view),
         )
     }
@@ -471,9 +473,36 @@ impl LockStore for EtcdStore {
         Box::pin(async move { Ok(self.inner.renew(&project, leases).await?) })
     }
 
-    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Option<u64>> {
+    fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Vec<u64>> {
         let (project, name) = (project.clone(), name.to_owned());
-        Box::pin(async move { Ok(self.inner.revoke(&project, &name).await?) })
+        Box::pin(async move {
+            Ok(self
+                .inner
+                .revoke(&project, &name)
+                .await?
+                .into_iter()
+                .collect())
+        })
+    }
+
+    fn proclaim(
+        &self,
+        _project: &Project,
+        _name: &str,
+        _lease_id: Id,
+        _value: String,
+    ) -> StoreFuture<'_, super::Proclaimed> {
+        Box::pin(async { Err(StoreError::Unavailable("proclaim: not yet".into())) })
+    }
+
+    fn observe(
+        &self,
+        _project: &Project,
+        _name: &str,
+        _after: Option<u64>,
+        _wait: Duration,
+    ) -> StoreFuture<'_, Vec<super::Observation>> {
+        Box::pin(async { Err(StoreError::Unavailable("observe: not yet".into())) })
     }
 
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {
