@@ -3,7 +3,7 @@
 use crate::client::inspect::HolderInfo;
 use std::time::Duration;
 
-fn held_by(holder: &Option<HolderInfo>) -> String {
+fn held_by(holder: &Option<Box<HolderInfo>>) -> String {
     match holder {
         Some(h) => match &h.metadata {
             Some(label) => format!(" (held by {label:?}, fencing token {})", h.fencing_token),
@@ -52,7 +52,7 @@ pub enum Error {
         /// How long the caller waited.
         waited: Duration,
         /// Who held the lock when the wait ended, if the server said.
-        holder: Option<HolderInfo>,
+        holder: Option<Box<HolderInfo>>,
     },
 
     /// The lease ended (expired, revoked, or could not be renewed in time) while it was
@@ -91,6 +91,16 @@ pub enum Error {
         /// The underlying transport error, if there was one (not for a `503` answer).
         #[source]
         source: Option<BoxError>,
+    },
+
+    /// The request does not fit how the name is in use, and retrying it will not help: a
+    /// semaphore of another permit count, a semaphore and a read-write lock under one name
+    /// while anyone holds or waits for it, or a proclaim for a lease that holds the name
+    /// shared. The message names what is in use.
+    #[error("conflict: {message}")]
+    Conflict {
+        /// What is in use, and what the request asked.
+        message: String,
     },
 
     /// The server refused the request for this key: revoking with a key that is not an
@@ -200,6 +210,11 @@ impl Error {
     /// True for [`Error::Unavailable`].
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Unavailable { .. })
+    }
+
+    /// True for [`Error::Conflict`].
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
     }
 
     /// True for [`Error::Forbidden`].

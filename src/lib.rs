@@ -96,8 +96,9 @@ mod id;
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
 mod protocol;
 
+pub use client::election::{Campaign, CampaignFuture, Election, Leader, Leadership, Observer};
 pub use client::guard::LockGuard;
-pub use client::inspect::{HolderInfo, LockInfo};
+pub use client::inspect::{HolderInfo, LockInfo, LockMode};
 pub use client::lease::{Lease, LockFn};
 pub use client::lease_state::{GuardState, LostReason, LostSignal};
 pub use client::list::LockPage;

@@ -26,6 +26,15 @@ pub const PATH_CANCEL: &str = "/v1/cancel";
 pub const PATH_LOCKS_PREFIX: &str = "/v1/locks/";
 /// Revoke path (operators: ends the current holder's lease).
 pub const PATH_REVOKE: &str = "/v1/revoke";
+/// Path of the proclaim endpoint (a leader changes its election value).
+pub const PATH_PROCLAIM: &str = "/v1/proclaim";
+/// Prefix of the election endpoint (`GET`, query `after`, `wait_ms`); the percent-encoded
+/// name follows.
+pub const PATH_ELECTIONS_PREFIX: &str = "/v1/elections/";
+/// Longest election value, in bytes of UTF-8.
+pub const MAX_VALUE_BYTES: usize = 1024;
+/// Most permits a semaphore may have.
+pub const MAX_PERMITS: u32 = 1_000_000;
 /// Path of the listing endpoint (`GET`, query `prefix`, `after`, `limit`).
 pub const PATH_LOCKS: &str = "/v1/locks";
 /// Locks per listing page when the request names no `limit`.
@@ -61,6 +70,27 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         return Err(format!(
             "lock name contains the invisible character U+{:04X} (a default-ignorable code \
              point such as a zero-width space), which can make two different names look alike",
+            c as u32
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an election value: at most [`MAX_VALUE_BYTES`], no control characters (it is shown
+/// in terminals and logs). Unlike names it may be empty.
+pub fn validate_value(value: &str) -> Result<(), String> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(format!(
+            "election value is {} bytes long; the limit is {MAX_VALUE_BYTES}",
+            value.len()
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|&c| c.is_control() || is_bidi_control(c))
+    {
+        return Err(format!(
+            "election value contains the control character U+{:04X}",
             c as u32
         ));
     }
@@ -132,6 +162,88 @@ pub struct AcquireRequest {
     /// At most the server's maximum (`400` above it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_delay_ms: Option<u64>,
+    /// What to hold: `exclusive` (the default: a mutex, a write lock, a campaign),
+    /// `shared` (a read lock) or `semaphore` (one of `permits`).
+    #[serde(default, skip_serializing_if = "LockMode::is_exclusive")]
+    pub mode: LockMode,
+    /// With `semaphore` (and only then): how many may hold the name at once, 1 to
+    /// [`MAX_PERMITS`]. Everyone using the name must give the same count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
+    /// An election value others see while this request holds the name exclusively (see
+    /// [`PATH_ELECTIONS_PREFIX`]); changed later with a proclaim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// How a lock is held: what an acquire asks for, and what inspection shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    /// One holder alone.
+    #[default]
+    Exclusive,
+    /// Any number of shared holders (readers), nobody else.
+    Shared,
+    /// Up to `permits` holders.
+    Semaphore,
+}
+
+impl LockMode {
+    /// For `skip_serializing_if`.
+    pub fn is_exclusive(&self) -> bool {
+        *self == LockMode::Exclusive
+    }
+}
+
+/// `POST /v1/proclaim` request body: the leader changes its election value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProclaimRequest {
+    /// Election (lock) name.
+    pub name: String,
+    /// Lease id of the leader's grant.
+    pub lease_id: Id,
+    /// The new value.
+    pub value: String,
+}
+
+/// `200` answer to a proclaim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProclaimResponse {
+    /// Always true in a `200`; a lease that no longer leads answers `410`.
+    pub proclaimed: bool,
+}
+
+/// `GET /v1/elections/{name}` answer: leadership states, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Observed {
+    /// Without `after`: the current state alone. With `after`: every state after that
+    /// revision (empty if none came within `wait_ms`).
+    pub changes: Vec<WireObservation>,
+}
+
+/// One leadership state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireObservation {
+    /// Orders states: pass the last one seen as `after`.
+    pub revision: u64,
+    /// The leader from this revision on; `null` when nobody leads.
+    pub leader: Option<WireLeader>,
+}
+
+/// An election's leader: the exclusive holder of its name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireLeader {
+    /// The leader's fencing token.
+    pub fencing_token: u64,
+    /// Its election value (empty if it gave none).
+    pub value: String,
+    /// Its label, if it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
+    /// When it became leader, Unix milliseconds (server clock).
+    pub acquired_at_ms: u64,
 }
 
 /// `200` answer to an acquire: the lock is yours.
@@ -250,8 +362,12 @@ pub struct RevokeRequest {
 /// `200` answer to a revoke.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevokeResponse {
-    /// The fencing token of the lease that was revoked.
+    /// The fencing token of the lease that was revoked (the newest, when several held it).
     pub fencing_token: u64,
+    /// Every revoked lease's fencing token, ascending: several for the readers of a
+    /// read-write lock or the holders of a semaphore.
+    #[serde(default)]
+    pub fencing_tokens: Vec<u64>,
 }
 
 /// `GET /v1/locks/{name}` answer.
@@ -259,8 +375,17 @@ pub struct RevokeResponse {
 pub struct LockInfo {
     /// Lock name.
     pub name: String,
-    /// The current holder, if any.
+    /// The current holder, if any: the oldest grant when several hold it.
     pub holder: Option<WireHolder>,
+    /// Every current holder, oldest grant first.
+    #[serde(default)]
+    pub holders: Vec<WireHolder>,
+    /// How the holders hold it (with no holder: how the first in line asks to).
+    #[serde(default)]
+    pub mode: LockMode,
+    /// For a semaphore: its number of permits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
     /// Number of queued waiters.
     pub waiters: u64,
     /// How long the first waiter in line has waited, in milliseconds.
@@ -298,6 +423,9 @@ pub struct WireHolder {
     /// The holder's label, if it gave one.
     #[serde(default)]
     pub metadata: Option<String>,
+    /// The holder's election value, if it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// Body of every error answer.
@@ -310,6 +438,9 @@ pub struct ErrorBody {
     /// With `timeout`: who held the lock when the wait ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<WireHolder>,
+    /// With `gone`, when the server knows: why the lease ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<GoneReason>,
 }
 
 /// Error codes used in [`ErrorBody::error`].

@@ -14,8 +14,13 @@ use tokio::time::Instant;
 pub struct LockInfo {
     /// The lock's name.
     pub name: String,
-    /// The current holder, if any.
+    /// The current holder, if any: the oldest grant when several hold it.
     pub holder: Option<HolderInfo>,
+    /// Every current holder, oldest grant first: the readers of a read lock, the permit
+    /// holders of a semaphore.
+    pub holders: Vec<HolderInfo>,
+    /// How the holders hold the lock (with no holder, how the first in line asks to).
+    pub mode: LockMode,
     /// How many wait in line.
     pub waiters: u64,
     /// How long the first in line has waited.
@@ -38,6 +43,24 @@ pub struct HolderInfo {
     pub expires_in: Duration,
     /// The label the holder gave with [`LockRequest::metadata`](crate::LockRequest::metadata).
     pub metadata: Option<String>,
+    /// The holder's election value, when it leads an [`Election`](crate::Election).
+    pub value: Option<String>,
+}
+
+/// How a lock is held, as inspection shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LockMode {
+    /// By one holder alone: a mutex, a writer, a leader.
+    #[default]
+    Exclusive,
+    /// By readers, together.
+    Shared,
+    /// By up to `permits` holders: a semaphore.
+    Semaphore {
+        /// The semaphore's number of permits.
+        permits: u32,
+    },
 }
 
 impl From<protocol::WireHolder> for HolderInfo {
@@ -47,6 +70,7 @@ impl From<protocol::WireHolder> for HolderInfo {
             acquired_at: UNIX_EPOCH + Duration::from_millis(h.acquired_at_ms),
             expires_in: Duration::from_millis(h.expires_in_ms),
             metadata: h.metadata,
+            value: h.value,
         }
     }
 }
@@ -71,6 +95,8 @@ impl DistributedLock {
             return Ok(LockInfo {
                 name: name.to_owned(),
                 holder: None,
+                holders: Vec::new(),
+                mode: LockMode::Exclusive,
                 waiters: 0,
                 oldest_wait: None,
                 held_back_until: None,
@@ -85,9 +111,22 @@ impl DistributedLock {
 
 impl From<protocol::LockInfo> for LockInfo {
     fn from(info: protocol::LockInfo) -> LockInfo {
+        let mode = match (info.mode, info.permits) {
+            (protocol::LockMode::Shared, _) => LockMode::Shared,
+            (protocol::LockMode::Semaphore, Some(permits)) => LockMode::Semaphore { permits },
+            _ => LockMode::Exclusive,
+        };
+        // A server from before several holders sends only `holder`.
+        let holders = if info.holders.is_empty() {
+            info.holder.clone().into_iter().collect::<Vec<_>>()
+        } else {
+            info.holders
+        };
         LockInfo {
             name: info.name,
             holder: info.holder.map(HolderInfo::from),
+            holders: holders.into_iter().map(HolderInfo::from).collect(),
+            mode,
             waiters: info.waiters,
             oldest_wait: info.oldest_wait_ms.map(Duration::from_millis),
             held_back_until: info

@@ -1,5 +1,6 @@
 //! The SDK: `DistributedLock` and its builder.
 
+pub(crate) mod election;
 pub(crate) mod guard;
 pub(crate) mod inspect;
 pub(crate) mod lease;
@@ -105,6 +106,53 @@ impl DistributedLock {
     /// [`LockGuard`](crate::LockGuard). Invalid names are reported at `.await` as [`Error::InvalidArgument`].
     pub fn lock(&self, name: impl Into<String>) -> LockRequest {
         LockRequest::new(self.clone(), name.into())
+    }
+
+    /// Starts a request for one of `permits` permits of the semaphore `name`: up to `permits`
+    /// holders at once, each with its own [`LockGuard`] (lease, renewal and fencing token),
+    /// the others waiting in FIFO order. Configure and `.await` it like [`lock`](Self::lock).
+    ///
+    /// Everyone using the name must give the same `permits` while anyone holds or waits for
+    /// it: another count fails with [`Error::Conflict`] naming the count in use. So does a
+    /// name in use as a lock. `0` permits is [`Error::InvalidArgument`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), leasehold::Error> {
+    /// # async fn call_payment_api() {}
+    /// let dl = leasehold::DistributedLock::new("project-api-key");
+    /// // At most 5 workers call the payment API at once.
+    /// dl.semaphore("payments-api", 5)
+    ///     .with_lock(|| async { call_payment_api().await })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn semaphore(&self, name: impl Into<String>, permits: u32) -> LockRequest {
+        LockRequest::semaphore(self.clone(), name.into(), permits)
+    }
+
+    /// Starts a request to read under the read-write lock `name`: readers hold it together,
+    /// a writer ([`write_lock`](Self::write_lock), or [`lock`](Self::lock), which is the same)
+    /// alone. Waiting is FIFO across both: a reader behind a waiting writer waits, so
+    /// writers never starve, and readers that reach the front together are admitted
+    /// together.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), leasehold::Error> {
+    /// let dl = leasehold::DistributedLock::new("project-api-key");
+    /// let read = dl.read_lock("config").await?;
+    /// // ... read the config; other readers may too, no writer can ...
+    /// read.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn read_lock(&self, name: impl Into<String>) -> LockRequest {
+        LockRequest::shared(self.clone(), name.into())
+    }
+
+    /// Starts a request to write under the read-write lock `name`: alone, with no reader and
+    /// no other writer. The same exclusive lock as [`lock`](Self::lock), so existing mutex
+    /// users and new readers interoperate.
+    pub fn write_lock(&self, name: impl Into<String>) -> LockRequest {
+        self.lock(name)
     }
 
     /// Takes the lock `name` with default settings, runs `f`, releases the lock and returns

@@ -8,7 +8,7 @@ use crate::client::mailbox::Commands;
 use crate::client::renewer::{Command, TrackedLease, json};
 use crate::client::transport::{Attempts, Route};
 use crate::error::Error;
-use crate::protocol::{self, AcquireRequest, Granted, Id};
+use crate::protocol::{self, AcquireRequest, Granted, Id, LockMode};
 use http::StatusCode;
 use std::fmt;
 use std::future::{Future, IntoFuture};
@@ -68,6 +68,9 @@ pub struct LockRequest {
     metadata: Option<String>,
     max_hold: Option<Duration>,
     lock_delay: Option<Duration>,
+    mode: LockMode,
+    permits: Option<u32>,
+    pub(crate) value: Option<String>,
 }
 
 /// What the renewer needs of a request's settings.
@@ -87,6 +90,26 @@ impl LockRequest {
             metadata: None,
             max_hold: None,
             lock_delay: None,
+            mode: LockMode::Exclusive,
+            permits: None,
+            value: None,
+        }
+    }
+
+    /// A request for one of `permits` permits of the semaphore `name`.
+    pub(crate) fn semaphore(client: DistributedLock, name: String, permits: u32) -> LockRequest {
+        LockRequest {
+            mode: LockMode::Semaphore,
+            permits: Some(permits),
+            ..LockRequest::new(client, name)
+        }
+    }
+
+    /// A request for a shared (read) hold of `name`.
+    pub(crate) fn shared(client: DistributedLock, name: String) -> LockRequest {
+        LockRequest {
+            mode: LockMode::Shared,
+            ..LockRequest::new(client, name)
         }
     }
 
@@ -192,6 +215,18 @@ impl LockRequest {
 
     fn validate(&self) -> Result<(), Error> {
         protocol::validate_name(&self.name).map_err(Error::invalid)?;
+        if let Some(permits) = self.permits
+            && !(1..=protocol::MAX_PERMITS).contains(&permits)
+        {
+            return Err(Error::invalid(format!(
+                "semaphore {:?} with {permits} permits; a semaphore has 1 to {}",
+                self.name,
+                protocol::MAX_PERMITS
+            )));
+        }
+        if let Some(value) = &self.value {
+            protocol::validate_value(value).map_err(Error::invalid)?;
+        }
         if let Some(label) = &self.metadata {
             protocol::validate_name(label).map_err(|e| Error::invalid(format!("metadata: {e}")))?;
         }
@@ -282,6 +317,9 @@ impl LockRequest {
                     metadata: self.metadata.clone(),
                     max_hold_ms: self.max_hold.map(|hold| hold.as_millis() as u64),
                     lock_delay_ms: self.lock_delay.map(|delay| delay.as_millis() as u64),
+                    mode: self.mode,
+                    permits: self.permits,
+                    value: self.value.clone(),
                 })
             };
             let attempts = Attempts {
@@ -306,11 +344,16 @@ impl LockRequest {
                 StatusCode::ACCEPTED => continue,
                 StatusCode::CONFLICT => {
                     withdraw.disarm();
-                    let holder = reply
-                        .json::<protocol::ErrorBody>()
-                        .ok()
+                    let body = reply.json::<protocol::ErrorBody>().ok();
+                    if body
+                        .as_ref()
+                        .is_some_and(|b| b.error == protocol::codes::CONFLICT)
+                    {
+                        return Err(reply.into_error());
+                    }
+                    let holder = body
                         .and_then(|body| body.holder)
-                        .map(Into::into);
+                        .map(|h| Box::new(h.into()));
                     return Err(Error::Timeout {
                         name: name.to_string(),
                         waited: started.elapsed(),
@@ -486,6 +529,9 @@ impl fmt::Debug for LockRequest {
             .field("metadata", &self.metadata)
             .field("max_hold", &self.max_hold)
             .field("lock_delay", &self.lock_delay)
+            .field("mode", &self.mode)
+            .field("permits", &self.permits)
+            .field("value", &self.value)
             .finish()
     }
 }

@@ -58,6 +58,7 @@ struct Endpoint {
     release: Uri,
     cancel: Uri,
     revoke: Uri,
+    proclaim: Uri,
 }
 
 impl Endpoint {
@@ -99,6 +100,7 @@ impl Endpoint {
             release: join(protocol::PATH_RELEASE),
             cancel: join(protocol::PATH_CANCEL),
             revoke: join(protocol::PATH_REVOKE),
+            proclaim: join(protocol::PATH_PROCLAIM),
             base: base.into(),
         })
     }
@@ -110,6 +112,7 @@ impl Endpoint {
             Route::Release => self.release.clone(),
             Route::Cancel => self.cancel.clone(),
             Route::Revoke => self.revoke.clone(),
+            Route::Proclaim => self.proclaim.clone(),
         }
     }
 }
@@ -122,6 +125,7 @@ pub(crate) enum Route {
     Release,
     Cancel,
     Revoke,
+    Proclaim,
 }
 
 /// How hard to try.
@@ -165,14 +169,18 @@ impl Reply {
 
     /// Maps an answer no caller handles specially to an error.
     pub fn into_error(self) -> Error {
-        let (message, source) = match serde_json::from_slice::<ErrorBody>(&self.body) {
-            Ok(body) => (body.message, None),
+        let (message, code, source) = match serde_json::from_slice::<ErrorBody>(&self.body) {
+            Ok(body) => (body.message, body.error, None),
             Err(e) => (
                 String::from_utf8_lossy(&self.body).into_owned(),
+                String::new(),
                 Some(Box::new(e) as BoxError),
             ),
         };
         match self.status {
+            StatusCode::CONFLICT if code == protocol::codes::CONFLICT => {
+                Error::Conflict { message }
+            }
             StatusCode::UNAUTHORIZED => Error::Unauthorized {
                 endpoint: self.endpoint.to_string(),
             },
@@ -316,7 +324,8 @@ impl Transport {
     fn pool(&self, route: Route) -> &Client<Connector, StampedBody> {
         match route {
             Route::Acquire | Route::Revoke => &self.acquires,
-            Route::Renew | Route::Release | Route::Cancel => &self.leases,
+            // A proclaim is lease upkeep too: it must not queue behind long polls.
+            Route::Renew | Route::Release | Route::Cancel | Route::Proclaim => &self.leases,
         }
     }
 

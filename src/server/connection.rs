@@ -553,6 +553,7 @@ fn not_served(path: &str) -> Response<Full<Bytes>> {
         error: crate::protocol::codes::NOT_FOUND.into(),
         message: format!("no route {path}"),
         holder: None,
+        reason: None,
     })
     .unwrap_or_default();
     let mut reply = Response::new(Full::new(body.into()));

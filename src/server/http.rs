@@ -1,10 +1,11 @@
 //! HTTP in, store calls out: routing, authentication, rate limits, input checks, metrics.
 
+mod election;
 mod lease_limits;
 mod revoke;
 
 use crate::protocol::{
-    self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, LeaseRef, LockInfo,
+    self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, LeaseRef,
     ReleaseResponse, RenewRequest, RenewResponse, RenewResult, StillWaiting, WireHolder, codes,
 };
 use crate::server::auth::{Auth, Caller, Refusal};
@@ -75,6 +76,8 @@ enum Route {
     Release,
     Cancel,
     Revoke,
+    Proclaim,
+    Election,
     Inspect,
     List,
     Events,
@@ -92,12 +95,14 @@ impl Route {
             protocol::PATH_RELEASE => Route::Release,
             protocol::PATH_CANCEL => Route::Cancel,
             protocol::PATH_REVOKE => Route::Revoke,
+            protocol::PATH_PROCLAIM => Route::Proclaim,
             "/healthz" => Route::Healthz,
             "/metrics" => Route::Metrics,
             protocol::PATH_LOCKS => Route::List,
             crate::server::console::PATH_EVENTS => Route::Events,
             p if crate::server::console::is_asset(p) => Route::Console,
             p if p.starts_with(protocol::PATH_LOCKS_PREFIX) => Route::Inspect,
+            p if p.starts_with(protocol::PATH_ELECTIONS_PREFIX) => Route::Election,
             _ => Route::Other,
         }
     }
@@ -109,6 +114,8 @@ impl Route {
             Route::Release => "release",
             Route::Cancel => "cancel",
             Route::Revoke => "revoke",
+            Route::Proclaim => "proclaim",
+            Route::Election => "election",
             Route::Inspect => "inspect",
             Route::List => "list",
             Route::Events => "events",
@@ -121,20 +128,29 @@ impl Route {
 
     fn method(self) -> Method {
         match self {
-            Route::Acquire | Route::Renew | Route::Release | Route::Cancel | Route::Revoke => {
-                Method::POST
-            }
+            Route::Acquire
+            | Route::Renew
+            | Route::Release
+            | Route::Cancel
+            | Route::Revoke
+            | Route::Proclaim => Method::POST,
             _ => Method::GET,
         }
     }
 
-    /// Renewals, releases and cancels are never rate limited: a throttled client must not
-    /// lose its leases, nor keep locks (or places in line) longer than it wants. Revocations
-    /// are limited like inspection.
+    /// Renewals, releases, cancels and proclaims are never rate limited: a throttled client
+    /// must not lose its leases, nor keep locks (or places in line) longer than it wants,
+    /// nor be kept from saying where it leads. Revocations and observing elections are
+    /// limited like inspection.
     fn rate_limited(self) -> bool {
         matches!(
             self,
-            Route::Acquire | Route::Inspect | Route::Revoke | Route::List | Route::Events
+            Route::Acquire
+                | Route::Inspect
+                | Route::Revoke
+                | Route::List
+                | Route::Events
+                | Route::Election
         )
     }
 }
@@ -144,8 +160,18 @@ pub(crate) struct Failure {
     status: StatusCode,
     code: &'static str,
     message: String,
-    holder: Option<WireHolder>,
+    /// Boxed: it is rare, and every `Result` of the handlers carries a `Failure`.
+    holder: Option<Box<WireHolder>>,
+    reason: Option<protocol::GoneReason>,
     retry_after: Option<Duration>,
+}
+
+/// A `410`: the lease is not held; why, when the store remembers.
+pub(crate) fn gone(message: String, why: Option<crate::server::store::Ended>) -> Failure {
+    Failure {
+        reason: why.map(lease_limits::gone_reason),
+        ..Failure::new(StatusCode::GONE, codes::GONE, message)
+    }
 }
 
 impl Failure {
@@ -159,6 +185,7 @@ impl Failure {
             code,
             message: message.into(),
             holder: None,
+            reason: None,
             retry_after: None,
         }
     }
@@ -169,7 +196,8 @@ impl Failure {
             &ErrorBody {
                 error: self.code.into(),
                 message: self.message,
-                holder: self.holder,
+                holder: self.holder.map(|h| *h),
+                reason: self.reason,
             },
         );
         let headers = reply.headers_mut();
@@ -242,6 +270,7 @@ pub(crate) fn holder_info(view: HolderView) -> WireHolder {
         expires_at_ms: unix_ms(std::time::SystemTime::now() + view.expires_in),
         expires_in_ms: view.expires_in.as_millis() as u64,
         metadata: view.label,
+        value: view.value,
     }
 }
 
@@ -337,6 +366,14 @@ impl App {
             Route::Revoke => {
                 self.revoke(&caller, self.body(&caller, request).await?)
                     .await
+            }
+            Route::Proclaim => {
+                self.proclaim(&caller, self.body(&caller, request).await?)
+                    .await
+            }
+            Route::Election => {
+                let encoded = &request.uri().path()[protocol::PATH_ELECTIONS_PREFIX.len()..];
+                self.election(&caller, encoded, request.uri().query()).await
             }
             Route::List => self.list(&caller, request.uri().query()).await,
             Route::Events => self.events(&caller, request.uri().query()).await,
@@ -506,6 +543,10 @@ impl App {
             protocol::validate_name(label).map_err(|e| bad(format!("metadata: {e}")))?;
         }
         let (max_hold, lock_delay) = self.lease_limits(&req)?;
+        let mode = election::mode(&req)?;
+        if let Some(value) = &req.value {
+            protocol::validate_value(value).map_err(bad)?;
+        }
         let poll = req.poll_ms.map_or(self.limits.max_poll, |ms| {
             Duration::from_millis(ms).min(self.limits.max_poll)
         });
@@ -526,8 +567,8 @@ impl App {
             },
             max_hold,
             lock_delay,
-            mode: Default::default(),
-            value: None,
+            mode,
+            value: req.value,
         };
         self.metrics.acquires.inc();
         let arrived = Instant::now();
@@ -572,7 +613,7 @@ impl App {
             AcquireOutcome::TimedOut { holder } => {
                 self.metrics.timeouts.inc();
                 Err(Failure {
-                    holder: holder.map(holder_info),
+                    holder: holder.map(|h| Box::new(holder_info(h))),
                     ..Failure::new(
                         StatusCode::CONFLICT,
                         codes::TIMEOUT,
@@ -664,13 +705,7 @@ impl App {
             .ok_or_else(|| no_such_lock(&name))?;
         Ok(json_reply(
             StatusCode::OK,
-            &LockInfo {
-                name,
-                holder: view.holders.into_iter().next().map(holder_info),
-                waiters: view.waiters,
-                oldest_wait_ms: view.oldest_wait.map(|d| d.as_millis() as u64),
-                held_back_until_ms: view.held_back_until.map(unix_ms),
-            },
+            &crate::server::listing::lock_info(name, view),
         ))
     }
 }

@@ -1,12 +1,12 @@
 //! `GET /v1/locks`: a page of the caller's project's locks, and the query strings it and
 //! the console's event poll take.
 
-use crate::protocol::{self, LockInfo, LockList};
+use crate::protocol::{self, LockInfo, LockList, LockMode};
 use crate::server::auth::Caller;
 use crate::server::http::{
     App, Failure, Reply, bad, holder_info, json_reply, percent_decode, unix_ms,
 };
-use crate::server::store::{ListSpec, LockView};
+use crate::server::store::{ListSpec, LockView, Mode};
 use http::StatusCode;
 
 /// The parameters of a query string, decoded (`%XX` escapes, and `+` as a space as in HTML
@@ -84,9 +84,18 @@ fn list_spec(query: Option<&str>) -> Result<ListSpec, Failure> {
 
 /// A lock as the wire shows it.
 pub(crate) fn lock_info(name: String, view: LockView) -> LockInfo {
+    let holders: Vec<_> = view.holders.into_iter().map(holder_info).collect();
+    let (mode, permits) = match view.mode {
+        Mode::Exclusive => (LockMode::Exclusive, None),
+        Mode::Shared => (LockMode::Shared, None),
+        Mode::Permit(n) => (LockMode::Semaphore, Some(n)),
+    };
     LockInfo {
         name,
-        holder: view.holders.into_iter().next().map(holder_info),
+        holder: holders.first().cloned(),
+        holders,
+        mode,
+        permits,
         waiters: view.waiters,
         oldest_wait_ms: view.oldest_wait.map(|d| d.as_millis() as u64),
         held_back_until_ms: view.held_back_until.map(unix_ms),

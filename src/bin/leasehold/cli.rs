@@ -1,6 +1,6 @@
 //! The command line: subcommands, the options every subcommand shares, and `main`.
 
-use crate::{exit, list, revoke, run, status};
+use crate::{elect, exit, list, revoke, run, status};
 use clap::Parser;
 use leasehold::{DistributedLock, DistributedLockBuilder, Error};
 use std::fmt;
@@ -38,6 +38,11 @@ fn help() -> String {
   0 2 * * * leasehold run reports/nightly --timeout 0 -- ./nightly-report.sh
   # deploy: one migration at a time; wait up to 10 minutes for the lock
   leasehold run db/migrate --timeout 10m -- ./manage.py migrate
+  # at most 3 exports at once; readers share, a writer is alone
+  leasehold run --permits 3 exports -- ./export.sh
+  leasehold run --read config -- ./render-site.sh
+  # one scheduler over the fleet, the others standing by
+  leasehold elect scheduler --value \"$(hostname):8080\" -- ./scheduler
   leasehold status db/migrate --json
   # an operator ends a stuck holder's lease
   leasehold revoke db/migrate
@@ -53,7 +58,8 @@ See `leasehold run --help` for the options of run.
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    Run(run::RunArgs),
+    Run(run::RunCommand),
+    Elect(elect::ElectCommand),
     Status(status::StatusArgs),
     Revoke(revoke::RevokeArgs),
     List(list::ListArgs),
@@ -153,7 +159,8 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(args, &cli.server).await,
+            Command::Run(command) => run::run_command(command, &cli.server).await,
+            Command::Elect(command) => elect::elect(command, &cli.server).await,
             Command::Status(args) => match cli.server.client(give_up) {
                 Ok(dl) => status::status(args, dl).await,
                 Err(error) => exit::fail(exit::for_error(&error), error),

@@ -3,7 +3,8 @@
 //! `run NAME -- CMD ARGS...` runs a command while holding a lock (`run.rs`, with the child
 //! process in `child.rs` and the waiting display in `waiting.rs`); `status NAME` shows who
 //! holds it (`status.rs`); `list [PREFIX]` shows every lock of the project (`list.rs`);
-//! `revoke NAME` ends the holder's lease (`revoke.rs`). The command line itself is in
+//! `revoke NAME` ends the holder's lease (`revoke.rs`); `elect NAME -- CMD` runs a command
+//! while leading an election (`elect.rs`, on `run.rs`'s machinery). The command line itself is in
 //! `cli.rs`, exit codes in `exit.rs`, the signals passed on to the command in `signals.rs`.
 //! Unix only: it relies on process groups and signals.
 
@@ -13,6 +14,8 @@ mod child;
 mod cli;
 #[cfg(unix)]
 mod duration;
+#[cfg(unix)]
+mod elect;
 #[cfg(unix)]
 mod exit;
 #[cfg(unix)]

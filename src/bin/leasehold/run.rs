@@ -6,10 +6,11 @@ use crate::duration::{self, human};
 use crate::exit;
 use crate::signals::Signals;
 use crate::waiting::{self, Queue, Seen, StatusLine, holder_text};
-use leasehold::{DistributedLock, Error, LockGuard, LostReason};
+use leasehold::{DistributedLock, Error, Leadership, LockGuard, LostReason};
 use std::ffi::OsString;
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::io;
+use std::pin::Pin;
 use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -22,6 +23,23 @@ use tokio::time::Instant;
 /// or --max-hold is reached, the command gets SIGTERM, then SIGKILL after --kill-after.
 #[derive(Debug, clap::Args)]
 #[command(after_help = help())]
+pub struct RunCommand {
+    /// Take one of N permits of a semaphore instead: up to N runs at once. Everyone using
+    /// NAME must give the same N.
+    #[arg(long, value_name = "N", conflicts_with = "read")]
+    permits: Option<u32>,
+
+    /// Take a read (shared) lock instead: runs with --read share NAME, and exclude runs
+    /// without it (writers).
+    #[arg(long)]
+    read: bool,
+
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+/// What `run` and `elect` share: the lock, its lease, and the command.
+#[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Name of the lock.
     name: String,
@@ -111,8 +129,32 @@ enum Stop {
     MaxHold,
 }
 
+/// What the command runs under.
+#[derive(Debug, Clone)]
+pub enum Hold {
+    /// The lock alone (a writer).
+    Exclusive,
+    /// A read lock.
+    Read,
+    /// One of this many permits.
+    Permits(u32),
+    /// Leadership, with this election value.
+    Leader(String),
+}
+
 /// Runs `run`.
-pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
+pub async fn run_command(command: RunCommand, server: &ServerArgs) -> ExitCode {
+    let hold = match (command.permits, command.read) {
+        (Some(0), _) => return exit::fail(exit::USAGE, "--permits must be at least 1"),
+        (Some(n), _) => Hold::Permits(n),
+        (None, true) => Hold::Read,
+        (None, false) => Hold::Exclusive,
+    };
+    run(command.args, hold, server).await
+}
+
+/// Runs the command under `hold`.
+pub async fn run(args: RunArgs, hold: Hold, server: &ServerArgs) -> ExitCode {
     if args.expires_in.is_zero() {
         return exit::fail(exit::USAGE, "--expires-in must be longer than zero");
     }
@@ -152,7 +194,7 @@ pub async fn run(args: RunArgs, server: &ServerArgs) -> ExitCode {
         }
     };
 
-    let guard = match acquire(&dl, &args, &mut signals).await {
+    let guard = match acquire(&dl, &args, &hold, &mut signals).await {
         Ok(guard) => guard,
         Err(code) => return code,
     };
@@ -249,6 +291,7 @@ async fn release(guard: LockGuard) -> Option<String> {
 async fn acquire(
     dl: &DistributedLock,
     args: &RunArgs,
+    hold: &Hold,
     signals: &mut Signals,
 ) -> Result<LockGuard, ExitCode> {
     let mut line = StatusLine::if_terminal();
@@ -262,19 +305,37 @@ async fn acquire(
         None => None,
     };
     let label = args.label.clone().unwrap_or_else(default_label);
-    let mut request = dl
-        .lock(&args.name)
-        .expires_in(args.expires_in)
-        .metadata(label);
-    // The SDK and the server enforce --max-hold: the guard reports it as the lease's loss,
-    // and the server frees the lock then even if this process stalls.
-    if let Some(limit) = args.max_hold {
-        request = request.max_hold(limit);
-    }
-    if let Some(timeout) = args.timeout {
-        request = request.timeout(timeout);
-    }
-    let mut acquire = request.into_future();
+    let mut acquire: Pin<Box<dyn Future<Output = Result<LockGuard, Error>>>> = match hold {
+        Hold::Leader(value) => {
+            let mut campaign = (dl.election(&args.name).campaign(value.clone()))
+                .expires_in(args.expires_in)
+                .metadata(label);
+            if let Some(limit) = args.max_hold {
+                campaign = campaign.max_hold(limit);
+            }
+            if let Some(timeout) = args.timeout {
+                campaign = campaign.timeout(timeout);
+            }
+            Box::pin(async move { campaign.await.map(Leadership::into_guard) })
+        }
+        hold => {
+            let request = match hold {
+                Hold::Read => dl.read_lock(&args.name),
+                Hold::Permits(n) => dl.semaphore(&args.name, *n),
+                _ => dl.lock(&args.name),
+            };
+            let mut request = request.expires_in(args.expires_in).metadata(label);
+            // The SDK and the server enforce --max-hold: the guard reports it as the
+            // lease's loss, and the server frees the lock then even if this process stalls.
+            if let Some(limit) = args.max_hold {
+                request = request.max_hold(limit);
+            }
+            if let Some(timeout) = args.timeout {
+                request = request.timeout(timeout);
+            }
+            Box::pin(request.into_future())
+        }
+    };
     let result = tokio::select! {
         result = &mut acquire => result,
         () = waiting::show(dl, &args.name, line.as_mut(), Queue::joined_after(before.as_ref())) => {
@@ -387,7 +448,7 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// `HOSTNAME:PID`, so that `status` says where the holder runs.
-fn default_label() -> String {
+pub fn default_label() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
     // fails.

@@ -2,7 +2,8 @@
 
 use crate::duration::human;
 use crate::exit;
-use leasehold::{DistributedLock, LockInfo};
+use crate::waiting::holder_text;
+use leasehold::{DistributedLock, LockInfo, LockMode};
 use serde::Serialize;
 use std::io::Write;
 use std::process::ExitCode;
@@ -15,13 +16,16 @@ Examples:
   leasehold status db/migrate
   leasehold status db/migrate --json | jq .holder.fencing_token
 
-JSON: {\"name\": \"db/migrate\", \"holder\": null | {\"fencing_token\": 42,
+JSON: {\"name\": \"db/migrate\", \"mode\": \"exclusive\" | \"shared\" | \"semaphore\",
+\"permits\": null | 5, \"holder\": null | {\"fencing_token\": 42,
 \"since\": \"2025-06-01T11:59:58.000Z\", \"expires_in_ms\": 8200,
-\"lease_deadline\": \"2025-06-01T12:00:08.200Z\", \"label\": null | \"host-a/job-42\"},
+\"lease_deadline\": \"2025-06-01T12:00:08.200Z\", \"label\": null | \"host-a/job-42\",
+\"value\": null | \"host-a:8080\"}, \"holders\": [every holder, as holder],
 \"waiters\": 2, \"oldest_wait_ms\": null | 1500, \"held_back_until\": null |
 \"2025-06-01T12:00:30.000Z\"}
-since and held_back_until are the server's clock; lease_deadline is this machine's clock
-plus expires_in_ms. held_back_until: after a server restart, nobody gets the lock before
+holder is the oldest of holders (readers and semaphores have several); value is the
+election value of a leader (`leasehold elect`). since and held_back_until are the server's
+clock; lease_deadline is this machine's clock plus expires_in_ms. held_back_until: after a server restart, nobody gets the lock before
 then (leases granted before the crash may still run).
 Fields may be added later.
 
@@ -43,7 +47,14 @@ pub struct StatusArgs {
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Status {
     name: String,
+    /// `exclusive` (a lock, a writer, a leader), `shared` (readers) or `semaphore`.
+    mode: &'static str,
+    /// A semaphore's number of permits.
+    permits: Option<u32>,
+    /// The oldest of `holders`.
     holder: Option<Holder>,
+    /// Every holder, oldest grant first.
+    holders: Vec<Holder>,
     /// How many wait in line.
     waiters: u64,
     /// How long the first in line has waited.
@@ -53,7 +64,7 @@ pub struct Status {
     held_back_until: Option<String>,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 struct Holder {
     fencing_token: u64,
     /// When the lock was granted, by the server's clock (RFC 3339, UTC).
@@ -64,28 +75,41 @@ struct Holder {
     lease_deadline: String,
     /// The holder's label (`run --label`, or `metadata` in the SDK).
     label: Option<String>,
+    /// A leader's election value (`elect --value`).
+    value: Option<String>,
 }
 
 impl Status {
     pub fn new(info: &LockInfo, now: SystemTime) -> Status {
-        Status {
-            name: info.name.clone(),
-            holder: info.holder.as_ref().map(|holder| Holder {
+        let holders: Vec<Holder> = (info.holders.iter())
+            .map(|holder| Holder {
                 fencing_token: holder.fencing_token,
                 since: rfc3339(holder.acquired_at),
                 expires_in_ms: holder.expires_in.as_millis() as u64,
                 lease_deadline: rfc3339(now + holder.expires_in),
                 label: holder.metadata.clone(),
-            }),
+                value: holder.value.clone(),
+            })
+            .collect();
+        let (mode, permits) = match info.mode {
+            LockMode::Shared => ("shared", None),
+            LockMode::Semaphore { permits } => ("semaphore", Some(permits)),
+            _ => ("exclusive", None),
+        };
+        Status {
+            name: info.name.clone(),
+            mode,
+            permits,
+            holder: holders.first().cloned(),
+            holders,
             waiters: info.waiters,
             oldest_wait_ms: info.oldest_wait.map(|d| d.as_millis() as u64),
             held_back_until: info.held_back_until.map(rfc3339),
         }
     }
 
-    /// Label and value of each line of the text form.
-    fn rows(&self) -> Vec<(&'static str, String)> {
-        let mut rows = vec![("lock", self.name.clone())];
+    /// The rows of a lock with at most one holder (an election's leader among them).
+    fn one_holder(&self, rows: &mut Vec<(&'static str, String)>) {
         match (&self.holder, &self.held_back_until) {
             (None, Some(until)) => rows.push((
                 "holder",
@@ -101,6 +125,9 @@ impl Status {
                     None => format!("fencing token {}", holder.fencing_token),
                 };
                 rows.push(("holder", who));
+                if let Some(value) = &holder.value {
+                    rows.push(("leader value", value.clone()));
+                }
                 rows.push(("since", holder.since.clone()));
                 rows.push((
                     "lease ends",
@@ -111,6 +138,36 @@ impl Status {
                     ),
                 ));
             }
+        }
+    }
+
+    /// Label and value of each line of the text form.
+    fn rows(&self) -> Vec<(&'static str, String)> {
+        let mut rows = vec![("lock", self.name.clone())];
+        match (self.mode, self.permits) {
+            ("semaphore", Some(permits)) => rows.push((
+                "semaphore",
+                format!("{} of {permits} permits held", self.holders.len()),
+            )),
+            ("shared", _) => rows.push((
+                "read lock",
+                format!("held by {} readers", self.holders.len()),
+            )),
+            _ => {}
+        }
+        if self.holders.len() > 1 {
+            for holder in &self.holders {
+                rows.push((
+                    "holder",
+                    format!(
+                        "{}, lease ends in {}",
+                        holder_text(holder.fencing_token, holder.label.as_deref()),
+                        human(Duration::from_millis(holder.expires_in_ms))
+                    ),
+                ));
+            }
+        } else {
+            self.one_holder(&mut rows);
         }
         let waiters = match self.oldest_wait_ms {
             Some(ms) if self.waiters > 0 => format!(
@@ -194,15 +251,20 @@ mod tests {
 
     #[test]
     fn text_and_json_forms() {
+        let holder = Holder {
+            fencing_token: 42,
+            since: "2025-06-01T11:59:58.000Z".into(),
+            expires_in_ms: 8200,
+            lease_deadline: "2025-06-01T12:00:08.200Z".into(),
+            label: Some("host-a/job-42".into()),
+            value: None,
+        };
         let status = Status {
             name: "db/migrate".into(),
-            holder: Some(Holder {
-                fencing_token: 42,
-                since: "2025-06-01T11:59:58.000Z".into(),
-                expires_in_ms: 8200,
-                lease_deadline: "2025-06-01T12:00:08.200Z".into(),
-                label: Some("host-a/job-42".into()),
-            }),
+            mode: "exclusive",
+            permits: None,
+            holder: Some(holder.clone()),
+            holders: vec![holder.clone()],
             waiters: 2,
             oldest_wait_ms: Some(1500),
             held_back_until: None,
@@ -219,13 +281,24 @@ mod tests {
             serde_json::to_value(&status).unwrap(),
             serde_json::json!({
                 "name": "db/migrate",
+                "mode": "exclusive",
+                "permits": null,
                 "holder": {
                     "fencing_token": 42,
                     "since": "2025-06-01T11:59:58.000Z",
                     "expires_in_ms": 8200,
                     "lease_deadline": "2025-06-01T12:00:08.200Z",
                     "label": "host-a/job-42",
+                    "value": null,
                 },
+                "holders": [{
+                    "fencing_token": 42,
+                    "since": "2025-06-01T11:59:58.000Z",
+                    "expires_in_ms": 8200,
+                    "lease_deadline": "2025-06-01T12:00:08.200Z",
+                    "label": "host-a/job-42",
+                    "value": null,
+                }],
                 "waiters": 2,
                 "oldest_wait_ms": 1500,
                 "held_back_until": null,
@@ -233,7 +306,10 @@ mod tests {
         );
         let free = Status {
             name: "x".into(),
+            mode: "exclusive",
+            permits: None,
             holder: None,
+            holders: Vec::new(),
             waiters: 0,
             oldest_wait_ms: None,
             held_back_until: None,
@@ -252,6 +328,48 @@ mod tests {
             "lock:    x\nholder:  none, but held back after a server restart until \
              2025-06-01T12:00:30.000Z (leases granted before the crash may still run)\n\
              waiters: 1\n"
+        );
+        let leader = Holder {
+            value: Some("host-a:8080".into()),
+            ..holder.clone()
+        };
+        let election = Status {
+            name: "scheduler".into(),
+            mode: "exclusive",
+            permits: None,
+            holder: Some(leader.clone()),
+            holders: vec![leader],
+            waiters: 0,
+            oldest_wait_ms: None,
+            held_back_until: None,
+        };
+        assert!(
+            election.text().contains("leader value: host-a:8080\n"),
+            "{}",
+            election.text()
+        );
+        let second = Holder {
+            fencing_token: 43,
+            label: None,
+            ..holder.clone()
+        };
+        let semaphore = Status {
+            name: "payments-api".into(),
+            mode: "semaphore",
+            permits: Some(5),
+            holder: Some(holder.clone()),
+            holders: vec![holder, second],
+            waiters: 0,
+            oldest_wait_ms: None,
+            held_back_until: None,
+        };
+        assert_eq!(
+            semaphore.text(),
+            "lock:      payments-api\n\
+             semaphore: 2 of 5 permits held\n\
+             holder:    \"host-a/job-42\" (fencing token 42), lease ends in 8.2s\n\
+             holder:    fencing token 43, lease ends in 8.2s\n\
+             waiters:   0\n"
         );
     }
 }

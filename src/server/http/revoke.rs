@@ -23,26 +23,29 @@ impl App {
             ));
         }
         Self::check_name(&req.name)?;
-        let Some(&fencing_token) = self.store.revoke(&caller.project, &req.name).await?.last()
-        else {
+        let fencing_tokens = self.store.revoke(&caller.project, &req.name).await?;
+        let Some(&fencing_token) = fencing_tokens.last() else {
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
                 codes::NOT_FOUND,
                 format!("nobody holds lock {:?} in this project", req.name),
             ));
         };
-        self.metrics.revocations.inc();
+        self.metrics.revocations.inc_by(fencing_tokens.len() as u64);
         // The key id, never the key; in open mode the project's name derives from the key,
         // so it is left out too.
         tracing::info!(
             key_id = caller.key_id.as_deref().unwrap_or("-"),
             lock = %req.name,
-            fencing_token,
-            "revoked a lease"
+            ?fencing_tokens,
+            "revoked"
         );
         Ok(json_reply(
             StatusCode::OK,
-            &RevokeResponse { fencing_token },
+            &RevokeResponse {
+                fencing_token,
+                fencing_tokens,
+            },
         ))
     }
 }
