@@ -83,7 +83,8 @@ export async function waitInLine(transport, { name, leaseMs, waitDeadline, start
           started: reply.sent + Math.min(body.waited_ms, now() - reply.sent),
         };
       }
-      if (reply.status === 409) {
+      // `409 conflict` (the name is a semaphore in use) is not a timeout: it says why below.
+      if (reply.status === 409 && reply.body?.error !== 'conflict') {
         throw new TimeoutError({ lockName: name, waitedMs: now() - started, holder: reply.body?.holder });
       }
       throw errorFromReply(reply);
