@@ -15,8 +15,8 @@ use leasehold::server::store::StoreEvent;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::contend::{Shared, contend};
-use support::history::{self, ClientKind, Clients, Report, Resource};
+use support::contend::{Shared, Take, contend_as};
+use support::history::{self, ClientKind, Clients, Hold, Report, Resource};
 use support::process::{self, ServerProcess, cli_run};
 use support::proxy::{Faults, Proxy};
 use support::{TestServer, client_for, eventually, within};
@@ -24,6 +24,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 const BOUND: Duration = Duration::from_secs(30);
+/// How long a contending client waits for its lock before it tries again.
+const PATIENCE: Duration = Duration::from_secs(3);
 
 fn soak() -> bool {
     std::env::var_os("LEASEHOLD_SOAK").is_some()
@@ -55,12 +57,17 @@ fn assert_clean(scenario: &str, report: &Report) {
 }
 
 /// After the faults heal, every lock can be acquired again within lease + grace + 2 s.
-async fn assert_live(url: &str, key: &str, locks: &[&str], lease: Duration) {
+async fn assert_live(url: &str, key: &str, locks: &[(&str, Take)], lease: Duration) {
     let dl = client_for(url, key);
     let bound = lease + Duration::from_secs(3) + Duration::from_secs(2);
-    for lock in locks {
+    for &(lock, take) in locks {
         let started = Instant::now();
-        let guard = dl.lock(*lock).timeout(bound).await;
+        let request = match take {
+            Take::Read => dl.read_lock(lock),
+            Take::Permits(n) => dl.semaphore(lock, n),
+            _ => dl.lock(lock),
+        };
+        let guard = request.timeout(bound).await;
         assert!(
             guard.is_ok(),
             "{lock} not acquirable within {bound:?} after the faults: {:?}",
@@ -204,9 +211,82 @@ async fn negative_control_without_token_checks_the_pause_produces_stale_writes()
     );
 }
 
+/// The mutex's contenders: four clients, two on each of two locks.
+const MUTEXES: [(&str, Take); 4] = [
+    ("alpha", Take::Lock),
+    ("beta", Take::Lock),
+    ("alpha", Take::Lock),
+    ("beta", Take::Lock),
+];
+
+/// Every other kind at once: three clients on a semaphore of two permits, readers and a
+/// writer on one read-write lock, and two candidates in an election.
+const KINDS: [(&str, Take); 8] = [
+    ("pool", Take::Permits(2)),
+    ("config", Take::Read),
+    ("leader", Take::Lead),
+    ("pool", Take::Permits(2)),
+    ("config", Take::Read),
+    ("leader", Take::Lead),
+    ("pool", Take::Permits(2)),
+    ("config", Take::Write),
+];
+
+/// The names of `clients`, each once, with how to take it.
+fn names(clients: &[(&'static str, Take)]) -> Vec<(&'static str, Take)> {
+    let mut names: Vec<(&str, Take)> = Vec::new();
+    for &(name, take) in clients {
+        if !names.iter().any(|(n, _)| *n == name) {
+            names.push((name, take));
+        }
+    }
+    names
+}
+
+/// A negative control on a clean run: the same claims, checked as if the semaphore had one
+/// permit fewer and readers were writers, must show overlaps. It proves the run really had
+/// several holders at once, so that the clean check meant something.
+fn assert_kinds_overlapped(scenario: &str, shared: &Shared) {
+    let stricter: Vec<_> = (shared.clients.events().into_iter())
+        .map(|mut e| {
+            if let ClientKind::HeldAs(token, hold) = e.kind {
+                e.kind = match hold {
+                    Hold::Permit(n) if n > 1 => ClientKind::HeldAs(token, Hold::Permit(n - 1)),
+                    _ => ClientKind::Held(token),
+                };
+            }
+            e
+        })
+        .collect();
+    let report = history::check(&[], &stricter, &[]);
+    for lock in ["pool", "config"] {
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.starts_with(&format!("{lock}:"))),
+            "{scenario}: {lock} never had several holders at once, so the check proved little"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_and_restarted_again_and_again_never_grants_twice() {
-    let dir = std::env::temp_dir().join(format!("dl-faults-restarts-{}", std::process::id()));
+    let (report, _) = server_restarts("mutex", &MUTEXES).await;
+    assert_clean("server killed repeatedly", &report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphores_readers_writers_and_leaders_survive_server_kills() {
+    let (report, shared) = server_restarts("kinds", &KINDS).await;
+    assert_clean("server killed repeatedly, every kind", &report);
+    assert_kinds_overlapped("server killed repeatedly", &shared);
+}
+
+/// A server process killed (SIGKILL) and restarted on its state file again and again while
+/// `clients` contend; the check of every run's audit trail and of the clients' claims.
+async fn server_restarts(tag: &str, clients: &[(&'static str, Take)]) -> (Report, Shared) {
+    let dir = std::env::temp_dir().join(format!("dl-faults-restarts-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let state = dir.join("state");
@@ -229,16 +309,18 @@ async fn a_server_killed_and_restarted_again_and_again_never_grants_twice() {
     };
     let mut server = start(0).await;
     let url = server.url.clone();
-    let (lease, locks) = (Duration::from_secs(1), ["alpha", "beta"]);
+    let lease = Duration::from_secs(1);
     let shared = Shared::new();
     let mut tasks = Vec::new();
-    for i in 0..4 {
+    for (i, &(lock, take)) in clients.iter().enumerate() {
         let dl = client_for(&url, "faults");
-        tasks.push(contend(
+        tasks.push(contend_as(
             dl,
             format!("c{i}"),
-            locks[i % 2].into(),
+            lock.into(),
+            take,
             lease,
+            PATIENCE,
             &shared,
             i as u64,
         ));
@@ -256,34 +338,35 @@ async fn a_server_killed_and_restarted_again_and_again_never_grants_twice() {
     for t in tasks {
         within(BOUND, t).await.unwrap();
     }
-    assert_live(&url, "faults", &locks, lease).await;
+    assert_live(&url, "faults", &names(clients), lease).await;
     server.terminate().await;
     let runs: Vec<Vec<StoreEvent>> = (0..=restarts)
         .map(|run| history::read_event_log(&dir.join(format!("events-{run}.jsonl"))))
         .collect();
     let report = history::check(&runs, &shared.clients.events(), &shared.resource.writes());
     println!("{restarts} SIGKILL restarts of the server");
-    assert_clean("server killed repeatedly", &report);
     std::fs::remove_dir_all(&dir).unwrap();
+    (report, shared)
 }
 
-/// Four clients, each behind its own fault proxy, through phases of delay, drops and a
-/// blackhole for one of them.
-async fn network_faults(seed: u64) -> Report {
+/// `clients`, each behind its own fault proxy, through phases of delay, drops and a
+/// blackhole for the first of them.
+async fn network_faults(seed: u64, clients: &[(&'static str, Take)]) -> (Report, Shared) {
     let (server, mut events) = server_with_events().await;
     let lease = Duration::from_secs(1);
-    let locks = ["alpha", "beta"];
     let shared = Shared::new();
     let mut proxies = Vec::new();
     let mut tasks = Vec::new();
-    for i in 0..4u64 {
+    for (i, &(lock, take)) in (0u64..).zip(clients) {
         let proxy = Proxy::start_seeded(server.addr, seed * 100 + i).await;
         let dl = client_for(&proxy.url(), "faults");
-        tasks.push(contend(
+        tasks.push(contend_as(
             dl,
             format!("c{i}"),
-            locks[i as usize % 2].into(),
+            lock.into(),
+            take,
             lease,
+            PATIENCE,
             &shared,
             seed * 10 + i,
         ));
@@ -322,21 +405,33 @@ async fn network_faults(seed: u64) -> Report {
     for t in tasks {
         within(BOUND, t).await.unwrap();
     }
-    assert_live(&server.url(), "faults", &locks, lease).await;
+    assert_live(&server.url(), "faults", &names(clients), lease).await;
     server.stop().await;
-    history::check(
+    let report = history::check(
         &[drain(&mut events)],
         &shared.clients.events(),
         &shared.resource.writes(),
-    )
+    );
+    (report, shared)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_drops_and_a_blackhole_never_break_mutual_exclusion() {
     let seeds: Vec<u64> = if soak() { (1..=10).collect() } else { vec![1] };
     for seed in seeds {
-        let report = network_faults(seed).await;
+        let (report, _) = network_faults(seed, &MUTEXES).await;
         assert_clean(&format!("network faults, seed {seed}"), &report);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_drops_and_a_blackhole_never_break_semaphores_readers_writers_or_leaders() {
+    let seeds: Vec<u64> = if soak() { (1..=10).collect() } else { vec![2] };
+    for seed in seeds {
+        let scenario = format!("network faults, every kind, seed {seed}");
+        let (report, shared) = network_faults(seed, &KINDS).await;
+        assert_clean(&scenario, &report);
+        assert_kinds_overlapped(&scenario, &shared);
     }
 }
 
@@ -418,17 +513,20 @@ fn the_checker_catches_each_kind_of_violation() {
         lock: "job".into(),
         kind,
     };
-    let granted = |at, token, request: &str, deadline_us| {
+    let granted_as = |at, token, request: &str, deadline_us, shared, permits| {
         event(
             at,
             EventKind::Granted {
                 token,
                 request: request.into(),
                 deadline_us,
-                shared: false,
-                permits: None,
+                shared,
+                permits,
             },
         )
+    };
+    let granted = |at, token, request: &str, deadline_us| {
+        granted_as(at, token, request, deadline_us, false, None)
     };
     let count = |report: Report, what: &str| {
         report
@@ -493,6 +591,69 @@ fn the_checker_catches_each_kind_of_violation() {
         count(check(&[lease], &[claim], &[]), "outside its server lease"),
         1
     );
+    // Readers share, and permits up to their count; one more permit, or a writer beside
+    // a reader, is a violation.
+    let readers = vec![
+        granted_as(100, 1, "r1", 1_000, true, None),
+        granted_as(200, 2, "r2", 1_000, true, None),
+    ];
+    assert_eq!(
+        count(
+            check(std::slice::from_ref(&readers), &[], &[]),
+            "granted before"
+        ),
+        0
+    );
+    let mut writer_too = readers;
+    writer_too.push(granted(300, 3, "w", 2_000));
+    assert_eq!(count(check(&[writer_too], &[], &[]), "granted before"), 1);
+    let permit = |at, token| granted_as(at, token, "p", 5_000, false, Some(2));
+    let two = vec![permit(100, 1), permit(200, 2)];
+    assert_eq!(
+        count(
+            check(std::slice::from_ref(&two), &[], &[]),
+            "granted before"
+        ),
+        0
+    );
+    let mut three = two;
+    three.push(permit(300, 3));
+    assert_eq!(count(check(&[three], &[], &[]), "granted before"), 1);
+    // The same, from clients' claims alone (etcd keeps no trail): two leaders at once, a
+    // third holder of two permits.
+    let claim_as = |client: &str, at_us, token, hold| ClientEvent {
+        at_us,
+        client: client.into(),
+        lock: "job".into(),
+        kind: ClientKind::HeldAs(token, hold),
+    };
+    let leader = |client: &str, at_us, token| ClientEvent {
+        at_us,
+        client: client.into(),
+        lock: "job".into(),
+        kind: ClientKind::Held(token),
+    };
+    let leaders = [
+        leader("a", 100, 1),
+        leader("a", 300, 1),
+        leader("b", 200, 2),
+    ];
+    assert_eq!(count(check(&[], &leaders, &[]), "held at once"), 1);
+    let permits = [
+        claim_as("a", 100, 1, Hold::Permit(2)),
+        claim_as("a", 400, 1, Hold::Permit(2)),
+        claim_as("b", 200, 2, Hold::Permit(2)),
+        claim_as("b", 400, 2, Hold::Permit(2)),
+        claim_as("c", 300, 3, Hold::Permit(2)),
+    ];
+    assert_eq!(count(check(&[], &permits, &[]), "held at once"), 1);
+    assert_eq!(count(check(&[], &permits[..4], &[]), "held at once"), 0);
+    let mixed = [
+        claim_as("a", 100, 1, Hold::Shared),
+        claim_as("a", 400, 1, Hold::Shared),
+        leader("w", 300, 2),
+    ];
+    assert_eq!(count(check(&[], &mixed, &[]), "held at once"), 1);
     // A stale write accepted.
     let write = |token| Write {
         at_us: 0,

@@ -1,7 +1,7 @@
 //! Clients that take turns on a lock, recording what they see, for the fault suites.
 
-use super::history::{ClientKind, Clients, Resource};
-use leasehold::DistributedLock;
+use super::history::{ClientKind, Clients, Hold, Resource};
+use leasehold::{DistributedLock, LockGuard};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -45,11 +45,67 @@ pub fn contend(
     )
 }
 
+/// What a contending client takes each turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// `lock(name)`, and it writes the resource under its token.
+    Lock,
+    /// `read_lock(name)`: it only reads.
+    Read,
+    /// `write_lock(name)`, and it writes.
+    Write,
+    /// One of this many permits of `semaphore(name, n)`; it only counts.
+    Permits(u32),
+    /// Leadership of `election(name)`, proclaiming a new value each turn, and it writes.
+    Lead,
+}
+
+impl Take {
+    /// How the grant holds, for the offline checks.
+    pub fn hold(self) -> Hold {
+        match self {
+            Take::Lock | Take::Write | Take::Lead => Hold::Exclusive,
+            Take::Read => Hold::Shared,
+            Take::Permits(n) => Hold::Permit(n),
+        }
+    }
+}
+
 /// [`contend`], giving up each acquire after `patience` (then trying again).
 pub fn contend_waiting(
     dl: DistributedLock,
     client: String,
     lock: String,
+    lease: Duration,
+    patience: Duration,
+    shared: &Shared,
+    seed: u64,
+) -> tokio::task::JoinHandle<()> {
+    contend_as(dl, client, lock, Take::Lock, lease, patience, shared, seed)
+}
+
+/// One turn's grant: a guard, or leadership (which proclaims).
+enum Turn {
+    Guard(LockGuard),
+    Leader(leasehold::Leadership),
+}
+
+impl Turn {
+    fn guard(&self) -> &LockGuard {
+        match self {
+            Turn::Guard(guard) => guard,
+            Turn::Leader(leadership) => leadership.guard(),
+        }
+    }
+}
+
+/// A client that takes `take` of `lock` in turns until `stop`, as [`contend`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn contend_as(
+    dl: DistributedLock,
+    client: String,
+    lock: String,
+    take: Take,
     lease: Duration,
     patience: Duration,
     shared: &Shared,
@@ -62,28 +118,59 @@ pub fn contend_waiting(
     } = shared.clone();
     tokio::spawn(async move {
         let mut rng = fastrand::Rng::with_seed(seed);
+        let name = lock.as_str();
         while !stop.load(Ordering::SeqCst) {
-            let Ok(guard) = dl
-                .lock(lock.as_str())
-                .expires_in(lease)
-                .timeout(patience)
-                .await
-            else {
+            let turn = match take {
+                Take::Lead => {
+                    let campaign = (dl.election(name).campaign(client.as_str()))
+                        .expires_in(lease)
+                        .timeout(patience);
+                    campaign.await.map(Turn::Leader)
+                }
+                take => {
+                    let request = match take {
+                        Take::Read => dl.read_lock(name),
+                        Take::Write => dl.write_lock(name),
+                        Take::Permits(n) => dl.semaphore(name, n),
+                        _ => dl.lock(name),
+                    };
+                    request
+                        .expires_in(lease)
+                        .timeout(patience)
+                        .await
+                        .map(Turn::Guard)
+                }
+            };
+            let Ok(turn) = turn else {
                 continue;
             };
-            let token = guard.fencing_token();
+            let token = turn.guard().fencing_token();
             clients.record(&client, &lock, ClientKind::Acquired(token));
-            for _ in 0..rng.usize(1..4) {
-                if !guard.is_held() {
+            for round in 0..rng.usize(1..4) {
+                if !turn.guard().is_held() {
                     clients.record(&client, &lock, ClientKind::Lost(token));
                     break;
                 }
-                clients.record(&client, &lock, ClientKind::Held(token));
-                resource.write(&lock, &client, token);
+                match take.hold() {
+                    Hold::Exclusive => {
+                        clients.record(&client, &lock, ClientKind::Held(token));
+                        resource.write(&lock, &client, token);
+                    }
+                    // Readers and permit holders do not write one shared record.
+                    hold => clients.record(&client, &lock, ClientKind::HeldAs(token, hold)),
+                }
+                if let Turn::Leader(leadership) = &turn {
+                    // A lost leadership may refuse; what counts is that it never changes
+                    // another leader's value, which the server checks atomically.
+                    let _ = leadership.proclaim(format!("{client}/{round}")).await;
+                }
                 // The work done under the lock.
                 tokio::time::sleep(Duration::from_millis(rng.u64(1..30))).await;
             }
-            let _ = guard.release().await;
+            let _ = match turn {
+                Turn::Guard(guard) => guard.release().await,
+                Turn::Leader(leadership) => leadership.resign().await,
+            };
         }
     })
 }

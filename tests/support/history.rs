@@ -18,13 +18,37 @@ pub fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// How a grant holds its lock: alone (a mutex, a writer, a leader), shared with readers,
+/// or as one of a semaphore's permits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    Exclusive,
+    Shared,
+    Permit(u32),
+}
+
+impl Hold {
+    /// Whether a holder of this kind may hold next to `others` (all holding at once).
+    fn fits_with(self, others: &[Hold]) -> bool {
+        match self {
+            Hold::Exclusive => others.is_empty(),
+            Hold::Shared => others.iter().all(|o| *o == Hold::Shared),
+            Hold::Permit(n) => {
+                others.iter().all(|o| *o == Hold::Permit(n)) && others.len() < n as usize
+            }
+        }
+    }
+}
+
 /// What a client saw or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientKind {
     /// Its acquire returned this token.
     Acquired(u64),
-    /// `is_held()` said true (just before it wrote).
+    /// `is_held()` said true (just before it wrote) of an exclusive grant.
     Held(u64),
+    /// `is_held()` said true of a shared grant or a permit.
+    HeldAs(u64, Hold),
     /// `lost()` resolved.
     Lost(u64),
 }
@@ -162,6 +186,23 @@ struct Interval {
     token: u64,
     start: u64,
     end: u64,
+    hold: Hold,
+}
+
+/// Each interval (sorted by start) that began while the ones still running did not admit
+/// it: `(interval, the tokens it overlapped)`.
+fn overlaps(list: &[Interval]) -> Vec<(&Interval, Vec<u64>)> {
+    let mut found = Vec::new();
+    let mut running: Vec<&Interval> = Vec::new();
+    for i in list {
+        running.retain(|r| r.end > i.start);
+        let holds: Vec<Hold> = running.iter().map(|r| r.hold).collect();
+        if !i.hold.fits_with(&holds) {
+            found.push((i, running.iter().map(|r| r.token).collect()));
+        }
+        running.push(i);
+    }
+    found
 }
 
 /// The outcome of the offline checks.
@@ -208,8 +249,14 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
                     token,
                     request,
                     deadline_us,
-                    ..
+                    shared,
+                    permits,
                 } => {
+                    let hold = match (shared, permits) {
+                        (true, _) => Hold::Shared,
+                        (false, Some(n)) => Hold::Permit(*n),
+                        (false, None) => Hold::Exclusive,
+                    };
                     report.grants += 1;
                     // (1) no token regressions, across runs too.
                     if let Some(prev) = last_token.get(&lock)
@@ -234,6 +281,7 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
                                 token: *token,
                                 start: e.at_us,
                                 end: *deadline_us,
+                                hold,
                             },
                         ),
                     );
@@ -277,23 +325,16 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
             intervals.entry(lock).or_default().push(interval);
         }
     }
-    // (3) no two unexpired server-side leases at once.
+    // (3) no unexpired server-side leases at once that their kinds forbid: two exclusive
+    // ones, an exclusive one beside any other, more permits than the semaphore has.
     for (lock, list) in &mut intervals {
         list.sort_by_key(|i| (i.start, i.token));
-        let mut latest_end: Option<(u64, u64)> = None;
-        for i in list.iter() {
-            if let Some((end, token)) = latest_end
-                && i.start < end
-            {
-                report.violations.push(format!(
-                    "{lock}: lease {} granted {} µs before lease {token} ended",
-                    i.token,
-                    end - i.start
-                ));
-            }
-            if latest_end.is_none_or(|(end, _)| i.end > end) {
-                latest_end = Some((i.end, i.token));
-            }
+        for (i, running) in overlaps(list) {
+            let token = running.iter().max().copied().unwrap_or_default();
+            report.violations.push(format!(
+                "{lock}: lease {} ({:?}) granted before lease {token} ended (running: {running:?})",
+                i.token, i.hold
+            ));
         }
     }
     let by_token: HashMap<u64, &Interval> =
@@ -306,8 +347,10 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
             ClientKind::Acquired(_) => report.acquisitions += 1,
             // (4) no client reporting the lock as held outside its server-side lease (when
             // the server's trail is there to say).
-            ClientKind::Held(_) if runs.is_empty() => report.held_claims += 1,
-            ClientKind::Held(token) => {
+            ClientKind::Held(_) | ClientKind::HeldAs(..) if runs.is_empty() => {
+                report.held_claims += 1
+            }
+            ClientKind::Held(token) | ClientKind::HeldAs(token, _) => {
                 report.held_claims += 1;
                 match by_token.get(&token) {
                     Some(i) if i.start <= e.at_us && e.at_us < i.end => {}
@@ -334,30 +377,33 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
     // from its first to its last held-claim, and spans of a lock never overlap. Needs no
     // server trail, so it also checks stores that keep none (etcd). (An acquire's answer
     // alone is no claim: it may arrive after its lease ended, and the guard then says so.)
-    let mut spans: HashMap<(&str, u64), (u64, u64)> = HashMap::new();
+    let mut spans: HashMap<(&str, u64), (u64, u64, Hold)> = HashMap::new();
     for e in clients {
-        let (lock, token, at) = match e.kind {
-            ClientKind::Held(t) => (e.lock.as_str(), t, e.at_us),
+        let (lock, token, at, hold) = match e.kind {
+            ClientKind::Held(t) => (e.lock.as_str(), t, e.at_us, Hold::Exclusive),
+            ClientKind::HeldAs(t, hold) => (e.lock.as_str(), t, e.at_us, hold),
             ClientKind::Acquired(_) | ClientKind::Lost(_) => continue,
         };
-        let span = spans.entry((lock, token)).or_insert((at, at));
+        let span = spans.entry((lock, token)).or_insert((at, at, hold));
         span.0 = span.0.min(at);
         span.1 = span.1.max(at);
     }
-    let mut by_lock: HashMap<&str, Vec<(u64, u64, u64)>> = HashMap::new();
-    for ((lock, token), (start, end)) in spans {
-        by_lock.entry(lock).or_default().push((start, end, token));
+    let mut by_lock: HashMap<&str, Vec<Interval>> = HashMap::new();
+    for ((lock, token), (start, end, hold)) in spans {
+        by_lock.entry(lock).or_default().push(Interval {
+            token,
+            start,
+            end,
+            hold,
+        });
     }
     for (lock, mut list) in by_lock {
-        list.sort();
-        for pair in list.windows(2) {
-            let ((_, end, token), (start, _, next)) = (pair[0], pair[1]);
-            if start < end {
-                report.violations.push(format!(
-                    "{lock}: clients believed tokens {token} and {next} held at once, for {} µs",
-                    end - start
-                ));
-            }
+        list.sort_by_key(|i| (i.start, i.token));
+        for (i, running) in overlaps(&list) {
+            report.violations.push(format!(
+                "{lock}: clients believed token {} ({:?}) held at once with tokens {running:?}",
+                i.token, i.hold
+            ));
         }
     }
     // (2) no stale write accepted.
