@@ -32,13 +32,25 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::history::{self, ClientEvent, ClientKind, Clients, Report, Resource};
+use support::contend::{Take, take_turn};
+use support::history::{self, ClientEvent, ClientKind, Clients, Hold, Report, Resource};
 use support::sim::{ServerRuns, SimConnect, SimListener, now_us};
 
 /// The seeds CI runs.
 const CI_SEEDS: std::ops::Range<u64> = 1..17;
 const PROJECT: &str = "sim";
-const LOCKS: [&str; 2] = ["alpha", "beta"];
+/// The mutex seeds' locks.
+const LOCKS: [(&str, Take); 2] = [("alpha", Take::Lock), ("beta", Take::Lock)];
+/// The kind seeds' names, each with how a contender takes it: a semaphore of two permits,
+/// readers and writers of one read-write lock, and an election.
+const KIND_LOCKS: [(&str, Take); 4] = [
+    ("pool", Take::Permits(2)),
+    ("config", Take::Read),
+    ("config", Take::Write),
+    ("leader", Take::Lead),
+];
+/// The seeds CI runs with every kind.
+const CI_KIND_SEEDS: std::ops::Range<u64> = 1..7;
 const PORT: u16 = 7878;
 const URL: &str = "http://server:7878";
 /// The server's grace period for detached waiters and uncollected grants (its default).
@@ -112,9 +124,36 @@ struct Plan {
     /// Simulated clocks do not drift, so no margin at all must be safe too.
     margins: Vec<Option<Duration>>,
     faults: Vec<Scheduled>,
+    /// Whether the contenders use semaphores, read-write locks and elections instead of
+    /// two mutexes (the same draws otherwise, so mutex seeds replay as they always did).
+    kinds: bool,
 }
 
 impl Plan {
+    /// A seed's plan with every kind of lock.
+    fn with_kinds(seed: u64) -> Plan {
+        Plan {
+            kinds: true,
+            ..Plan::new(seed)
+        }
+    }
+
+    /// The names the contenders take, each with how.
+    fn locks(&self) -> &'static [(&'static str, Take)] {
+        if self.kinds { &KIND_LOCKS } else { &LOCKS }
+    }
+
+    /// Each name once, with how the liveness probe takes it.
+    fn names(&self) -> Vec<(&'static str, Take)> {
+        let mut names: Vec<(&str, Take)> = Vec::new();
+        for &(name, take) in self.locks() {
+            if !names.iter().any(|(n, _)| *n == name) {
+                names.push((name, take));
+            }
+        }
+        names
+    }
+
     fn new(seed: u64) -> Plan {
         let mut rng = fastrand::Rng::with_seed(seed);
         let clients = rng.usize(3..=5);
@@ -182,6 +221,7 @@ impl Plan {
             latency_changes,
             margins,
             faults,
+            kinds: false,
         }
     }
 
@@ -269,15 +309,14 @@ async fn contender(world: World, i: usize, incarnation: u64) -> turmoil::Result 
     while !world.stop.load(Ordering::SeqCst) {
         // Think time: never spin without letting simulated time pass.
         tokio::time::sleep(ms(rng.u64(1..60))).await;
-        let lock = LOCKS[rng.usize(..LOCKS.len())];
+        let locks = plan.locks();
+        let (lock, take) = locks[rng.usize(..locks.len())];
         let timeout = match rng.u8(..10) {
             0 => Duration::ZERO,
             _ => ms(rng.u64(200..3000)),
         };
-        let mut request = dl.lock(lock).expires_in(lease).timeout(timeout);
-        if rng.u8(..8) == 0 {
-            request = request.auto_renew(false);
-        }
+        let auto_renew = rng.u8(..8) != 0;
+        let request = take_turn(&dl, lock, take, &name, lease, timeout, auto_renew);
         let acquired = if rng.u8(..8) == 0 {
             // Gives up early by dropping the acquire: its waiter is withdrawn.
             let give_up = ms(rng.u64(5..1000));
@@ -295,13 +334,14 @@ async fn contender(world: World, i: usize, incarnation: u64) -> turmoil::Result 
             world.note(format!("{name} {lock} acquire, timeout {timeout:?}"));
             request.await
         };
-        let guard = match acquired {
-            Ok(guard) => guard,
+        let turn = match acquired {
+            Ok(turn) => turn,
             Err(e) => {
                 world.note(format!("{name} {lock} acquire failed: {e}"));
                 continue;
             }
         };
+        let guard = turn.guard();
         let token = guard.fencing_token();
         world
             .clients
@@ -313,10 +353,20 @@ async fn contender(world: World, i: usize, incarnation: u64) -> turmoil::Result 
                     .record_at(now_us(), &name, lock, ClientKind::Lost(token));
                 break;
             }
-            world
-                .clients
-                .record_at(now_us(), &name, lock, ClientKind::Held(token));
-            world.resource.write(lock, &name, token);
+            match take.hold() {
+                Hold::Exclusive => {
+                    world
+                        .clients
+                        .record_at(now_us(), &name, lock, ClientKind::Held(token));
+                    world.resource.write(lock, &name, token);
+                }
+                // Readers and permit holders do not write one shared record.
+                hold => {
+                    world
+                        .clients
+                        .record_at(now_us(), &name, lock, ClientKind::HeldAs(token, hold));
+                }
+            }
             // The work done under the lock: now and then longer than the lease.
             let work = match rng.u8(..6) {
                 0 => ms(rng.u64(lease.as_millis() as u64 / 2..lease.as_millis() as u64 * 2)),
@@ -331,11 +381,11 @@ async fn contender(world: World, i: usize, incarnation: u64) -> turmoil::Result 
             }
         }
         if rng.bool() {
-            let _ = guard.release().await;
+            let _ = turn.release().await;
         } else {
-            drop(guard);
+            drop(turn);
         }
-        if rng.u8(..8) == 0 {
+        if rng.u8(..8) == 0 && take.hold() == Hold::Exclusive {
             // A late write with the old token, as from a process that was paused while it
             // held the lock: the resource must refuse it once a newer holder has written.
             tokio::time::sleep(ms(rng.u64(0..lease.as_millis() as u64 * 2))).await;
@@ -361,25 +411,31 @@ async fn probe(world: World) -> turmoil::Result {
     };
     let dl = client(None);
     let bound = world.plan.bound();
-    let take = |lock: &'static str| {
+    let probe = |(lock, take): (&'static str, Take)| {
         let (dl, world) = (dl.clone(), world.clone());
         async move {
-            let result = dl
-                .lock(lock)
-                .expires_in(world.plan.lease)
-                .timeout(bound)
-                .await;
+            let result = take_turn(&dl, lock, take, "probe", world.plan.lease, bound, true).await;
             let after = Duration::from_micros(now_us() - healed);
             let outcome = match result {
-                Ok(guard) => {
-                    let token = guard.fencing_token();
+                Ok(turn) => {
+                    let token = turn.guard().fencing_token();
                     let clients = &world.clients;
                     clients.record_at(now_us(), "probe", lock, ClientKind::Acquired(token));
-                    if guard.is_held() {
-                        clients.record_at(now_us(), "probe", lock, ClientKind::Held(token));
-                        world.resource.write(lock, "probe", token);
+                    if turn.guard().is_held() {
+                        match take.hold() {
+                            Hold::Exclusive => {
+                                clients.record_at(now_us(), "probe", lock, ClientKind::Held(token));
+                                world.resource.write(lock, "probe", token);
+                            }
+                            hold => clients.record_at(
+                                now_us(),
+                                "probe",
+                                lock,
+                                ClientKind::HeldAs(token, hold),
+                            ),
+                        }
                     }
-                    let _ = guard.release().await;
+                    let _ = turn.release().await;
                     Ok(after)
                 }
                 Err(e) => Err(format!("{e} ({after:?} after healing)")),
@@ -387,7 +443,12 @@ async fn probe(world: World) -> turmoil::Result {
             world.probe.lock().unwrap().push((lock.to_owned(), outcome));
         }
     };
-    tokio::join!(take(LOCKS[0]), take(LOCKS[1]));
+    // Every name at once, as the clients would.
+    let mut probes = tokio::task::JoinSet::new();
+    for name in world.plan.names() {
+        probes.spawn(probe(name));
+    }
+    while probes.join_next().await.is_some() {}
     world.probe_done.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -407,6 +468,8 @@ struct Outcome {
     /// A digest of the history that leaves out what is random by nature (tokens follow the
     /// wall clock, ids are random): same seed, same fingerprint, if the run is deterministic.
     fingerprint: u64,
+    /// What the clients saw, for checks beyond the report.
+    clients: Vec<ClientEvent>,
 }
 
 impl Outcome {
@@ -420,7 +483,7 @@ impl Outcome {
             failures.push(format!("{} panic(s) in the crate's code", self.panics));
         }
         let bound = self.plan.bound();
-        for lock in LOCKS {
+        for (lock, _) in self.plan.names() {
             match self.probe.iter().find(|(l, _)| l == lock) {
                 Some((_, Ok(after))) if *after <= bound => {}
                 Some((_, Ok(after))) => failures.push(format!(
@@ -548,12 +611,18 @@ fn temp_dir(label: &str) -> PathBuf {
 
 /// Runs one seed and checks nothing: see [`Outcome::failures`].
 fn simulate(seed: u64) -> Outcome {
-    simulate_with(seed, true)
+    simulate_plan(Plan::new(seed), true)
 }
 
 /// Runs one seed; `fencing` off makes the resource accept every write (a negative control).
 fn simulate_with(seed: u64, fencing: bool) -> Outcome {
-    let plan = Arc::new(Plan::new(seed));
+    simulate_plan(Plan::new(seed), fencing)
+}
+
+/// Runs one plan.
+fn simulate_plan(plan: Plan, fencing: bool) -> Outcome {
+    let seed = plan.seed;
+    let plan = Arc::new(plan);
     let dir = temp_dir(&format!("seed-{seed}"));
     let world = World {
         plan: plan.clone(),
@@ -725,6 +794,7 @@ fn simulate_with(seed: u64, fencing: bool) -> Outcome {
         late_events: trail.late,
         panics: support::crate_panics() - panics_before,
         fingerprint,
+        clients,
     }
 }
 
@@ -767,14 +837,20 @@ fn replay_hint(seed: u64) -> String {
 /// Runs the seeds (each `LEASEHOLD_SIM_REPEAT` times, default once), printing one
 /// line per run, and fails listing every failing seed.
 fn run_seeds(seeds: impl IntoIterator<Item = u64>) {
+    run_plans(seeds.into_iter().map(Plan::new));
+}
+
+/// [`run_seeds`] for any plans.
+fn run_plans(plans: impl IntoIterator<Item = Plan>) {
     let repeat: usize = std::env::var("LEASEHOLD_SIM_REPEAT")
         .map(|r| r.parse().expect("LEASEHOLD_SIM_REPEAT is a count"))
         .unwrap_or(1);
     let mut failed = Vec::new();
-    for seed in seeds {
+    for plan in plans {
+        let seed = plan.seed;
         for _ in 0..repeat {
             let started = std::time::Instant::now();
-            let outcome = simulate(seed);
+            let outcome = simulate_plan(plan.clone(), true);
             println!("{outcome} [{:?} wall]", started.elapsed());
             let failures = outcome.failures();
             if !failures.is_empty() {
@@ -811,6 +887,44 @@ fn ci_seeds_first_half() {
 #[test]
 fn ci_seeds_second_half() {
     run_seeds(CI_SEEDS.start + 8..CI_SEEDS.end);
+}
+
+/// The CI seeds' faults, with contenders on a semaphore, a read-write lock and an
+/// election.
+#[test]
+fn ci_seeds_with_every_kind() {
+    run_plans(CI_KIND_SEEDS.map(Plan::with_kinds));
+}
+
+/// Negative control for the kind seeds: checked as if the semaphore had one permit and the
+/// readers were writers, the same runs show overlaps. So the clean checks above had
+/// several holders at once to check.
+#[test]
+fn negative_control_the_kind_seeds_really_share() {
+    let mut overlapped = std::collections::BTreeSet::new();
+    for seed in CI_KIND_SEEDS.take(3) {
+        let outcome = simulate_plan(Plan::with_kinds(seed), true);
+        let stricter: Vec<ClientEvent> = (outcome.clients.iter().cloned())
+            .map(|mut e| {
+                if let ClientKind::HeldAs(token, hold) = e.kind {
+                    e.kind = match hold {
+                        Hold::Permit(n) if n > 1 => ClientKind::HeldAs(token, Hold::Permit(n - 1)),
+                        _ => ClientKind::Held(token),
+                    };
+                }
+                e
+            })
+            .collect();
+        for v in history::check(&[], &stricter, &[]).violations {
+            overlapped.insert(v.split(':').next().unwrap_or_default().to_owned());
+        }
+    }
+    for lock in ["pool", "config"] {
+        assert!(
+            overlapped.contains(lock),
+            "{lock} never had two holders at once in the kind seeds: {overlapped:?}"
+        );
+    }
 }
 
 #[test]

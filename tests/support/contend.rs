@@ -85,16 +85,58 @@ pub fn contend_waiting(
 }
 
 /// One turn's grant: a guard, or leadership (which proclaims).
-enum Turn {
+pub enum Turn {
     Guard(LockGuard),
     Leader(leasehold::Leadership),
 }
 
 impl Turn {
-    fn guard(&self) -> &LockGuard {
+    pub fn guard(&self) -> &LockGuard {
         match self {
             Turn::Guard(guard) => guard,
             Turn::Leader(leadership) => leadership.guard(),
+        }
+    }
+
+    pub async fn release(self) -> Result<(), leasehold::Error> {
+        match self {
+            Turn::Guard(guard) => guard.release().await,
+            Turn::Leader(leadership) => leadership.resign().await,
+        }
+    }
+}
+
+/// Takes `take` of `name`: leadership campaigns with `value`.
+pub async fn take_turn(
+    dl: &DistributedLock,
+    name: &str,
+    take: Take,
+    value: &str,
+    lease: Duration,
+    timeout: Duration,
+    auto_renew: bool,
+) -> Result<Turn, leasehold::Error> {
+    match take {
+        Take::Lead => {
+            let campaign = (dl.election(name).campaign(value))
+                .expires_in(lease)
+                .timeout(timeout)
+                .auto_renew(auto_renew);
+            campaign.await.map(Turn::Leader)
+        }
+        take => {
+            let request = match take {
+                Take::Read => dl.read_lock(name),
+                Take::Write => dl.write_lock(name),
+                Take::Permits(n) => dl.semaphore(name, n),
+                _ => dl.lock(name),
+            };
+            (request
+                .expires_in(lease)
+                .timeout(timeout)
+                .auto_renew(auto_renew)
+                .await)
+                .map(Turn::Guard)
         }
     }
 }
@@ -167,10 +209,7 @@ pub fn contend_as(
                 // The work done under the lock.
                 tokio::time::sleep(Duration::from_millis(rng.u64(1..30))).await;
             }
-            let _ = match turn {
-                Turn::Guard(guard) => guard.release().await,
-                Turn::Leader(leadership) => leadership.resign().await,
-            };
+            let _ = turn.release().await;
         }
     })
 }
