@@ -177,6 +177,32 @@ async fn run(client_rt: String, queue_times: QueueTimes) {
                 us(gap.p50),
                 us(gap.p99)
             );
+            // The other kinds' hand-overs, against the mutex's of the same round (target:
+            // within 1.2x): a permit of a one-permit semaphore passing between 8 tasks, and
+            // 4 writers and 4 readers taking turns on one read-write lock.
+            let lease = leasehold::DEFAULT_EXPIRES_IN;
+            let secs = Duration::from_secs(settings.secs);
+            let (sem, _, sem_grants) =
+                common::handoff_with(vec![dl.clone(); 8], lease, secs, |dl, _| {
+                    dl.semaphore("hot-semaphore", 1)
+                })
+                .await;
+            let (rw, _, rw_grants) =
+                common::handoff_with(vec![dl.clone(); 8], lease, secs, |dl, id| {
+                    if id % 2 == 0 {
+                        dl.write_lock("hot-rw")
+                    } else {
+                        dl.read_lock("hot-rw")
+                    }
+                })
+                .await;
+            println!(
+                "handoff kinds     round {round}: semaphore gap p50 {:>7.1} µs ({sem_grants} grants, ratio to mutex {:.2}) | read-write gap p50 {:>7.1} µs ({rw_grants} grants, ratio {:.2})",
+                us(sem.p50),
+                sem.p50.as_secs_f64() / gap.p50.as_secs_f64(),
+                us(rw.p50),
+                rw.p50.as_secs_f64() / gap.p50.as_secs_f64(),
+            );
         }
         for round in 1..=3 {
             let secs = Duration::from_secs(settings.secs);

@@ -37,6 +37,18 @@ pub async fn handoff(
     lease: Duration,
     duration: Duration,
 ) -> (Stats, usize, usize) {
+    handoff_with(clients, lease, duration, |dl, _| dl.lock("hot")).await
+}
+
+/// [`handoff`], each task `id` taking what `request(client, id)` asks for: a permit of a
+/// semaphore, a read or a write lock. The gap of a grant is counted from the latest
+/// release, the one that let it in.
+pub async fn handoff_with(
+    clients: Vec<DistributedLock>,
+    lease: Duration,
+    duration: Duration,
+    request: fn(&DistributedLock, usize) -> leasehold::LockRequest,
+) -> (Stats, usize, usize) {
     let tasks = clients.len();
     let origin = Instant::now();
     // Nanoseconds since `origin` at which the last release was sent.
@@ -48,7 +60,7 @@ pub async fn handoff(
         let (released_at, log, stop) = (released_at.clone(), log.clone(), stop.clone());
         set.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let guard = dl.lock("hot").expires_in(lease).await.unwrap();
+                let guard = request(&dl, id).expires_in(lease).await.unwrap();
                 let granted = origin.elapsed();
                 let released = Duration::from_nanos(released_at.load(Ordering::SeqCst));
                 log.lock()
