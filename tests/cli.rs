@@ -910,3 +910,120 @@ async fn revoke_ends_the_holders_lease_and_says_when_nobody_holds() {
     .unwrap();
     assert_eq!(output.status.code(), Some(1), "{output:?}");
 }
+
+#[tokio::test]
+async fn permits_let_that_many_runs_share_a_name_and_readers_share_a_read_lock() {
+    let server = TestServer::start().await;
+    let dir = TempDir::new("permits");
+    let go = dir.file("go");
+    // Each run marks that it runs, then holds on until told to go.
+    let holding = |mark: &str| {
+        format!(
+            "touch '{}'; while [ ! -e '{go}' ]; do sleep 0.01; done",
+            dir.file(mark)
+        )
+    };
+    let first = run_sh(&server.url(), "exports", &["--permits", "2"], &holding("a"));
+    let second = run_sh(&server.url(), "exports", &["--permits", "2"], &holding("b"));
+    let third = run_sh(&server.url(), "exports", &["--permits", "2"], &holding("c"));
+    // Two run at once; the third waits for a permit.
+    eventually(BOUND, "two runs hold permits, one waits", || async {
+        let running = ["a", "b", "c"]
+            .iter()
+            .filter(|m| Path::new(&dir.file(m)).exists())
+            .count();
+        running == 2 && server.inspect("p", "exports").await.1 == 1
+    })
+    .await;
+    let status = finish(cli(&server.url(), &["status", "exports"]).spawn().unwrap()).await;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("2 of 2 permits held"), "{text}");
+    // Another count for the same name is refused with the count in use.
+    let other = finish(run_sh(
+        &server.url(),
+        "exports",
+        &["--permits", "3"],
+        "true",
+    ))
+    .await;
+    assert_eq!(other.status.code(), Some(64), "{other:?}");
+    assert!(stderr(&other).contains("2 permits"), "{}", stderr(&other));
+
+    // Readers share; a run without --read (a writer) waits for them.
+    let r1 = run_sh(&server.url(), "config", &["--read"], &holding("r1"));
+    let r2 = run_sh(&server.url(), "config", &["--read"], &holding("r2"));
+    eventually(BOUND, "both readers run", || async {
+        Path::new(&dir.file("r1")).exists() && Path::new(&dir.file("r2")).exists()
+    })
+    .await;
+    let writer = finish(run_sh(&server.url(), "config", &["--timeout", "0"], "true")).await;
+    assert_eq!(writer.status.code(), Some(75), "{writer:?}");
+
+    std::fs::write(&go, "").unwrap();
+    for run in [first, second, third, r1, r2] {
+        let output = finish(run).await;
+        assert!(output.status.success(), "{output:?}");
+    }
+}
+
+#[tokio::test]
+async fn elect_runs_the_command_only_while_leading_and_shows_its_value() {
+    let server = TestServer::start().await;
+    let dir = TempDir::new("elect");
+    let (log, go) = (dir.file("log"), dir.file("go"));
+    let script = format!(
+        "echo \"leads $LEASEHOLD_FENCING_TOKEN\" >> '{log}'; while [ ! -e '{go}' ]; do sleep 0.01; done"
+    );
+    let elect = |value: &str| {
+        cli(
+            &server.url(),
+            &[
+                "elect",
+                "scheduler",
+                "--value",
+                value,
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        )
+        .spawn()
+        .unwrap()
+    };
+    let a = elect("host-a:8080");
+    eventually(BOUND, "a leads", || async {
+        read(&log).lines().count() == 1
+    })
+    .await;
+    let b = elect("host-b:8080");
+    eventually(BOUND, "b stands by", || async {
+        server.inspect("p", "scheduler").await.1 == 1
+    })
+    .await;
+    let status = finish(
+        cli(&server.url(), &["status", "scheduler"])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("leader value: host-a:8080"), "{text}");
+    assert_eq!(
+        read(&log).lines().count(),
+        1,
+        "only the leader runs its command"
+    );
+    // The leader's command ends: the candidate standing by leads and runs its own.
+    std::fs::write(&go, "").unwrap();
+    let a = finish(a).await;
+    assert!(a.status.success(), "{a:?}");
+    let b = finish(b).await;
+    assert!(b.status.success(), "{b:?}");
+    let tokens: Vec<u64> = read(&log)
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens[1] > tokens[0], "{tokens:?}");
+}

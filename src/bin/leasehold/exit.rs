@@ -29,7 +29,7 @@ pub const HELP: &str = "\
 Exit codes:
   N      the command's own exit code
   128+N  the command died of signal N (or leasehold got signal N while waiting)
-  64     invalid argument
+  64     invalid argument, or a name in use another way (another --permits count)
   69     lock server unavailable, or it answered with an error
   75     timed out waiting for the lock; the command was not run
   76     lease lost while the command ran; the command was stopped
@@ -46,7 +46,8 @@ pub fn for_error(error: &Error) -> u8 {
         Error::Timeout { .. } => TIMEOUT,
         Error::LockLost { .. } => LEASE_LOST,
         Error::Unauthorized { .. } | Error::Forbidden { .. } => NO_PERMISSION,
-        Error::InvalidArgument { .. } => USAGE,
+        // A name in use another way (another --permits count): retrying will not help.
+        Error::InvalidArgument { .. } | Error::Conflict { .. } => USAGE,
         // Unavailable, other server answers, and whatever later versions add.
         _ => UNAVAILABLE,
     }
