@@ -4,7 +4,7 @@
 use crate::duration::human;
 use crate::exit;
 use crate::status::Status;
-use leasehold::{DistributedLock, LockInfo};
+use leasehold::{DistributedLock, LockInfo, LockMode};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -73,13 +73,24 @@ const HEADER: [&str; 8] = [
 /// The cells of one lock's row.
 fn row(info: &LockInfo, now: SystemTime) -> [String; 8] {
     let holder = info.holder.as_ref();
-    let state = match (holder, info.held_back_until) {
-        (Some(_), _) => "held",
-        (None, Some(_)) => "held back",
-        (None, None) => "waiting",
+    let holders = info.holders.len();
+    let state = match (holder, info.held_back_until, info.mode) {
+        (Some(_), _, LockMode::Shared) => format!("read by {holders}"),
+        (Some(_), _, LockMode::Semaphore { permits }) => format!("{holders} of {permits} permits"),
+        (Some(_), _, _) => "held".into(),
+        (None, Some(_), _) => "held back".into(),
+        (None, None, _) => "waiting".into(),
     };
+    // The oldest holder's label (and a leader's value); how many more hold it.
     let label = holder.map_or(String::new(), |h| {
-        h.metadata.clone().unwrap_or_else(|| "-".into())
+        let mut label = h.metadata.clone().unwrap_or_else(|| "-".into());
+        if let Some(value) = &h.value {
+            label.push_str(&format!(" ({value})"));
+        }
+        if holders > 1 {
+            label.push_str(&format!(" +{}", holders - 1));
+        }
+        label
     });
     let held_for = holder.map_or(String::new(), |h| {
         human(now.duration_since(h.acquired_at).unwrap_or_default())
@@ -94,7 +105,7 @@ fn row(info: &LockInfo, now: SystemTime) -> [String; 8] {
     };
     [
         info.name.clone(),
-        state.into(),
+        state,
         label,
         holder.map_or(String::new(), |h| h.fencing_token.to_string()),
         held_for,

@@ -114,6 +114,9 @@
   // ---- the listing -----------------------------------------------------------------------
 
   function kindOf(lock) {
+    const holders = (lock.holders || []).length;
+    if (lock.holder && lock.mode === 'shared') return 'read by ' + holders;
+    if (lock.holder && lock.mode === 'semaphore') return holders + ' of ' + lock.permits + ' permits';
     if (lock.holder) return 'held';
     if (lock.held_back_until_ms) return 'held back';
     return 'waiting';
@@ -122,12 +125,16 @@
   function buildRow(lock) {
     const tr = document.createElement('tr');
     const kind = kindOf(lock);
-    tr.className = kind.replace(' ', '-');
+    tr.className = lock.holder ? 'held' : kind.replace(' ', '-');
     tr.dataset.name = lock.name;
     const h = lock.holder;
     cell(tr, 'name', lock.name);
     cell(tr, 'kind', kind);
-    cell(tr, 'label', h ? (h.metadata == null ? '(no label)' : h.metadata) : '');
+    let label = h ? (h.metadata == null ? '(no label)' : h.metadata) : '';
+    if (h && h.value != null) label += ' (' + h.value + ')';
+    const more = (lock.holders || []).length - 1;
+    if (more > 0) label += ' +' + more;
+    cell(tr, 'label', label);
     cell(tr, 'token num', h ? String(h.fencing_token) : '');
     const entry = {
       lock,
