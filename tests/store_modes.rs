@@ -1,0 +1,340 @@
+//! The memory store's semaphores, read-write locks and elections, through the `LockStore`
+//! calls the HTTP layer makes: modes and their conflicts, several holders of one lock,
+//! revoking them all, proclaiming, and observing every leadership change.
+
+use leasehold::server::store::memory::{MemoryConfig, MemoryStore};
+use leasehold::server::store::{
+    AcquireOutcome, AcquireSpec, Ended, EventKind, Grant, Id, LockStore, Mode, Observation,
+    Proclaimed, Project, Quota, Release, Renewal, StoreError, StoreEvent,
+};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+fn project() -> Project {
+    Project {
+        id: 1,
+        name: "p".into(),
+    }
+}
+
+fn id(n: u128) -> Id {
+    Id(n.to_be_bytes())
+}
+
+fn spec(name: &str, request: u128, mode: Mode) -> AcquireSpec {
+    AcquireSpec {
+        project: project(),
+        name: name.into(),
+        lease: Duration::from_secs(10),
+        wait: None,
+        poll: Duration::from_millis(50),
+        request_id: id(request),
+        label: None,
+        quota: Quota::default(),
+        max_hold: None,
+        lock_delay: None,
+        mode,
+        value: None,
+    }
+}
+
+fn open() -> (MemoryStore, mpsc::UnboundedReceiver<StoreEvent>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let store = MemoryStore::open(MemoryConfig {
+        events: Some(tx),
+        ..MemoryConfig::default()
+    })
+    .unwrap();
+    (store, rx)
+}
+
+async fn granted(store: &MemoryStore, spec: AcquireSpec) -> Grant {
+    match store.acquire(spec).await.unwrap() {
+        AcquireOutcome::Granted(grant) => grant,
+        other => panic!("not granted: {other:?}"),
+    }
+}
+
+async fn waits(store: &MemoryStore, spec: AcquireSpec) {
+    let outcome = store.acquire(spec).await.unwrap();
+    assert!(
+        matches!(outcome, AcquireOutcome::StillWaiting { .. }),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn readers_share_and_a_writer_waits_for_them_all() {
+    let (store, mut events) = open();
+    let p = project();
+    let r1 = granted(&store, spec("rw", 1, Mode::Shared)).await;
+    let r2 = granted(&store, spec("rw", 2, Mode::Shared)).await;
+    assert!(r2.fencing_token > r1.fencing_token);
+    waits(&store, spec("rw", 3, Mode::Exclusive)).await;
+    waits(&store, spec("rw", 4, Mode::Shared)).await;
+    let view = store.inspect(&p, "rw").await.unwrap().unwrap();
+    assert_eq!(view.mode, Mode::Shared);
+    assert_eq!(view.waiters, 2);
+    let tokens: Vec<u64> = view.holders.iter().map(|h| h.fencing_token).collect();
+    assert_eq!(tokens, [r1.fencing_token, r2.fencing_token], "oldest first");
+    assert_eq!(store.stats().held, 1, "one lock held, by two readers");
+    assert_eq!(store.stats().waiters, 2);
+
+    assert_eq!(
+        store.release(&p, "rw", r1.lease_id).await.unwrap(),
+        Release::Released
+    );
+    assert_eq!(
+        store.release(&p, "rw", r2.lease_id).await.unwrap(),
+        Release::Released
+    );
+    let w = granted(&store, spec("rw", 3, Mode::Exclusive)).await;
+    assert!(w.fencing_token > r2.fencing_token);
+    assert_eq!(
+        store.inspect(&p, "rw").await.unwrap().unwrap().mode,
+        Mode::Exclusive
+    );
+
+    let mut shared_grants = 0;
+    while let Ok(event) = events.try_recv() {
+        if let EventKind::Granted {
+            shared, permits, ..
+        } = event.kind
+        {
+            assert_eq!(permits, None);
+            shared_grants += usize::from(shared);
+        }
+    }
+    assert_eq!(shared_grants, 2);
+}
+
+#[tokio::test]
+async fn a_semaphore_grants_up_to_its_permits_and_refuses_other_uses() {
+    let (store, mut events) = open();
+    let p = project();
+    let a = granted(&store, spec("sem", 1, Mode::Permit(2))).await;
+    let _b = granted(&store, spec("sem", 2, Mode::Permit(2))).await;
+    waits(&store, spec("sem", 3, Mode::Permit(2))).await;
+    for (request, mode, expected) in [
+        (4, Mode::Permit(3), "2 permits"),
+        (5, Mode::Exclusive, "semaphore with 2 permits"),
+        (6, Mode::Shared, "semaphore with 2 permits"),
+    ] {
+        match store.acquire(spec("sem", request, mode)).await {
+            Err(StoreError::Conflict(message)) => assert!(message.contains(expected), "{message}"),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+    let view = store.inspect(&p, "sem").await.unwrap().unwrap();
+    assert_eq!(
+        (view.mode, view.holders.len(), view.waiters),
+        (Mode::Permit(2), 2, 1)
+    );
+    assert_eq!(
+        store.release(&p, "sem", a.lease_id).await.unwrap(),
+        Release::Released
+    );
+    granted(&store, spec("sem", 3, Mode::Permit(2))).await;
+    let permits: Vec<Option<u32>> = std::iter::from_fn(|| events.try_recv().ok())
+        .filter_map(|e| match e.kind {
+            EventKind::Granted { permits, .. } => Some(permits),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(permits, [Some(2); 3]);
+}
+
+#[tokio::test]
+async fn a_revoke_ends_every_holder() {
+    let (store, _events) = open();
+    let p = project();
+    let r1 = granted(&store, spec("rv", 1, Mode::Shared)).await;
+    let r2 = granted(&store, spec("rv", 2, Mode::Shared)).await;
+    let tokens = store.revoke(&p, "rv").await.unwrap();
+    assert_eq!(tokens, [r1.fencing_token, r2.fencing_token]);
+    let renewed = store
+        .renew(
+            &p,
+            vec![("rv".into(), r1.lease_id), ("rv".into(), r2.lease_id)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed, [Renewal::Gone(Some(Ended::Revoked)); 2]);
+    assert!(store.revoke(&p, "rv").await.unwrap().is_empty());
+    assert_eq!(store.stats().held, 0);
+}
+
+/// Observes `name` after `after` for up to `wait`.
+async fn observe(store: &MemoryStore, after: u64, wait: Duration) -> Vec<Observation> {
+    store
+        .observe(&project(), "el", Some(after), wait)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn observers_see_every_leader_and_value() {
+    let (store, mut events) = open();
+    let p = project();
+    let first = store.observe(&p, "el", None, Duration::ZERO).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].leader, None);
+    let mut seen = first[0].revision;
+    assert!(observe(&store, seen, Duration::ZERO).await.is_empty());
+
+    let mut campaign = spec("el", 1, Mode::Exclusive);
+    campaign.value = Some("a".into());
+    campaign.label = Some("host-a".into());
+    let a = granted(&store, campaign).await;
+    waits(&store, spec("el", 2, Mode::Exclusive)).await;
+    let states = observe(&store, seen, Duration::ZERO).await;
+    let leader = states[0].leader.as_ref().unwrap();
+    assert_eq!(
+        (
+            leader.fencing_token,
+            leader.value.as_str(),
+            leader.label.as_deref()
+        ),
+        (a.fencing_token, "a", Some("host-a"))
+    );
+    seen = states[0].revision;
+
+    // A waiting observer is woken by the change.
+    let (done, changes) = tokio::join!(
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            store
+                .proclaim(&p, "el", a.lease_id, "b".into())
+                .await
+                .unwrap()
+        },
+        observe(&store, seen, Duration::from_secs(10)),
+    );
+    assert_eq!(done, Proclaimed::Done);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].leader.as_ref().unwrap().value, "b");
+    assert!(changes[0].revision > seen);
+    seen = changes[0].revision;
+    let view = store.inspect(&p, "el").await.unwrap().unwrap();
+    assert_eq!(view.holders[0].value.as_deref(), Some("b"));
+
+    // A release hands over at once: the observer sees the moment nobody led, then the next
+    // leader, in order.
+    assert_eq!(
+        store.release(&p, "el", a.lease_id).await.unwrap(),
+        Release::Released
+    );
+    let b = granted(&store, spec("el", 2, Mode::Exclusive)).await;
+    let states = observe(&store, seen, Duration::ZERO).await;
+    let leaders: Vec<Option<u64>> = states
+        .iter()
+        .map(|s| s.leader.as_ref().map(|l| l.fencing_token))
+        .collect();
+    assert_eq!(leaders, [None, Some(b.fencing_token)]);
+    assert!(states.windows(2).all(|w| w[0].revision < w[1].revision));
+    assert_eq!(states[1].leader.as_ref().unwrap().value, "", "no value");
+    seen = states[1].revision;
+
+    // Asked again from the start, the current state.
+    let now = store.observe(&p, "el", None, Duration::ZERO).await.unwrap();
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].revision, seen);
+    // From a revision older than the history, the current state alone.
+    let stale = observe(&store, 1, Duration::ZERO).await;
+    assert_eq!(stale.len(), 1);
+    assert_eq!(
+        stale[0].leader.as_ref().unwrap().fencing_token,
+        b.fencing_token
+    );
+
+    // A lease gone is `Gone` to proclaim, with its reason when remembered.
+    assert_eq!(
+        store
+            .proclaim(&p, "el", a.lease_id, "x".into())
+            .await
+            .unwrap(),
+        Proclaimed::Gone(None)
+    );
+    let proclaimed: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
+        .filter_map(|e| match e.kind {
+            EventKind::Proclaimed { value, .. } => Some(value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(proclaimed, ["b"]);
+}
+
+#[tokio::test]
+async fn an_observer_learns_of_a_leader_whose_lease_ran_out() {
+    let (store, _events) = open();
+    let p = project();
+    let mut campaign = spec("el", 1, Mode::Exclusive);
+    campaign.lease = Duration::from_millis(200);
+    let a = granted(&store, campaign).await;
+    let now = store.observe(&p, "el", None, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        now[0].leader.as_ref().map(|l| l.fencing_token),
+        Some(a.fencing_token)
+    );
+    let started = Instant::now();
+    let states = observe(&store, now[0].revision, Duration::from_secs(10)).await;
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].leader, None);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "at the lease's end, not at a sweep: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        store
+            .proclaim(&p, "el", a.lease_id, "late".into())
+            .await
+            .unwrap(),
+        Proclaimed::Gone(Some(Ended::Expired))
+    );
+}
+
+#[tokio::test]
+async fn only_an_exclusive_holder_proclaims() {
+    let (store, _events) = open();
+    let p = project();
+    let r = granted(&store, spec("rw", 1, Mode::Shared)).await;
+    match store.proclaim(&p, "rw", r.lease_id, "v".into()).await {
+        Err(StoreError::Conflict(message)) => {
+            assert!(message.contains("only an exclusive holder"), "{message}")
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    let s = granted(&store, spec("sem", 2, Mode::Permit(3))).await;
+    assert!(matches!(
+        store.proclaim(&p, "sem", s.lease_id, "v".into()).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Nobody leads a read lock or a semaphore.
+    for name in ["rw", "sem"] {
+        let states = store.observe(&p, name, None, Duration::ZERO).await.unwrap();
+        assert_eq!(states[0].leader, None);
+    }
+    assert_eq!(
+        store
+            .proclaim(&p, "nothing", r.lease_id, "v".into())
+            .await
+            .unwrap(),
+        Proclaimed::Gone(None)
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_observer_times_out_empty() {
+    let (store, _events) = open();
+    let p = project();
+    let first = store.observe(&p, "el", None, Duration::ZERO).await.unwrap();
+    let started = Instant::now();
+    assert!(
+        observe(&store, first[0].revision, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(100));
+}
