@@ -484,7 +484,8 @@ async fn status_shows_the_holder_and_the_waiters() {
     let free: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         free,
-        serde_json::json!({"name": "st", "holder": null, "waiters": 0, "oldest_wait_ms": null,
+        serde_json::json!({"name": "st", "mode": "exclusive", "permits": null, "holder": null,
+                           "holders": [], "waiters": 0, "oldest_wait_ms": null,
                            "held_back_until": null})
     );
 
