@@ -338,3 +338,49 @@ async fn a_waiting_observer_times_out_empty() {
     );
     assert!(started.elapsed() >= Duration::from_millis(100));
 }
+
+#[tokio::test]
+async fn waiters_are_granted_when_holders_run_out_without_a_sweep() {
+    let store = MemoryStore::open(MemoryConfig {
+        // Only the locks' own timers can grant in this test.
+        sweep_interval: Duration::from_secs(600),
+        ..MemoryConfig::default()
+    })
+    .unwrap();
+    let lease = |name: &str, request: u128, mode: Mode, ms: u64| {
+        let mut spec = spec(name, request, mode);
+        spec.lease = Duration::from_millis(ms);
+        spec
+    };
+    let long_poll = |name: &str, request: u128, mode: Mode| {
+        let mut spec = spec(name, request, mode);
+        spec.poll = Duration::from_secs(10);
+        spec
+    };
+    granted(&store, lease("rw", 1, Mode::Shared, 100)).await;
+    granted(&store, lease("rw", 2, Mode::Shared, 300)).await;
+    granted(&store, lease("sem", 3, Mode::Permit(2), 200)).await;
+    granted(&store, lease("sem", 4, Mode::Permit(2), 200)).await;
+    let started = Instant::now();
+    let (writer, (p1, p2)) = tokio::join!(
+        async {
+            let grant = granted(&store, long_poll("rw", 5, Mode::Exclusive)).await;
+            (grant, started.elapsed())
+        },
+        async {
+            tokio::join!(
+                granted(&store, long_poll("sem", 6, Mode::Permit(2))),
+                granted(&store, long_poll("sem", 7, Mode::Permit(2))),
+            )
+        },
+    );
+    let (_, waited) = writer;
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "the writer waited for the last reader: {waited:?}"
+    );
+    assert!(p2.fencing_token != p1.fencing_token);
+    let view = store.inspect(&project(), "sem").await.unwrap().unwrap();
+    assert_eq!(view.holders.len(), 2);
+    assert_eq!(store.stats().expirations, 4);
+}

@@ -888,13 +888,11 @@ impl<L: Listener> LockState<L> {
         });
     }
 
-    /// Drops the detached waiters whose grace period is over: nobody will come back for
-    /// them.
+    /// Drops the detached waiters whose grace period is over (nobody will come back for
+    /// them), then settles. The sweep runs it on every lock of the table: one settle, and
+    /// the line is walked only where someone waits.
     pub fn drop_abandoned(&mut self, tick: Tick, fx: &mut impl Effects) {
-        self.around(tick, fx, |lock, fx| {
-            let Some(queue) = &mut lock.queue else {
-                return;
-            };
+        if let Some(queue) = &mut self.queue {
             queue.waiters.retain(|w| {
                 let stays =
                     w.notify.is_some() || tick.now < w.detached_at.saturating_add(tick.grace);
@@ -906,7 +904,8 @@ impl<L: Listener> LockState<L> {
                 }
                 stays
             });
-        });
+        }
+        self.settle(tick, fx);
     }
 }
 

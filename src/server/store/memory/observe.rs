@@ -13,7 +13,11 @@ pub(super) async fn observe(
     after: Option<u64>,
     wait: Duration,
 ) -> Result<Vec<Observation>, StoreError> {
-    let until = Instant::now() + wait;
+    let now = Instant::now();
+    // A wait too long to count is a wait without end (a year is one here).
+    let until = now
+        .checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
     let fingerprint = shared.fingerprint(&key);
     loop {
         let (answer, leader_ends) = shared.observe_now(&key, fingerprint, after);
