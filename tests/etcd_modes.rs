@@ -766,3 +766,158 @@ async fn a_lock_delay_keeps_the_ended_holders_place() {
         "the ended reader's delay key (the permit holder's has run out)"
     );
 }
+
+/// Past the first read's window: a reader behind more than 64 readers, a semaphore of more
+/// permits than a waiter watches keys for (woken by any departure from the lock instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lines_of_readers_and_large_semaphores_are_read_further() {
+    let etcd = EtcdCluster::start(1).await;
+    let store = store(&etcd).await;
+    for _ in 0..70 {
+        granted(&store, try_once("readers", Mode::Shared)).await;
+    }
+    assert_eq!(shown(&store, "readers").await.0.len(), 70);
+    let writer = waiter(&store, spec("readers", Mode::Exclusive));
+    until_waiters(&store, "readers", 1).await;
+    for _ in 0..70 {
+        assert!(matches!(
+            store
+                .acquire(try_once("readers", Mode::Shared))
+                .await
+                .unwrap(),
+            AcquireOutcome::TimedOut { .. }
+        ));
+    }
+    drop(writer);
+
+    let big = Mode::Permit(300);
+    let mut holders = Vec::new();
+    for _ in 0..300 {
+        holders.push(granted(&store, try_once("big", big)).await);
+    }
+    assert!(matches!(
+        store.acquire(try_once("big", big)).await.unwrap(),
+        AcquireOutcome::TimedOut { .. }
+    ));
+    let waiting = waiter(&store, spec("big", big));
+    until_waiters(&store, "big", 1).await;
+    still_waiting(&waiting).await;
+    // A holder in the middle goes: the waiter (which watches the whole lock) is granted.
+    release(&store, "big", &holders[150]).await;
+    let grant = within(BOUND, waiting).await.unwrap();
+    assert!(grant.fencing_token > holders[299].fencing_token);
+    assert_eq!(shown(&store, "big").await.0.len(), 300);
+}
+
+/// A holder's max_hold ends it on time with nobody renewing: a writer waiting behind readers,
+/// and a semaphore's first waiter, end the holders whose max_hold is over.
+#[tokio::test]
+async fn waiters_end_holders_at_their_max_hold() {
+    let etcd = EtcdCluster::start(1).await;
+    let store = store(&etcd).await;
+    let p = project();
+    let held_at_most = |name: &str, mode| AcquireSpec {
+        max_hold: Some(Duration::from_secs(1)),
+        ..spec(name, mode)
+    };
+    let started = Instant::now();
+    let readers = [
+        granted(&store, spec("rw", Mode::Shared)).await,
+        granted(&store, held_at_most("rw", Mode::Shared)).await,
+    ];
+    let writer = waiter(&store, spec("rw", Mode::Exclusive));
+    until_waiters(&store, "rw", 1).await;
+    release(&store, "rw", &readers[0]).await;
+    // The lease is 10 s: only its max_hold can free the lock this soon.
+    within(Duration::from_secs(5), writer).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let renewed = store
+        .renew(&p, vec![("rw".into(), readers[1].lease_id)])
+        .await;
+    assert_eq!(renewed.unwrap(), vec![Renewal::Gone(Some(Ended::MaxHold))]);
+
+    let started = Instant::now();
+    let permits = [
+        granted(&store, held_at_most("sem", Mode::Permit(2))).await,
+        granted(&store, spec("sem", Mode::Permit(2))).await,
+    ];
+    let third = waiter(&store, spec("sem", Mode::Permit(2)));
+    until_waiters(&store, "sem", 1).await;
+    within(Duration::from_secs(5), third).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let renewed = store
+        .renew(
+            &p,
+            permits.iter().map(|g| ("sem".into(), g.lease_id)).collect(),
+        )
+        .await;
+    assert_eq!(renewed.unwrap()[0], Renewal::Gone(Some(Ended::MaxHold)));
+}
+
+/// Acquires of different kinds placed at once through two servers: whichever are refused,
+/// those granted share one kind, and refused ones leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquires_of_different_kinds_racing_through_two_servers() {
+    let etcd = EtcdCluster::start(1).await;
+    let stores = [store(&etcd).await, store(&etcd).await];
+    let kind = |mode: Mode| match mode {
+        Mode::Permit(n) => n,
+        Mode::Exclusive | Mode::Shared => 0,
+    };
+    let mut refusals = 0;
+    for round in 0..8 {
+        let name = format!("race{round}");
+        let modes = [
+            Mode::Permit(2),
+            Mode::Exclusive,
+            Mode::Permit(3),
+            Mode::Shared,
+            Mode::Permit(2),
+            Mode::Shared,
+        ];
+        let mut racers = Vec::new();
+        for (i, mode) in modes.into_iter().enumerate() {
+            let store = stores[i % 2].clone();
+            let spec = AcquireSpec {
+                wait: Some(Duration::from_millis(500)),
+                ..spec(&name, mode)
+            };
+            racers.push(tokio::spawn(
+                async move { (mode, store.acquire(spec).await) },
+            ));
+        }
+        let mut granted_kinds = Vec::new();
+        let mut grants = Vec::new();
+        for racer in racers {
+            match within(BOUND, racer).await.unwrap() {
+                (mode, Ok(AcquireOutcome::Granted(grant))) => {
+                    granted_kinds.push(kind(mode));
+                    grants.push(grant);
+                }
+                (_, Ok(AcquireOutcome::TimedOut { .. })) => {}
+                (_, Err(StoreError::Conflict(_))) => refusals += 1,
+                (mode, other) => panic!("{mode:?}: {other:?}"),
+            }
+        }
+        granted_kinds.dedup();
+        assert_eq!(
+            granted_kinds.len(),
+            1,
+            "round {round}: kinds {granted_kinds:?}"
+        );
+        // Only the holders are left in line, and their request keys.
+        eventually(BOUND, "refused and timed-out acquires gone", || async {
+            let left = grants.len() as i64;
+            keys_under(&etcd, "/leasehold/p/").await == left
+                && keys_under(&etcd, "/leasehold/r/").await == left
+        })
+        .await;
+        for grant in &grants {
+            release(&stores[0], &name, grant).await;
+        }
+    }
+    assert!(
+        refusals > 0,
+        "no race produced a conflict: the test proves little"
+    );
+}

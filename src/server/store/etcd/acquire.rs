@@ -249,12 +249,22 @@ impl Inner {
                 .map_or(self.max_waiters_per_lock as u64, |q| {
                     q.min(self.max_waiters_per_lock as u64)
                 });
-            // Holders are not waiters: an exclusive lock has one, a semaphore up to its
-            // permits. Readers are counted as one (the others are not read here), so a lock
-            // held by many readers reaches the limit early by their number.
-            let holders = match spec.mode {
-                Mode::Permit(n) => (n as i64).min(in_line - 1),
-                Mode::Exclusive | Mode::Shared => 1,
+            // Holders are not waiters. Exact when every entry ahead was read; else a lock has
+            // one, a semaphore up to its permits, and readers are counted as one (the others
+            // are not read here), so a lock held by many readers reaches the limit early by
+            // their number.
+            let holders = if complete {
+                let ahead: Vec<(i64, Mode)> = nearest
+                    .iter()
+                    .rev()
+                    .map(|kv| (kv.create_revision(), Entry::decode(kv.value()).mode()))
+                    .collect();
+                rule::holding(&ahead, &[]) as i64
+            } else {
+                match spec.mode {
+                    Mode::Permit(n) => (n as i64).min(in_line - 1),
+                    Mode::Exclusive | Mode::Shared => 1,
+                }
             };
             let waiters = (in_line - holders).max(0) as u64;
             if waiters > max_waiters {
