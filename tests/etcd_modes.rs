@@ -647,6 +647,12 @@ async fn observers_see_every_leadership_state_in_order() {
     assert!(now[0].revision >= last);
     assert_eq!(states(&now), vec![Some((d.fencing_token, "d".to_owned()))]);
 
+    // A revision etcd has not reached: nothing changed since, so nothing to tell.
+    let ahead = now[0].revision + 1_000_000;
+    let future = store
+        .observe(&p, "election", Some(ahead), Duration::from_millis(200))
+        .await;
+    assert_eq!(future.unwrap(), vec![]);
     // After a compaction, an old revision answers the current state alone.
     let mut client = etcd.client().await;
     let head = client

@@ -60,8 +60,13 @@ fn conflict<'a>(
 }
 
 impl Inner {
-    pub(super) async fn acquire(&self, spec: AcquireSpec) -> Result<AcquireOutcome, EtcdError> {
+    pub(super) async fn acquire(&self, mut spec: AcquireSpec) -> Result<AcquireOutcome, EtcdError> {
         let arrived = Instant::now();
+        // The HTTP layer refuses 0 permits; were one to get here, it is what every server
+        // reads the entry as (see `Entry::mode`), not a semaphore nobody can hold.
+        if let Mode::Permit(0) = spec.mode {
+            spec.mode = Mode::Permit(1);
+        }
         let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
         let last_poll = spec.wait.is_some_and(|w| w <= spec.poll);
         let keys = self.keys(&spec.project, &spec.name);

@@ -24,7 +24,8 @@ use super::{Inner, held_by};
 use crate::id::Id;
 use crate::server::store::{LeaderView, Mode, Observation, Proclaimed, Project};
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, KeyValue, SortOrder, SortTarget, Txn, WatchOptions,
+    Compare, CompareOp, EventType, GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp,
+    WatchOptions,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -263,35 +264,48 @@ impl Inner {
         })
     }
 
-    /// The queue as it was at `at` (0: now): its entries' names (pages of names, all at that
-    /// revision), the head's entry and the delay keys.
+    /// The queue as it was at `at` (0: now): its entries' names, the head's entry and the
+    /// delay keys, in one transaction reading at that revision (further pages of names, for a
+    /// queue of more than a page, after it).
     async fn replay_at(&self, keys: &LockKeys, at: i64) -> Result<Replay, EtcdError> {
-        let mut replay = Replay {
-            keys: keys.clone(),
-            at,
-            queue: BTreeMap::new(),
-            by_key: HashMap::new(),
-            delays: Vec::new(),
-            leader: None,
-        };
-        let mut after = 0;
-        loop {
-            let options = GetOptions::new()
+        let names = |after: i64, at: i64| {
+            GetOptions::new()
                 .with_prefix()
                 .with_keys_only()
                 .with_sort(SortTarget::Create, SortOrder::Ascend)
                 .with_min_create_revision(after + 1)
                 .with_limit(PAGE as i64)
-                .with_revision(replay.at);
-            let mut page = self
-                .etcd
-                .get("observe", keys.queue(), Some(options))
-                .await?;
-            if replay.at == 0 {
-                replay.at = page.header().map_or(0, |h| h.revision());
-            }
-            let names = page.take_kvs();
-            for kv in &names {
+                .with_revision(at)
+        };
+        let head = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1)
+            .with_revision(at);
+        let delays = GetOptions::new().with_prefix().with_revision(at);
+        let answer = self
+            .etcd
+            .txn(
+                "observe",
+                Txn::new().and_then(vec![
+                    TxnOp::get(keys.queue(), Some(names(0, at))),
+                    TxnOp::get(keys.queue(), Some(head)),
+                    TxnOp::get(keys.delays(), Some(delays)),
+                ]),
+            )
+            .await?;
+        let at = if at == 0 { revision(&answer) } else { at };
+        let mut replay = Replay {
+            keys: keys.clone(),
+            at,
+            queue: BTreeMap::new(),
+            by_key: HashMap::new(),
+            delays: tokens(&kvs(&answer, 2)),
+            leader: None,
+        };
+        let mut page = kvs(&answer, 0);
+        loop {
+            for kv in &page {
                 replay
                     .by_key
                     .insert(kv.key().to_vec(), kv.create_revision());
@@ -299,14 +313,21 @@ impl Inner {
                     .queue
                     .insert(kv.create_revision(), (kv.key().to_vec(), None));
             }
-            match names.last() {
-                Some(last) if names.len() == PAGE => after = last.create_revision(),
+            let after = match page.last() {
+                Some(last) if page.len() == PAGE => last.create_revision(),
                 _ => break,
-            }
+            };
+            let mut more = self
+                .etcd
+                .get("observe", keys.queue(), Some(names(after, at)))
+                .await?;
+            page = more.take_kvs();
         }
-        let at = replay.at;
-        self.read_head(&mut replay, at).await?;
-        replay.delays = self.delays_at(keys, replay.at).await?;
+        if let Some(head) = first(&answer, 1)
+            && let Some((_, entry)) = replay.queue.get_mut(&head.create_revision())
+        {
+            *entry = Some(Entry::decode(head.value()));
+        }
         replay.leader = replay.leader();
         Ok(replay)
     }

@@ -172,7 +172,8 @@ fn judge_live(own: Mode, nearest: &[Mode], complete: bool) -> Verdict {
             let n = n as usize;
             if nearest.len() >= n {
                 // `n` entries ahead, holders or waiters: no permit for it while they all stay.
-                blocked(witnesses(0..n), false, complete)
+                // Exactly `n`, all read: it is the first waiter.
+                blocked(witnesses(0..n), false, complete && nearest.len() == n)
             } else if !complete {
                 Verdict::NeedMore
             } else if nearest.iter().all(|&m| m == own) {
@@ -286,6 +287,15 @@ mod tests {
         assert_eq!(
             judge(big, &[big; 1000], false, &[]),
             blocked(Witnesses::Lock, false, false)
+        );
+        assert_eq!(
+            judge(big, &[big; 1000], true, &[]),
+            blocked(Witnesses::Lock, false, true)
+        );
+        assert_eq!(
+            judge(big, &[big; 1001], true, &[]),
+            blocked(Witnesses::Lock, false, false),
+            "the second waiter leaves holders to the first"
         );
         assert_eq!(window(X), 1);
         assert_eq!(window(P(3)), 4);
