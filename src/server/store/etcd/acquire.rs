@@ -4,12 +4,13 @@
 use super::Inner;
 use super::call::{
     EtcdError, absent, count, count_of, delete, empty, first, get, kvs, put, queue_newest,
-    queue_oldest, revision,
+    queue_oldest, revision, under,
 };
 use super::keys::{Entry, LeaseId, LockKeys, Slot, project_queues, unix_ms};
 use super::leases::ttl_for;
-use super::limits::Gate;
-use crate::server::store::{AcquireOutcome, AcquireSpec, Grant};
+use super::rule;
+use super::wait::{Standing, standing_from};
+use crate::server::store::{AcquireOutcome, AcquireSpec, Grant, Mode};
 use etcd_client::{Compare, CompareOp, KeyValue, Txn};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -46,24 +47,26 @@ enum Placed {
     Waiting(Place, Option<Standing>),
 }
 
-/// Where a waiter stands.
-pub(super) enum Standing {
-    /// Its key is gone (cancelled, or its lease ran out).
-    Gone,
-    /// First in line: it holds the lock.
-    Head,
-    /// Behind `predecessor`, as of `revision`. `head` is the first in line, when known: if
-    /// it is the predecessor and has a `max_hold`, this waiter ends it when that is over.
-    Behind {
-        predecessor: Vec<u8>,
-        revision: i64,
-        head: Option<Box<KeyValue>>,
-    },
+/// Why `mode` may not queue behind the entries read (the head first, then the nearest
+/// ahead), if it may not: the message of the first conflicting one.
+fn conflict<'a>(
+    name: &str,
+    mode: Mode,
+    entries: impl IntoIterator<Item = &'a KeyValue>,
+) -> Option<String> {
+    entries
+        .into_iter()
+        .find_map(|kv| mode.conflict(name, Entry::decode(kv.value()).mode()))
 }
 
 impl Inner {
-    pub(super) async fn acquire(&self, spec: AcquireSpec) -> Result<AcquireOutcome, EtcdError> {
+    pub(super) async fn acquire(&self, mut spec: AcquireSpec) -> Result<AcquireOutcome, EtcdError> {
         let arrived = Instant::now();
+        // The HTTP layer refuses 0 permits; were one to get here, it is what every server
+        // reads the entry as (see `Entry::mode`), not a semaphore nobody can hold.
+        if let Mode::Permit(0) = spec.mode {
+            spec.mode = Mode::Permit(1);
+        }
         let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
         let last_poll = spec.wait.is_some_and(|w| w <= spec.poll);
         let keys = self.keys(&spec.project, &spec.name);
@@ -75,7 +78,7 @@ impl Inner {
             .await
     }
 
-    /// Resumes the request's place, or queues it (granting at once if the lock is free).
+    /// Resumes the request's place, or queues it (granting at once if the rule admits it).
     async fn find_or_queue(
         &self,
         spec: &AcquireSpec,
@@ -85,6 +88,7 @@ impl Inner {
         let slot = Slot::of(spec.request_id);
         let request_key = keys.request_key(slot);
         let try_once = spec.wait == Some(Duration::ZERO);
+        let window = rule::window(spec.mode);
         // A key whose lease just ran out, or a spare that did, costs a round; a few suffice.
         // After a spare that ran out, fresh leases only: the others may be as old.
         let mut spares_stale = false;
@@ -98,18 +102,22 @@ impl Inner {
                 self.leases.take(ask).await?
             };
             let key = keys.queue_key(lease.id);
-            let entry = Entry {
+            let mut entry = Entry {
                 ttl: lease.ttl,
                 ask,
                 at: unix_ms(SystemTime::now()),
-                granted: None,
                 label: spec.label.clone(),
                 max_hold_ms: spec.max_hold.map(|d| d.as_millis() as u64),
                 lock_delay_ms: spec.lock_delay.map(|d| d.as_millis() as u64),
-                delay_lease: None,
+                value: spec.value.clone(),
+                ..Entry::default()
             };
+            entry.set_mode(spec.mode);
             let mut when = vec![absent(request_key.clone()), absent(key.clone())];
-            if try_once {
+            // Tried once, a writer needs an empty queue: no write when the lock is taken.
+            // Readers and permits may be admitted next to holders, so they queue and look.
+            let only_if_free = try_once && spec.mode == Mode::Exclusive;
+            if only_if_free {
                 when.push(empty(keys.queue()));
             }
             let txn = Txn::new()
@@ -117,9 +125,11 @@ impl Inner {
                 .and_then(vec![
                     put(request_key.clone(), spec.request_id.to_string(), lease.id),
                     put(key.clone(), entry.encode(), lease.id),
-                    // The new key and the one just ahead of it (if any).
-                    queue_newest(keys.queue(), 2),
+                    // The new key and the nearest ahead of it (what the rule needs first),
+                    // the head (for conflicts) and the lock's delay keys.
+                    queue_newest(keys.queue(), window as i64 + 1),
                     queue_oldest(keys.queue(), 1),
+                    under(keys.delays()),
                 ])
                 .or_else(vec![
                     get(request_key.clone()),
@@ -157,7 +167,10 @@ impl Inner {
                         None => continue,
                     }
                 }
-                if try_once && let Some(head) = first(&answer, 1) {
+                if only_if_free && let Some(head) = first(&answer, 1) {
+                    if let Some(message) = conflict(&spec.name, spec.mode, [&head]) {
+                        return Err(EtcdError::Conflict(message));
+                    }
                     // Tried once, and the lock is taken.
                     let holder = self.holder_view(&head).await?;
                     return Ok(Placed::Done(AcquireOutcome::TimedOut { holder }));
@@ -188,43 +201,114 @@ impl Inner {
                 Err(e) => return Err(e),
             }
             let in_line = count_of(&answer, 2);
-            let Some(predecessor) = kvs(&answer, 2).get(1).map(|kv| kv.key().to_vec()) else {
-                return match self.gate(keys, &mut place).await? {
-                    // The lease was refreshed (or granted) after this call began.
-                    Gate::Open => Ok(Placed::Done(AcquireOutcome::Granted(
-                        place.grant(Duration::ZERO),
-                    ))),
-                    Gate::HeldBack if try_once => {
-                        self.give_up(&place);
-                        Ok(Placed::Done(AcquireOutcome::TimedOut { holder: None }))
+            let nearest: Vec<KeyValue> = kvs(&answer, 2)
+                .into_iter()
+                .filter(|kv| kv.create_revision() < place.revision)
+                .collect();
+            let complete = nearest.len() < window;
+            let head = first(&answer, 3).filter(|kv| kv.create_revision() < place.revision);
+            // A name is a read-write lock or a semaphore of `n` permits while anyone holds or
+            // waits for it: an acquire of the other kind leaves at once, refused. Checked
+            // after placing, against the head and the nearest ahead, so that of two acquires
+            // placed at once by different servers the earlier one (the lower create
+            // revision) is the one that stays.
+            if let Some(message) = conflict(&spec.name, spec.mode, head.iter().chain(&nearest)) {
+                self.leave_refused(&place, ask, lease).await?;
+                return Err(EtcdError::Conflict(message));
+            }
+            let own_delay = keys.delay_key(lease.id);
+            let standing = standing_from(
+                spec.mode,
+                place.revision,
+                &own_delay,
+                &nearest,
+                complete,
+                &kvs(&answer, 4),
+                place.revision,
+            );
+            let blocked = match standing {
+                Some(Standing::Admitted { own_delay }) => {
+                    if self.stamp(keys, &mut place, own_delay).await? {
+                        // The lease was refreshed (or granted) after this call began.
+                        return Ok(Placed::Done(AcquireOutcome::Granted(
+                            place.grant(Duration::ZERO),
+                        )));
                     }
-                    Gate::HeldBack => Ok(Placed::Waiting(place, Some(Standing::Head))),
-                    Gate::Gone => continue,
-                };
+                    continue;
+                }
+                Some(Standing::Blocked(blocked)) => blocked,
+                // More entries ahead to read: `wait` does.
+                Some(Standing::Gone) | None => return Ok(Placed::Waiting(place, None)),
             };
+            if try_once {
+                self.give_up(&place);
+                let holder = match head {
+                    Some(head) => self.holder_view(&head).await?,
+                    None => None,
+                };
+                return Ok(Placed::Done(AcquireOutcome::TimedOut { holder }));
+            }
             let max_waiters = spec
                 .quota
                 .max_waiters_per_lock
                 .map_or(self.max_waiters_per_lock as u64, |q| {
                     q.min(self.max_waiters_per_lock as u64)
                 });
-            if in_line as u64 - 1 > max_waiters {
+            // Holders are not waiters. Exact when every entry ahead was read; else a lock has
+            // one, a semaphore up to its permits, and readers are counted as one (the others
+            // are not read here), so a lock held by many readers reaches the limit early by
+            // their number.
+            let holders = if complete {
+                let ahead: Vec<(i64, Mode)> = nearest
+                    .iter()
+                    .rev()
+                    .map(|kv| (kv.create_revision(), Entry::decode(kv.value()).mode()))
+                    .collect();
+                rule::holding(&ahead, &[]) as i64
+            } else {
+                match spec.mode {
+                    Mode::Permit(n) => (n as i64).min(in_line - 1),
+                    Mode::Exclusive | Mode::Shared => 1,
+                }
+            };
+            let waiters = (in_line - holders).max(0) as u64;
+            if waiters > max_waiters {
                 self.give_up(&place);
                 return Err(EtcdError::Full(format!(
                     "lock already has {} waiters, the most allowed",
-                    in_line - 2
+                    waiters - 1
                 )));
             }
-            let standing = Standing::Behind {
-                predecessor,
-                revision: place.revision,
-                head: first(&answer, 3).map(Box::new),
-            };
-            return Ok(Placed::Waiting(place, Some(standing)));
+            return Ok(Placed::Waiting(place, Some(Standing::Blocked(blocked))));
         }
         Err(EtcdError::Unavailable(
             "could not queue the acquire (leases kept running out)".into(),
         ))
+    }
+
+    /// Takes a refused acquire out of line before answering, so that nothing is left behind
+    /// and a retry of the same request id queues anew; its etcd lease, alive and no longer
+    /// used, is kept for a later acquire.
+    async fn leave_refused(
+        &self,
+        place: &Place,
+        ask: i64,
+        lease: super::leases::Lease,
+    ) -> Result<(), EtcdError> {
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                place.key.clone(),
+                CompareOp::Equal,
+                place.revision,
+            )])
+            .and_then(vec![
+                delete(place.key.clone()),
+                delete(place.request_key.clone()),
+            ]);
+        if self.etcd.txn("refused", txn).await?.succeeded() {
+            self.leases.put_back(ask, lease);
+        }
+        Ok(())
     }
 
     /// The place a request already has (`request` is its request key), refreshed with a

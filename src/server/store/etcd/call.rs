@@ -30,6 +30,13 @@ pub(super) enum EtcdError {
     Refused(security::Refusal),
     /// A store limit.
     Full(String),
+    /// The acquire does not fit how the name is in use (see `Mode::conflict`), or a proclaim
+    /// by a holder that does not hold alone.
+    Conflict(String),
+    /// A read at a revision etcd has compacted away.
+    Compacted,
+    /// A read at a revision etcd has not reached yet.
+    FutureRevision,
 }
 
 impl From<EtcdError> for StoreError {
@@ -43,6 +50,12 @@ impl From<EtcdError> for StoreError {
                 StoreError::Unavailable(format!("etcd refused this server: {refusal}"))
             }
             EtcdError::Full(message) => StoreError::Full(message),
+            EtcdError::Conflict(message) => StoreError::Conflict(message),
+            // Reads at a revision answer these only to the code that asked for one, which
+            // handles them; should one escape, it is worth a retry.
+            EtcdError::Compacted | EtcdError::FutureRevision => {
+                StoreError::Unavailable("etcd revision out of range; retry".into())
+            }
         }
     }
 }
@@ -50,6 +63,8 @@ impl From<EtcdError> for StoreError {
 /// How a failed attempt goes on.
 enum Failure {
     Gone,
+    Compacted,
+    FutureRevision,
     Retry(String),
     Fatal(String),
     Refused(security::Refusal),
@@ -63,6 +78,19 @@ fn classify(error: etcd_client::Error) -> Failure {
         etcd_client::Error::GRpcStatus(status) => {
             if status.message().contains("lease not found") {
                 return Failure::Gone;
+            }
+            // OUT_OF_RANGE, with etcd's mvcc messages.
+            if status
+                .message()
+                .contains("required revision has been compacted")
+            {
+                return Failure::Compacted;
+            }
+            if status
+                .message()
+                .contains("required revision is a future revision")
+            {
+                return Failure::FutureRevision;
             }
             if RETRYABLE_CODES.contains(&(status.code() as i32)) {
                 Failure::Retry(error.to_string())
@@ -140,6 +168,8 @@ impl Etcd {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) => match classify(error) {
                     Failure::Gone => return Err(EtcdError::LeaseGone),
+                    Failure::Compacted => return Err(EtcdError::Compacted),
+                    Failure::FutureRevision => return Err(EtcdError::FutureRevision),
                     Failure::Fatal(reason) => {
                         self.metrics.failed(what, CallError::Unavailable);
                         return Err(EtcdError::Unavailable(format!("{what}: {reason}")));
@@ -290,15 +320,14 @@ pub(super) fn queue_oldest(prefix: &[u8], limit: i64) -> TxnOp {
     )
 }
 
-/// The newest keys of a lock's queue (names only), newest first. The count of the answer
-/// is the whole queue's.
+/// The newest keys of a lock's queue, newest first. The count of the answer is the whole
+/// queue's.
 pub(super) fn queue_newest(prefix: &[u8], limit: i64) -> TxnOp {
     TxnOp::get(
         prefix,
         Some(
             GetOptions::new()
                 .with_prefix()
-                .with_keys_only()
                 .with_sort(SortTarget::Create, SortOrder::Descend)
                 .with_limit(limit),
         ),
@@ -313,19 +342,28 @@ pub(super) fn count(prefix: &[u8]) -> TxnOp {
     )
 }
 
-/// The queue keys created before `revision` (names only), newest first.
+/// The queue keys created before `revision`, newest first (`limit` 0: all). The answer's
+/// count is the whole queue's, not theirs: etcd counts before filtering.
 pub(super) fn ahead_of(prefix: &[u8], revision: i64, limit: i64) -> TxnOp {
-    TxnOp::get(
-        prefix,
-        Some(
-            GetOptions::new()
-                .with_prefix()
-                .with_keys_only()
-                .with_max_create_revision(revision - 1)
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_limit(limit),
-        ),
-    )
+    TxnOp::get(prefix, Some(ahead_options(revision, limit)))
+}
+
+/// [`ahead_of`], names only.
+pub(super) fn names_ahead_of(prefix: &[u8], revision: i64) -> TxnOp {
+    TxnOp::get(prefix, Some(ahead_options(revision, 0).with_keys_only()))
+}
+
+pub(super) fn ahead_options(revision: i64, limit: i64) -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_max_create_revision(revision - 1)
+        .with_sort(SortTarget::Create, SortOrder::Descend)
+        .with_limit(limit)
+}
+
+/// Every key under a prefix (a lock's delay keys, say).
+pub(super) fn under(prefix: &[u8]) -> TxnOp {
+    TxnOp::get(prefix, Some(GetOptions::new().with_prefix()))
 }
 
 /// True when the key does not exist.
@@ -365,14 +403,6 @@ pub(super) fn first(response: &TxnResponse, i: usize) -> Option<KeyValue> {
 /// The key count of the `i`-th operation's range answer (filters do not apply to it).
 pub(super) fn count_of(response: &TxnResponse, i: usize) -> i64 {
     range(response, i).map_or(0, |r| r.count())
-}
-
-/// True when the `i`-th operation was a nested transaction whose comparisons held.
-pub(super) fn nested_succeeded(response: &TxnResponse, i: usize) -> bool {
-    matches!(
-        response.op_responses().into_iter().nth(i),
-        Some(TxnOpResponse::Txn(nested)) if nested.succeeded()
-    )
 }
 
 /// The revision a response was served at.

@@ -1,4 +1,5 @@
-//! Counting locks under a prefix of queue keys, for lock quotas and `/metrics`.
+//! Counting locks under a prefix of queue keys, for lock quotas and `/metrics` (which also
+//! counts holders by the grant rule).
 //!
 //! A lock's queue keys sit together in key order (`.../q/<lock>/<lease>`), so locks are
 //! counted from pages of key names, each page starting past the last lock of the one before:
@@ -7,13 +8,33 @@
 
 use super::Inner;
 use super::call::EtcdError;
+use super::keys::Entry;
+use super::rule;
+use crate::server::store::Mode;
 use etcd_client::GetOptions;
+
+/// What the whole store holds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Census {
+    /// Locks somebody holds or waits for.
+    pub locks: u64,
+    /// Holders over all locks (lock-delays aside: a first in line held back by one counts).
+    pub holders: u64,
+    /// Entries in line over all locks, holders included.
+    pub entries: u64,
+}
+
+/// The holders among one lock's entries, given as (create revision, mode) in key order.
+fn holders_of(entries: &mut [(i64, Mode)]) -> u64 {
+    entries.sort_unstable_by_key(|(revision, _)| *revision);
+    rule::holding(entries, &[]) as u64
+}
 
 /// Key names per page: far below the message size limit.
 const PAGE: i64 = 1000;
 
 /// The first key after every key that starts with `prefix` (etcd's range end for it).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -74,6 +95,54 @@ impl Inner {
             lock_keys.push(b'/');
             start = prefix_end(&lock_keys);
         }
+    }
+}
+
+impl Inner {
+    /// Locks, holders and entries under `prefix`, all read at one revision, in pages of
+    /// entries with their values (the grant rule needs their modes).
+    pub(super) async fn census(
+        &self,
+        what: &'static str,
+        prefix: &[u8],
+    ) -> Result<Census, EtcdError> {
+        let end = prefix_end(prefix);
+        let mut start = prefix.to_vec();
+        let mut revision = 0;
+        let mut census = Census::default();
+        // The lock being counted (its keys may span pages), and its entries.
+        let mut lock: Vec<u8> = Vec::new();
+        let mut entries: Vec<(i64, Mode)> = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(rule::PAGE as i64)
+                .with_revision(revision);
+            let mut page = self.etcd.get(what, &start, Some(options)).await?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            let more = page.more();
+            let kvs = page.take_kvs();
+            for kv in &kvs {
+                if lock_of(kv.key()) != lock.as_slice() {
+                    census.holders += holders_of(&mut entries);
+                    entries.clear();
+                    lock = lock_of(kv.key()).to_vec();
+                    census.locks += 1;
+                }
+                entries.push((kv.create_revision(), Entry::decode(kv.value()).mode()));
+                census.entries += 1;
+            }
+            let Some(last) = kvs.last() else { break };
+            if !more {
+                break;
+            }
+            start = last.key().to_vec();
+            start.push(0);
+        }
+        census.holders += holders_of(&mut entries);
+        Ok(census)
     }
 }
 

@@ -1,5 +1,6 @@
-//! One etcd watch per server over every queue key: waiters learn from it that the key ahead
-//! of them (or their own) is gone.
+//! One etcd watch per server over every queue key: waiters learn from it that a key they
+//! wait for (or their own) is gone: the key just ahead of a writer, the nearest writer ahead
+//! of a reader, the `n` nearest entries ahead of a semaphore's waiter (see `rule.rs`).
 //!
 //! Why not a watch per waiter, as etcd's own mutex does: a watch created while etcd is busy
 //! can start "unsynced", and etcd then delivers its events only from a catch-up loop that
@@ -30,6 +31,8 @@ pub(super) struct Deletions {
 struct State {
     /// Subscribers by the keys they wait on.
     by_key: HashMap<Vec<u8>, Vec<(u64, Arc<Notify>)>>,
+    /// Subscribers woken by any deletion under a lock's queue prefix.
+    by_lock: HashMap<Vec<u8>, Vec<(u64, Arc<Notify>)>>,
     /// Every subscriber, to wake them all when the watch goes down or comes back.
     all: HashMap<u64, Arc<Notify>>,
     next_id: u64,
@@ -37,11 +40,12 @@ struct State {
     seen: Option<i64>,
 }
 
-/// A waiter's interest in two keys; dropping it ends the interest.
+/// A waiter's interest in some keys (or a whole lock); dropping it ends the interest.
 pub(super) struct Subscription {
     deletions: Arc<Deletions>,
     id: u64,
-    keys: [Vec<u8>; 2],
+    keys: Vec<Vec<u8>>,
+    lock: Option<Vec<u8>>,
     notify: Arc<Notify>,
     /// The watch's revision when subscribed; `None` if the watch was down.
     pub from: Option<i64>,
@@ -57,16 +61,34 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut state = self.deletions.lock();
+        let id = self.id;
         for key in &self.keys {
-            if let Some(list) = state.by_key.get_mut(key) {
-                list.retain(|(id, _)| *id != self.id);
-                if list.is_empty() {
-                    state.by_key.remove(key);
-                }
-            }
+            unsubscribe(&mut state.by_key, key, id);
+        }
+        if let Some(lock) = &self.lock {
+            unsubscribe(&mut state.by_lock, lock, id);
         }
         state.all.remove(&self.id);
     }
+}
+
+type Subscribers = HashMap<Vec<u8>, Vec<(u64, Arc<Notify>)>>;
+
+fn unsubscribe(map: &mut Subscribers, key: &[u8], id: u64) {
+    if let Some(list) = map.get_mut(key) {
+        list.retain(|(i, _)| *i != id);
+        if list.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// The queue prefix of the lock a queue key belongs to: the key up to its last `/`,
+/// included.
+fn lock_of(key: &[u8]) -> &[u8] {
+    key.iter()
+        .rposition(|&b| b == b'/')
+        .map_or(key, |slash| &key[..=slash])
 }
 
 impl Deletions {
@@ -91,16 +113,24 @@ impl Deletions {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wakes the subscriber when `predecessor` or `own` is deleted.
-    pub fn subscribe(self: &Arc<Self>, predecessor: &[u8], own: &[u8]) -> Subscription {
+    /// Wakes the subscriber when one of `keys` is deleted, or with `lock` (a lock's queue
+    /// prefix, ending in `/`) any key of that lock.
+    pub fn subscribe(self: &Arc<Self>, keys: Vec<Vec<u8>>, lock: Option<&[u8]>) -> Subscription {
         let notify = Arc::new(Notify::new());
         let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
-        for key in [predecessor, own] {
+        for key in &keys {
+            let list = state.by_key.entry(key.clone()).or_default();
+            // A key given twice wakes once.
+            if list.last().is_none_or(|(i, _)| *i != id) {
+                list.push((id, notify.clone()));
+            }
+        }
+        if let Some(lock) = lock {
             state
-                .by_key
-                .entry(key.to_vec())
+                .by_lock
+                .entry(lock.to_vec())
                 .or_default()
                 .push((id, notify.clone()));
         }
@@ -108,7 +138,8 @@ impl Deletions {
         Subscription {
             deletions: self.clone(),
             id,
-            keys: [predecessor.to_vec(), own.to_vec()],
+            keys,
+            lock: lock.map(<[u8]>::to_vec),
             notify,
             from: state.seen,
         }
@@ -118,7 +149,9 @@ impl Deletions {
     fn deleted(&self, keys: &[&[u8]], revision: i64) {
         let mut state = self.lock();
         for key in keys {
-            for (_, notify) in state.by_key.get(*key).into_iter().flatten() {
+            let by_key = state.by_key.get(*key).into_iter().flatten();
+            let by_lock = state.by_lock.get(lock_of(key)).into_iter().flatten();
+            for (_, notify) in by_key.chain(by_lock) {
                 notify.notify_one();
             }
         }
@@ -184,5 +217,16 @@ async fn watch(etcd: Etcd, prefix: Vec<u8>, deletions: Weak<Deletions>) {
         tracing::debug!("etcd watch of deletions down; opening it again");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lock_of;
+
+    #[test]
+    fn a_queue_key_belongs_to_the_prefix_before_its_last_slash() {
+        assert_eq!(lock_of(b"/l/p/61/q/6c/00ff"), b"/l/p/61/q/6c/");
+        assert_eq!(lock_of(b"none"), b"none");
     }
 }

@@ -16,7 +16,9 @@
 //!
 //! An acquire writes both keys in one transaction, attached to its own etcd lease, and they
 //! go together (release, cancel, expiry). The *queue key* orders the lock's acquires by
-//! create revision and holds the entry. It is named after the etcd lease, which serves one
+//! create revision and holds the entry: TTL, label, limits, and the mode (reader, semaphore
+//! of `n`; absent for exclusive) and election value. A delay key's value holds the ended
+//! holder's fencing token and mode, which the grant rule needs (`rule.rs`). It is named after the etcd lease, which serves one
 //! acquire at a time and is reused by later ones: a lock's queue keys come from a small set
 //! of names. That matters because etcd keeps a deleted key's name in its index until a
 //! compaction, and every range over the queue walks those names; with a name per acquire a
@@ -38,6 +40,7 @@
 //! request id, so lease ids cannot be guessed, and a made-up or foreign one names no key.
 
 use crate::id::Id;
+use crate::server::store::Mode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
@@ -158,8 +161,10 @@ impl LeaseId {
     }
 }
 
-/// The value of a queue key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The value of a queue key. Fields beyond the first three are omitted when empty, so an
+/// exclusive acquire without limits stays as short as before modes existed, and entries
+/// written before them read as exclusive acquires without a value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(super) struct Entry {
     /// The etcd lease's TTL in seconds, as granted.
     pub ttl: i64,
@@ -182,6 +187,15 @@ pub(super) struct Entry {
     /// The etcd lease of the holder's delay key, once written (kept alive with the lease).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_lease: Option<i64>,
+    /// A shared (read) acquire; absent for exclusive and semaphore acquires.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    /// A semaphore acquire: the name's number of permits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
+    /// The election value (set at the acquire, changed by a proclaim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 impl Entry {
@@ -189,18 +203,33 @@ impl Entry {
         serde_json::to_vec(self).expect("entries always serialize")
     }
 
-    /// A value this backend did not write reads as an entry with a 1 s TTL and no label.
+    /// A value this backend did not write reads as an exclusive entry with a 1 s TTL and no
+    /// label.
     pub fn decode(value: &[u8]) -> Entry {
         serde_json::from_slice(value).unwrap_or(Entry {
             ttl: 1,
             ask: 1,
-            at: 0,
-            granted: None,
-            label: None,
-            max_hold_ms: None,
-            lock_delay_ms: None,
-            delay_lease: None,
+            ..Entry::default()
         })
+    }
+
+    /// What the acquire asked to hold.
+    pub fn mode(&self) -> Mode {
+        match (self.permits, self.shared) {
+            // `max(1)`: a permit count of 0 was never written by this backend; read as 1 it
+            // admits one holder, never more.
+            (Some(n), _) => Mode::Permit(n.max(1)),
+            (None, true) => Mode::Shared,
+            (None, false) => Mode::Exclusive,
+        }
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) {
+        (self.shared, self.permits) = match mode {
+            Mode::Exclusive => (false, None),
+            Mode::Shared => (true, None),
+            Mode::Permit(n) => (false, Some(n)),
+        };
     }
 
     pub fn lease(&self) -> Duration {
@@ -220,6 +249,53 @@ impl Entry {
                 .min(Duration::from_millis(until.saturating_sub(now))),
             None => self.lease(),
         }
+    }
+}
+
+/// The value of a delay key: the ended holder's fencing token (its queue key's create
+/// revision, which places it in line) and mode. While the key exists, the ended lease keeps
+/// its place for the grant rule, so that nobody is granted next to it whom it would not have
+/// admitted. Keys written before modes existed read as exclusive; a value this backend did
+/// not write reads as an exclusive holder ahead of everyone (it holds every grant back).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(super) struct DelayMark {
+    #[serde(default)]
+    pub token: i64,
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
+}
+
+impl DelayMark {
+    pub fn new(token: i64, delay_ms: u64, mode: Mode) -> DelayMark {
+        let mut entry = Entry::default();
+        entry.set_mode(mode);
+        DelayMark {
+            token,
+            delay_ms,
+            shared: entry.shared,
+            permits: entry.permits,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("delay marks always serialize")
+    }
+
+    pub fn decode(value: &[u8]) -> DelayMark {
+        serde_json::from_slice(value).unwrap_or_default()
+    }
+
+    pub fn mode(&self) -> Mode {
+        Entry {
+            shared: self.shared,
+            permits: self.permits,
+            ..Entry::default()
+        }
+        .mode()
     }
 }
 
@@ -278,11 +354,8 @@ mod tests {
             ttl: 3,
             ask: 2,
             at: 42,
-            granted: None,
             label: Some("host/1".into()),
-            max_hold_ms: None,
-            lock_delay_ms: None,
-            delay_lease: None,
+            ..Entry::default()
         };
         let back = Entry::decode(&entry.encode());
         assert_eq!(
@@ -290,6 +363,46 @@ mod tests {
             (3, 2, 42, entry.label)
         );
         assert_eq!(Entry::decode(b"junk").ttl, 1);
+        assert_eq!(Entry::decode(b"junk").mode(), Mode::Exclusive);
+    }
+
+    /// Modes and values cost nothing for an exclusive acquire, and entries written before
+    /// modes existed read as exclusive acquires without a value.
+    #[test]
+    fn modes_and_values_are_compact_and_backwards_compatible() {
+        let old = br#"{"ttl":5,"ask":5,"at":1000,"label":"x"}"#;
+        let entry = Entry::decode(old);
+        assert_eq!(
+            (entry.mode(), entry.value.as_deref()),
+            (Mode::Exclusive, None)
+        );
+        assert_eq!(
+            Entry::decode(&entry.encode()).encode(),
+            old.to_vec(),
+            "nothing added"
+        );
+        for mode in [Mode::Exclusive, Mode::Shared, Mode::Permit(7)] {
+            let mut entry = Entry::decode(old);
+            entry.set_mode(mode);
+            entry.value = Some("v".into());
+            let back = Entry::decode(&entry.encode());
+            assert_eq!((back.mode(), back.value.as_deref()), (mode, Some("v")));
+        }
+        let mut shared = Entry::decode(old);
+        shared.set_mode(Mode::Shared);
+        assert!(
+            String::from_utf8(shared.encode())
+                .unwrap()
+                .ends_with(r#","shared":true}"#)
+        );
+
+        // Delay keys: the old form (token and delay only) is an exclusive holder.
+        let mark = DelayMark::decode(br#"{"token":12,"delay_ms":3000}"#);
+        assert_eq!((mark.token, mark.mode()), (12, Mode::Exclusive));
+        let mark = DelayMark::decode(&DelayMark::new(9, 1000, Mode::Permit(3)).encode());
+        assert_eq!((mark.token, mark.mode()), (9, Mode::Permit(3)));
+        let junk = DelayMark::decode(b"junk");
+        assert_eq!((junk.token, junk.mode()), (0, Mode::Exclusive));
     }
 
     #[test]

@@ -1,23 +1,15 @@
-//! Lease limits on etcd: the gate a head of line passes before it is answered as granted
-//! (lock-delay), the stamp a grant with limits writes, and ending a lease early (`max_hold`,
-//! revocation). The design is in docs/etcd.md ("Lock-delay, max_hold and revocation").
+//! Lease limits on etcd: the stamp a grant with limits writes before it is answered, and
+//! ending a lease early (`max_hold`, revocation). Whether a lock-delay holds a grant back is
+//! the grant rule's business (`rule.rs`: delay keys are phantoms). The design is in
+//! docs/etcd.md ("Lock-delay, max_hold and revocation").
 
 use super::Inner;
 use super::acquire::Place;
-use super::call::{EtcdError, put, queue_oldest};
-use super::keys::{Entry, LockKeys, unix_ms};
+use super::call::{EtcdError, put};
+use super::keys::{DelayMark, Entry, LockKeys, unix_ms};
 use crate::server::store::Ended;
-use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnResponse};
+use etcd_client::{Compare, CompareOp, KeyValue, Txn};
 use std::time::SystemTime;
-
-/// Whether the first in line may be answered as granted.
-pub(super) enum Gate {
-    Open,
-    /// A previous holder's lock-delay runs.
-    HeldBack,
-    /// The place is gone (cancelled, or its lease ran out).
-    Gone,
-}
 
 /// Ended keys live at least this long (s), and at least the lease's TTL: a holder renewing
 /// on time learns why its lease ended.
@@ -26,11 +18,6 @@ const ENDED_TTL_MIN: i64 = 60;
 /// A lock-delay in whole etcd seconds, rounded up (never shorter than asked).
 fn delay_ttl(delay_ms: u64) -> i64 {
     delay_ms.div_ceil(1000).max(1) as i64
-}
-
-/// The value of a delay key: informative only; its existence is what holds grants back.
-fn delay_value(token: i64, delay_ms: u64) -> String {
-    format!(r#"{{"token":{token},"delay_ms":{delay_ms}}}"#)
 }
 
 impl Ended {
@@ -53,38 +40,11 @@ impl Ended {
 }
 
 impl Inner {
-    /// The gate for `place`, first in line: closed while another holder's delay key exists
-    /// (that holder ended without a release less than its delay ago). When open, stamps the
-    /// grant if it has limits (see [`Inner::stamp`]).
-    pub(super) async fn gate(&self, keys: &LockKeys, place: &mut Place) -> Result<Gate, EtcdError> {
-        let own = keys.delay_key(place.lease.etcd);
-        let delays = self
-            .etcd
-            .get(
-                "delays",
-                keys.delays(),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await?;
-        let mut has_own = false;
-        for kv in delays.kvs() {
-            if kv.key() != own.as_slice() {
-                // It exists only while its etcd lease runs: etcd deletes it at the end.
-                return Ok(Gate::HeldBack);
-            }
-            has_own = true;
-        }
-        if self.stamp(keys, place, has_own).await? {
-            Ok(Gate::Open)
-        } else {
-            Ok(Gate::Gone)
-        }
-    }
-
     /// Writes what a grant with limits needs, before it is answered: its grant time (where
     /// its `max_hold` counts from) and its delay key, on an etcd lease that outlives the
     /// holder's by the delay (renewals keep both alive). False if the place is gone.
-    async fn stamp(
+    /// `has_own_delay`: its delay key exists already (an earlier poll stamped it).
+    pub(super) async fn stamp(
         &self,
         keys: &LockKeys,
         place: &mut Place,
@@ -105,9 +65,10 @@ impl Inner {
             let lease = self.leases.grant(entry.ttl + delay_ttl(delay_ms)).await?;
             delay_lease = Some(lease.id);
             entry.delay_lease = Some(lease.id);
+            let mark = DelayMark::new(place.revision, delay_ms, entry.mode());
             ops.push(put(
                 keys.delay_key(place.lease.etcd),
-                delay_value(place.revision, delay_ms),
+                mark.encode(),
                 lease.id,
             ));
         }
@@ -129,21 +90,6 @@ impl Inner {
             place.entry = entry;
         }
         Ok(stamped)
-    }
-
-    /// The first `limit` in line (with the queue's count), and the lock's delay keys, in one
-    /// read.
-    pub(super) async fn head_and_delays(
-        &self,
-        what: &'static str,
-        keys: &LockKeys,
-        limit: i64,
-    ) -> Result<TxnResponse, EtcdError> {
-        let ops = vec![
-            queue_oldest(keys.queue(), limit),
-            TxnOp::get(keys.delays(), Some(GetOptions::new().with_prefix())),
-        ];
-        self.etcd.txn(what, Txn::new().and_then(ops)).await
     }
 
     /// [`Inner::end_lease`] for the holder whose queue key is `holder`.
@@ -182,7 +128,7 @@ impl Inner {
             fresh.push(delay.id);
             ops.push(put(
                 keys.delay_key(lease),
-                delay_value(revision, delay_ms),
+                DelayMark::new(revision, delay_ms, entry.mode()).encode(),
                 delay.id,
             ));
         }

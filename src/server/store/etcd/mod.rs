@@ -4,29 +4,34 @@
 //! The recipe is etcd's own mutex (`concurrency/mutex.go`), with one etcd lease per acquire:
 //!
 //! * **Queue.** An acquire writes one queue key under the lock's prefix, attached to its own
-//!   etcd lease. The key with the lowest create revision holds the lock; the others wait in
-//!   create-revision order (FIFO). The fencing token is the holder's create revision.
+//!   etcd lease. Who holds follows the grant rule over the keys in create-revision order
+//!   (FIFO, `rule.rs`): the first key alone for a plain lock, consecutive readers together,
+//!   a semaphore's first `n`. The fencing token is the holder's create revision.
 //! * **Idempotency.** In the same transaction it writes a request key named after a hash of
 //!   the request id, so a re-poll or a retried acquire, on any server, finds the same place
 //!   or the same grant. (Queue keys are named after their reused etcd lease instead, so that
 //!   a busy lock does not leave a trail of deleted names for every range to walk.)
-//! * **Waiting.** A waiter watches only the key just ahead of it (and its own, to notice a
-//!   cancel), and looks again when that key is deleted. While a server serves a waiter's
-//!   long poll it keeps the waiter's lease alive; after the poll, the waiter keeps its place
-//!   for its TTL: the etcd backend's grace period.
+//! * **Waiting.** A waiter watches only the keys ahead whose presence proves it must wait
+//!   (the key just ahead of a writer, the nearest writer ahead of a reader, the `n` nearest
+//!   of a semaphore's waiter) and its own, to notice a cancel, and looks again when one is
+//!   deleted. While a server serves a waiter's long poll it keeps the waiter's lease alive;
+//!   after the poll, the waiter keeps its place for its TTL: the etcd backend's grace period.
+//! * **Elections** (`election.rs`): the leader is an exclusive holder; its value lives in its
+//!   entry; observers replay the queue's history with a watch.
 //! * **Leases.** The etcd TTL is the lease rounded up to whole seconds (etcd may raise it to
 //!   its minimum); grants report what etcd granted. Renew = a keep-alive, then a
 //!   linearizable read confirming that the keys are still there under that lease. Release
 //!   deletes the keys if they are attached to the caller's etcd lease (one write; the next
 //!   waiter's watch fires at once), and keeps the etcd lease for a later acquire.
 //!
-//! See `keys.rs` for the layout, `acquire.rs` and `wait.rs` for acquiring, `leases.rs` for
-//! the leases.
+//! See `keys.rs` for the layout, `rule.rs` for who holds, `acquire.rs` and `wait.rs` for
+//! acquiring, `leases.rs` for the leases.
 
 mod acquire;
 mod call;
 mod census;
 mod deletions;
+mod election;
 mod keepers;
 mod keys;
 mod leases;
@@ -35,7 +40,9 @@ mod listing;
 mod metrics;
 mod renew;
 mod revoke;
+mod rule;
 mod security;
+mod state;
 mod wait;
 
 /// Real etcd processes for the unit tests that need one (the integration tests' harness).
@@ -64,8 +71,8 @@ use super::{
 };
 use crate::error::Error;
 use crate::id::Id;
-use call::{EtcdError, count, count_of, delete, first, get, kvs};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn};
+use call::{EtcdError, count, count_of, delete, first, get};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, KeyValue, Txn};
 use keys::{Entry, LeaseId, LockKeys, from_unix_ms, unix_ms};
 use leases::Leases;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -227,6 +234,30 @@ fn held_by(key: Vec<u8>, lease: i64) -> Compare {
     Compare::lease(key, CompareOp::Equal, lease)
 }
 
+/// Lease reads at once for an inspection of many holders (readers, permits).
+const HOLDER_READS: usize = 16;
+
+/// What inspection shows of the holder whose key this is; `None` once its lease has ended.
+async fn holder_view(etcd: &call::Etcd, kv: &KeyValue) -> Result<Option<HolderView>, EtcdError> {
+    let Some(left) = etcd.time_to_live(kv.lease()).await? else {
+        return Ok(None);
+    };
+    let entry = Entry::decode(kv.value());
+    let now = unix_ms(SystemTime::now());
+    let mut expires_in = Duration::from_secs(left as u64);
+    if let Some(until) = entry.hold_until() {
+        // It ends at its max_hold at the latest (see `limits.rs`).
+        expires_in = expires_in.min(Duration::from_millis(until.saturating_sub(now)));
+    }
+    Ok(Some(HolderView {
+        fencing_token: kv.create_revision() as u64,
+        acquired_at: from_unix_ms(entry.granted.unwrap_or(entry.at)),
+        expires_in,
+        label: entry.label,
+        value: entry.value,
+    }))
+}
+
 /// `Gone` when the lock exists (someone else holds or waits), else `NoSuchLock`.
 fn gone_or_missing(keys_in_line: i64) -> Release {
     if keys_in_line > 0 {
@@ -243,23 +274,31 @@ impl Inner {
 
     /// What inspection shows of the holder whose key this is.
     async fn holder_view(&self, kv: &KeyValue) -> Result<Option<HolderView>, EtcdError> {
-        let Some(left) = self.etcd.time_to_live(kv.lease()).await? else {
-            return Ok(None);
-        };
-        let entry = Entry::decode(kv.value());
-        let now = unix_ms(SystemTime::now());
-        let mut expires_in = Duration::from_secs(left as u64);
-        if let Some(until) = entry.hold_until() {
-            // It ends at its max_hold at the latest (see `limits.rs`).
-            expires_in = expires_in.min(Duration::from_millis(until.saturating_sub(now)));
+        holder_view(&self.etcd, kv).await
+    }
+
+    /// What inspection shows of each of these holders whose lease still runs, in order: a
+    /// lease read each, a few at a time.
+    async fn holder_views(&self, holders: &[KeyValue]) -> Result<Vec<HolderView>, EtcdError> {
+        if let [one] = holders {
+            return Ok(self.holder_view(one).await?.into_iter().collect());
         }
-        Ok(Some(HolderView {
-            fencing_token: kv.create_revision() as u64,
-            acquired_at: from_unix_ms(entry.granted.unwrap_or(entry.at)),
-            expires_in,
-            label: entry.label,
-            value: None,
-        }))
+        let limit = Arc::new(tokio::sync::Semaphore::new(HOLDER_READS));
+        let mut reads = tokio::task::JoinSet::new();
+        for (i, kv) in holders.iter().enumerate() {
+            let (etcd, kv, limit) = (self.etcd.clone(), kv.clone(), limit.clone());
+            reads.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                (i, holder_view(&etcd, &kv).await)
+            });
+        }
+        let mut views = vec![None; holders.len()];
+        while let Some(done) = reads.join_next().await {
+            // A read task only ends by finishing: the set is not aborted.
+            let Ok((i, view)) = done else { continue };
+            views[i] = view?;
+        }
+        Ok(views.into_iter().flatten().collect())
     }
 
     /// Deletes the holder's keys if this lease id names them (one write: the next waiter's
@@ -364,45 +403,28 @@ impl Inner {
 
     async fn inspect(&self, project: &Project, name: &str) -> Result<Option<LockView>, EtcdError> {
         let keys = self.keys(project, name);
-        let answer = self.head_and_delays("inspect", &keys, 2).await?;
-        let in_line = count_of(&answer, 0);
-        let oldest = kvs(&answer, 0);
-        let head = oldest.first();
-        // A delay key of anyone but the first in line: an earlier holder's lock-delay runs,
-        // and the first in line (if any) waits for it.
-        let own = head.map(|h| keys.delay_key(h.lease()));
+        let state = self.lock_state("inspect", &keys).await?;
+        // An ended lease's lock-delay holds grants back while someone waits for one, or while
+        // nobody holds (as before modes: the lock shows its hold-back alone).
         let mut held_back_until = None;
-        for kv in kvs(&answer, 1) {
-            if Some(kv.key()) != own.as_deref()
-                && let Some(left) = self.etcd.time_to_live(kv.lease()).await?
-            {
-                // Whole seconds, rounded down: say the latest it may end.
-                let until = SystemTime::now() + Duration::from_secs(left as u64 + 1);
-                held_back_until = held_back_until.max(Some(until));
+        if state.holders.is_empty() || state.first_waiter.is_some() {
+            for kv in &state.phantoms {
+                if let Some(left) = self.etcd.time_to_live(kv.lease()).await? {
+                    // Whole seconds, rounded down: say the latest it may end.
+                    let until = SystemTime::now() + Duration::from_secs(left as u64 + 1);
+                    held_back_until = held_back_until.max(Some(until));
+                }
             }
         }
-        let Some(head) = head else {
-            return Ok(held_back_until.map(|until| LockView {
-                held_back_until: Some(until),
-                ..LockView::default()
-            }));
-        };
-        let holder = match held_back_until {
-            Some(_) => None,
-            None => self.holder_view(head).await?,
-        };
         let now = unix_ms(SystemTime::now());
-        let (waiters, oldest_wait) = match holder {
-            Some(_) => (in_line.saturating_sub(1), oldest.get(1)),
-            // Held back: the first in line is still waiting.
-            None => (in_line, Some(head)),
-        };
         let view = LockView {
-            waiters: waiters as u64,
-            oldest_wait: oldest_wait
+            waiters: state.in_line.saturating_sub(state.holders.len() as i64) as u64,
+            oldest_wait: state
+                .first_waiter
+                .as_ref()
                 .map(|kv| Duration::from_millis(now.saturating_sub(Entry::decode(kv.value()).at))),
-            holders: holder.into_iter().collect(),
-            mode: super::Mode::Exclusive,
+            mode: state.mode(),
+            holders: self.holder_views(&state.holders).await?,
             held_back_until,
         };
         Ok(
@@ -437,19 +459,10 @@ impl Inner {
     /// Counts held locks and waiters over the whole prefix.
     async fn count_all(&self) -> Result<StoreStats, EtcdError> {
         let all = keys::all_projects(&self.prefix);
-        let answer = self
-            .etcd
-            .get(
-                "stats",
-                &all,
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await?;
-        let queued = answer.count() as u64;
-        let held = self.count_locks("stats", &all, u64::MAX).await?;
+        let census = self.census("stats", &all).await?;
         Ok(StoreStats {
-            held,
-            waiters: queued.saturating_sub(held),
+            held: census.locks,
+            waiters: census.entries.saturating_sub(census.holders),
             expirations: 0,
             state_file_writes: 0,
         })
@@ -475,34 +488,34 @@ impl LockStore for EtcdStore {
 
     fn revoke(&self, project: &Project, name: &str) -> StoreFuture<'_, Vec<u64>> {
         let (project, name) = (project.clone(), name.to_owned());
-        Box::pin(async move {
-            Ok(self
-                .inner
-                .revoke(&project, &name)
-                .await?
-                .into_iter()
-                .collect())
-        })
+        Box::pin(async move { Ok(self.inner.revoke(&project, &name).await?) })
     }
 
     fn proclaim(
         &self,
-        _project: &Project,
-        _name: &str,
-        _lease_id: Id,
-        _value: String,
+        project: &Project,
+        name: &str,
+        lease_id: Id,
+        value: String,
     ) -> StoreFuture<'_, super::Proclaimed> {
-        Box::pin(async { Err(StoreError::Unavailable("proclaim: not yet".into())) })
+        let (project, name) = (project.clone(), name.to_owned());
+        Box::pin(async move {
+            Ok(self
+                .inner
+                .proclaim(&project, &name, lease_id, value)
+                .await?)
+        })
     }
 
     fn observe(
         &self,
-        _project: &Project,
-        _name: &str,
-        _after: Option<u64>,
-        _wait: Duration,
+        project: &Project,
+        name: &str,
+        after: Option<u64>,
+        wait: Duration,
     ) -> StoreFuture<'_, Vec<super::Observation>> {
-        Box::pin(async { Err(StoreError::Unavailable("observe: not yet".into())) })
+        let (project, name) = (project.clone(), name.to_owned());
+        Box::pin(async move { Ok(self.inner.observe(&project, &name, after, wait).await?) })
     }
 
     fn release(&self, project: &Project, name: &str, lease_id: Id) -> StoreFuture<'_, Release> {

@@ -1,40 +1,66 @@
 //! Revoking on etcd, and the reasons late renewals are given.
 
 use super::Inner;
-use super::call::{EtcdError, first, get, kvs};
+use super::call::{EtcdError, first, get};
 use super::keys::{LeaseId, LockKeys};
 use crate::server::store::{Ended, Project};
 use etcd_client::Txn;
+use std::sync::Arc;
 
-/// Rounds a revocation may take when the holder changes under it.
+/// Holders ended at once: readers may be many, and each costs a lease grant, a write and a
+/// revocation.
+const AT_ONCE: usize = 16;
+
+/// Rounds a revocation may take when the holders change under it.
 const ATTEMPTS: usize = 4;
 
 impl Inner {
-    /// Ends the holder's lease (the first in line, unless a lock-delay holds it back: then
-    /// nobody holds the lock). Its fencing token, `None` if nobody holds the lock.
+    /// Ends every holder's lease (the holders by the grant rule: a first in line held back by
+    /// an earlier holder's lock-delay holds nothing). Their fencing tokens, ascending; empty
+    /// if nobody holds the lock.
     pub(super) async fn revoke(
-        &self,
+        self: &Arc<Self>,
         project: &Project,
         name: &str,
-    ) -> Result<Option<u64>, EtcdError> {
+    ) -> Result<Vec<u64>, EtcdError> {
         let keys = self.keys(project, name);
         for _ in 0..ATTEMPTS {
-            let answer = self.head_and_delays("revoke", &keys, 1).await?;
-            let Some(head) = first(&answer, 0) else {
-                return Ok(None);
-            };
-            let own = keys.delay_key(head.lease());
-            if kvs(&answer, 1).iter().any(|kv| kv.key() != own.as_slice()) {
-                // First in line, but held back by an earlier holder's delay: not granted.
-                return Ok(None);
+            let state = self.lock_state("revoke", &keys).await?;
+            if state.holders.is_empty() {
+                return Ok(Vec::new());
             }
-            let ended = self.end_holder(&keys, &head, Ended::Revoked).await?;
-            if ended {
-                return Ok(Some(head.create_revision() as u64));
+            let limit = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+            let mut ends = tokio::task::JoinSet::new();
+            for holder in state.holders {
+                let (inner, keys, limit) = (self.clone(), keys.clone(), limit.clone());
+                ends.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    let ended = inner.end_holder(&keys, &holder, Ended::Revoked).await;
+                    ended.map(|ended| ended.then_some(holder.create_revision() as u64))
+                });
             }
+            let mut tokens = Vec::new();
+            let mut failed = None;
+            while let Some(done) = ends.join_next().await {
+                // A task only ends by finishing: the set is not aborted.
+                let Ok(ended) = done else { continue };
+                match ended {
+                    Ok(token) => tokens.extend(token),
+                    // The others still end theirs: an error is reported after.
+                    Err(e) => failed = Some(e),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if !tokens.is_empty() {
+                tokens.sort_unstable();
+                return Ok(tokens);
+            }
+            // Every holder read had left meanwhile; others may hold now.
         }
         Err(EtcdError::Unavailable(
-            "the holder kept changing during the revocation; retry".into(),
+            "the holders kept changing during the revocation; retry".into(),
         ))
     }
 
