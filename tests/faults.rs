@@ -15,7 +15,7 @@ use leasehold::server::store::StoreEvent;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::contend::{Shared, Take, contend_as};
+use support::contend::{KINDS, Shared, Take, assert_kinds_overlapped, contend_as, names};
 use support::history::{self, ClientKind, Clients, Hold, Report, Resource};
 use support::process::{self, ServerProcess, cli_run};
 use support::proxy::{Faults, Proxy};
@@ -131,11 +131,18 @@ async fn a_client_killed_while_holding_frees_the_lock_within_its_lease() {
 /// writing with the old token): someone else gets the lock, the old token is refused, and
 /// the paused holder reports the loss when it resumes. Returns the offline report.
 async fn paused_holder(checking: bool) -> (Report, Option<i32>) {
+    paused(checking, "run").await
+}
+
+/// [`paused_holder`] with the holder started by `leasehold SUBCOMMAND` (`run` holds the
+/// lock, `elect` leads the election of that name; the next holder takes the same lock).
+async fn paused(checking: bool, subcommand: &str) -> (Report, Option<i32>) {
     let (server, mut events) = server_with_events().await;
     let resource = Resource::new(checking);
     let addr = resource.serve().await;
-    let mut paused = cli_run(
+    let mut paused = process::cli_command(
         &server.url(),
+        subcommand,
         "job",
         &["--expires-in", "1s", "--kill-after", "100ms"],
         &process::writer_loop(addr, "A"),
@@ -198,6 +205,21 @@ async fn a_client_paused_past_its_lease_is_fenced_off_and_told() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_is_fenced_off_and_told() {
+    let (report, code) = paused(true, "elect").await;
+    assert_clean("leader paused", &report);
+    assert!(
+        report.writes_rejected > 0,
+        "the paused leader's late writes were refused"
+    );
+    assert_eq!(
+        code,
+        Some(76),
+        "the resumed leader reports the lost leadership"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_control_without_token_checks_the_pause_produces_stale_writes() {
     let (report, _) = paused_holder(false).await;
     println!("control, no token check: {}", report.summary());
@@ -218,57 +240,6 @@ const MUTEXES: [(&str, Take); 4] = [
     ("alpha", Take::Lock),
     ("beta", Take::Lock),
 ];
-
-/// Every other kind at once: three clients on a semaphore of two permits, readers and a
-/// writer on one read-write lock, and two candidates in an election.
-const KINDS: [(&str, Take); 8] = [
-    ("pool", Take::Permits(2)),
-    ("config", Take::Read),
-    ("leader", Take::Lead),
-    ("pool", Take::Permits(2)),
-    ("config", Take::Read),
-    ("leader", Take::Lead),
-    ("pool", Take::Permits(2)),
-    ("config", Take::Write),
-];
-
-/// The names of `clients`, each once, with how to take it.
-fn names(clients: &[(&'static str, Take)]) -> Vec<(&'static str, Take)> {
-    let mut names: Vec<(&str, Take)> = Vec::new();
-    for &(name, take) in clients {
-        if !names.iter().any(|(n, _)| *n == name) {
-            names.push((name, take));
-        }
-    }
-    names
-}
-
-/// A negative control on a clean run: the same claims, checked as if the semaphore had one
-/// permit fewer and readers were writers, must show overlaps. It proves the run really had
-/// several holders at once, so that the clean check meant something.
-fn assert_kinds_overlapped(scenario: &str, shared: &Shared) {
-    let stricter: Vec<_> = (shared.clients.events().into_iter())
-        .map(|mut e| {
-            if let ClientKind::HeldAs(token, hold) = e.kind {
-                e.kind = match hold {
-                    Hold::Permit(n) if n > 1 => ClientKind::HeldAs(token, Hold::Permit(n - 1)),
-                    _ => ClientKind::Held(token),
-                };
-            }
-            e
-        })
-        .collect();
-    let report = history::check(&[], &stricter, &[]);
-    for lock in ["pool", "config"] {
-        assert!(
-            report
-                .violations
-                .iter()
-                .any(|v| v.starts_with(&format!("{lock}:"))),
-            "{scenario}: {lock} never had several holders at once, so the check proved little"
-        );
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_and_restarted_again_and_again_never_grants_twice() {

@@ -12,7 +12,7 @@ mod support;
 use leasehold::DistributedLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::contend::{Shared, contend_waiting};
+use support::contend::{KINDS, Shared, Take, assert_kinds_overlapped, contend_as, names};
 use support::etcd::EtcdCluster;
 use support::history::{self, Report};
 use support::proxy::Proxy;
@@ -21,13 +21,39 @@ use support::{TestServer, within};
 const BOUND: Duration = Duration::from_secs(60);
 /// etcd counts leases in whole seconds, with a 2 s minimum.
 const LEASE: Duration = Duration::from_secs(2);
-const LOCKS: [&str; 2] = ["alpha", "beta"];
+/// Four clients taking turns on two locks.
+const MUTEXES: [(&str, Take); 4] = [
+    ("alpha", Take::Lock),
+    ("beta", Take::Lock),
+    ("alpha", Take::Lock),
+    ("beta", Take::Lock),
+];
 
-/// Four clients taking turns on two locks through `endpoints` (each client starting at a
-/// different server and keeping to it while it answers).
-fn contenders(endpoints: &[String], shared: &Shared) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..4)
-        .map(|i| {
+/// The scenarios' contenders: the mutexes', or every other kind (`support::contend::KINDS`).
+#[derive(Clone, Copy)]
+enum Cast {
+    Mutexes,
+    Kinds,
+}
+
+impl Cast {
+    fn clients(self) -> &'static [(&'static str, Take)] {
+        match self {
+            Cast::Mutexes => &MUTEXES,
+            Cast::Kinds => &KINDS,
+        }
+    }
+}
+
+/// `cast`'s clients taking turns through `endpoints` (each client starting at a different
+/// server and keeping to it while it answers).
+fn contenders(
+    endpoints: &[String],
+    shared: &Shared,
+    cast: Cast,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (cast.clients().iter().enumerate())
+        .map(|(i, &(lock, take))| {
             let mut order = endpoints.to_vec();
             order.rotate_left(i % endpoints.len());
             let dl = DistributedLock::builder("faults")
@@ -35,11 +61,11 @@ fn contenders(endpoints: &[String], shared: &Shared) -> Vec<tokio::task::JoinHan
                 .prefer_first_endpoint()
                 .build()
                 .unwrap();
-            let (client, lock) = (format!("c{i}"), LOCKS[i % 2].to_owned());
-            contend_waiting(
+            contend_as(
                 dl,
-                client,
-                lock,
+                format!("c{i}"),
+                lock.to_owned(),
+                take,
                 LEASE,
                 Duration::from_secs(5),
                 shared,
@@ -53,6 +79,7 @@ async fn finish(
     shared: &Shared,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     endpoints: &[String],
+    cast: Cast,
 ) -> Report {
     shared.stop.store(true, Ordering::SeqCst);
     for t in tasks {
@@ -64,16 +91,25 @@ async fn finish(
         .endpoints(endpoints.to_vec())
         .build()
         .unwrap();
-    for lock in LOCKS {
+    for (lock, take) in names(cast.clients()) {
         let bound = LEASE + LEASE + Duration::from_secs(2);
-        let guard = dl.lock(lock).timeout(bound).await;
+        let request = match take {
+            Take::Read => dl.read_lock(lock),
+            Take::Permits(n) => dl.semaphore(lock, n),
+            _ => dl.lock(lock),
+        };
+        let guard = request.timeout(bound).await;
         assert!(
             guard.is_ok(),
             "{lock} not acquirable within {bound:?}: {:?}",
             guard.err()
         );
     }
-    history::check(&[], &shared.clients.events(), &shared.resource.writes())
+    let report = history::check(&[], &shared.clients.events(), &shared.resource.writes());
+    if let Cast::Kinds = cast {
+        assert_kinds_overlapped("etcd", shared);
+    }
+    report
 }
 
 fn assert_clean(scenario: &str, report: &Report) {
@@ -91,6 +127,15 @@ fn assert_clean(scenario: &str, report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_servers_killed() {
+    server_killed(Cast::Mutexes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_servers_killed_under_every_kind() {
+    server_killed(Cast::Kinds).await;
+}
+
+async fn server_killed(cast: Cast) {
     let etcd = EtcdCluster::start(1).await;
     let (first, second) = (
         support::etcd_server_process(&etcd).await,
@@ -98,17 +143,26 @@ async fn one_of_two_servers_killed() {
     );
     let endpoints = vec![first.url.clone(), second.url.clone()];
     let shared = Shared::new();
-    let tasks = contenders(&endpoints, &shared);
+    let tasks = contenders(&endpoints, &shared, cast);
     tokio::time::sleep(LEASE).await;
     first.kill().await;
     tokio::time::sleep(LEASE * 2).await;
-    let report = finish(&shared, tasks, &endpoints[1..]).await;
+    let report = finish(&shared, tasks, &endpoints[1..], cast).await;
     assert_clean("one of two etcd-backed servers killed", &report);
     drop(second);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_etcd_member_of_three_killed() {
+    member_killed(Cast::Mutexes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_of_three_killed_under_every_kind() {
+    member_killed(Cast::Kinds).await;
+}
+
+async fn member_killed(cast: Cast) {
     let mut etcd = EtcdCluster::start(3).await;
     let servers = [
         TestServer::start_over(Some(&etcd), |b| b).await,
@@ -116,19 +170,28 @@ async fn one_etcd_member_of_three_killed() {
     ];
     let endpoints: Vec<String> = servers.iter().map(|s| s.url()).collect();
     let shared = Shared::new();
-    let tasks = contenders(&endpoints, &shared);
+    let tasks = contenders(&endpoints, &shared, cast);
     tokio::time::sleep(LEASE).await;
     let leader = etcd.leader().await;
     etcd.kill(leader);
     tokio::time::sleep(LEASE * 2).await;
     etcd.restart(leader).await;
     tokio::time::sleep(LEASE).await;
-    let report = finish(&shared, tasks, &endpoints).await;
+    let report = finish(&shared, tasks, &endpoints, cast).await;
     assert_clean("the etcd leader of three killed and restarted", &report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_path_between_a_server_and_etcd_cut() {
+    path_cut(Cast::Mutexes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_path_between_a_server_and_etcd_cut_under_every_kind() {
+    path_cut(Cast::Kinds).await;
+}
+
+async fn path_cut(cast: Cast) {
     let etcd = EtcdCluster::start(1).await;
     let endpoint = etcd.endpoint(0);
     let etcd_addr = endpoint.trim_start_matches("http://").parse().unwrap();
@@ -137,7 +200,7 @@ async fn the_path_between_a_server_and_etcd_cut() {
     let direct = TestServer::start_over(Some(&etcd), |b| b).await;
     let endpoints = vec![cut_off.url(), direct.url()];
     let shared = Shared::new();
-    let tasks = contenders(&endpoints, &shared);
+    let tasks = contenders(&endpoints, &shared, cast);
     tokio::time::sleep(LEASE).await;
     // The first server can no longer reach etcd for three leases: its calls hang, then
     // fail; clients move to the other server, and leases are never doubled meanwhile.
@@ -149,6 +212,6 @@ async fn the_path_between_a_server_and_etcd_cut() {
     println!("during the cut the directly connected server made {served} grants");
     assert!(served > 0.0, "the service went on through the other server");
     tokio::time::sleep(LEASE).await;
-    let report = finish(&shared, tasks, &endpoints).await;
+    let report = finish(&shared, tasks, &endpoints, cast).await;
     assert_clean("the path from a server to etcd cut", &report);
 }

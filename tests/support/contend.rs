@@ -213,3 +213,54 @@ pub fn contend_as(
         }
     })
 }
+
+/// Every other kind at once: three clients on a semaphore of two permits, readers and a
+/// writer on one read-write lock, and two candidates in an election.
+pub const KINDS: [(&str, Take); 8] = [
+    ("pool", Take::Permits(2)),
+    ("config", Take::Read),
+    ("leader", Take::Lead),
+    ("pool", Take::Permits(2)),
+    ("config", Take::Read),
+    ("leader", Take::Lead),
+    ("pool", Take::Permits(2)),
+    ("config", Take::Write),
+];
+
+/// The names of `clients`, each once, with how to take it.
+pub fn names(clients: &[(&'static str, Take)]) -> Vec<(&'static str, Take)> {
+    let mut names: Vec<(&str, Take)> = Vec::new();
+    for &(name, take) in clients {
+        if !names.iter().any(|(n, _)| *n == name) {
+            names.push((name, take));
+        }
+    }
+    names
+}
+
+/// A negative control on a clean run: the same claims, checked as if the semaphore had one
+/// permit fewer and readers were writers, must show overlaps. It proves the run really had
+/// several holders at once, so that the clean check meant something.
+pub fn assert_kinds_overlapped(scenario: &str, shared: &Shared) {
+    let stricter: Vec<_> = (shared.clients.events().into_iter())
+        .map(|mut e| {
+            if let ClientKind::HeldAs(token, hold) = e.kind {
+                e.kind = match hold {
+                    Hold::Permit(n) if n > 1 => ClientKind::HeldAs(token, Hold::Permit(n - 1)),
+                    _ => ClientKind::Held(token),
+                };
+            }
+            e
+        })
+        .collect();
+    let report = super::history::check(&[], &stricter, &[]);
+    for lock in ["pool", "config"] {
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.starts_with(&format!("{lock}:"))),
+            "{scenario}: {lock} never had several holders at once, so the check proved little"
+        );
+    }
+}

@@ -102,8 +102,19 @@ pub fn signal(pid: u32, signal: libc::c_int) {
 
 /// `leasehold run NAME OPTIONS -- bash -c SCRIPT` against `url`.
 pub fn cli_run(url: &str, name: &str, options: &[&str], script: &str) -> Child {
+    cli_command(url, "run", name, options, script)
+}
+
+/// `leasehold SUBCOMMAND NAME OPTIONS -- bash -c SCRIPT` against `url` (`run`, `elect`).
+pub fn cli_command(
+    url: &str,
+    subcommand: &str,
+    name: &str,
+    options: &[&str],
+    script: &str,
+) -> Child {
     Command::new(CLI_BIN)
-        .args(["--url", url, "--api-key", "faults", "run", name])
+        .args(["--url", url, "--api-key", "faults", subcommand, name])
         .args(options)
         .args(["--", "bash", "-c", script])
         .stdout(std::process::Stdio::null())
