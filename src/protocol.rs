@@ -158,8 +158,10 @@ pub struct AcquireRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_hold_ms: Option<u64>,
     /// Lock-delay: if this lease ends without a release (it expires, reaches its
-    /// `max_hold`, or is revoked), nobody is granted the lock until this long after.
-    /// At most the server's maximum (`400` above it).
+    /// `max_hold`, or is revoked), it keeps its place until this long after: nobody is
+    /// granted the lock meanwhile whom it would not admit (for an exclusive holder, nobody;
+    /// for a reader, no writer; a semaphore's permit stays taken). At most the server's
+    /// maximum (`400` above it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_delay_ms: Option<u64>,
     /// What to hold: `exclusive` (the default: a mutex, a write lock, a campaign),

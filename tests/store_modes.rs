@@ -384,3 +384,115 @@ async fn waiters_are_granted_when_holders_run_out_without_a_sweep() {
     assert_eq!(view.holders.len(), 2);
     assert_eq!(store.stats().expirations, 4);
 }
+
+/// Lock-delays with modes: an ended holder keeps its place and mode for its delay, and the
+/// lock's own timer grants the next waiter when it runs out. A semaphore's permit stays
+/// taken while the other works; readers still join an ended reader, a writer does not.
+#[tokio::test]
+async fn a_lock_delay_keeps_the_ended_holders_place() {
+    let store = MemoryStore::open(MemoryConfig {
+        // Only the locks' own timers can grant in this test.
+        sweep_interval: Duration::from_secs(600),
+        ..MemoryConfig::default()
+    })
+    .unwrap();
+    let p = project();
+    let delay = Duration::from_millis(400);
+    let delayed = |name: &str, request: u128, mode: Mode| AcquireSpec {
+        lock_delay: Some(delay),
+        ..spec(name, request, mode)
+    };
+    let try_once = |name: &str, request: u128, mode: Mode| AcquireSpec {
+        wait: Some(Duration::ZERO),
+        ..spec(name, request, mode)
+    };
+    let long_poll = |name: &str, request: u128, mode: Mode| AcquireSpec {
+        poll: Duration::from_secs(10),
+        ..spec(name, request, mode)
+    };
+    let timed_out = |outcome: AcquireOutcome| matches!(outcome, AcquireOutcome::TimedOut { .. });
+
+    // A semaphore of 2: the revoked holder's permit stays taken for its delay.
+    let first = granted(&store, delayed("sem", 1, Mode::Permit(2))).await;
+    let second = granted(&store, spec("sem", 2, Mode::Permit(2))).await;
+    assert_eq!(
+        store.release(&p, "sem", second.lease_id).await.unwrap(),
+        Release::Released
+    );
+    let revoked_at = Instant::now();
+    assert_eq!(
+        store.revoke(&p, "sem").await.unwrap(),
+        [first.fencing_token]
+    );
+    let renewed = store
+        .renew(&p, vec![("sem".into(), first.lease_id)])
+        .await
+        .unwrap();
+    assert_eq!(renewed, [Renewal::Gone(Some(Ended::Revoked))]);
+    let other = granted(&store, try_once("sem", 3, Mode::Permit(2))).await;
+    assert!(timed_out(
+        store
+            .acquire(try_once("sem", 4, Mode::Permit(2)))
+            .await
+            .unwrap()
+    ));
+    let view = store.inspect(&p, "sem").await.unwrap().unwrap();
+    assert_eq!(view.holders.len(), 1, "the ended holder is not shown");
+    assert_eq!(view.held_back_until, None, "someone holds");
+    let late = granted(&store, long_poll("sem", 5, Mode::Permit(2))).await;
+    assert!(
+        revoked_at.elapsed() >= delay,
+        "granted {:?} after the revoke",
+        revoked_at.elapsed()
+    );
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(5),
+        "by the lock's timer, not a sweep"
+    );
+    assert!(late.fencing_token > other.fencing_token);
+
+    // A read lock: readers join the ended reader, a writer waits for its delay.
+    let reader = granted(&store, delayed("rw", 6, Mode::Shared)).await;
+    let revoked_at = Instant::now();
+    assert_eq!(
+        store.revoke(&p, "rw").await.unwrap(),
+        [reader.fencing_token]
+    );
+    let view = store.inspect(&p, "rw").await.unwrap().unwrap();
+    assert!(view.holders.is_empty());
+    let until = view
+        .held_back_until
+        .expect("the delay shows while nobody holds");
+    assert!(until > std::time::SystemTime::now());
+    let joined = granted(&store, try_once("rw", 7, Mode::Shared)).await;
+    assert!(timed_out(
+        store
+            .acquire(try_once("rw", 8, Mode::Exclusive))
+            .await
+            .unwrap()
+    ));
+    assert_eq!(
+        store.release(&p, "rw", joined.lease_id).await.unwrap(),
+        Release::Released
+    );
+    let writer = granted(&store, long_poll("rw", 9, Mode::Exclusive)).await;
+    assert!(
+        revoked_at.elapsed() >= delay,
+        "the writer was granted {:?} after the revoke",
+        revoked_at.elapsed()
+    );
+    assert!(writer.fencing_token > joined.fencing_token);
+
+    // A plain lock: nobody during the delay, as before modes.
+    let holder = granted(&store, delayed("x", 10, Mode::Exclusive)).await;
+    let revoked_at = Instant::now();
+    store.revoke(&p, "x").await.unwrap();
+    for (request, mode) in [(11, Mode::Exclusive), (12, Mode::Shared)] {
+        assert!(timed_out(
+            store.acquire(try_once("x", request, mode)).await.unwrap()
+        ));
+    }
+    let next = granted(&store, long_poll("x", 13, Mode::Shared)).await;
+    assert!(revoked_at.elapsed() >= delay);
+    assert!(next.fencing_token > holder.fencing_token);
+}

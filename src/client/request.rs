@@ -155,10 +155,12 @@ impl LockRequest {
     }
 
     /// Lock-delay: if this holder's lease ends without a release (it expires, reaches
-    /// `max_hold`, or is revoked), nobody gets the lock for `delay` after that. A clean
-    /// release frees it at once. For resources that cannot check fencing tokens: writes a
-    /// paused holder still had in flight land before the next holder starts. The server
-    /// caps it (`--max-lock-delay`, 60 s by default; more is [`Error::InvalidArgument`]).
+    /// `max_hold`, or is revoked), nobody gets the lock for `delay` after that (for a read
+    /// lock, no writer: readers may still join; for a semaphore, this holder's permit stays
+    /// taken while the others keep working). A clean release frees it at once. For
+    /// resources that cannot check fencing tokens: writes a paused holder still had in
+    /// flight land before the next holder starts. The server caps it (`--max-lock-delay`,
+    /// 60 s by default; more is [`Error::InvalidArgument`]).
     pub fn lock_delay(mut self, delay: Duration) -> LockRequest {
         self.lock_delay = Some(delay);
         self

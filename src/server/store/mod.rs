@@ -52,8 +52,10 @@ pub struct AcquireSpec {
     pub quota: Quota,
     /// Longest time the lease may be held from its grant, renewals included (validated).
     pub max_hold: Option<Duration>,
-    /// Lock-delay: if the lease ends without a release, no grant until this long after its
-    /// end (validated against the server's maximum).
+    /// Lock-delay: if the lease ends without a release, its holder keeps its place and mode
+    /// until this long after its end: nobody is granted whom it would not admit (nobody after
+    /// an exclusive holder, no writer after a reader; a semaphore's permit stays taken).
+    /// Validated against the server's maximum.
     pub lock_delay: Option<Duration>,
     /// What the caller asks to hold: alone, shared with readers, or one of a semaphore's
     /// permits (validated: at least one permit).
@@ -193,8 +195,9 @@ pub struct LockView {
     pub waiters: u64,
     /// How long the first in line has waited.
     pub oldest_wait: Option<Duration>,
-    /// While nobody holds the lock and grants are held back after a server restart: when
-    /// the hold-back ends (wall clock).
+    /// While nobody holds the lock and grants are held back, after a server restart or by an
+    /// ended holder's lock-delay: when the hold-back ends (wall clock). The etcd store also
+    /// shows a lock-delay while someone waits.
     pub held_back_until: Option<SystemTime>,
 }
 

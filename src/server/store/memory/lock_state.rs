@@ -8,8 +8,16 @@
 //! The grant rule: walking the line in FIFO order, each waiter that [`Mode::admits`] next to
 //! the current holders is granted, and the walk stops at the first one it does not admit. So
 //! readers at the head are admitted together, a reader behind a waiting writer waits (writers
-//! never starve), and a semaphore admits up to its count. A lock-delay or a restart's
-//! hold-back stops every grant while it runs.
+//! never starve), and a semaphore admits up to its count.
+//!
+//! Lock-delays apply per holder, as in the etcd store: a holder that asked for one and ended
+//! without a release (expired, reached its `max_hold`, was revoked) keeps its place and its
+//! mode for the rule until its delay runs out, as a holder nobody can renew or see ([`Delay`]).
+//! So nobody is granted next to it whom it would not have admitted while it held: nobody
+//! after an exclusive holder, no writer after a reader (readers still join), and a
+//! semaphore's ended holder keeps its permit. It does not make the name in use for kinds
+//! ([`Mode::conflict`]): an acquire of another kind queues and waits for the delay. A
+//! restart's hold-back stops every grant while it runs.
 //!
 //! Every public operation settles the lock before and after its work (expires overdue
 //! holders, grants whom the rule admits): what it looks at is current, and what it leaves
@@ -430,13 +438,26 @@ struct Waiter<L> {
     poll_started: u64,
 }
 
-/// What a lock has only while someone waits for it or its grants are held back: most held
-/// locks have neither, and pay one pointer for it.
+/// A holder that ended without a release while its lock-delay runs: until then it keeps
+/// its place and mode for the grant rule. Every holder was granted before every waiter now
+/// in line, so its place is simply among the holders.
+#[derive(Debug, Clone, Copy)]
+struct Delay {
+    /// When the delay runs out (µs since origin).
+    until: u64,
+    mode: Mode,
+}
+
+/// What a lock has only while someone waits for it, an ended holder's lock-delay runs, or
+/// its grants are held back after a restart: most held locks have none of these, and pay
+/// one pointer for it.
 #[derive(Debug)]
 struct Queue<L> {
     waiters: WaitQueue<Waiter<L>>,
-    /// No grant before this (µs since origin): a lock-delay, or a long lease from before a
-    /// restart. 0 once over.
+    /// The ended holders whose lock-delay runs, in the order they ended.
+    delays: Vec<Delay>,
+    /// No grant before this (µs since origin): a long lease from before a restart. 0 once
+    /// over.
     held_back_until: u64,
 }
 
@@ -444,6 +465,7 @@ impl<L> Default for Queue<L> {
     fn default() -> Queue<L> {
         Queue {
             waiters: WaitQueue::default(),
+            delays: Vec::new(),
             held_back_until: 0,
         }
     }
@@ -489,13 +511,13 @@ impl<L: Listener> LockState<L> {
         Some(self.queue.as_ref()?.waiters.front()?.queued_at)
     }
 
-    /// When this lock's own hold-back (a lock-delay, or a long lease from before a restart)
-    /// ends, if it runs.
+    /// When this lock's own hold-back ends, if one runs: the last ended holder's lock-delay,
+    /// or this lock's hold-back after a restart (a long lease from before it), whichever ends
+    /// later.
     pub fn held_back_until(&self) -> Option<u64> {
-        self.queue
-            .as_ref()
-            .map(|q| q.held_back_until)
-            .filter(|&until| until > 0)
+        let queue = self.queue.as_ref()?;
+        let delays = queue.delays.iter().map(|d| d.until).max().unwrap_or(0);
+        Some(queue.held_back_until.max(delays)).filter(|&until| until > 0)
     }
 
     /// The mode the holders hold; with no holder, the first waiter's (so a semaphore's
@@ -516,6 +538,14 @@ impl<L: Listener> LockState<L> {
         self.holders.as_slice().first().map(Holder::mode)
     }
 
+    /// What the grant rule admits next to: the mode held and by how many, counting the ended
+    /// holders whose lock-delay runs (all of one mode with the live holders: nobody is
+    /// granted next to one whom it would not admit).
+    fn seats(&self) -> (Option<Mode>, usize) {
+        let delays = self.queue.as_ref().map_or(&[][..], |q| &q.delays[..]);
+        seats(&self.holders, delays)
+    }
+
     fn mode_in_use(&self) -> Option<Mode> {
         self.held_mode().or_else(|| {
             let first = self.queue.as_ref()?.waiters.front()?;
@@ -523,25 +553,27 @@ impl<L: Listener> LockState<L> {
         })
     }
 
-    /// When time alone next changes something somebody waits for: the earliest holder's
-    /// deadline while waiters wait, or the end of a hold-back (after which waiters may be
-    /// granted, or the lock be dropped). A function of the state only, so that the store can
-    /// tell when its timer for the lock must move.
+    /// When time alone next changes something somebody waits for: while waiters wait, the
+    /// earliest holder's deadline, lock-delay end or hold-back end (after which one may be
+    /// granted); else the end of the last delay or hold-back (after which the lock may be
+    /// dropped). A function of the state only, so that the store can tell when its timer for
+    /// the lock must move.
     pub fn wake_at(&self) -> Option<u64> {
         let queue = self.queue.as_ref()?;
-        let delay = (queue.held_back_until > 0).then_some(queue.held_back_until);
+        let hold_back = (queue.held_back_until > 0).then_some(queue.held_back_until);
+        let delays = queue.delays.iter().map(|d| d.until);
         if queue.waiters.is_empty() {
-            return delay;
+            return delays.max().max(hold_back);
         }
         let expiry = self.holders.as_slice().iter().map(|h| h.deadline).min();
-        match (expiry, delay) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [expiry, delays.min(), hold_back]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Brings the lock up to date: ends overdue leases, then grants in FIFO order whom the
-    /// rule admits, unless grants are held back.
+    /// Brings the lock up to date: ends overdue leases and lock-delays, then grants in FIFO
+    /// order whom the rule admits, unless grants are held back after a restart.
     pub fn settle(&mut self, tick: Tick, fx: &mut impl Effects) {
         let now = tick.now;
         if self.holders.as_slice().iter().any(|h| h.deadline <= now) {
@@ -552,22 +584,28 @@ impl<L: Listener> LockState<L> {
                 fx.lease_ended(&holder, holder.ends_by());
                 fx.happened(Happened::Expired(&holder));
                 // The delay counts from when the lease ended, not from when that was noticed.
-                self.delay_grants(holder.deadline, holder.lock_delay_ms, now);
+                self.keep_delayed(&holder, holder.deadline, now);
+            }
+        }
+        if let Some(queue) = &mut self.queue {
+            queue.delays.retain(|d| d.until > now);
+            if queue.held_back_until <= now {
+                queue.held_back_until = 0;
             }
         }
         if !self.held_back(now, tick.held_back_until) {
             self.grant_admitted(tick, fx);
         }
-        if let Some(queue) = &mut self.queue {
-            if queue.held_back_until <= now {
-                queue.held_back_until = 0;
-            }
-            if queue.waiters.is_empty() && queue.held_back_until == 0 {
-                self.queue = None;
-            }
+        if self
+            .queue
+            .as_ref()
+            .is_some_and(|q| q.waiters.is_empty() && q.delays.is_empty() && q.held_back_until == 0)
+        {
+            self.queue = None;
         }
     }
 
+    /// Whether a restart's hold-back (the store's, or this lock's) stops every grant.
     fn held_back(&self, now: u64, store_held_back_until: u64) -> bool {
         now < store_held_back_until || self.queue.as_ref().is_some_and(|q| now < q.held_back_until)
     }
@@ -577,8 +615,8 @@ impl<L: Listener> LockState<L> {
             return;
         };
         while let Some(first) = queue.waiters.front() {
-            let held = self.holders.as_slice().first().map(Holder::mode);
-            if !first.terms.mode.admits(held, self.holders.len()) {
+            let (held, holders) = seats(&self.holders, &queue.delays);
+            if !first.terms.mode.admits(held, holders) {
                 break;
             }
             // No token, no grant: the waiters keep their places until the state file takes
@@ -603,16 +641,19 @@ impl<L: Listener> LockState<L> {
         }
     }
 
-    /// Starts a lock-delay of `delay_ms` from `ended_at`, if it has not run out by `now`: no
-    /// grant before it does. Kept in the queue, which stays while the delay runs even with
-    /// nobody waiting.
-    fn delay_grants(&mut self, ended_at: u64, delay_ms: u32, now: u64) {
-        let until = ended_at.saturating_add(u64::from(delay_ms) * 1000);
-        if delay_ms == 0 || until <= now {
+    /// Keeps the place and mode of `holder`, whose lease ended at `ended_at` without a
+    /// release, for its lock-delay, if it asked for one and it has not run out by `now`. Kept
+    /// in the queue, which stays while the delay runs even with nobody waiting.
+    fn keep_delayed(&mut self, holder: &Holder, ended_at: u64, now: u64) {
+        let until = ended_at.saturating_add(u64::from(holder.lock_delay_ms) * 1000);
+        if holder.lock_delay_ms == 0 || until <= now {
             return;
         }
         let queue = self.queue.get_or_insert_with(Default::default);
-        queue.held_back_until = queue.held_back_until.max(until);
+        queue.delays.push(Delay {
+            until,
+            mode: holder.mode(),
+        });
     }
 
     /// Settles, runs `op`, settles again.
@@ -675,10 +716,11 @@ impl<L: Listener> LockState<L> {
             texts: Texts::boxed(ask.label, ask.value),
         };
         let held_back = ask.held_back_until.filter(|&until| until > now);
+        let (held, holders) = self.seats();
         if self.waiters() == 0
             && held_back.is_none()
             && !self.held_back(now, tick.held_back_until)
-            && ask.mode.admits(self.held_mode(), self.holders.len())
+            && ask.mode.admits(held, holders)
         {
             let Some(token) = fx.token() else {
                 return Err(StoreError::Unavailable(
@@ -783,7 +825,7 @@ impl<L: Listener> LockState<L> {
                 fx.request_ended(holder.request_id);
                 fx.lease_ended(holder, Ended::Revoked);
                 fx.happened(Happened::Revoked(holder));
-                lock.delay_grants(now, holder.lock_delay_ms, now);
+                lock.keep_delayed(holder, now, now);
                 tokens.push(holder.token.get());
             }
             tokens.sort_unstable();
@@ -907,6 +949,17 @@ impl<L: Listener> LockState<L> {
         }
         self.settle(tick, fx);
     }
+}
+
+/// The mode held and by how many, for the grant rule: the live holders and the ended holders
+/// whose lock-delay runs.
+fn seats(holders: &Holders, delays: &[Delay]) -> (Option<Mode>, usize) {
+    let held = holders
+        .as_slice()
+        .first()
+        .map(Holder::mode)
+        .or_else(|| delays.first().map(|d| d.mode));
+    (held, holders.len() + delays.len())
 }
 
 /// A waiter whose poll has gone keeps its place, detached, for the grace period.

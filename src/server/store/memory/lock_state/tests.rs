@@ -206,14 +206,28 @@ impl Lab {
         self.lock.settle(tick, &mut self.log);
     }
 
+    /// The modes of the ended holders whose lock-delay runs.
+    fn delayed(&self) -> Vec<Mode> {
+        self.lock
+            .queue
+            .as_ref()
+            .map_or_else(Vec::new, |q| q.delays.iter().map(|d| d.mode).collect())
+    }
+
     fn check_invariants(&self) {
         let holders = self.lock.holders();
-        if let Some(first) = holders.first() {
-            assert!(holders.iter().all(|h| h.mode() == first.mode()), "one mode");
-            match first.mode() {
-                Mode::Exclusive => assert_eq!(holders.len(), 1),
+        // The live holders and the ended ones in their delay: one mode, within its count.
+        let modes: Vec<Mode> = holders
+            .iter()
+            .map(Holder::mode)
+            .chain(self.delayed())
+            .collect();
+        if let Some(&first) = modes.first() {
+            assert!(modes.iter().all(|&m| m == first), "one mode: {modes:?}");
+            match first {
+                Mode::Exclusive => assert_eq!(modes.len(), 1),
                 Mode::Shared => {}
-                Mode::Permit(n) => assert!(holders.len() <= n as usize),
+                Mode::Permit(n) => assert!(modes.len() <= n as usize),
             }
         }
         let tokens: Vec<u64> = holders.iter().map(Holder::token).collect();
@@ -296,8 +310,9 @@ fn a_semaphore_never_exceeds_its_permits() {
     assert_eq!(lab.lock.mode(), Mode::Permit(3));
     assert!(lab.lock.leader().is_none(), "permit holders do not lead");
 
-    // Random acquires, releases, cancels, expiries and revokes: never more than 3 holders,
-    // and never a free permit while someone waits.
+    // Random acquires, releases, cancels, expiries and revokes, some with lock-delays: never
+    // more than 3 holders, counting the ended ones in their delay, and never a free permit
+    // while someone waits.
     for seed in 0..20 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut lab = Lab::new();
@@ -308,6 +323,8 @@ fn a_semaphore_never_exceeds_its_permits() {
                     next += 1;
                     let opts = Opts {
                         lease_ms: rng.u32(1..50),
+                        lock_delay: (seed % 2 == 1 && rng.bool())
+                            .then(|| Duration::from_millis(rng.u64(1..30))),
                         ..Opts::default()
                     };
                     lab.ask_with(next, Mode::Permit(3), opts).unwrap();
@@ -330,13 +347,10 @@ fn a_semaphore_never_exceeds_its_permits() {
                 _ => lab.advance(rng.u64(0..20 * MS)),
             }
             lab.check_invariants();
-            assert!(lab.lock.holders().len() <= 3);
+            let taken = lab.lock.holders().len() + lab.delayed().len();
+            assert!(taken <= 3);
             if lab.lock.waiters() > 0 {
-                assert_eq!(
-                    lab.lock.holders().len(),
-                    3,
-                    "a free permit while waiters wait"
-                );
+                assert_eq!(taken, 3, "a free permit while waiters wait");
             }
         }
     }
@@ -541,34 +555,175 @@ fn proclaims_and_leadership_changes() {
     );
 }
 
-#[test]
-fn a_lock_delay_holds_back_every_grant() {
-    let mut lab = Lab::new();
-    let delayed = Opts {
+/// A holder with a 100 ms lock-delay and a 10 ms lease.
+fn delayed() -> Opts {
+    Opts {
         lease_ms: 10,
         lock_delay: Some(Duration::from_millis(100)),
         ..Opts::default()
-    };
-    lab.ask_with(1, Mode::Exclusive, delayed).unwrap();
+    }
+}
+
+#[test]
+fn an_exclusive_holders_delay_holds_back_every_grant() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Exclusive, delayed()).unwrap();
     lab.ask(2, Mode::Shared).unwrap();
     lab.ask(3, Mode::Shared).unwrap();
     let expiry = lab.now + 10 * MS;
     assert_eq!(lab.lock.wake_at(), Some(expiry));
     lab.advance(10 * MS);
     assert!(lab.holders().is_empty());
+    assert_eq!(lab.delayed(), [Mode::Exclusive]);
     assert_eq!(lab.lock.held_back_until(), Some(expiry + 100 * MS));
     assert_eq!(lab.lock.wake_at(), Some(expiry + 100 * MS));
+    let no_wait = Opts {
+        no_wait: true,
+        ..Opts::default()
+    };
+    assert_eq!(
+        lab.ask_with(4, Mode::Shared, no_wait).unwrap(),
+        Begun::TimedOut
+    );
     lab.advance(100 * MS - 1);
     assert!(lab.holders().is_empty(), "the delay runs");
+    lab.check_invariants();
     lab.advance(1);
     assert_eq!(lab.holders(), [2, 3]);
     assert_eq!(lab.lock.held_back_until(), None);
+    assert!(lab.delayed().is_empty());
     // A release starts no delay.
     let mut lab = Lab::new();
-    lab.ask_with(1, Mode::Exclusive, delayed).unwrap();
+    lab.ask_with(1, Mode::Exclusive, delayed()).unwrap();
     lab.ask(2, Mode::Exclusive).unwrap();
     assert!(lab.release(1));
     assert_eq!(lab.holders(), [2]);
+    // Nor does a cancel of the grant.
+    let tick = lab.tick();
+    assert!(lab.lock.withdraw(id(2), tick, &mut lab.log));
+    assert!(lab.lock.is_empty());
+}
+
+#[test]
+fn a_readers_delay_lets_readers_join_but_not_a_writer() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Shared, delayed()).unwrap();
+    let ended = lab.now + 10 * MS;
+    lab.advance(10 * MS);
+    assert!(lab.holders().is_empty());
+    assert_eq!(lab.delayed(), [Mode::Shared]);
+    // The ended reader does not make the name a read-write lock: a semaphore's acquire is
+    // not refused, and waits for the delay.
+    let no_wait = Opts {
+        no_wait: true,
+        ..Opts::default()
+    };
+    assert_eq!(
+        lab.ask_with(2, Mode::Permit(2), no_wait).unwrap(),
+        Begun::TimedOut
+    );
+    assert_eq!(
+        lab.ask_with(3, Mode::Exclusive, no_wait).unwrap(),
+        Begun::TimedOut,
+        "no writer during a reader's delay"
+    );
+    assert!(matches!(lab.ask(4, Mode::Shared), Ok(Begun::Granted(_))));
+    assert!(matches!(lab.ask(5, Mode::Shared), Ok(Begun::Granted(_))));
+    assert_eq!(lab.holders(), [4, 5], "readers join");
+    assert_eq!(lab.lock.held_back_until(), Some(ended + 100 * MS));
+    assert_eq!(lab.ask(6, Mode::Exclusive).unwrap(), Begun::Waiting);
+    assert_eq!(lab.ask(7, Mode::Shared).unwrap(), Begun::Waiting, "FIFO");
+    assert!(lab.release(4));
+    assert!(lab.release(5));
+    assert!(lab.holders().is_empty(), "the writer waits for the delay");
+    assert_eq!(lab.lock.waiters(), 2);
+    lab.check_invariants();
+    // The delay's end is the lock's next wake; the writer is granted then.
+    assert_eq!(lab.lock.wake_at(), Some(ended + 100 * MS));
+    lab.now = ended + 100 * MS - 1;
+    lab.advance(0);
+    assert!(lab.holders().is_empty());
+    lab.advance(1);
+    assert_eq!(lab.holders(), [6]);
+    assert!(lab.grant(6).is_some());
+    assert_eq!(lab.lock.held_back_until(), None);
+}
+
+#[test]
+fn a_semaphores_ended_holder_keeps_its_permit_for_its_delay() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Permit(2), delayed()).unwrap();
+    lab.ask(2, Mode::Permit(2)).unwrap();
+    assert_eq!(lab.ask(3, Mode::Permit(2)).unwrap(), Begun::Waiting);
+    assert_eq!(lab.ask(4, Mode::Permit(2)).unwrap(), Begun::Waiting);
+    let ended = lab.now + 10 * MS;
+    lab.advance(10 * MS);
+    assert_eq!(lab.holders(), [2], "the ended holder's permit stays taken");
+    assert_eq!(lab.lock.waiters(), 2);
+    assert_eq!(lab.delayed(), [Mode::Permit(2)]);
+    assert_eq!(lab.lock.wake_at(), Some(ended + 100 * MS));
+    // The other permit keeps working.
+    assert!(lab.release(2));
+    assert_eq!(lab.holders(), [3]);
+    assert_eq!(lab.lock.waiters(), 1);
+    lab.check_invariants();
+    lab.advance(ended + 100 * MS - 1 - lab.now);
+    assert_eq!(lab.holders(), [3]);
+    lab.advance(1);
+    assert_eq!(
+        lab.holders(),
+        [3, 4],
+        "the permit is free when the delay ends"
+    );
+    assert_eq!(lab.lock.waiters(), 0);
+    assert!(lab.delayed().is_empty());
+
+    // A revoke keeps each revoked holder's permit for its own delay.
+    let mut lab = Lab::new();
+    let long_delay = Opts {
+        lock_delay: Some(Duration::from_millis(100)),
+        ..Opts::default()
+    };
+    lab.ask_with(1, Mode::Permit(3), long_delay).unwrap();
+    lab.ask(2, Mode::Permit(3)).unwrap();
+    let tick = lab.tick();
+    assert_eq!(lab.lock.revoke(tick, &mut lab.log).len(), 2);
+    assert_eq!(lab.delayed(), [Mode::Permit(3)]);
+    assert!(matches!(lab.ask(3, Mode::Permit(3)), Ok(Begun::Granted(_))));
+    assert!(matches!(lab.ask(4, Mode::Permit(3)), Ok(Begun::Granted(_))));
+    assert_eq!(lab.ask(5, Mode::Permit(3)).unwrap(), Begun::Waiting);
+    lab.check_invariants();
+    lab.advance(100 * MS);
+    assert_eq!(lab.holders(), [3, 4, 5]);
+}
+
+#[test]
+fn a_lock_with_only_delays_is_dropped_when_the_last_ends() {
+    let mut lab = Lab::new();
+    let longer = Opts {
+        lock_delay: Some(Duration::from_millis(300)),
+        ..delayed()
+    };
+    lab.ask_with(1, Mode::Shared, delayed()).unwrap();
+    lab.ask_with(2, Mode::Shared, longer).unwrap();
+    let ended = lab.now + 10 * MS;
+    lab.advance(10 * MS);
+    assert!(lab.holders().is_empty());
+    assert!(!lab.lock.is_empty());
+    // Nobody waits: the lock's next wake is when it can go.
+    assert_eq!(lab.lock.wake_at(), Some(ended + 300 * MS));
+    assert_eq!(lab.lock.held_back_until(), Some(ended + 300 * MS));
+    // A writer waiting wakes it at the first delay's end, which grants nothing yet.
+    assert_eq!(lab.ask(3, Mode::Exclusive).unwrap(), Begun::Waiting);
+    assert_eq!(lab.lock.wake_at(), Some(ended + 100 * MS));
+    lab.advance(100 * MS);
+    assert!(lab.holders().is_empty());
+    assert_eq!(lab.delayed(), [Mode::Shared]);
+    assert_eq!(lab.lock.wake_at(), Some(ended + 300 * MS));
+    lab.advance(200 * MS);
+    assert_eq!(lab.holders(), [3]);
+    assert!(lab.release(3));
+    assert!(lab.lock.is_empty());
 }
 
 #[test]
