@@ -759,11 +759,12 @@ async fn a_lock_delay_keeps_the_ended_holders_place() {
             .unwrap(),
         AcquireOutcome::TimedOut { .. }
     ));
-    // Readers hold, and a waiting writer's inspection shows the hold-back.
+    // A reader holds and a writer waits: the live reader is what inspection shows keeping
+    // it out; the ended reader's delay shows only while nobody holds (protocol §3.5).
     let writer = waiter(&store, spec("rw", Mode::Exclusive));
     until_waiters(&store, "rw", 1).await;
     let view = store.inspect(&p, "rw").await.unwrap().unwrap();
-    assert!(view.held_back_until.is_some());
+    assert!(view.held_back_until.is_none());
     assert_eq!(view.holders.len(), 1);
     drop(writer);
     assert_eq!(

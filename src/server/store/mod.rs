@@ -196,8 +196,7 @@ pub struct LockView {
     /// How long the first in line has waited.
     pub oldest_wait: Option<Duration>,
     /// While nobody holds the lock and grants are held back, after a server restart or by an
-    /// ended holder's lock-delay: when the hold-back ends (wall clock). The etcd store also
-    /// shows a lock-delay while someone waits.
+    /// ended holder's lock-delay: when the hold-back ends (wall clock).
     pub held_back_until: Option<SystemTime>,
 }
 

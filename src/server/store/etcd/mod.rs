@@ -404,10 +404,10 @@ impl Inner {
     async fn inspect(&self, project: &Project, name: &str) -> Result<Option<LockView>, EtcdError> {
         let keys = self.keys(project, name);
         let state = self.lock_state("inspect", &keys).await?;
-        // An ended lease's lock-delay holds grants back while someone waits for one, or while
-        // nobody holds (as before modes: the lock shows its hold-back alone).
+        // An ended lease's lock-delay is shown while nobody holds the lock, as on the memory
+        // store (protocol §3.5): with live holders, they are what keeps waiters out.
         let mut held_back_until = None;
-        if state.holders.is_empty() || state.first_waiter.is_some() {
+        if state.holders.is_empty() {
             for kv in &state.phantoms {
                 if let Some(left) = self.etcd.time_to_live(kv.lease()).await? {
                     // Whole seconds, rounded down: say the latest it may end.
