@@ -245,7 +245,7 @@ async fn measure(
             cpu_used[0], cpu_used[1], cpu_used[2]
         );
         // Separate clients, as separate processes would be.
-        let clients = (0..8)
+        let clients: Vec<DistributedLock> = (0..8)
             .map(|_| {
                 DistributedLock::builder("bench")
                     .endpoint(&server.url)
@@ -253,12 +253,41 @@ async fn measure(
                     .unwrap()
             })
             .collect();
-        let (gap, repeats, grants) =
-            handoff(clients, Duration::from_secs(60), Duration::from_secs(secs)).await;
+        let (gap, repeats, grants) = handoff(
+            clients.clone(),
+            Duration::from_secs(60),
+            Duration::from_secs(secs),
+        )
+        .await;
         println!(
             "SDK hand-over, 8 tasks:  gap p50 {:.2} ms  p99 {:.2} ms  ({grants} grants, {repeats} to the same task twice in a row)",
             ms(gap.p50),
             ms(gap.p99)
+        );
+        // The other kinds against the mutex's gap just measured (target: within 1.2x).
+        let lease = Duration::from_secs(60);
+        let (sem, _, sem_grants) = common::handoff_with(
+            clients.clone(),
+            lease,
+            Duration::from_secs(secs),
+            |dl, _| dl.semaphore("hot-semaphore", 1),
+        )
+        .await;
+        let (rw, _, rw_grants) =
+            common::handoff_with(clients, lease, Duration::from_secs(secs), |dl, id| {
+                if id % 2 == 0 {
+                    dl.write_lock("hot-rw")
+                } else {
+                    dl.read_lock("hot-rw")
+                }
+            })
+            .await;
+        println!(
+            "SDK hand-over, other kinds: semaphore gap p50 {:.2} ms ({sem_grants} grants, ratio to the mutex {:.2}) | read-write gap p50 {:.2} ms ({rw_grants} grants, ratio {:.2})",
+            ms(sem.p50),
+            sem.p50.as_secs_f64() / gap.p50.as_secs_f64(),
+            ms(rw.p50),
+            rw.p50.as_secs_f64() / gap.p50.as_secs_f64(),
         );
         let (gap, grants) = etcd_lock_handoff(&client, 8, Duration::from_secs(secs)).await;
         println!(
