@@ -266,22 +266,8 @@ async fn measure(
         );
         // The other kinds against the mutex's gap just measured (target: within 1.2x).
         let lease = Duration::from_secs(60);
-        let (sem, _, sem_grants) = common::handoff_with(
-            clients.clone(),
-            lease,
-            Duration::from_secs(secs),
-            |dl, _| dl.semaphore("hot-semaphore", 1),
-        )
-        .await;
-        let (rw, _, rw_grants) =
-            common::handoff_with(clients, lease, Duration::from_secs(secs), |dl, id| {
-                if id % 2 == 0 {
-                    dl.write_lock("hot-rw")
-                } else {
-                    dl.read_lock("hot-rw")
-                }
-            })
-            .await;
+        let [(sem, sem_grants), (rw, rw_grants)] =
+            common::kinds_handoff(clients, lease, Duration::from_secs(secs)).await;
         println!(
             "SDK hand-over, other kinds: semaphore gap p50 {:.2} ms ({sem_grants} grants, ratio to the mutex {:.2}) | read-write gap p50 {:.2} ms ({rw_grants} grants, ratio {:.2})",
             ms(sem.p50),

@@ -182,20 +182,8 @@ async fn run(client_rt: String, queue_times: QueueTimes) {
             // 4 writers and 4 readers taking turns on one read-write lock.
             let lease = leasehold::DEFAULT_EXPIRES_IN;
             let secs = Duration::from_secs(settings.secs);
-            let (sem, _, sem_grants) =
-                common::handoff_with(vec![dl.clone(); 8], lease, secs, |dl, _| {
-                    dl.semaphore("hot-semaphore", 1)
-                })
-                .await;
-            let (rw, _, rw_grants) =
-                common::handoff_with(vec![dl.clone(); 8], lease, secs, |dl, id| {
-                    if id % 2 == 0 {
-                        dl.write_lock("hot-rw")
-                    } else {
-                        dl.read_lock("hot-rw")
-                    }
-                })
-                .await;
+            let [(sem, sem_grants), (rw, rw_grants)] =
+                common::kinds_handoff(vec![dl.clone(); 8], lease, secs).await;
             println!(
                 "handoff kinds     round {round}: semaphore gap p50 {:>7.1} µs ({sem_grants} grants, ratio to mutex {:.2}) | read-write gap p50 {:>7.1} µs ({rw_grants} grants, ratio {:.2})",
                 us(sem.p50),

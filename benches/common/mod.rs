@@ -85,6 +85,30 @@ pub async fn handoff_with(
     )
 }
 
+/// The other kinds' hand-overs, to set beside the mutex's: the permit of a one-permit
+/// semaphore passing between the tasks, then writers (even ids) and readers (odd ids)
+/// taking turns on one read-write lock. Each: (gaps, grants).
+pub async fn kinds_handoff(
+    clients: Vec<DistributedLock>,
+    lease: Duration,
+    duration: Duration,
+) -> [(Stats, usize); 2] {
+    let (semaphore, _, semaphore_grants) =
+        handoff_with(clients.clone(), lease, duration, |dl, _| {
+            dl.semaphore("hot-semaphore", 1)
+        })
+        .await;
+    let (rw, _, rw_grants) = handoff_with(clients, lease, duration, |dl, id| {
+        if id % 2 == 0 {
+            dl.write_lock("hot-rw")
+        } else {
+            dl.read_lock("hot-rw")
+        }
+    })
+    .await;
+    [(semaphore, semaphore_grants), (rw, rw_grants)]
+}
+
 /// A server process; its address is read from what it prints (`listening on URL`).
 pub struct Spawned {
     pub child: Child,

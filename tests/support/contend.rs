@@ -162,27 +162,7 @@ pub fn contend_as(
         let mut rng = fastrand::Rng::with_seed(seed);
         let name = lock.as_str();
         while !stop.load(Ordering::SeqCst) {
-            let turn = match take {
-                Take::Lead => {
-                    let campaign = (dl.election(name).campaign(client.as_str()))
-                        .expires_in(lease)
-                        .timeout(patience);
-                    campaign.await.map(Turn::Leader)
-                }
-                take => {
-                    let request = match take {
-                        Take::Read => dl.read_lock(name),
-                        Take::Write => dl.write_lock(name),
-                        Take::Permits(n) => dl.semaphore(name, n),
-                        _ => dl.lock(name),
-                    };
-                    request
-                        .expires_in(lease)
-                        .timeout(patience)
-                        .await
-                        .map(Turn::Guard)
-                }
-            };
+            let turn = take_turn(&dl, name, take, &client, lease, patience, true).await;
             let Ok(turn) = turn else {
                 continue;
             };
