@@ -904,17 +904,7 @@ fn negative_control_the_kind_seeds_really_share() {
     let mut overlapped = std::collections::BTreeSet::new();
     for seed in CI_KIND_SEEDS.take(3) {
         let outcome = simulate_plan(Plan::with_kinds(seed), true);
-        let stricter: Vec<ClientEvent> = (outcome.clients.iter().cloned())
-            .map(|mut e| {
-                if let ClientKind::HeldAs(token, hold) = e.kind {
-                    e.kind = match hold {
-                        Hold::Permit(n) if n > 1 => ClientKind::HeldAs(token, Hold::Permit(n - 1)),
-                        _ => ClientKind::Held(token),
-                    };
-                }
-                e
-            })
-            .collect();
+        let stricter = history::stricter(outcome.clients);
         for v in history::check(&[], &stricter, &[]).violations {
             overlapped.insert(v.split(':').next().unwrap_or_default().to_owned());
         }

@@ -222,17 +222,7 @@ pub fn names(clients: &[(&'static str, Take)]) -> Vec<(&'static str, Take)> {
 /// permit fewer and readers were writers, must show overlaps. It proves the run really had
 /// several holders at once, so that the clean check meant something.
 pub fn assert_kinds_overlapped(scenario: &str, shared: &Shared) {
-    let stricter: Vec<_> = (shared.clients.events().into_iter())
-        .map(|mut e| {
-            if let ClientKind::HeldAs(token, hold) = e.kind {
-                e.kind = match hold {
-                    Hold::Permit(n) if n > 1 => ClientKind::HeldAs(token, Hold::Permit(n - 1)),
-                    _ => ClientKind::Held(token),
-                };
-            }
-            e
-        })
-        .collect();
+    let stricter = super::history::stricter(shared.clients.events());
     let report = super::history::check(&[], &stricter, &[]);
     for lock in ["pool", "config"] {
         assert!(

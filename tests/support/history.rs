@@ -426,6 +426,23 @@ pub fn check(runs: &[Vec<StoreEvent>], clients: &[ClientEvent], writes: &[Write]
     report
 }
 
+/// The same client claims, as if every semaphore had one permit fewer and readers were
+/// writers: the negative control of a clean run with several holders at once, whose check
+/// must then find overlaps.
+pub fn stricter(events: impl IntoIterator<Item = ClientEvent>) -> Vec<ClientEvent> {
+    (events.into_iter())
+        .map(|mut e| {
+            if let ClientKind::HeldAs(token, hold) = e.kind {
+                e.kind = match hold {
+                    Hold::Permit(n) if n > 1 => ClientKind::HeldAs(token, Hold::Permit(n - 1)),
+                    _ => ClientKind::Held(token),
+                };
+            }
+            e
+        })
+        .collect()
+}
+
 /// Reads an event log written by `leasehold-server --event-log`.
 pub fn read_event_log(path: &std::path::Path) -> Vec<StoreEvent> {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -11,7 +11,7 @@ use super::leases::ttl_for;
 use super::rule;
 use super::wait::{Standing, standing_from};
 use crate::server::store::{AcquireOutcome, AcquireSpec, Grant, Mode};
-use etcd_client::{Compare, CompareOp, KeyValue, Txn};
+use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -29,6 +29,21 @@ pub(super) struct Place {
 }
 
 impl Place {
+    /// A transaction that deletes this place's keys if they are still this place's (same
+    /// create revision: the key name is reused), followed by `more` in the same success
+    /// branch.
+    pub(super) fn leave(&self, more: Vec<TxnOp>) -> Txn {
+        let mut ops = vec![delete(self.key.clone()), delete(self.request_key.clone())];
+        ops.extend(more);
+        Txn::new()
+            .when(vec![Compare::create_revision(
+                self.key.clone(),
+                CompareOp::Equal,
+                self.revision,
+            )])
+            .and_then(ops)
+    }
+
     /// The grant, to an acquire call whose lease was last kept alive `waited` after the
     /// call began (so etcd ends it no earlier than `waited + lease` after that).
     pub(super) fn grant(&self, waited: Duration) -> Grant {
@@ -295,16 +310,7 @@ impl Inner {
         ask: i64,
         lease: super::leases::Lease,
     ) -> Result<(), EtcdError> {
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                place.key.clone(),
-                CompareOp::Equal,
-                place.revision,
-            )])
-            .and_then(vec![
-                delete(place.key.clone()),
-                delete(place.request_key.clone()),
-            ]);
+        let txn = place.leave(Vec::new());
         if self.etcd.txn("refused", txn).await?.succeeded() {
             self.leases.put_back(ask, lease);
         }
@@ -362,16 +368,7 @@ impl Inner {
     /// there, and only then revokes its etcd lease. (Had the keys gone another way, a
     /// release may have handed the etcd lease to a new acquire meanwhile.)
     pub(super) fn give_up(&self, place: &Place) {
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                place.key.clone(),
-                CompareOp::Equal,
-                place.revision,
-            )])
-            .and_then(vec![
-                delete(place.key.clone()),
-                delete(place.request_key.clone()),
-            ]);
+        let txn = place.leave(Vec::new());
         let etcd = self.etcd.clone();
         let lease = place.lease.etcd;
         tokio::spawn(async move {

@@ -5,7 +5,7 @@
 use super::Inner;
 use super::acquire::Place;
 use super::call::{
-    EtcdError, ahead_of, ahead_options, delete, first, get, kvs, names_ahead_of, put, queue_oldest,
+    EtcdError, ahead_of, ahead_options, first, get, kvs, names_ahead_of, put, queue_oldest,
     revision, under,
 };
 use super::keys::{DelayMark, Entry, LockKeys, unix_ms};
@@ -333,17 +333,8 @@ impl Inner {
             }
             // Leave the line, if still in it. Should the rule have admitted it since the look,
             // that grant was never answered: leaving then is a release nobody saw.
-            let txn = Txn::new()
-                .when(vec![Compare::create_revision(
-                    place.key.clone(),
-                    CompareOp::Equal,
-                    place.revision,
-                )])
-                .and_then(vec![
-                    delete(place.key.clone()),
-                    delete(place.request_key.clone()),
-                    queue_oldest(keys.queue(), 1),
-                ])
+            let txn = place
+                .leave(vec![queue_oldest(keys.queue(), 1)])
                 .or_else(vec![queue_oldest(keys.queue(), 1)]);
             let answer = self.etcd.txn("end_wait", txn).await?;
             // Revoke the etcd lease only if this left the line: had the key gone another way
