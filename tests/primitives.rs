@@ -21,6 +21,7 @@ on_both_backends!(
     observers_see_every_leader_and_value_in_order,
     a_leader_that_led_briefly_is_not_missed,
     a_proclaim_after_the_lease_is_gone_changes_nothing,
+    guards_of_every_kind_renew_together_in_one_request,
 );
 
 /// Waiters in line for `name`, as inspection shows them.
@@ -383,4 +384,40 @@ async fn a_proclaim_after_the_lease_is_gone_changes_nothing(backend: Backend) {
     let (status, answer) = raw(server.addr, "POST", "/v1/proclaim", &auth, &body).await;
     assert_eq!(status, 409, "{answer}");
     assert!(answer.contains("\"conflict\""), "{answer}");
+}
+
+async fn guards_of_every_kind_renew_together_in_one_request(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
+    let dl = server.client("p");
+    // Leases acquired within a sixth of a lease of each other share renewal requests: 3 s
+    // leaves half a second for the three acquires on a busy machine.
+    let lease = server.lease(Duration::from_secs(3));
+    let permit = dl.semaphore("pool", 2).expires_in(lease).await.unwrap();
+    let read = dl.read_lock("config").expires_in(lease).await.unwrap();
+    let leader = dl
+        .election("scheduler")
+        .campaign("a")
+        .expires_in(lease)
+        .await
+        .unwrap();
+    let requests = r#"leasehold_http_requests_total{route="renew",status="200"}"#;
+    let (requests_before, renewed_before) = (
+        server.metric(requests).await,
+        server.metric("leasehold_renewals_total").await,
+    );
+    // Three leases renewed three times each, about every third of the lease.
+    eventually(lease * 4 + BOUND, "three renewals of each", || async {
+        server.metric("leasehold_renewals_total").await >= renewed_before + 9.0
+    })
+    .await;
+    let renewed = server.metric("leasehold_renewals_total").await - renewed_before;
+    let sent = server.metric(requests).await - requests_before;
+    // Batched: one request per period for all three (a period split in two, or a retry,
+    // may add one); unbatched would be one per renewal.
+    let periods = (renewed / 3.0).ceil();
+    assert!(
+        sent <= periods + 1.0,
+        "{sent} renew requests for {renewed} renewals of three guards"
+    );
+    assert!(permit.is_held() && read.is_held() && leader.is_held());
 }
