@@ -333,3 +333,35 @@ async fn lock_delay_holds_the_next_grant_back_after_an_unclean_end_only() {
     after.release().await.unwrap();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_revoked_leaders_proclaim_fails_as_revoked_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let dl = server.client("k");
+    // A long lease: the leader's renewal would notice the revocation only 10 s later, so a
+    // refusal now comes from the server's check in the proclaim itself.
+    let election = dl.election("scheduler");
+    let leadership = election
+        .campaign("a")
+        .expires_in(Duration::from_secs(30))
+        .await
+        .unwrap();
+    leadership.proclaim("a2").await.unwrap();
+    assert_eq!(
+        server.revoke("scheduler").await,
+        Some(leadership.fencing_token())
+    );
+    let err = leadership.proclaim("a3").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LockLost {
+                reason: LostReason::Revoked,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(election.leader().await.unwrap(), None, "nobody leads now");
+    server.shutdown().await;
+}
