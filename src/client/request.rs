@@ -166,8 +166,10 @@ impl LockRequest {
         self
     }
 
-    /// Takes the lock if nobody holds it or waits for it, without waiting: `Ok(None)` if
-    /// it is taken. Same as `.timeout(Duration::ZERO)` with the timeout as `None`.
+    /// Takes the lock if it can be granted at once, without waiting: nobody waits, and
+    /// nobody holds it (for a read lock: only readers hold it; for a semaphore: a permit is
+    /// free). `Ok(None)` otherwise. Same as `.timeout(Duration::ZERO)` with the timeout as
+    /// `None`.
     ///
     /// # Cancel safety
     /// As for awaiting the request: a grant that raced the drop is released at once.
