@@ -444,7 +444,7 @@ impl Shared {
     }
 
     /// Removes an empty lock from its shard, counting it off its project.
-    fn remove_lock(&self, locks: &mut HashMap<Box<[u8]>, Lock>, key: &[u8]) {
+    fn remove_lock(&self, locks: &mut HashMap<Box<[u8]>, Box<Lock>>, key: &[u8]) {
         if locks.remove(key).is_some() {
             self.lock_gone(key);
         }

@@ -30,7 +30,9 @@ pub(super) struct Shard {
 
 #[derive(Debug, Default)]
 pub(super) struct ShardState {
-    pub locks: HashMap<Box<[u8]>, Lock>,
+    /// The state is boxed: the table grows by doubling, so up to half its slots are empty,
+    /// and an empty slot of a boxed state costs a pointer, not a whole lock state.
+    pub locks: HashMap<Box<[u8]>, Box<Lock>>,
     pub books: Books,
 }
 
