@@ -15,7 +15,9 @@ use leasehold::server::store::StoreEvent;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::contend::{KINDS, Shared, Take, assert_kinds_overlapped, contend_as, names};
+use support::contend::{
+    KINDS, Shared, Take, assert_kinds_overlapped, contend_as, names, take_turn,
+};
 use support::history::{self, ClientKind, Clients, Hold, Report, Resource};
 use support::process::{self, ServerProcess, cli_run};
 use support::proxy::{Faults, Proxy};
@@ -62,12 +64,8 @@ async fn assert_live(url: &str, key: &str, locks: &[(&str, Take)], lease: Durati
     let bound = lease + Duration::from_secs(3) + Duration::from_secs(2);
     for &(lock, take) in locks {
         let started = Instant::now();
-        let request = match take {
-            Take::Read => dl.read_lock(lock),
-            Take::Permits(n) => dl.semaphore(lock, n),
-            _ => dl.lock(lock),
-        };
-        let guard = request.timeout(bound).await;
+        let lease = leasehold::DEFAULT_EXPIRES_IN;
+        let guard = take_turn(&dl, lock, take, "probe", lease, bound, true).await;
         assert!(
             guard.is_ok(),
             "{lock} not acquirable within {bound:?} after the faults: {:?}",

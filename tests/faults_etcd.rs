@@ -12,7 +12,9 @@ mod support;
 use leasehold::DistributedLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::contend::{KINDS, Shared, Take, assert_kinds_overlapped, contend_as, names};
+use support::contend::{
+    KINDS, Shared, Take, assert_kinds_overlapped, contend_as, names, take_turn,
+};
 use support::etcd::EtcdCluster;
 use support::history::{self, Report};
 use support::proxy::Proxy;
@@ -93,12 +95,8 @@ async fn finish(
         .unwrap();
     for (lock, take) in names(cast.clients()) {
         let bound = LEASE + LEASE + Duration::from_secs(2);
-        let request = match take {
-            Take::Read => dl.read_lock(lock),
-            Take::Permits(n) => dl.semaphore(lock, n),
-            _ => dl.lock(lock),
-        };
-        let guard = request.timeout(bound).await;
+        let lease = leasehold::DEFAULT_EXPIRES_IN;
+        let guard = take_turn(&dl, lock, take, "probe", lease, bound, true).await;
         assert!(
             guard.is_ok(),
             "{lock} not acquirable within {bound:?}: {:?}",

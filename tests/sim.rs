@@ -145,13 +145,7 @@ impl Plan {
 
     /// Each name once, with how the liveness probe takes it.
     fn names(&self) -> Vec<(&'static str, Take)> {
-        let mut names: Vec<(&str, Take)> = Vec::new();
-        for &(name, take) in self.locks() {
-            if !names.iter().any(|(n, _)| *n == name) {
-                names.push((name, take));
-            }
-        }
-        names
+        support::contend::names(self.locks())
     }
 
     fn new(seed: u64) -> Plan {
