@@ -28,6 +28,10 @@ pub const PATH_LOCKS_PREFIX: &str = "/v1/locks/";
 pub const PATH_REVOKE: &str = "/v1/revoke";
 /// Path of the proclaim endpoint (a leader changes its election value).
 pub const PATH_PROCLAIM: &str = "/v1/proclaim";
+/// Path of the session endpoint: an HTTP/1.1 connection upgraded to framed lock operations.
+pub const PATH_SESSION: &str = "/v1/session";
+/// The `Upgrade` token of a session.
+pub const SESSION_PROTOCOL: &str = "leasehold-session/1";
 /// Prefix of the election endpoint (`GET`, query `after`, `wait_ms`); the percent-encoded
 /// name follows.
 pub const PATH_ELECTIONS_PREFIX: &str = "/v1/elections/";

@@ -240,9 +240,11 @@ async fn a_retried_acquire_asks_for_the_remaining_wait() {
         }
         waits
     });
+    // Plain requests: the bare peer speaks no sessions.
     let dl = leasehold::DistributedLock::builder("k")
         .endpoint(&url)
         .http1_only()
+        .session_stream(false)
         .build()
         .unwrap();
     let err = within(

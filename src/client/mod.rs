@@ -11,6 +11,7 @@ pub(crate) mod renewer;
 pub(crate) mod request;
 pub(crate) mod retry;
 pub(crate) mod revoke;
+pub(crate) mod session;
 pub(crate) mod stamped;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;
@@ -94,6 +95,7 @@ impl DistributedLock {
             unavailable_after: Duration::from_secs(30),
             safety_margin: None,
             http1_only: false,
+            session_stream: true,
             prefer_first_endpoint: false,
             lease_clock: renewer::LeaseClock::FromSend,
             #[cfg(feature = "tls")]
@@ -280,6 +282,7 @@ pub struct DistributedLockBuilder {
     unavailable_after: Duration,
     safety_margin: Option<Duration>,
     http1_only: bool,
+    session_stream: bool,
     prefer_first_endpoint: bool,
     lease_clock: renewer::LeaseClock,
     #[cfg(feature = "tls")]
@@ -401,6 +404,21 @@ impl DistributedLockBuilder {
         self
     }
 
+    /// Whether lock operations share one session stream per server connection (the
+    /// default, over HTTP/2), or go as one HTTP request each (`false`).
+    ///
+    /// A session stream is one long-lived HTTP/2 request that carries acquires, renewals,
+    /// releases and cancels as small frames, and their answers back (docs/protocol.md
+    /// §3.15): the same operations with the same guarantees, at a fraction of a request's
+    /// cost. Turn it off behind a proxy that buffers request bodies until they end (which
+    /// would hold every operation back); a client also falls back to plain requests by
+    /// itself wherever a server does not offer sessions. With
+    /// [`http1_only`](Self::http1_only), operations are always plain requests.
+    pub fn session_stream(mut self, enabled: bool) -> DistributedLockBuilder {
+        self.session_stream = enabled;
+        self
+    }
+
     /// Builds the client. Fails with [`Error::InvalidArgument`] on a malformed endpoint or
     /// API key, or the first invalid setting.
     pub fn build(self) -> Result<DistributedLock, Error> {
@@ -426,6 +444,7 @@ impl DistributedLockBuilder {
             connect_timeout: self.connect_timeout,
             http1_only: self.http1_only,
             prefer_first_endpoint: self.prefer_first_endpoint,
+            sessions: self.session_stream,
             #[cfg(feature = "tls")]
             tls: self.tls,
         })?;
@@ -450,6 +469,7 @@ impl fmt::Debug for DistributedLockBuilder {
             .field("unavailable_after", &self.unavailable_after)
             .field("safety_margin", &self.safety_margin)
             .field("http1_only", &self.http1_only)
+            .field("session_stream", &self.session_stream)
             .field("prefer_first_endpoint", &self.prefer_first_endpoint)
             .finish_non_exhaustive()
     }

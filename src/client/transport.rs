@@ -1,8 +1,10 @@
 //! HTTP to the lock servers: one multiplexed connection pool, retries, endpoint fail-over.
 
 use crate::client::retry;
+use crate::client::session::{self, Session};
 use crate::client::stamped::StampedBody;
 use crate::error::{BoxError, Error};
+use crate::framing::Op;
 use crate::protocol::{self, ErrorBody};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
@@ -14,8 +16,8 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -31,6 +33,11 @@ const ANSWER_GRACE: Duration = Duration::from_secs(1);
 /// before it says that nothing answers at its URL. Once any server has answered, failures
 /// are retried until the caller's deadline (`unavailable_after`, a timeout, a lease).
 const FIRST_CONTACT: Duration = Duration::from_secs(3);
+/// How long a client waits before asking a server that refused a session (one without the
+/// session stream, or one that answered with an error) for one again.
+const SESSION_REFUSED_PAUSE: Duration = Duration::from_secs(60);
+/// How long after a failed attempt to open a session the next one may start.
+const SESSION_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// A byte stream to a lock server, as returned by a custom [`Connect`].
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -59,7 +66,28 @@ struct Endpoint {
     cancel: Uri,
     revoke: Uri,
     proclaim: Uri,
+    session: Uri,
+    /// The session to this server.
+    session_slot: Arc<Mutex<SessionSlot>>,
 }
+
+/// Where a pool's session to one server stands.
+enum SessionSlot {
+    /// None open; the next operation opens one (not before `retry_at`).
+    Closed {
+        retry_at: Option<Instant>,
+    },
+    /// Being opened: operations meanwhile go as plain requests.
+    Opening,
+    Open(Arc<OpenSession>),
+    /// The server refused one: plain requests until `until`.
+    Refused {
+        until: Instant,
+    },
+}
+
+/// A session, on a connection of its own.
+type OpenSession = Session;
 
 impl Endpoint {
     fn parse(url: &str) -> Result<Endpoint, Error> {
@@ -101,6 +129,8 @@ impl Endpoint {
             cancel: join(protocol::PATH_CANCEL),
             revoke: join(protocol::PATH_REVOKE),
             proclaim: join(protocol::PATH_PROCLAIM),
+            session: join(protocol::PATH_SESSION),
+            session_slot: Arc::new(Mutex::new(SessionSlot::Closed { retry_at: None })),
             base: base.into(),
         })
     }
@@ -118,7 +148,7 @@ impl Endpoint {
 }
 
 /// What to call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
     Acquire,
     Renew,
@@ -126,6 +156,38 @@ pub(crate) enum Route {
     Cancel,
     Revoke,
     Proclaim,
+}
+
+impl Route {
+    /// The pool (and so the connection and session) the route's calls use.
+    fn pool(self) -> Pool {
+        match self {
+            Route::Acquire | Route::Revoke => Pool::Acquires,
+            // A proclaim is lease upkeep too: it must not queue behind long polls.
+            Route::Renew | Route::Release | Route::Cancel | Route::Proclaim => Pool::Leases,
+        }
+    }
+
+    /// The session frame's op that stands for the route.
+    fn op(self) -> Op {
+        match self {
+            Route::Acquire => Op::Acquire,
+            Route::Renew => Op::Renew,
+            Route::Release => Op::Release,
+            Route::Cancel => Op::Cancel,
+            Route::Revoke => Op::Revoke,
+            Route::Proclaim => Op::Proclaim,
+        }
+    }
+}
+
+/// The two connection pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    /// Acquires (long polls), revocations and inspections.
+    Acquires = 0,
+    /// Renewals, releases, cancels and proclaims.
+    Leases = 1,
 }
 
 /// How hard to try.
@@ -212,6 +274,8 @@ pub(crate) struct TransportConfig {
     pub connect_timeout: Duration,
     pub http1_only: bool,
     pub prefer_first_endpoint: bool,
+    /// Carry lock operations over session streams (HTTP/2 only).
+    pub sessions: bool,
     #[cfg(feature = "tls")]
     pub tls: crate::client::tls::TlsSettings,
 }
@@ -227,6 +291,12 @@ pub(crate) struct Transport {
     /// streams of one connection (2,048 by default), and thousands of waiting acquires
     /// would otherwise hold them all while the leases they already hold run out.
     leases: Client<Connector, StampedBody>,
+    /// Whether lock operations go over sessions.
+    sessions: bool,
+    /// Opens sessions' connections: TLS with ALPN `http/1.1`, since a session is an
+    /// upgraded HTTP/1.1 connection.
+    session_connector: Connector,
+    connect_timeout: Duration,
     auth: HeaderValue,
     /// Whether any server has answered yet (see [`FIRST_CONTACT`]).
     reached: AtomicBool,
@@ -258,17 +328,24 @@ impl Transport {
             return Err(Error::invalid("the API key is empty"));
         }
         #[cfg(feature = "tls")]
-        let tls = if config.endpoints.iter().any(|e| e.starts_with("https:")) {
-            let client_config = crate::client::tls::client_config(&config.tls, config.http1_only)?;
-            Some(tokio_rustls::TlsConnector::from(client_config))
-        } else {
-            None
+        let tls = |http1_only: bool| -> Result<_, Error> {
+            if !config.endpoints.iter().any(|e| e.starts_with("https:")) {
+                return Ok(None);
+            }
+            let client_config = crate::client::tls::client_config(&config.tls, http1_only)?;
+            Ok(Some(tokio_rustls::TlsConnector::from(client_config)))
         };
         let connector = Connector {
+            custom: config.connector.clone(),
+            connect_timeout: config.connect_timeout,
+            #[cfg(feature = "tls")]
+            tls: tls(config.http1_only)?,
+        };
+        let session_connector = Connector {
             custom: config.connector,
             connect_timeout: config.connect_timeout,
             #[cfg(feature = "tls")]
-            tls,
+            tls: tls(true)?,
         };
         let pool = || {
             Client::builder(TokioExecutor::new())
@@ -293,6 +370,9 @@ impl Transport {
             }),
             acquires: pool(),
             leases: pool(),
+            sessions: config.sessions,
+            session_connector,
+            connect_timeout: config.connect_timeout,
             auth,
             reached: AtomicBool::new(false),
         })
@@ -312,7 +392,7 @@ impl Transport {
         attempts: Attempts,
     ) -> Result<Reply, Error> {
         self.send(
-            self.pool(route),
+            Some(route),
             Method::POST,
             |e| Ok(e.uri(route)),
             || body.clone(),
@@ -321,11 +401,10 @@ impl Transport {
         .await
     }
 
-    fn pool(&self, route: Route) -> &Client<Connector, StampedBody> {
-        match route {
-            Route::Acquire | Route::Revoke => &self.acquires,
-            // A proclaim is lease upkeep too: it must not queue behind long polls.
-            Route::Renew | Route::Release | Route::Cancel | Route::Proclaim => &self.leases,
+    fn client(&self, pool: Pool) -> &Client<Connector, StampedBody> {
+        match pool {
+            Pool::Acquires => &self.acquires,
+            Pool::Leases => &self.leases,
         }
     }
 
@@ -338,7 +417,7 @@ impl Transport {
         attempts: Attempts,
     ) -> Result<Reply, Error> {
         self.send(
-            self.pool(route),
+            Some(route),
             Method::POST,
             |e| Ok(e.uri(route)),
             body,
@@ -354,13 +433,14 @@ impl Transport {
                 .parse::<Uri>()
                 .map_err(|err| Error::invalid(format!("bad path {path:?}: {err}")))
         };
-        self.send(&self.acquires, Method::GET, uri, Bytes::new, attempts)
+        self.send(None, Method::GET, uri, Bytes::new, attempts)
             .await
     }
 
+    /// `route`: the POST route called, `None` for a GET (on the acquires' pool).
     async fn send(
         &self,
-        pool: &Client<Connector, StampedBody>,
+        route: Option<Route>,
         method: Method,
         uri: impl Fn(&Endpoint) -> Result<Uri, Error>,
         body: impl Fn() -> Bytes,
@@ -377,16 +457,20 @@ impl Transport {
             let endpoint = &self.endpoints[index % self.endpoints.len()];
             let started = Instant::now();
             let answer_by = (attempts.deadline + ANSWER_GRACE).saturating_duration_since(started);
-            let failure = match self
-                .attempt(
-                    pool,
-                    method.clone(),
-                    uri(endpoint)?,
-                    body(),
-                    attempts.per_attempt.min(answer_by),
-                )
-                .await
-            {
+            let timeout = attempts.per_attempt.min(answer_by);
+            let session = route.and_then(|route| Some((route, self.session(endpoint)?)));
+            let outcome = match session {
+                Some((route, session)) => {
+                    self.session_attempt(endpoint, route, &session, &body(), timeout)
+                        .await
+                }
+                None => {
+                    let pool = self.client(route.map_or(Pool::Acquires, Route::pool));
+                    self.attempt(pool, method.clone(), uri(endpoint)?, body(), timeout)
+                        .await
+                }
+            };
+            let failure = match outcome {
                 Ok(answer) if !retryable(answer.status) => {
                     self.reached.store(true, Ordering::Relaxed);
                     // A body never read (an answer before the request was written) counts
@@ -462,6 +546,81 @@ impl Transport {
         }
     }
 
+    /// The open session to `endpoint` on `pool`, if there is one; else starts opening one
+    /// (unless one is being opened, or the server refused one lately) and answers `None`,
+    /// so that this call goes as a plain request.
+    fn session(&self, endpoint: &Endpoint) -> Option<Arc<OpenSession>> {
+        if !self.sessions {
+            return None;
+        }
+        let slot = &endpoint.session_slot;
+        let now = Instant::now();
+        {
+            let mut state = slot.lock().unwrap_or_else(|p| p.into_inner());
+            match &*state {
+                SessionSlot::Open(open) if !open.is_ended() => return Some(open.clone()),
+                SessionSlot::Opening => return None,
+                SessionSlot::Refused { until } if now < *until => return None,
+                SessionSlot::Closed { retry_at: Some(at) } if now < *at => return None,
+                _ => {}
+            }
+            *state = SessionSlot::Opening;
+        }
+        tokio::spawn(open_session(
+            self.session_connector.clone(),
+            endpoint.session.clone(),
+            self.auth.clone(),
+            slot.clone(),
+            self.connect_timeout + ANSWER_GRACE,
+        ));
+        None
+    }
+
+    /// One operation over a session, answered as a plain request would be.
+    async fn session_attempt(
+        &self,
+        endpoint: &Endpoint,
+        route: Route,
+        open: &Arc<OpenSession>,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Answer, Failed> {
+        match tokio::time::timeout(timeout, open.call(route.op(), body)).await {
+            Ok(Ok(answer)) => {
+                let status = StatusCode::from_u16(answer.status).map_err(|_| {
+                    Failed::retry(format!("answered status {}", answer.status), None)
+                })?;
+                Ok(Answer {
+                    status,
+                    body: answer.body,
+                    retry_after: (answer.retry_after > 0)
+                        .then(|| Duration::from_secs(u64::from(answer.retry_after))),
+                    left: answer.left,
+                })
+            }
+            Ok(Err(session::Unanswered::Ended)) => Err(Failed::retry(
+                "the session stream ended before the answer".into(),
+                None,
+            )),
+            Err(_) => {
+                // As for a plain request: the connection may be dead without knowing it.
+                // The next attempt opens a fresh session; this one closes once its last
+                // operation lets go of it.
+                let mut state = endpoint
+                    .session_slot
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if matches!(&*state, SessionSlot::Open(current) if Arc::ptr_eq(current, open)) {
+                    *state = SessionSlot::Closed { retry_at: None };
+                }
+                Err(Failed::retry(
+                    format!("no answer within {}", crate::error::round(timeout)),
+                    None,
+                ))
+            }
+        }
+    }
+
     async fn attempt(
         &self,
         pool: &Client<Connector, StampedBody>,
@@ -515,6 +674,80 @@ impl Transport {
             }
         }
     }
+}
+
+/// Opens a session to the server at `uri` on a connection of its own, and records the
+/// outcome in `slot`.
+async fn open_session(
+    connector: Connector,
+    uri: Uri,
+    auth: HeaderValue,
+    slot: Arc<Mutex<SessionSlot>>,
+    timeout: Duration,
+) {
+    let opened = tokio::time::timeout(timeout, upgrade(connector, uri, auth)).await;
+    let now = Instant::now();
+    let next = match opened {
+        Ok(Ok(session)) => {
+            tracing::debug!("session open");
+            SessionSlot::Open(Arc::new(session))
+        }
+        Ok(Err(Some(status))) => {
+            // A server without sessions (404), or one that will not upgrade: plain requests
+            // work as before.
+            tracing::debug!(status = status.as_u16(), "session refused");
+            if retryable(status) || status == StatusCode::TOO_MANY_REQUESTS {
+                SessionSlot::Closed {
+                    retry_at: Some(now + SESSION_RETRY_PAUSE),
+                }
+            } else {
+                SessionSlot::Refused {
+                    until: now + SESSION_REFUSED_PAUSE,
+                }
+            }
+        }
+        Ok(Err(None)) | Err(_) => SessionSlot::Closed {
+            retry_at: Some(now + SESSION_RETRY_PAUSE),
+        },
+    };
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = next;
+}
+
+/// Connects, and asks the server to upgrade the connection to a session. `Err(Some(status))`:
+/// the server answered `status` instead; `Err(None)`: the connection failed.
+async fn upgrade(
+    mut connector: Connector,
+    uri: Uri,
+    auth: HeaderValue,
+) -> Result<Session, Option<StatusCode>> {
+    use tower_service::Service;
+    let conn = connector.call(uri.clone()).await.map_err(|e| {
+        tracing::debug!(error = %e, "session connection failed");
+        None
+    })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(conn)
+        .await
+        .map_err(|_| None)?;
+    tokio::spawn(connection.with_upgrades());
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(uri.path())
+        .header(header::HOST, host)
+        .header(header::AUTHORIZATION, auth)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, protocol::SESSION_PROTOCOL)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|_| None)?;
+    let response = sender.send_request(request).await.map_err(|_| None)?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Some(response.status()));
+    }
+    let upgraded = hyper::upgrade::on(response).await.map_err(|_| None)?;
+    Ok(Session::start(TokioIo::new(upgraded), MAX_RESPONSE_BYTES))
 }
 
 /// One HTTP answer.

@@ -60,6 +60,9 @@ pub(crate) struct Auth {
     mode: Mode,
     /// Project ids by name, stable across key reloads so that held locks stay theirs.
     ids: Mutex<HashMap<String, ProjectId>>,
+    /// Bumped by every reload that changes the keys in use: a caller resolved under an
+    /// older generation must be resolved again (a session caches its caller).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -166,6 +169,7 @@ impl Auth {
         Auth {
             mode: Mode::Open(Mutex::new(HashMap::new())),
             ids: Mutex::new(HashMap::new()),
+            generation: Default::default(),
         }
     }
 
@@ -179,9 +183,15 @@ impl Auth {
                 settling: Mutex::new(None),
             },
             ids: Mutex::new(HashMap::new()),
+            generation: Default::default(),
         };
         auth.reload()?;
         Ok(auth)
+    }
+
+    /// Changes whenever the keys in use do (see `caller`).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn is_open(&self) -> bool {
@@ -217,6 +227,8 @@ impl Auth {
         }
         let count = table.by_id.len();
         *keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
         Ok(count)
     }

@@ -5,7 +5,7 @@
 //! and a graceful drain on shutdown.
 
 use crate::client::transport::Io;
-use crate::server::http::App;
+use crate::server::http::{App, UpgradeSlot};
 use crate::server::log_limit::LogLimit;
 use crate::server::stopped;
 use bytes::Bytes;
@@ -602,12 +602,16 @@ async fn connection(
         }
     };
     let activity = Arc::new(Activity::new());
+    // Set when a request upgrades the connection to a session.
+    let upgraded = UpgradeSlot::default();
     let service = {
         let app = app.clone();
         let activity = activity.clone();
-        service_fn(move |request: Request<Incoming>| {
+        let upgraded = upgraded.clone();
+        service_fn(move |mut request: Request<Incoming>| {
             let busy = activity.begin();
             let app = app.clone();
+            request.extensions_mut().insert(upgraded.clone());
             async move {
                 let reply = if role.serves(request.uri().path()) {
                     app.handle(request).await?
@@ -619,7 +623,7 @@ async fn connection(
             }
         })
     };
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     // When the connection was asked to close (GOAWAY, or no more keep-alive).
     let mut closing: Option<Instant> = None;
@@ -671,6 +675,12 @@ async fn connection(
                 }
             }
         }
+    }
+    // Upgraded to a session: the connection lives on in the session's task (which watches
+    // for shutdown, idleness and stalls itself), and stays counted against the caps until
+    // it ends.
+    if let Some(session) = upgraded.take() {
+        let _ = session.await;
     }
 }
 

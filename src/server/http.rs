@@ -3,6 +3,9 @@
 mod election;
 mod lease_limits;
 mod revoke;
+mod session;
+
+pub(crate) use session::UpgradeSlot;
 
 use crate::protocol::{
     self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, LeaseRef,
@@ -56,6 +59,9 @@ pub(crate) struct App {
     pub body_budget: BodyBudget,
     /// Acquires in flight per project.
     pub acquires: AcquiresInFlight,
+    /// How long a session with nothing in flight stays open: the connections' idle time,
+    /// so that an idle client's connection closes as it would without a session.
+    pub session_idle: Duration,
     /// Flips to true when the server starts shutting down: long polls answer 503 at once.
     pub stopping: watch::Receiver<bool>,
     /// True while the server is paused (the test kit's `pause`): requests and answers wait.
@@ -71,6 +77,7 @@ pub(crate) type Reply = Response<Full<Bytes>>;
 /// The routes, named as in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
+    Session,
     Acquire,
     Renew,
     Release,
@@ -90,6 +97,7 @@ enum Route {
 impl Route {
     fn of(path: &str) -> Route {
         match path {
+            protocol::PATH_SESSION => Route::Session,
             protocol::PATH_ACQUIRE => Route::Acquire,
             protocol::PATH_RENEW => Route::Renew,
             protocol::PATH_RELEASE => Route::Release,
@@ -109,6 +117,7 @@ impl Route {
 
     fn label(self) -> &'static str {
         match self {
+            Route::Session => "session",
             Route::Acquire => "acquire",
             Route::Renew => "renew",
             Route::Release => "release",
@@ -145,7 +154,8 @@ impl Route {
     fn rate_limited(self) -> bool {
         matches!(
             self,
-            Route::Acquire
+            Route::Session
+                | Route::Acquire
                 | Route::Inspect
                 | Route::Revoke
                 | Route::List
@@ -238,6 +248,11 @@ impl From<StoreError> for Failure {
     }
 }
 
+/// A JSON body, parsed.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))
+}
+
 pub(crate) fn bad(message: impl Into<String>) -> Failure {
     Failure::new(StatusCode::BAD_REQUEST, codes::INVALID_ARGUMENT, message)
 }
@@ -283,15 +298,23 @@ impl App {
         let route = Route::of(request.uri().path());
         let started = Instant::now();
         self.unpaused().await;
-        let reply = self
-            .route(route, request)
-            .await
-            .unwrap_or_else(|failure| failure.into_reply(route));
+        let reply = if route == Route::Session {
+            self.clone().open_session(request).await
+        } else {
+            self.route(route, request).await
+        }
+        .unwrap_or_else(|failure| failure.into_reply(route));
         // A paused server answers nothing, not even what it had started on.
         self.unpaused().await;
+        self.count(route, reply.status(), started);
+        Ok(reply)
+    }
+
+    /// Logs and counts one answered request (or session operation).
+    fn count(&self, route: Route, status: StatusCode, started: Instant) {
         tracing::debug!(
             route = route.label(),
-            status = reply.status().as_u16(),
+            status = status.as_u16(),
             micros = started.elapsed().as_micros() as u64,
             "request"
         );
@@ -299,10 +322,9 @@ impl App {
             .requests
             .get_or_create(&RequestLabels {
                 route: route.label(),
-                status: reply.status().as_u16(),
+                status: status.as_u16(),
             })
             .inc();
-        Ok(reply)
     }
 
     /// Returns once the server is not paused (at once, unless a test paused it).
@@ -345,31 +367,16 @@ impl App {
             self.rate_limit(&caller)?;
         }
         match route {
-            Route::Acquire => {
+            Route::Acquire
+            | Route::Renew
+            | Route::Release
+            | Route::Cancel
+            | Route::Revoke
+            | Route::Proclaim => {
                 // Counted before the body is read: a project at its limit costs nothing more.
-                let _in_flight = self.enter_acquire(&caller)?;
-                self.acquire(&caller, self.body(&caller, request).await?)
-                    .await
-            }
-            Route::Renew => {
-                self.renew(&caller, self.body(&caller, request).await?)
-                    .await
-            }
-            Route::Release => {
-                self.release(&caller, self.body(&caller, request).await?)
-                    .await
-            }
-            Route::Cancel => {
-                self.cancel(&caller, self.body(&caller, request).await?)
-                    .await
-            }
-            Route::Revoke => {
-                self.revoke(&caller, self.body(&caller, request).await?)
-                    .await
-            }
-            Route::Proclaim => {
-                self.proclaim(&caller, self.body(&caller, request).await?)
-                    .await
+                let _in_flight = self.enter(route, &caller)?;
+                let body = self.read_body(&caller, request).await?;
+                self.operate(&caller, route, &body).await
             }
             Route::Election => {
                 let encoded = &request.uri().path()[protocol::PATH_ELECTIONS_PREFIX.len()..];
@@ -437,9 +444,26 @@ impl App {
         })
     }
 
-    /// Counts an acquire of the caller's project in flight, or refuses it with `429` when
-    /// the project has as many as it may.
-    fn enter_acquire(&self, caller: &Caller) -> Result<InFlight<'_>, Failure> {
+    /// Runs one lock operation on its JSON body: what a plain request to the route and a
+    /// session frame of the same op both come to.
+    async fn operate(&self, caller: &Caller, route: Route, body: &[u8]) -> Result<Reply, Failure> {
+        match route {
+            Route::Acquire => self.acquire(caller, parse(body)?).await,
+            Route::Renew => self.renew(caller, parse(body)?).await,
+            Route::Release => self.release(caller, parse(body)?).await,
+            Route::Cancel => self.cancel(caller, parse(body)?).await,
+            Route::Revoke => self.revoke(caller, parse(body)?).await,
+            Route::Proclaim => self.proclaim(caller, parse(body)?).await,
+            other => Err(bad(format!("{} is not a lock operation", other.label()))),
+        }
+    }
+
+    /// For an acquire, counts it in flight for the caller's project, or refuses it with
+    /// `429` when the project has as many as it may. Other routes are not counted.
+    fn enter(&self, route: Route, caller: &Caller) -> Result<Option<InFlight<'_>>, Failure> {
+        if route != Route::Acquire {
+            return Ok(None);
+        }
         self.acquires
             .enter(caller.project.id)
             .ok_or_else(|| Failure {
@@ -454,15 +478,16 @@ impl App {
                     ),
                 )
             })
+            .map(Some)
     }
 
-    /// Reads and parses a JSON body, within the size limit and the budget for bodies held
-    /// in memory (see `budget.rs`).
-    async fn body<T: DeserializeOwned>(
+    /// Reads a request body, within the size limit and the budget for bodies held in
+    /// memory (see `budget.rs`).
+    async fn read_body(
         &self,
         caller: &Caller,
         request: Request<Incoming>,
-    ) -> Result<T, Failure> {
+    ) -> Result<Vec<u8>, Failure> {
         let limit = self.limits.max_body_bytes;
         let too_large = || {
             Failure::new(
@@ -517,7 +542,7 @@ impl App {
                     bad(format!("could not read the request body: {e}"))
                 }
             })?;
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON body: {e}")))
+        Ok(bytes)
     }
 
     fn check_name(name: &str) -> Result<(), Failure> {

@@ -36,6 +36,8 @@ pub(crate) struct Metrics {
     pub connections: Counter,
     pub connections_refused: Counter,
     pub tls_handshake_failures: Counter,
+    pub sessions_open: Gauge,
+    pub session_operations: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -118,6 +120,18 @@ impl Metrics {
             "TLS handshakes that failed or timed out",
             tls_handshake_failures.clone(),
         );
+        let sessions_open = Gauge::default();
+        registry.register(
+            "sessions_open",
+            "Open session streams",
+            sessions_open.clone(),
+        );
+        let session_operations = Counter::default();
+        registry.register(
+            "session_operations",
+            "Lock operations carried by session streams (also counted in http_requests)",
+            session_operations.clone(),
+        );
         registry.register_collector(Box::new(StoreCollector(store)));
         Metrics {
             registry,
@@ -133,6 +147,8 @@ impl Metrics {
             connections,
             connections_refused,
             tls_handshake_failures,
+            sessions_open,
+            session_operations,
         }
     }
 

@@ -651,6 +651,7 @@ impl ServerBuilder {
             metrics: Metrics::new(store, store_metrics),
             body_budget: budget::BodyBudget::new(self.limits.body_budget),
             acquires: in_flight::AcquiresInFlight::new(self.limits.max_acquires_per_project),
+            session_idle: self.conn.idle_timeout,
             limits: self.limits,
             stopping: stopping.clone(),
             #[cfg(feature = "testing")]
