@@ -64,12 +64,24 @@ impl Id {
     }
 }
 
+impl Id {
+    /// The 32 lowercase hex digits, without going through `fmt` once per byte: ids are
+    /// written into every request and answer.
+    fn hex(&self) -> [u8; 32] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+        }
+        out
+    }
+}
+
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        let hex = self.hex();
+        f.write_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
     }
 }
 
@@ -82,7 +94,8 @@ impl fmt::Debug for Id {
 
 impl Serialize for Id {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let hex = self.hex();
+        s.serialize_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
     }
 }
 
@@ -111,5 +124,19 @@ mod tests {
         assert_eq!(serde_json::from_str::<Id>(&json).unwrap(), id);
         assert!(serde_json::from_str::<Id>("\"zz\"").is_err());
         assert!(serde_json::from_str::<Id>(&format!("\"{}\"", "g".repeat(32))).is_err());
+    }
+
+    #[test]
+    fn ids_are_written_as_lowercase_hex_bytes_in_order() {
+        let id = Id([
+            0x00, 0x01, 0x0a, 0x10, 0x7f, 0x80, 0xab, 0xff, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc,
+            0xde, 0xf0,
+        ]);
+        let expected = "00010a107f80abff123456789abcdef0";
+        assert_eq!(id.to_string(), expected);
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            format!("\"{expected}\"")
+        );
     }
 }

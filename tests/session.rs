@@ -169,7 +169,7 @@ async fn a_raw_session_speaks_the_documented_frames() {
     session
         .send(5, CANCEL, &json!({"name": "raw", "request_id": third}))
         .await;
-    let mut answers = vec![
+    let mut answers = [
         session.answer().await.unwrap(),
         session.answer().await.unwrap(),
     ];
