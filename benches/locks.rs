@@ -17,7 +17,12 @@
 //!
 //! Settings (environment): `BENCH_SECS` (throughput seconds, default 3), `BENCH_PAIRS`
 //! (uncontended pairs, default 3000), `BENCH_CLIENT_RT` (`multi` or `current`, default
-//! `multi`), `BENCH_PROTO` (`h2`, `h1` or `both`, default `both`).
+//! `multi`), `BENCH_PROTO` (`session`, `h2`, `h1` or `all`, default `all`).
+//!
+//! The SDK runs three ways: `Session` (the default client: lock operations as frames over a
+//! session, docs/protocol.md §3.15), and `H2` and `H1` (`session_stream(false)`: one HTTP
+//! request per operation, HTTP/2 or HTTP/1.1). The floor is bare hyper over HTTP/2 for the
+//! first two, HTTP/1.1 for the last.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -113,9 +118,10 @@ async fn run(client_rt: String, queue_times: QueueTimes) {
         burst: env_num("BENCH_BURST", 10_000) as usize,
     };
     let protos = match std::env::var("BENCH_PROTO").as_deref() {
+        Ok("session") => vec![Proto::Session],
         Ok("h1") => vec![Proto::H1],
         Ok("h2") => vec![Proto::H2],
-        _ => vec![Proto::H2, Proto::H1],
+        _ => vec![Proto::Session, Proto::H2, Proto::H1],
     };
     println!(
         "client runtime: {client_rt}; servers: default binaries (multi-thread, one worker per core)"
@@ -133,8 +139,9 @@ async fn run(client_rt: String, queue_times: QueueTimes) {
         let sdk_for = |url: &str| {
             let b = DistributedLock::builder("bench").endpoint(url);
             match proto {
-                Proto::H1 => b.http1_only(),
-                Proto::H2 => b,
+                Proto::H1 => b.http1_only().session_stream(false),
+                Proto::H2 => b.session_stream(false),
+                Proto::Session => b,
             }
             .build()
             .unwrap()
@@ -246,6 +253,8 @@ fn us(d: Duration) -> f64 {
 
 #[derive(Debug, Clone, Copy)]
 enum Proto {
+    /// The default SDK: sessions (its first operations, and the bare floor, plain HTTP/2).
+    Session,
     H2,
     H1,
 }
@@ -335,7 +344,7 @@ impl Floor {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .http2_only(matches!(proto, Proto::H2))
+            .http2_only(!matches!(proto, Proto::H1))
             .build(connector);
         Floor {
             client,

@@ -366,3 +366,18 @@ async fn a_key_removed_from_the_key_file_stops_working_on_an_open_session() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn a_frame_that_never_completes_closes_the_session_after_the_body_timeout() {
+    let timeout = Duration::from_millis(300);
+    let server = TestServer::start_with(|b| b.header_read_timeout(timeout)).await;
+    let mut session = RawSession::open(&server, "p").await.unwrap();
+    // A well-formed start of a 100-byte frame, and then nothing more.
+    session.send_raw(&[0, 0, 0, 100, 0, 0, 0]).await;
+    let closed = within(BOUND + timeout, session.answer()).await;
+    assert!(closed.is_none(), "the session was closed");
+    eventually(BOUND, "the session is gone", || async {
+        server.metric(SESSIONS_OPEN).await == 0.0
+    })
+    .await;
+}

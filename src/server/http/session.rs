@@ -153,6 +153,9 @@ impl App {
         // an idle client's connection closes as it would without a session.
         let mut last_active = Instant::now();
         let mut last_written = Instant::now();
+        // Since when part of a frame has waited for the rest: like a plain request's body,
+        // it must be complete within the body read timeout.
+        let mut partial_since: Option<Instant> = None;
         loop {
             if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                 buf.reserve(READ_CHUNK);
@@ -199,6 +202,7 @@ impl App {
                         }
                     }
                     if buf.is_empty() {
+                        partial_since = None;
                         if reserved {
                             reservation = self.body_budget.reserve(project);
                             reserved = false;
@@ -208,6 +212,7 @@ impl App {
                         break;
                     } else {
                         reserved = true;
+                        partial_since.get_or_insert(last_active);
                     }
                 }
                 written = writer.write_buf(&mut out), if !out.is_empty() => {
@@ -221,6 +226,12 @@ impl App {
                         }
                         _ => break,
                     }
+                }
+                _ = tokio::time::sleep_until(
+                    partial_since.unwrap_or(last_active) + self.limits.body_read_timeout
+                ), if partial_since.is_some() => {
+                    tracing::debug!("a session frame did not arrive in time: closing the session");
+                    break;
                 }
                 _ = tokio::time::sleep_until(last_written + STALL), if flooded => {
                     tracing::debug!("the client took no session answers: closing the session");
