@@ -68,13 +68,17 @@
 //!   token is older than one it has seen.
 //!
 //! # How it talks to the server
-//! JSON over HTTP/2 (cleartext, prior knowledge) by default, so every request of a client,
-//! thousands of waiting acquires included, shares two connections per server: one for
-//! acquires, and one for renewals, releases and cancels, so that lease upkeep never waits
-//! for a stream behind long polls (a server allows 2,048 streams per connection). Waiting happens
-//! on the server (long polls in FIFO order), never in a client polling loop. One background
-//! task per client renews every due lease in batched requests. The protocol is written down
-//! in `docs/protocol.md`.
+//! Lock operations (acquire, renew, release, cancel) go over one *session* per server: a
+//! connection upgraded from HTTP/1.1 where each operation is a small frame carrying the
+//! plain endpoint's JSON, so thousands of waiting acquires share it, and operations queued
+//! together leave in one write. Where a server or proxy refuses a session, and while one
+//! opens, the same operations go as JSON requests over HTTP/2 (cleartext, prior knowledge)
+//! on two pooled connections per server: one for acquires, and one for renewals, releases
+//! and cancels, so that lease upkeep never waits for a stream behind long polls. Either
+//! way, a session keeps room for renewals however many acquires wait. Waiting happens on
+//! the server (long polls in FIFO order), never in a client polling loop. One background
+//! task per client renews every due lease in batched requests. The protocol is written
+//! down in `docs/protocol.md`.
 //!
 //! # Features
 //! * `server`: the lock server (the `server` module and the `leasehold-server` binary).

@@ -34,9 +34,10 @@ pub const URL_ENV: &str = "LEASEHOLD_URL";
 
 /// A client of the lock servers of one project.
 ///
-/// Cheap to clone: clones share one connection pool and one renewal task, so there is no
-/// need to wrap it in an `Arc`. Requests are multiplexed over one HTTP/2 connection per
-/// server, however many acquires wait at once.
+/// Cheap to clone: clones share one connection pool, one session per server and one
+/// renewal task, so there is no need to wrap it in an `Arc`. Lock operations share one
+/// session (one connection) per server, however many acquires wait at once; inspections go
+/// as HTTP/2 requests over one pooled connection.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), leasehold::Error> {
@@ -404,16 +405,18 @@ impl DistributedLockBuilder {
         self
     }
 
-    /// Whether lock operations share one session stream per server connection (the
-    /// default, over HTTP/2), or go as one HTTP request each (`false`).
+    /// Whether lock operations go over one *session* per server (`true`, the default), or
+    /// as one HTTP request each (`false`).
     ///
-    /// A session stream is one long-lived HTTP/2 request that carries acquires, renewals,
-    /// releases and cancels as small frames, and their answers back (docs/protocol.md
-    /// §3.15): the same operations with the same guarantees, at a fraction of a request's
-    /// cost. Turn it off behind a proxy that buffers request bodies until they end (which
-    /// would hold every operation back); a client also falls back to plain requests by
-    /// itself wherever a server does not offer sessions. With
-    /// [`http1_only`](Self::http1_only), operations are always plain requests.
+    /// A session is a connection of its own, upgraded from HTTP/1.1 (like a WebSocket),
+    /// that carries acquires, renewals, releases, cancels, revocations and proclaims as
+    /// small frames and their answers back (docs/protocol.md §3.15): the same operations
+    /// with the same guarantees, at a fraction of a request's cost in latency and CPU.
+    /// Operations go as plain requests while a session opens, and for a while wherever a
+    /// server or a proxy refuses one, so turning it off is rarely needed: for a proxy that
+    /// accepts the upgrade but then holds data back, say. Inspection, listing and
+    /// elections' observation are always plain requests. [`http1_only`](Self::http1_only)
+    /// clients use sessions too.
     pub fn session_stream(mut self, enabled: bool) -> DistributedLockBuilder {
         self.session_stream = enabled;
         self

@@ -16,7 +16,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +36,8 @@ const FIRST_CONTACT: Duration = Duration::from_secs(3);
 /// How long a client waits before asking a server that refused a session (one without the
 /// session stream, or one that answered with an error) for one again.
 const SESSION_REFUSED_PAUSE: Duration = Duration::from_secs(60);
+/// How many plain requests a client has answered before it opens a session.
+const SESSION_AFTER_ANSWERS: u32 = 3;
 /// How long after a failed attempt to open a session the next one may start.
 const SESSION_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -300,6 +302,8 @@ pub(crate) struct Transport {
     auth: HeaderValue,
     /// Whether any server has answered yet (see [`FIRST_CONTACT`]).
     reached: AtomicBool,
+    /// Plain requests answered so far (up to [`SESSION_AFTER_ANSWERS`]).
+    plain_answers: AtomicU32,
 }
 
 impl fmt::Debug for Transport {
@@ -375,6 +379,7 @@ impl Transport {
             connect_timeout: config.connect_timeout,
             auth,
             reached: AtomicBool::new(false),
+            plain_answers: AtomicU32::new(0),
         })
     }
 
@@ -459,6 +464,7 @@ impl Transport {
             let answer_by = (attempts.deadline + ANSWER_GRACE).saturating_duration_since(started);
             let timeout = attempts.per_attempt.min(answer_by);
             let session = route.and_then(|route| Some((route, self.session(endpoint)?)));
+            let plain = session.is_none();
             let outcome = match session {
                 Some((route, session)) => {
                     self.session_attempt(endpoint, route, &session, &body(), timeout)
@@ -473,6 +479,9 @@ impl Transport {
             let failure = match outcome {
                 Ok(answer) if !retryable(answer.status) => {
                     self.reached.store(true, Ordering::Relaxed);
+                    if plain && self.plain_answers.load(Ordering::Relaxed) < SESSION_AFTER_ANSWERS {
+                        self.plain_answers.fetch_add(1, Ordering::Relaxed);
+                    }
                     // A body never read (an answer before the request was written) counts
                     // from the attempt's start: earlier, so still safe.
                     let sent = answer.left.unwrap_or(started);
@@ -546,11 +555,16 @@ impl Transport {
         }
     }
 
-    /// The open session to `endpoint` on `pool`, if there is one; else starts opening one
-    /// (unless one is being opened, or the server refused one lately) and answers `None`,
-    /// so that this call goes as a plain request.
+    /// The open session to `endpoint`, if there is one; else starts opening one (unless one
+    /// is being opened, or the server refused one lately) and answers `None`, so that this
+    /// call goes as a plain request.
     fn session(&self, endpoint: &Endpoint) -> Option<Arc<OpenSession>> {
-        if !self.sessions {
+        // Only for a client that keeps talking: not before servers have answered a few of
+        // its plain requests. A client that has yet to reach a server would open two
+        // connections where one fails as well; one that takes a lock once and goes (a cron
+        // job, the CLI) gains nothing from a session; and a crowd of new clients (a fleet
+        // starting, a server back from a restart) would open twice the connections at once.
+        if !self.sessions || self.plain_answers.load(Ordering::Relaxed) < SESSION_AFTER_ANSWERS {
             return None;
         }
         let slot = &endpoint.session_slot;
