@@ -28,6 +28,8 @@ pub(crate) const MAX_IN_FLIGHT: usize = 4096;
 const MAX_ACQUIRES_IN_FLIGHT: usize = MAX_IN_FLIGHT - 512;
 /// Bytes read from the connection at a time.
 const READ_CHUNK: usize = 16 << 10;
+/// Longest wait to close a session's side of its connection (TLS sends a last record).
+const SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One answer, as the transport reads a plain response.
 #[derive(Debug)]
@@ -196,7 +198,6 @@ async fn drive(
     let (mut reader, mut writer) = tokio::io::split(io);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Bytes::new();
-    let mut writing = true;
     loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
@@ -233,13 +234,15 @@ async fn drive(
                 // what they send next then leaves in this task's next write, together.
                 tokio::task::yield_now().await;
             }
-            taken = std::future::poll_fn(|cx| outbox.poll_take(cx)), if writing && out.is_empty() => {
+            taken = std::future::poll_fn(|cx| outbox.poll_take(cx)), if out.is_empty() => {
                 match taken {
                     Some(chunk) => out = chunk,
                     None => {
-                        // The client let go: close our side; the server closes its own.
-                        writing = false;
-                        let _ = writer.shutdown().await;
+                        // The client let go, so no operation waits for an answer: close our
+                        // side (the server then ends the session) and stop, without waiting
+                        // on a server that may be out of reach.
+                        let _ = tokio::time::timeout(SHUTDOWN, writer.shutdown()).await;
+                        return;
                     }
                 }
             }

@@ -1,4 +1,5 @@
-//! HTTP to the lock servers: one multiplexed connection pool, retries, endpoint fail-over.
+//! HTTP to the lock servers: sessions for lock operations (`session.rs`), pooled HTTP
+//! connections for the rest and as the fallback, retries, endpoint fail-over.
 
 use crate::client::retry;
 use crate::client::session::{self, Session};
@@ -33,8 +34,8 @@ const ANSWER_GRACE: Duration = Duration::from_secs(1);
 /// before it says that nothing answers at its URL. Once any server has answered, failures
 /// are retried until the caller's deadline (`unavailable_after`, a timeout, a lease).
 const FIRST_CONTACT: Duration = Duration::from_secs(3);
-/// How long a client waits before asking a server that refused a session (one without the
-/// session stream, or one that answered with an error) for one again.
+/// How long a client waits before asking a server that refused a session (one without
+/// sessions, a proxy that does not pass the upgrade) for one again.
 const SESSION_REFUSED_PAUSE: Duration = Duration::from_secs(60);
 /// How many plain requests a client has answered before it opens a session.
 const SESSION_AFTER_ANSWERS: u32 = 3;
@@ -73,7 +74,7 @@ struct Endpoint {
     session_slot: Arc<Mutex<SessionSlot>>,
 }
 
-/// Where a pool's session to one server stands.
+/// Where the session to one server stands.
 enum SessionSlot {
     /// None open; the next operation opens one (not before `retry_at`).
     Closed {
@@ -81,15 +82,12 @@ enum SessionSlot {
     },
     /// Being opened: operations meanwhile go as plain requests.
     Opening,
-    Open(Arc<OpenSession>),
+    Open(Arc<Session>),
     /// The server refused one: plain requests until `until`.
     Refused {
         until: Instant,
     },
 }
-
-/// A session, on a connection of its own.
-type OpenSession = Session;
 
 impl Endpoint {
     fn parse(url: &str) -> Result<Endpoint, Error> {
@@ -183,13 +181,13 @@ impl Route {
     }
 }
 
-/// The two connection pools.
+/// The two connection pools (of plain requests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pool {
     /// Acquires (long polls), revocations and inspections.
-    Acquires = 0,
+    Acquires,
     /// Renewals, releases, cancels and proclaims.
-    Leases = 1,
+    Leases,
 }
 
 /// How hard to try.
@@ -276,7 +274,7 @@ pub(crate) struct TransportConfig {
     pub connect_timeout: Duration,
     pub http1_only: bool,
     pub prefer_first_endpoint: bool,
-    /// Carry lock operations over session streams (HTTP/2 only).
+    /// Carry lock operations over sessions.
     pub sessions: bool,
     #[cfg(feature = "tls")]
     pub tls: crate::client::tls::TlsSettings,
@@ -558,7 +556,7 @@ impl Transport {
     /// The open session to `endpoint`, if there is one; else starts opening one (unless one
     /// is being opened, or the server refused one lately) and answers `None`, so that this
     /// call goes as a plain request.
-    fn session(&self, endpoint: &Endpoint) -> Option<Arc<OpenSession>> {
+    fn session(&self, endpoint: &Endpoint) -> Option<Arc<Session>> {
         // Only for a client that keeps talking: not before servers have answered a few of
         // its plain requests. A client that has yet to reach a server would open two
         // connections where one fails as well; one that takes a lock once and goes (a cron
@@ -595,7 +593,7 @@ impl Transport {
         &self,
         endpoint: &Endpoint,
         route: Route,
-        open: &Arc<OpenSession>,
+        open: &Arc<Session>,
         body: &[u8],
         timeout: Duration,
     ) -> Result<Answer, Failed> {
