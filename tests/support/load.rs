@@ -43,3 +43,12 @@ pub async fn pairs(dl: &DistributedLock, n: usize) -> Vec<Duration> {
 pub fn p99(sorted: &[Duration]) -> Duration {
     sorted[sorted.len() * 99 / 100]
 }
+
+/// The 90th percentile of sorted times: what "another project keeps its pace" is judged by
+/// where the pairs are sub-millisecond (with sessions). A p99 of a few hundred pairs is
+/// then a handful of samples, and on a loaded 2-core machine those are the OS scheduler's
+/// time slices (a few milliseconds each) landing on the test's own threads, not the
+/// server; a server that an attack really slows moves the whole distribution.
+pub fn p90(sorted: &[Duration]) -> Duration {
+    sorted[sorted.len() * 90 / 100]
+}
