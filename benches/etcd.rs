@@ -35,7 +35,9 @@
 //! summary table of the ratios to v3lock, with PASS/FAIL against issue 15's targets.
 //!
 //! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
-//! `BENCH_ROUNDS` (default 3),
+//! `BENCH_ROUNDS` (default 3), `BENCH_ONLY_DISTINCT` (seconds: only the SDK on distinct
+//! locks, printing the process ids, for a profiler to attach to; v3lock instead with
+//! `BENCH_V3LOCK` set),
 //! `BENCH_SECS` (seconds per hand-over round, default 3), `BENCH_SERVER_ARGS` (more
 //! arguments for the etcd-backed server, such as `--threads 1`).
 
@@ -65,6 +67,9 @@ struct Round {
     /// Uncontended acquire+release p50, ours and v3lock's (ms), interleaved.
     pair: f64,
     v3_pair: f64,
+    /// Two etcd writes behind a bare HTTP/2 hop (ms): the floor of any client -> server ->
+    /// etcd design.
+    hop: f64,
     /// Mean idle time between holders, 8 tasks on one lock (ms), and how many grants went
     /// to the same task twice in a row (0 under strict FIFO).
     gap: f64,
@@ -130,15 +135,18 @@ async fn run() {
         None
     } else {
         println!("\n== scaling: 1, 2 and 3 servers over one 3-member etcd ==");
-        let (rows, raw) =
-            etcd_load::scaling(Duration::from_secs(secs), &server_args()).await;
+        let (rows, raw) = etcd_load::scaling(Duration::from_secs(secs), &server_args()).await;
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         for row in &rows {
             println!(
-                "{} server(s), {} tasks each on distinct locks: {:.0} pairs/s ({:.0} etcd writes/s at 2 per pair)",
+                "{} server(s), {} tasks each on distinct locks: {:.0} pairs/s ({:.0} etcd writes/s at 2 per pair); cores used: etcd {:.2}, servers {:.2}, clients {:.2} (of {cores} on this machine)",
                 row.servers,
                 etcd_load::TASKS,
                 row.pairs_per_sec,
-                row.pairs_per_sec * 2.0
+                row.pairs_per_sec * 2.0,
+                row.cores[0],
+                row.cores[1],
+                row.cores[2]
             );
         }
         println!("etcd's own write rate (concurrent puts, same cluster): {raw:.0} puts/s");
@@ -200,6 +208,39 @@ async fn measure(
         "etcd {} (one member, fsync on), server {} (--backend etcd); {pairs} samples per figure",
         endpoint, server.url
     );
+    if let Some(secs) = std::env::var("BENCH_ONLY_DISTINCT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        // For profiling: only the SDK on distinct locks, with the processes' ids to attach to.
+        println!(
+            "server pid {}, etcd pid {etcd_pid}, bench pid {}",
+            server.child.id(),
+            std::process::id()
+        );
+        let span = Duration::from_secs(secs);
+        if std::env::var_os("BENCH_V3LOCK").is_some() {
+            let rate = etcd_load::v3lock_distinct(&client, etcd_load::TASKS, span).await;
+            println!(
+                "{} tasks on distinct locks: v3lock {rate:.0} pairs/s",
+                etcd_load::TASKS
+            );
+            return figures;
+        }
+        let rate = etcd_load::ours_distinct(&dl, etcd_load::TASKS, span).await;
+        println!(
+            "{} tasks on distinct locks: SDK {rate:.0} pairs/s",
+            etcd_load::TASKS
+        );
+        let text = scrape(&server.url).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("leasehold_etcd_call_duration_seconds_count"))
+        {
+            println!("  {line}");
+        }
+        return figures;
+    }
     let syncs_before = wal_syncs(&endpoint);
     let session = client.clone().lease_grant(600, None).await.unwrap().id();
     for round in 1..=rounds {
@@ -229,6 +270,7 @@ async fn measure(
         )
         .await;
         figure.pair = ms(pair.p50);
+        figure.hop = ms(behind_hop.p50);
         figure.v3_pair = ms(own.p50);
         println!(
             "etcd lock service pair (lock+unlock, session lease): p50 {:.2} ms  p99 {:.2} ms",
@@ -415,7 +457,13 @@ fn summary(rounds: &[Round], scaling: Option<&(Vec<etcd_load::ScalingRow>, f64)>
     println!(
         "| 32 tasks, distinct locks: pairs/s ours / v3lock | {} | {t:.2} | >= 2 (required >= 1) | {} |",
         per_round(&throughput),
-        if t >= 2.0 { "PASS" } else if t >= 1.0 { "PASS (required only)" } else { "FAIL" }
+        if t >= 2.0 {
+            "PASS"
+        } else if t >= 1.0 {
+            "PASS (required only)"
+        } else {
+            "FAIL"
+        }
     );
     let pair = |r: &Round| r.pair / r.v3_pair;
     let p = median(&pair);
@@ -423,6 +471,12 @@ fn summary(rounds: &[Round], scaling: Option<&(Vec<etcd_load::ScalingRow>, f64)>
         "| uncontended pair p50: ours / v3lock | {} | {p:.2} | <= 1.2 | {} |",
         per_round(&pair),
         verdict(p <= 1.2)
+    );
+    let floor = |r: &Round| r.hop / r.v3_pair;
+    println!(
+        "| (floor: two etcd writes behind a bare HTTP/2 hop / v3lock pair) | {} | {:.2} | | |",
+        per_round(&floor),
+        median(&floor)
     );
     let gap = |r: &Round| r.gap / r.v3_gap;
     let g = median(&gap);
@@ -434,7 +488,11 @@ fn summary(rounds: &[Round], scaling: Option<&(Vec<etcd_load::ScalingRow>, f64)>
     );
     println!(
         "| 8 tasks, one lock: grants to the same task twice in a row | {} | | 0 (strict FIFO) | {} |",
-        rounds.iter().map(|r| r.repeats.to_string()).collect::<Vec<_>>().join(" "),
+        rounds
+            .iter()
+            .map(|r| r.repeats.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
         verdict(repeats == 0)
     );
     if let Some((rows, raw)) = scaling {

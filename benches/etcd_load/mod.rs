@@ -107,6 +107,10 @@ where
 pub struct ScalingRow {
     pub servers: usize,
     pub pairs_per_sec: f64,
+    /// Cores used meanwhile by the etcd members, the servers and the bench (the clients):
+    /// all share this machine, so their sum near its core count is the machine's limit,
+    /// not etcd's.
+    pub cores: [f64; 3],
 }
 
 /// 1, 2 and 3 servers over one 3-member etcd, `TASKS` tasks per server on distinct locks
@@ -133,8 +137,22 @@ pub async fn scaling(duration: Duration, server_args: &[String]) -> (Vec<Scaling
             .collect();
         let clients: Vec<DistributedLock> = spawned
             .iter()
-            .map(|s| DistributedLock::builder("bench").endpoint(&s.url).build().unwrap())
+            .map(|s| {
+                DistributedLock::builder("bench")
+                    .endpoint(&s.url)
+                    .build()
+                    .unwrap()
+            })
             .collect();
+        let etcd_pids: Vec<u32> = (0..3).filter_map(|i| cluster.pid(i)).collect();
+        let server_pids: Vec<u32> = spawned.iter().map(|s| s.child.id()).collect();
+        let groups = [etcd_pids, server_pids, vec![std::process::id()]];
+        let used = |groups: &[Vec<u32>; 3]| {
+            groups
+                .clone()
+                .map(|pids| super::cpu(&pids).iter().sum::<f64>())
+        };
+        let before = (used(&groups), Instant::now());
         let mut set = tokio::task::JoinSet::new();
         for (i, dl) in clients.into_iter().enumerate() {
             set.spawn(async move {
@@ -153,9 +171,12 @@ pub async fn scaling(duration: Duration, server_args: &[String]) -> (Vec<Scaling
         while let Some(rate) = set.join_next().await {
             total += rate.unwrap();
         }
+        let (after, elapsed) = (used(&groups), before.1.elapsed().as_secs_f64());
+        let cores = std::array::from_fn(|i| (after[i] - before.0[i]) / elapsed);
         rows.push(ScalingRow {
             servers,
             pairs_per_sec: total,
+            cores,
         });
         drop(spawned);
     }
