@@ -9,12 +9,14 @@
 //! * interleaved, one of each in turn so that the machine's drifts cancel out of the
 //!   ratios: two etcd writes (a put, then a delete); the same two writes behind a bare
 //!   HTTP/2 hop in a process of its own (`etcd_hop`), the floor of the architecture itself
-//!   (client -> HTTP server -> etcd); and the SDK's uncontended acquire+release pair through
-//!   the server;
+//!   (client -> HTTP server -> etcd); the SDK's uncontended acquire+release pair through
+//!   the server; and etcd's own lock service (v3lock) lock+unlock with a session lease;
 //! * each half of the pair, with the CPU each process spends on it, and the server's own
 //!   account of its etcd calls meanwhile (from its `/metrics`);
-//! * etcd's own lock service (`etcdctl lock`'s v3lock API) with a session lease: an
-//!   uncontended lock+unlock pair, and the hand-over gap with 8 contending tasks;
+//! * etcd's own lock service (`etcdctl lock`'s v3lock API) with a session lease per task:
+//!   the hand-over gap with 8 contending tasks;
+//! * 32 tasks on distinct locks, pairs/s: the SDK (one shared client) and v3lock (a
+//!   session lease per task), one after the other, the order alternating between rounds;
 //! * the SDK's hand-over gap with 8 contending tasks (from the release being sent to the
 //!   next holder's grant arriving);
 //! * the mean time of etcd's WAL syncs meanwhile, as etcd reports it.
@@ -27,7 +29,15 @@
 //! and fdatasync calls. A write's cost is mostly its sync on a typical server disk, and
 //! little of it on this machine's; the ratios to "two etcd writes" depend on which.
 //!
+//! Then, unless `BENCH_SCALING=0`: a 3-member etcd, and 1, 2 and 3 servers over it with 32
+//! tasks per server on distinct locks (aggregate pairs/s), beside etcd's own write rate
+//! (`BENCH_RAW_WRITERS`, default 64, concurrent puts) measured before and after. Last, a
+//! summary table of the ratios to v3lock, with PASS/FAIL against issue 15's targets.
+//!
 //! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
+//! `BENCH_ROUNDS` (default 3), `BENCH_ONLY_DISTINCT` (seconds: only the SDK on distinct
+//! locks, printing the process ids, for a profiler to attach to; v3lock instead with
+//! `BENCH_V3LOCK` set),
 //! `BENCH_SECS` (seconds per hand-over round, default 3), `BENCH_SERVER_ARGS` (more
 //! arguments for the etcd-backed server, such as `--threads 1`).
 
@@ -48,7 +58,27 @@ use std::time::{Duration, Instant};
 
 mod common;
 mod etcd_hop;
+mod etcd_load;
 use common::{Spawned, Stats, env_num, handoff, stats};
+
+/// One round's figures for the summary against etcd's lock service (v3lock).
+#[derive(Default, Clone, Copy)]
+struct Round {
+    /// Uncontended acquire+release p50, ours and v3lock's (ms), interleaved.
+    pair: f64,
+    v3_pair: f64,
+    /// Two etcd writes behind a bare HTTP/2 hop (ms): the floor of any client -> server ->
+    /// etcd design.
+    hop: f64,
+    /// Mean idle time between holders, 8 tasks on one lock (ms), and how many grants went
+    /// to the same task twice in a row (0 under strict FIFO).
+    gap: f64,
+    v3_gap: f64,
+    repeats: usize,
+    /// Pairs/s of 32 tasks on distinct locks.
+    distinct: f64,
+    v3_distinct: f64,
+}
 
 fn main() {
     etcd_hop::serve_if_asked();
@@ -97,8 +127,32 @@ async fn run() {
     let etcd = etcd_support::EtcdCluster::start(1).await;
     println!("== etcd on this machine's own disk ==");
     let more = env_num("BENCH_MORE_PAIRS", 10_000) as usize;
-    measure(&etcd, 3, pairs, secs, more).await;
+    let rounds = env_num("BENCH_ROUNDS", 3) as usize;
+    let figures = measure(&etcd, rounds, pairs, secs, more).await;
     drop(etcd);
+    let scaling = if env_num("BENCH_SCALING", 1) == 0 {
+        println!("\n(scaling over a 3-member etcd skipped: BENCH_SCALING=0)");
+        None
+    } else {
+        println!("\n== scaling: 1, 2 and 3 servers over one 3-member etcd ==");
+        let (rows, raw) = etcd_load::scaling(Duration::from_secs(secs), &server_args()).await;
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        for row in &rows {
+            println!(
+                "{} server(s), {} tasks each on distinct locks: {:.0} pairs/s ({:.0} etcd writes/s at 2 per pair); cores used: etcd {:.2}, servers {:.2}, clients {:.2} (of {cores} on this machine)",
+                row.servers,
+                etcd_load::TASKS,
+                row.pairs_per_sec,
+                row.pairs_per_sec * 2.0,
+                row.cores[0],
+                row.cores[1],
+                row.cores[2]
+            );
+        }
+        println!("etcd's own write rate (concurrent puts, same cluster): {raw:.0} puts/s");
+        Some((rows, raw))
+    };
+    summary(&figures, scaling.as_ref());
     let delay = env_num("BENCH_SLOW_SYNC_US", 600);
     if delay == 0 {
         return;
@@ -122,7 +176,8 @@ async fn measure(
     pairs: usize,
     secs: u64,
     more: usize,
-) {
+) -> Vec<Round> {
+    let mut figures = Vec::new();
     let endpoint = etcd.endpoint(0);
     let server = Spawned::start(
         Command::new(env!("CARGO_BIN_EXE_leasehold-server"))
@@ -153,13 +208,48 @@ async fn measure(
         "etcd {} (one member, fsync on), server {} (--backend etcd); {pairs} samples per figure",
         endpoint, server.url
     );
+    if let Some(secs) = std::env::var("BENCH_ONLY_DISTINCT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        // For profiling: only the SDK on distinct locks, with the processes' ids to attach to.
+        println!(
+            "server pid {}, etcd pid {etcd_pid}, bench pid {}",
+            server.child.id(),
+            std::process::id()
+        );
+        let span = Duration::from_secs(secs);
+        if std::env::var_os("BENCH_V3LOCK").is_some() {
+            let rate = etcd_load::v3lock_distinct(&client, etcd_load::TASKS, span).await;
+            println!(
+                "{} tasks on distinct locks: v3lock {rate:.0} pairs/s",
+                etcd_load::TASKS
+            );
+            return figures;
+        }
+        let rate = etcd_load::ours_distinct(&dl, etcd_load::TASKS, span).await;
+        println!(
+            "{} tasks on distinct locks: SDK {rate:.0} pairs/s",
+            etcd_load::TASKS
+        );
+        let text = scrape(&server.url).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("leasehold_etcd_call_duration_seconds_count"))
+        {
+            println!("  {line}");
+        }
+        return figures;
+    }
     let syncs_before = wal_syncs(&endpoint);
+    let session = client.clone().lease_grant(600, None).await.unwrap().id();
     for round in 1..=rounds {
         println!("\n-- round {round} --");
+        let mut figure = Round::default();
         floor(&client, pairs).await;
         // Interleaved, one of each in turn, so that a drift of the machine's speed moves
-        // all three alike and the ratios hold.
-        let [two_writes, behind_hop, pair] = interleaved(
+        // all alike and the ratios hold.
+        let [two_writes, behind_hop, pair, own] = interleaved(
             pairs,
             [
                 &|| {
@@ -175,10 +265,13 @@ async fn measure(
                         dl.lock("solo").await.unwrap().release().await.unwrap();
                     })
                 },
+                &|| Box::pin(etcd_lock_once(&client, session)),
             ],
         )
         .await;
-        let own = etcd_lock_pair(&client, pairs).await;
+        figure.pair = ms(pair.p50);
+        figure.hop = ms(behind_hop.p50);
+        figure.v3_pair = ms(own.p50);
         println!(
             "etcd lock service pair (lock+unlock, session lease): p50 {:.2} ms  p99 {:.2} ms",
             ms(own.p50),
@@ -260,10 +353,13 @@ async fn measure(
         )
         .await;
         println!(
-            "SDK hand-over, 8 tasks:  gap p50 {:.2} ms  p99 {:.2} ms  ({grants} grants, {repeats} to the same task twice in a row)",
+            "SDK hand-over, 8 tasks:  gap p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  ({grants} grants, {repeats} to the same task twice in a row)",
             ms(gap.p50),
-            ms(gap.p99)
+            ms(gap.p99),
+            ms(gap.mean)
         );
+        figure.gap = ms(gap.mean);
+        figure.repeats = repeats;
         // The other kinds against the mutex's gap just measured (target: within 1.2x).
         let lease = Duration::from_secs(60);
         let [(sem, sem_grants), (rw, rw_grants)] =
@@ -277,11 +373,30 @@ async fn measure(
         );
         let (gap, grants) = etcd_lock_handoff(&client, 8, Duration::from_secs(secs)).await;
         println!(
-            "etcd lock service hand-over, 8 tasks: gap p50 {:.2} ms  p99 {:.2} ms  ({grants} grants)",
+            "etcd lock service hand-over, 8 tasks: gap p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  ({grants} grants)",
             ms(gap.p50),
-            ms(gap.p99)
+            ms(gap.p99),
+            ms(gap.mean)
         );
+        figure.v3_gap = ms(gap.mean);
+        // 32 tasks on distinct locks, ours and v3lock's in turn (the order alternating
+        // between rounds, so that neither always runs on a warmer machine).
+        let tasks = etcd_load::TASKS;
+        let span = Duration::from_secs(secs);
+        if round % 2 == 1 {
+            figure.distinct = etcd_load::ours_distinct(&dl, tasks, span).await;
+            figure.v3_distinct = etcd_load::v3lock_distinct(&client, tasks, span).await;
+        } else {
+            figure.v3_distinct = etcd_load::v3lock_distinct(&client, tasks, span).await;
+            figure.distinct = etcd_load::ours_distinct(&dl, tasks, span).await;
+        }
+        println!(
+            "{tasks} tasks on distinct locks: SDK {:.0} pairs/s, etcd lock service {:.0} pairs/s",
+            figure.distinct, figure.v3_distinct
+        );
+        figures.push(figure);
     }
+    let _ = client.clone().lease_revoke(session).await;
     if let (Some(before), Some(after)) = (syncs_before, wal_syncs(&endpoint)) {
         let (count, secs) = (after.0 - before.0, after.1 - before.1);
         if count > 0.0 {
@@ -292,7 +407,7 @@ async fn measure(
         }
     }
     if more == 0 {
-        return;
+        return figures;
     }
     // etcd keeps deleted names until a compaction (this etcd never compacts): a lock used
     // many times must not get slower for it.
@@ -312,6 +427,86 @@ async fn measure(
         ms(first.p50),
         ms(later.p50)
     );
+    figures
+}
+
+/// The targets against etcd's lock service, one ratio per round, PASS or FAIL on the
+/// median round.
+fn summary(rounds: &[Round], scaling: Option<&(Vec<etcd_load::ScalingRow>, f64)>) {
+    if rounds.is_empty() {
+        return;
+    }
+    let median = |f: &dyn Fn(&Round) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let per_round = |f: &dyn Fn(&Round) -> f64| {
+        rounds
+            .iter()
+            .map(|r| format!("{:.2}", f(r)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+    println!("\n== summary against etcd's lock service (v3lock), same etcd, same run ==");
+    println!("| target | per round | median | goal | verdict |");
+    println!("| --- | --- | --- | --- | --- |");
+    let throughput = |r: &Round| r.distinct / r.v3_distinct;
+    let t = median(&throughput);
+    println!(
+        "| 32 tasks, distinct locks: pairs/s ours / v3lock | {} | {t:.2} | >= 2 (required >= 1) | {} |",
+        per_round(&throughput),
+        if t >= 2.0 {
+            "PASS"
+        } else if t >= 1.0 {
+            "PASS (required only)"
+        } else {
+            "FAIL"
+        }
+    );
+    let pair = |r: &Round| r.pair / r.v3_pair;
+    let p = median(&pair);
+    println!(
+        "| uncontended pair p50: ours / v3lock | {} | {p:.2} | <= 1.2 | {} |",
+        per_round(&pair),
+        verdict(p <= 1.2)
+    );
+    let floor = |r: &Round| r.hop / r.v3_pair;
+    println!(
+        "| (floor: two etcd writes behind a bare HTTP/2 hop / v3lock pair) | {} | {:.2} | | |",
+        per_round(&floor),
+        median(&floor)
+    );
+    let gap = |r: &Round| r.gap / r.v3_gap;
+    let g = median(&gap);
+    let repeats: usize = rounds.iter().map(|r| r.repeats).sum();
+    println!(
+        "| 8 tasks, one lock: mean idle gap ours / v3lock | {} | {g:.2} | <= 0.33 | {} |",
+        per_round(&gap),
+        verdict(g <= 1.0 / 3.0)
+    );
+    println!(
+        "| 8 tasks, one lock: grants to the same task twice in a row | {} | | 0 (strict FIFO) | {} |",
+        rounds
+            .iter()
+            .map(|r| r.repeats.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        verdict(repeats == 0)
+    );
+    if let Some((rows, raw)) = scaling {
+        let base = rows.first().map_or(f64::NAN, |r| r.pairs_per_sec);
+        for row in rows {
+            println!(
+                "| {} server(s), 3-member etcd: pairs/s (vs 1 server; etcd writes at 2 per pair / etcd's own put rate) | {:.0} | {:.2}x; {:.2} | grows until etcd is the limit | |",
+                row.servers,
+                row.pairs_per_sec,
+                row.pairs_per_sec / base,
+                row.pairs_per_sec * 2.0 / raw
+            );
+        }
+    }
 }
 
 type Step<'a> = &'a dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + 'a>>;
@@ -509,28 +704,19 @@ async fn floor(client: &Client, n: usize) {
     println!("                etcd-client CPU per call in this build: {client_cpu_per_call:.2} ms");
 }
 
-/// etcd's lock service with one session lease: lock + unlock.
-async fn etcd_lock_pair(client: &Client, n: usize) -> Stats {
+/// One lock + unlock through etcd's lock service, with the session lease `session`.
+async fn etcd_lock_once(client: &Client, session: i64) {
     let mut c = client.clone();
-    let session = c.lease_grant(60, None).await.unwrap().id();
-    let stats = sample(n, || {
-        let mut c = c.clone();
-        async move {
-            let key = c
-                .lock(
-                    "bench/etcd-lock-solo",
-                    Some(LockOptions::new().with_lease(session)),
-                )
-                .await
-                .unwrap()
-                .key()
-                .to_vec();
-            c.unlock(key).await.unwrap();
-        }
-    })
-    .await;
-    let _ = c.lease_revoke(session).await;
-    stats
+    let key = c
+        .lock(
+            "bench/etcd-lock-solo",
+            Some(LockOptions::new().with_lease(session)),
+        )
+        .await
+        .unwrap()
+        .key()
+        .to_vec();
+    c.unlock(key).await.unwrap();
 }
 
 /// Acquire and release latencies, measured apart.

@@ -18,14 +18,17 @@ pub fn env_num(name: &str, default: u64) -> u64 {
 pub struct Stats {
     pub p50: Duration,
     pub p99: Duration,
+    pub mean: Duration,
 }
 
 pub fn stats(mut samples: Vec<Duration>) -> Stats {
     samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len().max(1) as u32;
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     Stats {
         p50: at(0.50),
         p99: at(0.99),
+        mean,
     }
 }
 
