@@ -156,11 +156,19 @@ impl App {
         // Since when part of a frame has waited for the rest: like a plain request's body,
         // it must be complete within the body read timeout.
         let mut partial_since: Option<Instant> = None;
+        let mut flood_began: Option<Instant> = None;
         loop {
             if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                 buf.reserve(READ_CHUNK);
             }
             let flooded = out.len() > MAX_BACKLOG;
+            // The stall clock runs from the later of the flood's start and the last write.
+            let flooded_since = if flooded {
+                *flood_began.get_or_insert_with(Instant::now)
+            } else {
+                flood_began = None;
+                last_written
+            };
             let read = reading && !flooded && running.len() < MAX_OPS_IN_FLIGHT;
             // Biased: read what has come and collect every answer that is ready before
             // writing, so that answers ready together leave in one write.
@@ -233,7 +241,7 @@ impl App {
                     tracing::debug!("a session frame did not arrive in time: closing the session");
                     break;
                 }
-                _ = tokio::time::sleep_until(last_written + STALL), if flooded => {
+                _ = tokio::time::sleep_until(flooded_since.max(last_written) + STALL), if flooded => {
                     tracing::debug!("the client took no session answers: closing the session");
                     break;
                 }
@@ -250,7 +258,8 @@ impl App {
                 break;
             }
         }
-        let _ = writer.shutdown().await;
+        // Bounded: a client that reads nothing must not keep the task (TLS sends a record).
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
     }
 
     /// Starts one operation frame (or ends one, for an abandon).
