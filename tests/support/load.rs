@@ -39,9 +39,14 @@ pub async fn pairs(dl: &DistributedLock, n: usize) -> Vec<Duration> {
     times
 }
 
+/// The `pct`th percentile of sorted times.
+fn percentile(sorted: &[Duration], pct: usize) -> Duration {
+    sorted[sorted.len() * pct / 100]
+}
+
 /// The 99th percentile of sorted times.
 pub fn p99(sorted: &[Duration]) -> Duration {
-    sorted[sorted.len() * 99 / 100]
+    percentile(sorted, 99)
 }
 
 /// The 90th percentile of sorted times: what "another project keeps its pace" is judged by
@@ -50,5 +55,5 @@ pub fn p99(sorted: &[Duration]) -> Duration {
 /// time slices (a few milliseconds each) landing on the test's own threads, not the
 /// server; a server that an attack really slows moves the whole distribution.
 pub fn p90(sorted: &[Duration]) -> Duration {
-    sorted[sorted.len() * 90 / 100]
+    percentile(sorted, 90)
 }
