@@ -159,16 +159,27 @@ impl Outbox {
         true
     }
 
-    /// Takes every frame queued so far, as one chunk, so that operations queued while the
-    /// connection was busy share one write; `None` once closed and empty.
-    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    /// Ready once frames are queued or the outbox is closed.
+    pub fn poll_queued(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut queued = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if queued.bytes.is_empty() {
-            if queued.closed {
-                return Poll::Ready(None);
-            }
+        if queued.bytes.is_empty() && !queued.closed {
             queued.waker = Some(cx.waker().clone());
             return Poll::Pending;
+        }
+        Poll::Ready(())
+    }
+
+    /// Drops the waker `poll_queued` left: the sender will look again by itself.
+    pub fn forget_waker(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).waker = None;
+    }
+
+    /// Takes every frame queued so far, as one chunk, so that operations queued while the
+    /// connection was busy share one write; `None` once closed and empty.
+    pub fn take(&self) -> Option<Bytes> {
+        let mut queued = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if queued.bytes.is_empty() && queued.closed {
+            return None;
         }
         if !queued.stamps.is_empty() {
             let now = Instant::now();
@@ -176,7 +187,7 @@ impl Outbox {
                 stamp.get_or_init(|| now);
             }
         }
-        Poll::Ready(Some(queued.bytes.split().freeze()))
+        Some(queued.bytes.split().freeze())
     }
 
     /// Refuses later pushes; what is queued is still taken.

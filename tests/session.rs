@@ -259,7 +259,7 @@ async fn a_malformed_frame_closes_the_session_and_drops_its_waiters() {
 }
 
 #[tokio::test]
-async fn the_sdk_carries_its_operations_over_one_session_per_server() {
+async fn the_sdk_carries_a_locks_operations_over_one_session_and_keeps_at_most_four() {
     let server = TestServer::start().await;
     for http1_only in [false, true] {
         let builder = leasehold::DistributedLock::builder("p").endpoint(server.url());
@@ -276,8 +276,8 @@ async fn the_sdk_carries_its_operations_over_one_session_per_server() {
             server.metric(SESSIONS_OPEN).await == 1.0
         })
         .await;
-        for i in 0..5 {
-            let guard = dl.lock(format!("s{i}")).await.unwrap();
+        for _ in 0..5 {
+            let guard = dl.lock("warm").await.unwrap();
             assert!(guard.is_held());
             guard.release().await.unwrap();
         }
@@ -286,11 +286,29 @@ async fn the_sdk_carries_its_operations_over_one_session_per_server() {
             carried >= 10.0,
             "5 acquires and 5 releases went over the session: {carried}"
         );
-        // Still one session: every operation shared it.
+        // Still one session: one lock's operations share one.
         assert_eq!(server.metric(SESSIONS_OPEN).await, 1.0);
+        // Many locks: their operations spread over more sessions, never more than four.
+        let many = || async {
+            for i in 0..24 {
+                dl.lock(format!("s{i}"))
+                    .await
+                    .unwrap()
+                    .release()
+                    .await
+                    .unwrap();
+            }
+        };
+        many().await;
+        eventually(BOUND, "four sessions are open", || async {
+            server.metric(SESSIONS_OPEN).await == 4.0
+        })
+        .await;
+        many().await;
+        assert_eq!(server.metric(SESSIONS_OPEN).await, 4.0);
         drop(dl);
-        // Dropping the client closes its session.
-        eventually(BOUND, "the session closed with its client", || async {
+        // Dropping the client closes its sessions.
+        eventually(BOUND, "the sessions closed with their client", || async {
             server.metric(SESSIONS_OPEN).await == 0.0
         })
         .await;

@@ -28,6 +28,8 @@
 //!   mean idle time from a release being sent to the next grant arriving, how many of the
 //!   199 hand-overs went to a different task, and the mean gap of those (a waiter's wait
 //!   after a release: with Redis the releasing task often takes the lock straight back);
+//!   beside them, the floor under any hand-over between processes: one round trip over bare
+//!   TCP between a client and a peer that are both idle, after the same 1 ms of idleness;
 //! * burst: `COMPARE_BURST` (default 10,000) concurrent acquires of distinct locks from one
 //!   client, acquires per second (leasehold only).
 //!
@@ -477,6 +479,45 @@ async fn throughput(system: &System, tasks: usize, duration: Duration) -> f64 {
     done as f64 / elapsed.as_secs_f64()
 }
 
+/// The floor under any hand-over between processes: one round trip over bare TCP from an
+/// idle client to an idle peer (a thread blocked in `read`) and back, each after `HOLD` of
+/// idleness as in [`handoff`]. A hand-over needs at least this much: the release must wake
+/// the lock's keeper, and the grant must wake the waiter.
+async fn idle_round_trip() -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the echo peer");
+    let addr = listener.local_addr().expect("echo address");
+    let peer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut socket, _) = listener.accept().expect("accept");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut ping = [0u8; 16];
+        while socket.read_exact(&mut ping).is_ok() {
+            if socket.write_all(&ping).is_err() {
+                break;
+            }
+        }
+    });
+    let mut socket = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the echo peer");
+    socket.set_nodelay(true).expect("nodelay");
+    let mut trips = Vec::new();
+    let mut pong = [0u8; 16];
+    for i in 0..HANDOFF_TASKS + HANDOFF_GRANTS - 1 {
+        tokio::time::sleep(HOLD).await;
+        let start = Instant::now();
+        socket.write_all(&[7; 16]).await.expect("ping");
+        socket.read_exact(&mut pong).await.expect("pong");
+        if i >= HANDOFF_TASKS {
+            trips.push(start.elapsed());
+        }
+    }
+    drop(socket);
+    let _ = peer.join();
+    trips.iter().sum::<Duration>() / trips.len() as u32
+}
+
 struct Handoff {
     mean_gap: Duration,
     p50_gap: Duration,
@@ -584,6 +625,8 @@ struct Results {
     gap_moved: Vec<Vec<f64>>,
     changed: Vec<Vec<(usize, usize)>>,
     burst: Vec<f64>,
+    /// Mean idle round trip over bare TCP, per round (see [`idle_round_trip`]).
+    floor: Vec<f64>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -653,6 +696,7 @@ async fn run() {
         gap_moved: vec![Vec::new(); n],
         changed: vec![Vec::new(); n],
         burst: Vec::new(),
+        floor: Vec::new(),
     };
 
     for round in 0..settings.rounds {
@@ -707,6 +751,12 @@ async fn run() {
                 }
                 results.changed[i].push((h.changed, h.handovers));
             }
+            let floor = idle_round_trip().await;
+            println!(
+                "handoff      floor     idle round trip mean {:>8.1} µs (bare TCP echo, {HOLD:?} idle before each)",
+                us(floor)
+            );
+            results.floor.push(us(floor));
         }
         if wanted("COMPARE_SCENARIOS", "burst") {
             if let Some(System::Leasehold(dl)) =
@@ -723,6 +773,11 @@ async fn run() {
     }
     report(&systems, &results, &settings);
     drop(server);
+}
+
+fn ratio_text(a: Option<f64>, b: Option<f64>) -> String {
+    a.zip(b)
+        .map_or("–".to_owned(), |(a, b)| format!("{:.2}×", a / b))
 }
 
 fn report(systems: &[System], r: &Results, settings: &Settings) {
@@ -783,6 +838,12 @@ fn report(systems: &[System], r: &Results, settings: &Settings) {
         settings.burst,
         fmt(median(&r.burst), "acquires/s")
     );
+    if let Some(floor) = median(&r.floor) {
+        println!(
+            "\nFloor under any hand-over: one idle round trip over bare TCP, {floor:.0} µs ({} of PostgreSQL's mean idle gap).",
+            ratio_text(Some(floor), med(&r.gap_mean, Kind::Postgres))
+        );
+    }
 
     println!("\n## Issue 14's targets\n");
     println!("| target | measured | verdict |");

@@ -282,7 +282,7 @@ impl Leadership {
         let reply = self
             .guard
             .transport
-            .post(Route::Proclaim, body, attempts)
+            .post(Route::Proclaim, Some(self.name()), body, attempts)
             .await?;
         match reply.status {
             status if status.is_success() => Ok(()),

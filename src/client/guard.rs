@@ -168,7 +168,10 @@ impl LockGuard {
         };
         // The renewal task keeps the lease until the server answers: should this future be
         // dropped meanwhile, the guard's drop hands the release to it.
-        let reply = self.transport.post(Route::Release, body, attempts).await;
+        let reply = self
+            .transport
+            .post(Route::Release, Some(&self.name), body, attempts)
+            .await;
         self.released = true;
         self.commands.leave(Command::Forget(self.key));
         let reply = reply?;

@@ -279,7 +279,9 @@ impl Renewer {
                         per_attempt: Duration::from_secs(2),
                         first_contact: false,
                     };
-                    let _ = transport.post(Route::Cancel, json(&body), attempts).await;
+                    let _ = transport
+                        .post(Route::Cancel, Some(&body.name), json(&body), attempts)
+                        .await;
                 });
             }
         }
@@ -311,7 +313,9 @@ impl Renewer {
                 per_attempt: Duration::from_secs(2),
                 first_contact: false,
             };
-            let _ = transport.post(Route::Release, json(&body), attempts).await;
+            let _ = transport
+                .post(Route::Release, Some(&body.name), json(&body), attempts)
+                .await;
         });
     }
 
@@ -397,7 +401,7 @@ impl Renewer {
                 first_contact: false,
             };
             let mut sent = sent;
-            let results = match transport.post(Route::Renew, body, attempts).await {
+            let results = match transport.post(Route::Renew, None, body, attempts).await {
                 Ok(reply) if reply.status.is_success() => {
                     // Count from the attempt that was answered (see `Reply::sent`).
                     sent = reply.sent;

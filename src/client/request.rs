@@ -337,7 +337,7 @@ impl LockRequest {
             };
             let reply = client
                 .transport()
-                .post_each(Route::Acquire, body, attempts)
+                .post_each(Route::Acquire, Some(&self.name), body, attempts)
                 .await?;
             match reply.status {
                 StatusCode::OK => {

@@ -35,7 +35,7 @@ impl DistributedLock {
         let reply = self
             .inner
             .transport()
-            .post(Route::Revoke, body, attempts)
+            .post(Route::Revoke, Some(name), body, attempts)
             .await?;
         match reply.status {
             StatusCode::OK => Ok(Some(reply.json::<RevokeResponse>()?.fencing_token)),

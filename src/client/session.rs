@@ -231,11 +231,14 @@ async fn drive(
                     }
                 }
                 // Let the callers just answered run first (they are queued on this thread):
-                // what they send next then leaves in this task's next write, together.
+                // what they send next then leaves in this task's next write, together. Their
+                // frames must not wake this task meanwhile, or it would write the first
+                // caller's frame alone, and so on (with 32 callers: 1.8 frames per write).
+                outbox.forget_waker();
                 tokio::task::yield_now().await;
             }
-            taken = std::future::poll_fn(|cx| outbox.poll_take(cx)), if out.is_empty() => {
-                match taken {
+            () = std::future::poll_fn(|cx| outbox.poll_queued(cx)), if out.is_empty() => {
+                match outbox.take() {
                     Some(chunk) => out = chunk,
                     None => {
                         // The client let go, so no operation waits for an answer: close our
