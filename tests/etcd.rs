@@ -111,6 +111,48 @@ async fn servers_over_one_etcd_share_locks_and_keep_fifo_order() {
 }
 
 #[tokio::test]
+async fn new_locks_racing_through_two_servers_never_overshoot_the_lock_quota() {
+    let etcd = EtcdCluster::start(1).await;
+    let a = TestServer::start_over(Some(&etcd), |b| b.max_locks_per_project(5)).await;
+    let b = TestServer::start_over(Some(&etcd), |b| b.max_locks_per_project(5)).await;
+    let (in_a, in_b) = (a.client("p"), b.client("p"));
+    // 40 new locks at once, half through each server, each tried once.
+    let mut tries = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let dl = if i % 2 == 0 { &in_a } else { &in_b }.clone();
+        tries.spawn(async move { dl.lock(format!("n{i}")).timeout(Duration::ZERO).await });
+    }
+    let mut held = Vec::new();
+    while let Some(done) = within(BOUND, tries.join_next()).await {
+        match done.unwrap() {
+            Ok(guard) => held.push(guard),
+            Err(e) => assert!(e.is_limit_reached(), "{e}"),
+        }
+    }
+    assert!(
+        (1..=5).contains(&held.len()),
+        "{} of 40 racing new locks held, with a quota of 5",
+        held.len()
+    );
+    for guard in held {
+        guard.release().await.unwrap();
+    }
+    // Refusals left nothing behind: the whole quota is free again.
+    let mut again = Vec::new();
+    for i in 0..5 {
+        let dl = if i % 2 == 0 { &in_a } else { &in_b };
+        again.push(
+            dl.lock(format!("m{i}"))
+                .timeout(Duration::ZERO)
+                .await
+                .unwrap(),
+        );
+    }
+    let err = in_a.lock("m5").timeout(Duration::ZERO).await.unwrap_err();
+    assert!(err.is_limit_reached(), "{err}");
+}
+
+#[tokio::test]
 async fn a_request_id_finds_its_grant_and_its_place_through_any_server() {
     let etcd = EtcdCluster::start(1).await;
     let a = TestServer::start_over(Some(&etcd), |b| b).await;

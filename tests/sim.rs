@@ -50,7 +50,9 @@ const KIND_LOCKS: [(&str, Take); 4] = [
     ("leader", Take::Lead),
 ];
 /// The seeds CI runs with every kind.
-const CI_KIND_SEEDS: std::ops::Range<u64> = 1..7;
+/// (Twelve: in a run, the semaphore's two permits overlap in only a few of them, and the
+/// negative control below needs one.)
+const CI_KIND_SEEDS: std::ops::Range<u64> = 1..13;
 const PORT: u16 = 7878;
 const URL: &str = "http://server:7878";
 /// The server's grace period for detached waiters and uncollected grants (its default).
@@ -896,7 +898,9 @@ fn ci_seeds_with_every_kind() {
 #[test]
 fn negative_control_the_kind_seeds_really_share() {
     let mut overlapped = std::collections::BTreeSet::new();
-    for seed in CI_KIND_SEEDS.take(3) {
+    // All of them: which runs overlap on which lock varies with timing (sessions per lock
+    // moved it), and the claim is about the runs the clean check covers.
+    for seed in CI_KIND_SEEDS {
         let outcome = simulate_plan(Plan::with_kinds(seed), true);
         let stricter = history::stricter(outcome.clients);
         for v in history::check(&[], &stricter, &[]).violations {

@@ -107,10 +107,12 @@ impl Inner {
         // A key whose lease just ran out, or a spare that did, costs a round; a few suffice.
         // After a spare that ran out, fresh leases only: the others may be as old.
         let mut spares_stale = false;
+        // With a lock quota, the queueing transaction also counts the project's keys.
+        let quota = spec
+            .quota
+            .max_locks
+            .map(|max| (max, project_queues(&self.prefix, &spec.project.name)));
         for _ in 0..4 {
-            if spec.quota.max_locks.is_some() {
-                self.check_lock_quota(spec, keys).await?;
-            }
             let lease = if spares_stale {
                 self.leases.grant(ask).await?
             } else {
@@ -135,22 +137,23 @@ impl Inner {
             if only_if_free {
                 when.push(empty(keys.queue()));
             }
-            let txn = Txn::new()
-                .when(when)
-                .and_then(vec![
-                    put(request_key.clone(), spec.request_id.to_string(), lease.id),
-                    put(key.clone(), entry.encode(), lease.id),
-                    // The new key and the nearest ahead of it (what the rule needs first),
-                    // the head (for conflicts) and the lock's delay keys.
-                    queue_newest(keys.queue(), window as i64 + 1),
-                    queue_oldest(keys.queue(), 1),
-                    under(keys.delays()),
-                ])
-                .or_else(vec![
-                    get(request_key.clone()),
-                    queue_oldest(keys.queue(), 1),
-                    get(key.clone()),
-                ]);
+            let mut place_ops = vec![
+                put(request_key.clone(), spec.request_id.to_string(), lease.id),
+                put(key.clone(), entry.encode(), lease.id),
+                // The new key and the nearest ahead of it (what the rule needs first), the
+                // head (for conflicts) and the lock's delay keys.
+                queue_newest(keys.queue(), window as i64 + 1),
+                queue_oldest(keys.queue(), 1),
+                under(keys.delays()),
+            ];
+            if let Some((_, project)) = &quota {
+                place_ops.push(count(project));
+            }
+            let txn = Txn::new().when(when).and_then(place_ops).or_else(vec![
+                get(request_key.clone()),
+                queue_oldest(keys.queue(), 1),
+                get(key.clone()),
+            ]);
             // A spare is refreshed at the same time, so that it runs a full TTL from now; a
             // fresh lease was granted for this request.
             let (answer, kept) = tokio::join!(self.etcd.txn("queue", txn), async {
@@ -216,6 +219,20 @@ impl Inner {
                 Err(e) => return Err(e),
             }
             let in_line = count_of(&answer, 2);
+            // A new lock (its queue holds only this key) within the project's lock quota,
+            // counted at this very revision: of two new locks racing for the last one, the
+            // later sees the earlier, so the quota never overshoots.
+            if let Some((max, project)) = &quota
+                && in_line <= 1
+                && !self
+                    .within_lock_quota(*max, project, count_of(&answer, 5))
+                    .await?
+            {
+                self.leave_refused(&place, ask, lease).await?;
+                return Err(EtcdError::Full(format!(
+                    "the project holds or waits for {max} locks, the most allowed"
+                )));
+            }
             let nearest: Vec<KeyValue> = kvs(&answer, 2)
                 .into_iter()
                 .filter(|kv| kv.create_revision() < place.revision)
@@ -380,32 +397,20 @@ impl Inner {
         });
     }
 
-    /// Refuses a new lock beyond the project's lock quota. Checked before queueing, so two
-    /// servers creating locks at the same moment may both pass.
-    async fn check_lock_quota(&self, spec: &AcquireSpec, keys: &LockKeys) -> Result<(), EtcdError> {
-        let Some(max) = spec.quota.max_locks else {
-            return Ok(());
-        };
-        let project = project_queues(&self.prefix, &spec.project.name);
-        let answer = self
-            .etcd
-            .txn(
-                "lock_quota",
-                Txn::new().and_then(vec![count(keys.queue()), count(&project)]),
-            )
-            .await?;
-        if count_of(&answer, 0) > 0 || (count_of(&answer, 1) as u64) < max {
-            // The lock exists already, or the project has fewer keys than locks allowed.
-            return Ok(());
+    /// Whether the project's locks, one just placed among them, are within `max`: `keys`
+    /// (its queue keys when it was placed) is enough to tell when no more than `max`; else
+    /// its locks are counted (a lock with waiters has several keys). Counted now, which
+    /// includes every lock placed before this one.
+    async fn within_lock_quota(
+        &self,
+        max: u64,
+        project: &[u8],
+        keys: i64,
+    ) -> Result<bool, EtcdError> {
+        if keys as u64 <= max {
+            return Ok(true);
         }
-        // Count locks, not keys: a lock with waiters has several.
-        let locks = self.count_locks("lock_quota", &project, max).await?;
-        if locks >= max {
-            return Err(EtcdError::Full(format!(
-                "the project has {locks} locks held or waited for, the most allowed"
-            )));
-        }
-        Ok(())
+        Ok(self.count_locks("lock_quota", project, max + 1).await? <= max)
     }
 }
 
