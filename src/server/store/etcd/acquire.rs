@@ -221,7 +221,9 @@ impl Inner {
             let in_line = count_of(&answer, 2);
             // A new lock (its queue holds only this key) within the project's lock quota,
             // counted at this very revision: of two new locks racing for the last one, the
-            // later sees the earlier, so the quota never overshoots.
+            // later sees the earlier, so new locks of different names never overshoot it.
+            // (One race is left, documented in docs/etcd.md: an acquire of the same name
+            // queued behind this one, should it be refused, holds a lock not counted.)
             if let Some((max, project)) = &quota
                 && in_line <= 1
                 && !self
