@@ -43,7 +43,8 @@ const SESSION_AFTER_ANSWERS: u32 = 3;
 /// one task, and the client reads and writes each in one task: with one session, the
 /// client's and the server's work on a busy client alternate, each side idle while the
 /// other works; with several, one session's frames are on the server while another's
-/// answers are with the client. Measured on 2 cores, 32 tasks on distinct locks (pairs/s):
+/// answers are with the client. Measured on 2 cores, 32 tasks on distinct locks, sessions
+/// taken in turn (before a lock's operations kept to one), pairs/s:
 /// 1 session 58,000–61,000; 2: 75,000–85,000; 3: 85,000–101,000; 4: 80,000–95,000;
 /// 6: 77,000–83,000; 8: 57,000–60,000 (smaller batches, more system calls).
 const SESSIONS_PER_SERVER: usize = 4;
