@@ -56,6 +56,8 @@ impl Place {
     }
 }
 
+// Returned once per acquire and unpacked at once: boxing the place would only allocate.
+#[allow(clippy::large_enum_variant)]
 enum Placed {
     Done(AcquireOutcome),
     /// In line; where it stands, if known already.
@@ -114,13 +116,14 @@ impl Inner {
             .map(|max| (max, project_queues(&self.prefix, &spec.project.name)));
         for _ in 0..4 {
             let lease = if spares_stale {
-                self.leases.grant(ask).await?
+                self.leases.fresh(ask).await?
             } else {
-                self.leases.take(ask).await?
+                self.leases.take(ask, keys.queue()).await?
             };
             let key = keys.queue_key(lease.id);
             let mut entry = Entry {
                 ttl: lease.ttl,
+                slack: lease.slack,
                 ask,
                 at: unix_ms(SystemTime::now()),
                 label: spec.label.clone(),
@@ -154,10 +157,11 @@ impl Inner {
                 queue_oldest(keys.queue(), 1),
                 get(key.clone()),
             ]);
-            // A spare is refreshed at the same time, so that it runs a full TTL from now; a
-            // fresh lease was granted for this request.
+            // A spare is refreshed at the same time, so that it runs a full TTL from now, unless
+            // its slack already covers that (kept alive moments ago); a fresh lease was
+            // granted for this request.
             let (answer, kept) = tokio::join!(self.etcd.txn("queue", txn), async {
-                if lease.fresh {
+                if lease.fresh || lease.outlives_grant(self.etcd.kept_since(lease.id)) {
                     Ok(())
                 } else {
                     self.etcd.keep_alive(lease.id, lease.ttl).await
@@ -176,7 +180,7 @@ impl Inner {
                 // acquire: never hand it out again.
                 let name_taken = first(&answer, 2).is_some();
                 if kept.is_ok() && !name_taken {
-                    self.leases.put_back(ask, lease);
+                    self.leases.put_back(ask, lease, keys.queue());
                 }
                 if let Some(existing) = first(&answer, 0) {
                     match self.resume(spec, keys, &existing).await? {
@@ -331,7 +335,8 @@ impl Inner {
     ) -> Result<(), EtcdError> {
         let txn = place.leave(Vec::new());
         if self.etcd.txn("refused", txn).await?.succeeded() {
-            self.leases.put_back(ask, lease);
+            // Not tagged with its queue: the lock it was refused may not be used again.
+            self.leases.put_back(ask, lease, &[]);
         }
         Ok(())
     }
@@ -419,36 +424,11 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::super::keys::{LeaseId, Slot};
-    use super::super::store_for_tests;
-    use crate::id::Id;
-    use crate::server::store::{AcquireOutcome, AcquireSpec, Grant, Project, Release};
-    use std::time::Duration;
+    use super::super::{granted, spec_for_tests, store_for_tests};
+    use crate::server::store::{AcquireSpec, Grant, Release};
 
     fn spec() -> AcquireSpec {
-        AcquireSpec {
-            project: Project {
-                id: 0,
-                name: "project".into(),
-            },
-            name: "lock".into(),
-            lease: Duration::from_secs(10),
-            wait: Some(Duration::ZERO),
-            poll: Duration::from_secs(1),
-            request_id: Id::random(),
-            label: None,
-            quota: Default::default(),
-            max_hold: None,
-            lock_delay: None,
-            mode: Default::default(),
-            value: None,
-        }
-    }
-
-    fn granted(outcome: AcquireOutcome) -> Grant {
-        match outcome {
-            AcquireOutcome::Granted(grant) => grant,
-            other => panic!("not granted: {other:?}"),
-        }
+        spec_for_tests("lock")
     }
 
     /// Spares whose etcd leases ended in the pool (their holders stopped renewing long before

@@ -269,8 +269,14 @@ impl Etcd {
             })
             .await?;
         let ttl = Duration::from_secs(ttl.max(1) as u64);
-        self.keepers.hold(keeper, answers, ttl);
+        self.keepers.hold(keeper, answers, ttl, started);
         Ok(())
+    }
+
+    /// When the last keep-alive of `lease` that etcd confirmed through this server was sent
+    /// (so etcd runs it at least its TTL from then), if known.
+    pub fn kept_since(&self, lease: i64) -> Option<Instant> {
+        self.keepers.kept_since(lease)
     }
 
     /// Remaining TTL of a lease in whole seconds (rounded down), `None` once it has ended.

@@ -41,6 +41,9 @@ pub(super) enum Kept {
 struct Open {
     stream: Arc<tokio::sync::Mutex<Stream>>,
     last_used: Instant,
+    /// When the last keep-alive etcd confirmed on this stream was sent: etcd counts the
+    /// lease's TTL from no earlier than this.
+    kept: Instant,
     /// A lease unused this long has ended, or is kept alive through another server.
     idle_after: Duration,
 }
@@ -80,6 +83,7 @@ impl Keepers {
             lease,
             in_step: false,
         };
+        let sent = Instant::now();
         let answer = tokio::time::timeout(within, async {
             stream.stream.keeper.keep_alive().await?;
             stream.stream.answers.message().await
@@ -88,6 +92,12 @@ impl Keepers {
         match answer {
             Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
                 stream.in_step = true;
+                let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(o) = open.get_mut(&lease)
+                    && Arc::ptr_eq(&o.stream, &stream.shared)
+                {
+                    o.kept = o.kept.max(sent);
+                }
                 Some(Kept::Alive)
             }
             // Dropping `stream` closes it: its lease has ended, or an answer may still come.
@@ -96,9 +106,23 @@ impl Keepers {
         }
     }
 
+    /// When the last keep-alive of `lease` that etcd confirmed through this server was sent,
+    /// if its stream is open.
+    pub fn kept_since(&self, lease: i64) -> Option<Instant> {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(&lease).map(|o| o.kept)
+    }
+
     /// Holds a lease's new stream open for its next keep-alives, if there is room (after
-    /// closing the streams of leases idle longer than their TTL).
-    pub fn hold(&self, keeper: LeaseKeeper, answers: LeaseKeepAliveStream, ttl: Duration) {
+    /// closing the streams of leases idle longer than their TTL). `kept`: when the keep-alive
+    /// that opened it was sent (or earlier).
+    pub fn hold(
+        &self,
+        keeper: LeaseKeeper,
+        answers: LeaseKeepAliveStream,
+        ttl: Duration,
+        kept: Instant,
+    ) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.len() >= MAX_OPEN {
             let now = Instant::now();
@@ -116,6 +140,7 @@ impl Keepers {
                     out_of_step: false,
                 })),
                 last_used: Instant::now(),
+                kept,
                 idle_after: ttl.max(Duration::from_secs(1)),
             },
         );
@@ -175,7 +200,12 @@ mod tests {
         let lease = client.lease_grant(30, None).await.unwrap().id();
         let (keeper, answers) = client.lease_keep_alive(lease).await.unwrap();
         let keepers = Keepers::default();
-        keepers.hold(keeper, answers, Duration::from_secs(30));
+        keepers.hold(
+            keeper,
+            answers,
+            Duration::from_secs(30),
+            tokio::time::Instant::now(),
+        );
         assert!(matches!(
             keepers.keep_alive(lease, BOUND).await,
             Some(Kept::Alive)

@@ -168,6 +168,10 @@ impl LeaseId {
 pub(super) struct Entry {
     /// The etcd lease's TTL in seconds, as granted.
     pub ttl: i64,
+    /// Seconds of `ttl` beyond the lease granted to the client (`leases::SLACK`); absent in
+    /// entries written before slack existed, whose grants were the whole TTL.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slack: i64,
     /// The TTL asked for (the lease length rounded up), under which a released etcd lease is
     /// kept for reuse.
     pub ask: i64,
@@ -196,6 +200,10 @@ pub(super) struct Entry {
     /// The election value (set at the acquire, changed by a proclaim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl Entry {
@@ -232,8 +240,9 @@ impl Entry {
         };
     }
 
+    /// The lease granted with this entry: its etcd TTL less the slack.
     pub fn lease(&self) -> Duration {
-        Duration::from_secs(self.ttl.max(1) as u64)
+        Duration::from_secs((self.ttl - self.slack.max(0)).max(1) as u64)
     }
 
     /// When the lease's `max_hold` ends (Unix ms), once it has been granted.

@@ -88,6 +88,21 @@ impl EtcdMetrics {
     }
 }
 
+#[cfg(test)]
+impl EtcdMetrics {
+    /// How many calls named `call` finished.
+    pub(super) fn calls(&self, call: &str) -> u64 {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        let line = format!("etcd_call_duration_seconds_count{{call=\"{call}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0, |n| n.parse().expect("a count"))
+    }
+}
+
 impl std::fmt::Debug for EtcdMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("EtcdMetrics")

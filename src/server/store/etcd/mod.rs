@@ -38,6 +38,7 @@ mod leases;
 mod limits;
 mod listing;
 mod metrics;
+mod release_batch;
 mod renew;
 mod revoke;
 mod rule;
@@ -59,6 +60,37 @@ async fn store_for_tests() -> (etcd_harness::EtcdCluster, EtcdStore) {
         .await
         .expect("connects to etcd");
     (etcd, store)
+}
+
+/// A plain exclusive acquire of `name` for unit tests: a 10 s lease, tried once.
+#[cfg(test)]
+fn spec_for_tests(name: &str) -> super::AcquireSpec {
+    super::AcquireSpec {
+        project: Project {
+            id: 0,
+            name: "project".into(),
+        },
+        name: name.into(),
+        lease: Duration::from_secs(10),
+        wait: Some(Duration::ZERO),
+        poll: Duration::from_secs(1),
+        request_id: Id::random(),
+        label: None,
+        quota: Default::default(),
+        max_hold: None,
+        lock_delay: None,
+        mode: Default::default(),
+        value: None,
+    }
+}
+
+/// The grant of an outcome that must be one.
+#[cfg(test)]
+fn granted(outcome: super::AcquireOutcome) -> super::Grant {
+    match outcome {
+        super::AcquireOutcome::Granted(grant) => grant,
+        other => panic!("not granted: {other:?}"),
+    }
 }
 
 pub(crate) use metrics::EtcdMetrics;
@@ -124,6 +156,7 @@ pub struct EtcdStore {
 #[derive(Debug)]
 struct Inner {
     etcd: call::Etcd,
+    releases: release_batch::ReleaseBatch,
     deletions: Arc<deletions::Deletions>,
     leases: Arc<Leases>,
     prefix: String,
@@ -199,6 +232,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 leases: Arc::new(Leases::new(etcd.clone())),
+                releases: release_batch::ReleaseBatch::start(etcd.clone()),
                 deletions: deletions::Deletions::start(etcd.clone(), keys::all_projects(&prefix)),
                 etcd,
                 prefix,
@@ -309,6 +343,22 @@ impl Inner {
             return self.not_held(&keys).await;
         };
         let (key, request_key) = (keys.queue_key(lease.etcd), keys.request_key(lease.slot));
+        let (_counted, alone) = self.releases.begin();
+        let mut maybe_applied = false;
+        if !alone {
+            let job = release_batch::Job {
+                key: key.clone(),
+                request_key: request_key.clone(),
+                delay_key: keys.delay_key(lease.etcd),
+                lease: lease.etcd,
+            };
+            match self.releases.submit(job).await {
+                release_batch::Batched::Released(queued) => {
+                    return Ok(self.released(&keys, lease.etcd, queued));
+                }
+                release_batch::Batched::Alone { maybe_applied: m } => maybe_applied = m,
+            }
+        }
         let txn = Txn::new()
             .when(vec![
                 held_by(request_key.clone(), lease.etcd),
@@ -325,18 +375,24 @@ impl Inner {
             .or_else(vec![count(keys.queue()), get(keys.ended_key(lease.etcd))]);
         let (answer, attempts) = self.etcd.txn_counted("release", txn).await?;
         if !answer.succeeded() {
-            if attempts > 1 {
-                // An earlier attempt may have deleted the keys and lost its answer: as the
-                // SDK does for its own retries, take the keys' absence as this release's.
-                // The etcd lease is left to expire: had the keys gone another way, a release
-                // may have handed it to a new acquire meanwhile.
+            if attempts > 1 || maybe_applied {
+                // An earlier attempt (or a shared transaction) may have deleted the keys and
+                // lost its answer: as the SDK does for its own retries, take the keys'
+                // absence as this release's. The etcd lease is left to expire: had the keys
+                // gone another way, a release may have handed it to a new acquire meanwhile.
                 return Ok(Release::Released);
             }
             // A lease that ended early (revoked, max_hold) is gone, lock or no lock.
             let ended = first(&answer, 1).is_some();
             return Ok(gone_or_missing(count_of(&answer, 0) + i64::from(ended)));
         }
-        let entry = first(&answer, 0).map(|kv| Entry::decode(kv.value()));
+        Ok(self.released(&keys, lease.etcd, first(&answer, 0)))
+    }
+
+    /// After a release deleted the keys: the delay key's lease goes, and the etcd lease is
+    /// kept for a later acquire. `queued`: the queue key as it was.
+    fn released(&self, keys: &LockKeys, lease: i64, queued: Option<KeyValue>) -> Release {
+        let entry = queued.map(|kv| Entry::decode(kv.value()));
         if let Some(delay_lease) = entry.as_ref().and_then(|e| e.delay_lease) {
             self.etcd.revoke_later(delay_lease);
         }
@@ -344,16 +400,18 @@ impl Inner {
             Some(entry) => self.leases.put_back(
                 entry.ask,
                 leases::Lease {
-                    id: lease.etcd,
+                    id: lease,
                     ttl: entry.ttl,
+                    slack: entry.slack,
                     fresh: false,
                     // Renewed by its holder about every third of its TTL.
                     until: Instant::now() + entry.lease() / 3,
                 },
+                keys.queue(),
             ),
-            None => self.etcd.revoke_later(lease.etcd),
+            None => self.etcd.revoke_later(lease),
         }
-        Ok(Release::Released)
+        Release::Released
     }
 
     /// The answer for a lease id that names no key.
