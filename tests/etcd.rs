@@ -691,7 +691,7 @@ async fn waiters_share_one_etcd_watch_per_server() {
         waiters.push(tokio::spawn(async move {
             let guard = dl.lock(name).await?;
             let token = guard.fencing_token();
-            guard.release().await.map(|()| token)
+            guard.release().await.map(|()| (name, token))
         }));
     }
     eventually(BOUND, "12 waiters queued", || async {
@@ -706,6 +706,8 @@ async fn waiters_share_one_etcd_watch_per_server() {
     // Woken through it, every waiter gets its turn.
     holder.release().await.unwrap();
     other.release().await.unwrap();
+    // Tokens are distinct per lock (grants of different names may share one: acquires
+    // queued in one etcd transaction).
     let mut tokens = Vec::new();
     for waiter in waiters {
         tokens.push(within(BOUND, waiter).await.unwrap().unwrap());

@@ -2,9 +2,9 @@
 //! waiting itself is in `wait.rs`).
 
 use super::Inner;
+use super::batch;
 use super::call::{
-    EtcdError, absent, count, count_of, delete, empty, first, get, kvs, put, queue_newest,
-    queue_oldest, revision, under,
+    EtcdError, absent, count, delete, empty, get, put, queue_newest, queue_oldest, under,
 };
 use super::keys::{Entry, LeaseId, LockKeys, Slot, project_queues, unix_ms};
 use super::leases::ttl_for;
@@ -152,15 +152,36 @@ impl Inner {
             if let Some((_, project)) = &quota {
                 place_ops.push(count(project));
             }
-            let txn = Txn::new().when(when).and_then(place_ops).or_else(vec![
-                get(request_key.clone()),
-                queue_oldest(keys.queue(), 1),
-                get(key.clone()),
-            ]);
+            let alone = Txn::new()
+                .when(when.clone())
+                .and_then(place_ops.clone())
+                .or_else(vec![
+                    get(request_key.clone()),
+                    queue_oldest(keys.queue(), 1),
+                    get(key.clone()),
+                ]);
+            // Tried once, a writer's transaction fails whenever the lock is taken, and would
+            // fail a shared one with it: it goes alone.
+            let queued = async {
+                if only_if_free {
+                    let (answer, _) = self.etcd.txn_counted("queue", alone).await?;
+                    return Ok(batch::Outcome {
+                        succeeded: answer.succeeded(),
+                        answers: batch::Answers::of(&answer),
+                        maybe_applied: false,
+                    });
+                }
+                let job = batch::Job {
+                    tag: keys.queue().to_vec(),
+                    when,
+                    ops: place_ops,
+                };
+                self.batch.run(&self.etcd, "queue", job, alone).await
+            };
             // A spare is refreshed at the same time, so that it runs a full TTL from now, unless
             // its slack already covers that (kept alive moments ago); a fresh lease was
             // granted for this request.
-            let (answer, kept) = tokio::join!(self.etcd.txn("queue", txn), async {
+            let (answer, kept) = tokio::join!(queued, async {
                 if lease.fresh || lease.outlives_grant(self.etcd.kept_since(lease.id)) {
                     Ok(())
                 } else {
@@ -175,21 +196,23 @@ impl Inner {
                 }
                 other => other?,
             };
-            if !answer.succeeded() {
+            let succeeded = answer.succeeded;
+            let answer = answer.answers;
+            if !succeeded {
                 // A queue key under this etcd lease's name means the lease serves another
                 // acquire: never hand it out again.
-                let name_taken = first(&answer, 2).is_some();
+                let name_taken = answer.first(2).is_some();
                 if kept.is_ok() && !name_taken {
                     self.leases.put_back(ask, lease, keys.queue());
                 }
-                if let Some(existing) = first(&answer, 0) {
+                if let Some(existing) = answer.first(0) {
                     match self.resume(spec, keys, &existing).await? {
                         Some(place) => return Ok(Placed::Waiting(place, None)),
                         // Its lease ran out: etcd is deleting the keys. Look again.
                         None => continue,
                     }
                 }
-                if only_if_free && let Some(head) = first(&answer, 1) {
+                if only_if_free && let Some(head) = answer.first(1) {
                     if let Some(message) = conflict(&spec.name, spec.mode, [&head]) {
                         return Err(EtcdError::Conflict(message));
                     }
@@ -204,7 +227,7 @@ impl Inner {
                     slot,
                     etcd: lease.id,
                 },
-                revision: revision(&answer),
+                revision: answer.revision,
                 entry,
                 key,
                 request_key: request_key.clone(),
@@ -222,7 +245,7 @@ impl Inner {
                 // elsewhere was granted it.
                 Err(e) => return Err(e),
             }
-            let in_line = count_of(&answer, 2);
+            let in_line = answer.count_of(2);
             // A new lock (its queue holds only this key) within the project's lock quota,
             // counted at this very revision: of two new locks racing for the last one, the
             // later sees the earlier, so new locks of different names never overshoot it.
@@ -231,7 +254,7 @@ impl Inner {
             if let Some((max, project)) = &quota
                 && in_line <= 1
                 && !self
-                    .within_lock_quota(*max, project, count_of(&answer, 5))
+                    .within_lock_quota(*max, project, answer.count_of(5))
                     .await?
             {
                 self.leave_refused(&place, ask, lease).await?;
@@ -239,12 +262,15 @@ impl Inner {
                     "the project holds or waits for {max} locks, the most allowed"
                 )));
             }
-            let nearest: Vec<KeyValue> = kvs(&answer, 2)
+            let nearest: Vec<KeyValue> = answer
+                .kvs(2)
                 .into_iter()
                 .filter(|kv| kv.create_revision() < place.revision)
                 .collect();
             let complete = nearest.len() < window;
-            let head = first(&answer, 3).filter(|kv| kv.create_revision() < place.revision);
+            let head = answer
+                .first(3)
+                .filter(|kv| kv.create_revision() < place.revision);
             // A name is a read-write lock or a semaphore of `n` permits while anyone holds or
             // waits for it: an acquire of the other kind leaves at once, refused. Checked
             // after placing, against the head and the nearest ahead, so that of two acquires
@@ -261,7 +287,7 @@ impl Inner {
                 &own_delay,
                 &nearest,
                 complete,
-                &kvs(&answer, 4),
+                &answer.kvs(4),
                 place.revision,
             );
             let blocked = match standing {

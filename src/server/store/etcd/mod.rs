@@ -28,6 +28,7 @@
 //! acquiring, `leases.rs` for the leases.
 
 mod acquire;
+mod batch;
 mod call;
 mod census;
 mod deletions;
@@ -38,7 +39,6 @@ mod leases;
 mod limits;
 mod listing;
 mod metrics;
-mod release_batch;
 mod renew;
 mod revoke;
 mod rule;
@@ -103,7 +103,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::id::Id;
-use call::{EtcdError, count, count_of, delete, first, get};
+use call::{EtcdError, count, count_of, delete, get};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, KeyValue, Txn};
 use keys::{Entry, LeaseId, LockKeys, from_unix_ms, unix_ms};
 use leases::Leases;
@@ -156,7 +156,8 @@ pub struct EtcdStore {
 #[derive(Debug)]
 struct Inner {
     etcd: call::Etcd,
-    releases: release_batch::ReleaseBatch,
+    /// Acquires and releases in flight together share transactions.
+    batch: batch::Batcher,
     deletions: Arc<deletions::Deletions>,
     leases: Arc<Leases>,
     prefix: String,
@@ -232,7 +233,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 leases: Arc::new(Leases::new(etcd.clone())),
-                releases: release_batch::ReleaseBatch::start(etcd.clone()),
+                batch: batch::Batcher::start(etcd.clone(), "batch"),
                 deletions: deletions::Deletions::start(etcd.clone(), keys::all_projects(&prefix)),
                 etcd,
                 prefix,
@@ -343,39 +344,31 @@ impl Inner {
             return self.not_held(&keys).await;
         };
         let (key, request_key) = (keys.queue_key(lease.etcd), keys.request_key(lease.slot));
-        let (_counted, alone) = self.releases.begin();
-        let mut maybe_applied = false;
-        if !alone {
-            let job = release_batch::Job {
-                key: key.clone(),
-                request_key: request_key.clone(),
-                delay_key: keys.delay_key(lease.etcd),
-                lease: lease.etcd,
-            };
-            match self.releases.submit(job).await {
-                release_batch::Batched::Released(queued) => {
-                    return Ok(self.released(&keys, lease.etcd, queued));
-                }
-                release_batch::Batched::Alone { maybe_applied: m } => maybe_applied = m,
-            }
-        }
-        let txn = Txn::new()
-            .when(vec![
-                held_by(request_key.clone(), lease.etcd),
-                held_by(key.clone(), lease.etcd),
-            ])
-            // A release ends the lease cleanly: its delay key (if any) goes with it, in the
-            // same write, so that nobody waits for a lock-delay.
-            .and_then(vec![
-                get(key.clone()),
-                delete(key),
-                delete(request_key),
-                delete(keys.delay_key(lease.etcd)),
-            ])
+        let when = vec![
+            held_by(request_key.clone(), lease.etcd),
+            held_by(key.clone(), lease.etcd),
+        ];
+        // A release ends the lease cleanly: its delay key (if any) goes with it, in the same
+        // write, so that nobody waits for a lock-delay.
+        let ops = vec![
+            get(key.clone()),
+            delete(key.clone()),
+            delete(request_key),
+            delete(keys.delay_key(lease.etcd)),
+        ];
+        let alone = Txn::new()
+            .when(when.clone())
+            .and_then(ops.clone())
             .or_else(vec![count(keys.queue()), get(keys.ended_key(lease.etcd))]);
-        let (answer, attempts) = self.etcd.txn_counted("release", txn).await?;
-        if !answer.succeeded() {
-            if attempts > 1 || maybe_applied {
+        let job = batch::Job {
+            tag: keys.queue().to_vec(),
+            when,
+            ops,
+        };
+        let outcome = self.batch.run(&self.etcd, "release", job, alone).await?;
+        let answers = outcome.answers;
+        if !outcome.succeeded {
+            if outcome.maybe_applied {
                 // An earlier attempt (or a shared transaction) may have deleted the keys and
                 // lost its answer: as the SDK does for its own retries, take the keys'
                 // absence as this release's. The etcd lease is left to expire: had the keys
@@ -383,10 +376,10 @@ impl Inner {
                 return Ok(Release::Released);
             }
             // A lease that ended early (revoked, max_hold) is gone, lock or no lock.
-            let ended = first(&answer, 1).is_some();
-            return Ok(gone_or_missing(count_of(&answer, 0) + i64::from(ended)));
+            let ended = answers.first(1).is_some();
+            return Ok(gone_or_missing(answers.count_of(0) + i64::from(ended)));
         }
-        Ok(self.released(&keys, lease.etcd, first(&answer, 0)))
+        Ok(self.released(&keys, lease.etcd, answers.first(0)))
     }
 
     /// After a release deleted the keys: the delay key's lease goes, and the etcd lease is
