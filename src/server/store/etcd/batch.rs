@@ -350,4 +350,60 @@ mod tests {
             }
         }
     }
+
+    /// A shared transaction whose conditions fail writes nothing, and each of its requests
+    /// then goes alone: here a retried acquire (its request key exists) shares one with new
+    /// acquires; the retry gets its first grant back, and each new one is granted once.
+    #[tokio::test]
+    async fn a_retry_in_a_shared_transaction_sends_everyone_alone_and_gets_its_grant_back() {
+        let (_etcd, store) = store_for_tests().await;
+        let inner = &store.inner;
+        // Spares in the pool, so that every acquire below reaches the batcher at once.
+        let project = &spec("").project;
+        let warm: Vec<_> = (0..8).map(|i| spec(&format!("warm{i}"))).collect();
+        let grants = join_all(warm.iter().map(|s| inner.acquire(s.clone()))).await;
+        let releases = warm.iter().zip(grants).map(|(s, outcome)| {
+            let grant = granted(outcome.unwrap());
+            inner.release(project, &s.name, grant.lease_id)
+        });
+        for released in join_all(releases).await {
+            assert_eq!(released.unwrap(), Release::Released);
+        }
+        let calls = |call| inner.etcd.metrics.calls(call);
+        // Waiting allowed: an exclusive acquire tried once always goes alone.
+        let first = AcquireSpec {
+            wait: Some(Duration::from_secs(5)),
+            ..spec("retried")
+        };
+        let grant = granted(inner.acquire(first.clone()).await.unwrap());
+
+        let new: Vec<AcquireSpec> = (0..6)
+            .map(|i| AcquireSpec {
+                wait: Some(Duration::from_secs(5)),
+                ..spec(&format!("new{i}"))
+            })
+            .collect();
+        // The retry last, so that it joins the others' shared transaction.
+        let specs: Vec<AcquireSpec> = new.into_iter().chain([first]).collect();
+        let (batches, alone) = (calls("batch"), calls("queue"));
+        let outcomes = join_all(specs.iter().map(|s| inner.acquire(s.clone()))).await;
+        assert!(calls("batch") > batches, "no shared transaction");
+        // The first went alone at once; the six that shared went alone after it failed.
+        assert!(
+            calls("queue") - alone >= 7,
+            "{} alone",
+            calls("queue") - alone
+        );
+        let mut outcomes: Vec<_> = outcomes.into_iter().map(|o| granted(o.unwrap())).collect();
+        let again = outcomes.pop().expect("the retry's outcome");
+        assert_eq!(again.lease_id, grant.lease_id, "the retry's own lease");
+        assert_eq!(again.fencing_token, grant.fencing_token);
+        let leases: HashSet<_> = outcomes.iter().map(|g| g.lease_id).collect();
+        assert_eq!(
+            leases.len(),
+            6,
+            "each new acquire granted once, on a lease of its own"
+        );
+        assert!(!leases.contains(&grant.lease_id));
+    }
 }
