@@ -5,7 +5,7 @@
 //! next acquire with the same TTL instead of being revoked, and when there is no spare, the
 //! acquire grants one and another is granted in the background. An acquire refreshes its
 //! spare with a keep-alive (leader-local, no disk write) at the same time as its
-//! transaction. A lease serves one acquire at a time; spares that get old are dropped and
+//! transaction, unless the slack (below) covers it. A lease serves one acquire at a time; spares that get old are dropped and
 //! expire in etcd.
 //!
 //! Two measured costs shape the pool (`BENCH_ONLY_DISTINCT` in `benches/etcd.rs`, etcd's
@@ -18,7 +18,7 @@
 //! - **Spares run a second longer than they promise** (`SLACK`). The lease granted to a
 //!   client is the etcd TTL less the slack, so a spare kept alive less than the slack ago
 //!   (`Etcd::kept_since`) outlives any grant made with it now, and the acquire sends no
-//!   keep-alive of its own (etcd answers each with a copy of its pending writes: a tenth of
+//!   keep-alive of its own (etcd answers each with a copy of its pending writes: 8 % of
 //!   its CPU). A client that vanishes frees its lock up to the slack later.
 
 use super::call::{Etcd, EtcdError};
