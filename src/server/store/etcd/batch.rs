@@ -124,7 +124,7 @@ impl Drop for InFlight {
 
 impl Batcher {
     /// Starts a batcher whose shared transactions are the etcd call `shared` (a task that
-    /// ends with the store), for requests whose lone calls are `what`.
+    /// ends with the store).
     pub fn start(etcd: Etcd, shared: &'static str) -> Batcher {
         let (queue, arrivals) = mpsc::unbounded_channel();
         tokio::spawn(collect(etcd, shared, arrivals));
@@ -134,9 +134,9 @@ impl Batcher {
         }
     }
 
-    /// Runs `job`: in a shared transaction if others of its kind are in flight, else (or
-    /// when that does not settle it) alone as `alone`, which is `job` with its `else`
-    /// branch.
+    /// Runs `job`: in a shared transaction if other requests are in flight, else (or when
+    /// that does not settle it) alone as `alone`, which is `job` with its `else` branch, as
+    /// the etcd call `what`.
     ///
     /// # Cancel safety
     ///
