@@ -152,31 +152,24 @@ impl Inner {
             if let Some((_, project)) = &quota {
                 place_ops.push(count(project));
             }
-            let alone = Txn::new()
-                .when(when.clone())
-                .and_then(place_ops.clone())
-                .or_else(vec![
+            let job = batch::Job {
+                tag: keys.queue().to_vec(),
+                when,
+                ops: place_ops,
+                otherwise: vec![
                     get(request_key.clone()),
                     queue_oldest(keys.queue(), 1),
                     get(key.clone()),
-                ]);
+                ],
+            };
             // Tried once, a writer's transaction fails whenever the lock is taken, and would
             // fail a shared one with it: it goes alone.
             let queued = async {
                 if only_if_free {
-                    let (answer, _) = self.etcd.txn_counted("queue", alone).await?;
-                    return Ok(batch::Outcome {
-                        succeeded: answer.succeeded(),
-                        answers: batch::Answers::of(&answer),
-                        maybe_applied: false,
-                    });
+                    job.alone(&self.etcd, "queue").await
+                } else {
+                    self.batch.run(&self.etcd, "queue", job).await
                 }
-                let job = batch::Job {
-                    tag: keys.queue().to_vec(),
-                    when,
-                    ops: place_ops,
-                };
-                self.batch.run(&self.etcd, "queue", job, alone).await
             };
             // A spare is refreshed at the same time, so that it runs a full TTL from now, unless
             // its slack already covers that (kept alive moments ago); a fresh lease was

@@ -30,13 +30,31 @@ const IN_FLIGHT: usize = 2;
 /// (`--max-txn-ops`); a shared transaction stays within both.
 const MAX_TXN_OPS: usize = 128;
 
-/// One request's transaction, as it would run alone without its `else` branch.
+/// One request's transaction.
 #[derive(Debug)]
 pub(super) struct Job {
     /// Requests with the same tag never share a transaction (the lock's queue prefix).
     pub tag: Vec<u8>,
     pub when: Vec<Compare>,
     pub ops: Vec<TxnOp>,
+    /// Its `else` branch: run only when it goes alone.
+    pub otherwise: Vec<TxnOp>,
+}
+
+impl Job {
+    /// Runs it alone, as the etcd call `what`.
+    pub async fn alone(self, etcd: &Etcd, what: &'static str) -> Result<Outcome, EtcdError> {
+        let txn = Txn::new()
+            .when(self.when)
+            .and_then(self.ops)
+            .or_else(self.otherwise);
+        let (answer, attempts) = etcd.txn_counted(what, txn).await?;
+        Ok(Outcome {
+            succeeded: answer.succeeded(),
+            answers: Answers::of(&answer),
+            maybe_applied: attempts > 1,
+        })
+    }
 }
 
 /// The answers to one request's operations.
@@ -96,8 +114,9 @@ pub(super) struct Outcome {
 enum Batched {
     /// Its operations ran in a shared transaction that succeeded.
     Shared(Answers),
-    /// Not settled: it goes alone. `maybe_applied` as in `Outcome`.
-    Alone { maybe_applied: bool },
+    /// Not settled: it goes alone (the job comes back for that). `maybe_applied` as in
+    /// `Outcome`.
+    Alone { job: Job, maybe_applied: bool },
 }
 
 struct Queued {
@@ -135,8 +154,7 @@ impl Batcher {
     }
 
     /// Runs `job`: in a shared transaction if other requests are in flight, else (or when
-    /// that does not settle it) alone as `alone`, which is `job` with its `else` branch, as
-    /// the etcd call `what`.
+    /// that does not settle it) alone, as the etcd call `what`.
     ///
     /// # Cancel safety
     ///
@@ -147,43 +165,41 @@ impl Batcher {
         etcd: &Etcd,
         what: &'static str,
         job: Job,
-        alone: Txn,
     ) -> Result<Outcome, EtcdError> {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
         let _counted = InFlight(self.in_flight.clone());
-        let mut maybe_applied = false;
-        if before > 0 {
-            match self.submit(job).await {
-                Batched::Shared(answers) => {
-                    return Ok(Outcome {
-                        succeeded: true,
-                        answers,
-                        maybe_applied: false,
-                    });
-                }
-                Batched::Alone { maybe_applied: m } => maybe_applied = m,
+        if before == 0 {
+            return job.alone(etcd, what).await;
+        }
+        match self.submit(job).await? {
+            Batched::Shared(answers) => Ok(Outcome {
+                succeeded: true,
+                answers,
+                maybe_applied: false,
+            }),
+            Batched::Alone { job, maybe_applied } => {
+                let outcome = job.alone(etcd, what).await?;
+                Ok(Outcome {
+                    maybe_applied: outcome.maybe_applied || maybe_applied,
+                    ..outcome
+                })
             }
         }
-        let (answer, attempts) = etcd.txn_counted(what, alone).await?;
-        Ok(Outcome {
-            succeeded: answer.succeeded(),
-            answers: Answers::of(&answer),
-            maybe_applied: maybe_applied || attempts > 1,
-        })
     }
 
-    async fn submit(&self, job: Job) -> Batched {
+    async fn submit(&self, job: Job) -> Result<Batched, EtcdError> {
         let (answer, answered) = oneshot::channel();
-        if self.queue.send(Queued { job, answer }).is_err() {
-            return Batched::Alone {
+        if let Err(refused) = self.queue.send(Queued { job, answer }) {
+            return Ok(Batched::Alone {
+                job: refused.0.job,
                 maybe_applied: false,
-            };
+            });
         }
-        // A batch task that ended without answering (the runtime shutting down) may have
-        // committed it.
-        answered.await.unwrap_or(Batched::Alone {
-            maybe_applied: true,
-        })
+        // Only a batch task that ended without answering (the runtime shutting down) drops
+        // the job; it may have committed it.
+        answered
+            .await
+            .map_err(|_| EtcdError::Unavailable("the server is shutting down".into()))
     }
 }
 
@@ -228,37 +244,32 @@ async fn commit(etcd: &Etcd, shared: &'static str, batch: Vec<Queued>) {
     let (batch, twice): (Vec<Queued>, Vec<Queued>) = batch
         .into_iter()
         .partition(|q| seen.insert(q.job.tag.clone()));
-    send_alone(twice.into_iter().map(|q| q.answer), false);
+    send_alone(twice, false);
     if batch.len() < 2 {
-        return send_alone(batch.into_iter().map(|q| q.answer), false);
+        return send_alone(batch, false);
     }
-    let mut when = Vec::new();
-    let mut ops = Vec::new();
-    let mut shares = Vec::with_capacity(batch.len());
-    for Queued { job, answer } in batch {
-        when.extend(job.when);
-        shares.push((job.ops.len(), answer));
-        ops.extend(job.ops);
-    }
+    // Copies: each job goes back whole should the shared transaction not settle it.
+    let when: Vec<Compare> = batch.iter().flat_map(|q| q.job.when.clone()).collect();
+    let ops: Vec<TxnOp> = batch.iter().flat_map(|q| q.job.ops.clone()).collect();
     let txn = Txn::new().when(when).and_then(ops);
     match etcd.txn_counted(shared, txn).await {
         Ok((answer, _)) if answer.succeeded() => {
             let revision = answer.header().map_or(0, |h| h.revision());
             let mut all = answer.op_responses().into_iter();
-            for (share, answer) in shares {
-                let ops = all.by_ref().take(share).collect();
-                let _ = answer.send(Batched::Shared(Answers { revision, ops }));
+            for q in batch {
+                let ops = all.by_ref().take(q.job.ops.len()).collect();
+                let _ = q.answer.send(Batched::Shared(Answers { revision, ops }));
             }
         }
-        Ok((_, attempts)) => send_alone(shares.into_iter().map(|(_, a)| a), attempts > 1),
+        Ok((_, attempts)) => send_alone(batch, attempts > 1),
         // Unknown whether it took effect.
-        Err(_) => send_alone(shares.into_iter().map(|(_, a)| a), true),
+        Err(_) => send_alone(batch, true),
     }
 }
 
-fn send_alone(answers: impl IntoIterator<Item = oneshot::Sender<Batched>>, maybe_applied: bool) {
-    for answer in answers {
-        let _ = answer.send(Batched::Alone { maybe_applied });
+fn send_alone(queued: Vec<Queued>, maybe_applied: bool) {
+    for Queued { job, answer } in queued {
+        let _ = answer.send(Batched::Alone { job, maybe_applied });
     }
 }
 

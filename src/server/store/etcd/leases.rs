@@ -5,8 +5,8 @@
 //! next acquire with the same TTL instead of being revoked, and when there is no spare, the
 //! acquire grants one and another is granted in the background. An acquire refreshes its
 //! spare with a keep-alive (leader-local, no disk write) at the same time as its
-//! transaction, unless the slack (below) covers it. A lease serves one acquire at a time; spares that get old are dropped and
-//! expire in etcd.
+//! transaction, unless the slack (below) covers it. A lease serves one acquire at a time;
+//! spares that get old are dropped and expire in etcd.
 //!
 //! Two measured costs shape the pool (`BENCH_ONLY_DISTINCT` in `benches/etcd.rs`, etcd's
 //! own CPU profile):
@@ -81,7 +81,7 @@ struct Spare {
 
 /// Which lock queue a spare served, compared by hash (a collision only costs the index walk
 /// the tag saves).
-pub(super) fn queue_tag(queue: &[u8]) -> u64 {
+fn queue_tag(queue: &[u8]) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     BuildHasherDefault::<DefaultHasher>::default().hash_one(queue)
 }
@@ -263,6 +263,7 @@ mod tests {
             assert_eq!(released.unwrap(), Release::Released);
         }
         // "a" gets its own lease back (kept alive now: its stream opens).
+        let window = Instant::now();
         let again = take_and_release("a").await;
         assert_eq!(etcd_lease(&again), etcd_lease(&a));
 
@@ -272,7 +273,6 @@ mod tests {
         let before = keep_alives(inner);
         let third = granted(inner.acquire(spec("a")).await.unwrap());
         assert_eq!(etcd_lease(&third), etcd_lease(&a));
-        assert_eq!(keep_alives(inner), before, "no keep-alive within the slack");
         assert_eq!(third.lease, Duration::from_secs(10), "the lease asked for");
         let left = etcd
             .client()
@@ -281,6 +281,15 @@ mod tests {
             .await
             .unwrap()
             .ttl();
-        assert!(left >= 10, "etcd runs it {left} s more, under the grant");
+        // The keep-alive before was sent after `window` began. Within the slack less its
+        // margin from then, the acquire needed none, and etcd (11 s from that keep-alive)
+        // still runs the lease the whole 10 s grant. A machine too slow to get here in that
+        // time leaves nothing to check: the acquire then had to keep the lease alive.
+        if window.elapsed() < Duration::from_millis(800) {
+            assert_eq!(keep_alives(inner), before, "no keep-alive within the slack");
+            assert!(left >= 10, "etcd runs it {left} s more, under the grant");
+        } else {
+            eprintln!("slower than the slack window: {:?}", window.elapsed());
+        }
     }
 }

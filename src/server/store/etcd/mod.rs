@@ -344,28 +344,23 @@ impl Inner {
             return self.not_held(&keys).await;
         };
         let (key, request_key) = (keys.queue_key(lease.etcd), keys.request_key(lease.slot));
-        let when = vec![
-            held_by(request_key.clone(), lease.etcd),
-            held_by(key.clone(), lease.etcd),
-        ];
-        // A release ends the lease cleanly: its delay key (if any) goes with it, in the same
-        // write, so that nobody waits for a lock-delay.
-        let ops = vec![
-            get(key.clone()),
-            delete(key.clone()),
-            delete(request_key),
-            delete(keys.delay_key(lease.etcd)),
-        ];
-        let alone = Txn::new()
-            .when(when.clone())
-            .and_then(ops.clone())
-            .or_else(vec![count(keys.queue()), get(keys.ended_key(lease.etcd))]);
         let job = batch::Job {
             tag: keys.queue().to_vec(),
-            when,
-            ops,
+            when: vec![
+                held_by(request_key.clone(), lease.etcd),
+                held_by(key.clone(), lease.etcd),
+            ],
+            // A release ends the lease cleanly: its delay key (if any) goes with it, in the
+            // same write, so that nobody waits for a lock-delay.
+            ops: vec![
+                get(key.clone()),
+                delete(key),
+                delete(request_key),
+                delete(keys.delay_key(lease.etcd)),
+            ],
+            otherwise: vec![count(keys.queue()), get(keys.ended_key(lease.etcd))],
         };
-        let outcome = self.batch.run(&self.etcd, "release", job, alone).await?;
+        let outcome = self.batch.run(&self.etcd, "release", job).await?;
         let answers = outcome.answers;
         if !outcome.succeeded {
             if outcome.maybe_applied {
