@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench etcd` starts a one-member etcd (the `etcd` on PATH, data in a
 //! temporary directory, fsync on as in production) and the real `leasehold-server
-//! --backend etcd` as a separate process, then measures on loopback, 3 rounds each:
+//! --backend etcd` as a separate process, with a key file as in production (see
+//! [`open_mode`]), then measures on loopback, 3 rounds each:
 //!
 //! * single etcd operations through etcd-client (a put, a linearizable read, a lease grant,
 //!   a keep-alive, a revoke, the backend's acquire and release transactions);
@@ -39,7 +40,8 @@
 //! locks, printing the process ids, for a profiler to attach to; v3lock instead with
 //! `BENCH_V3LOCK` set),
 //! `BENCH_SECS` (seconds per hand-over round, default 3), `BENCH_SERVER_ARGS` (more
-//! arguments for the etcd-backed server, such as `--threads 1`).
+//! arguments for the etcd-backed server, such as `--threads 1`), `BENCH_OPEN_MODE` (run the
+//! etcd-backed servers in open development mode instead of with a key file).
 
 #[path = "../tests/support/etcd.rs"]
 #[allow(dead_code)]
@@ -91,12 +93,40 @@ fn main() {
 
 /// More arguments for the etcd-backed server under test, from `BENCH_SERVER_ARGS`
 /// (whitespace-separated), such as `--threads 1`.
+/// The bench's API key, made with `leasehold-server new-key --project bench`, and its line.
+const KEY: &str = "dlk_7db92cf4_e840e7a18fe6a4d9418c40b0cf4b80336b85814a";
+const KEY_FILE: &str = "[[projects]]\nname = \"bench\"\nkeys = [{ id = \"7db92cf4\", sha256 = \"9cdb198ff06810227c966eaa280e8283c00ad65790f662c3dbec49d84d994ddc\" }]\n";
+
+/// The etcd-backed servers run as in production, with a key file, unless `BENCH_OPEN_MODE`
+/// is set. It matters to etcd: in open mode a project is named after its key's SHA-256
+/// (64 hex digits, which every one of its etcd keys carries, in hex again), where a key
+/// file's projects carry the names their operator gave them.
+fn open_mode() -> bool {
+    std::env::var_os("BENCH_OPEN_MODE").is_some()
+}
+
+/// The API key the SDK presents to the etcd-backed servers.
+fn api_key() -> String {
+    if open_mode() { "bench" } else { KEY }.to_owned()
+}
+
+/// The etcd-backed servers' arguments beyond the listen address and the backend: the key
+/// file, then `BENCH_SERVER_ARGS`.
 fn server_args() -> Vec<String> {
-    std::env::var("BENCH_SERVER_ARGS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+    let mut args = Vec::new();
+    if !open_mode() {
+        let path = std::env::temp_dir().join("leasehold-bench-keys.toml");
+        std::fs::write(&path, KEY_FILE).expect("the bench's key file");
+        args.push("--key-file".to_owned());
+        args.push(path.display().to_string());
+    }
+    args.extend(
+        std::env::var("BENCH_SERVER_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned),
+    );
+    args
 }
 
 fn ms(d: Duration) -> f64 {
@@ -135,7 +165,8 @@ async fn run() {
         None
     } else {
         println!("\n== scaling: 1, 2 and 3 servers over one 3-member etcd ==");
-        let (rows, raw) = etcd_load::scaling(Duration::from_secs(secs), &server_args()).await;
+        let (rows, raw) =
+            etcd_load::scaling(Duration::from_secs(secs), &server_args(), &api_key()).await;
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         for row in &rows {
             println!(
@@ -200,7 +231,7 @@ async fn measure(
         .unwrap();
     let client = Client::connect([endpoint.as_str()], None).await.unwrap();
     let etcd_pid = etcd.pid(0).expect("etcd runs");
-    let dl = DistributedLock::builder("bench")
+    let dl = DistributedLock::builder(api_key())
         .endpoint(&server.url)
         .build()
         .unwrap();
@@ -340,7 +371,7 @@ async fn measure(
         // Separate clients, as separate processes would be.
         let clients: Vec<DistributedLock> = (0..8)
             .map(|_| {
-                DistributedLock::builder("bench")
+                DistributedLock::builder(api_key())
                     .endpoint(&server.url)
                     .build()
                     .unwrap()

@@ -115,8 +115,13 @@ pub struct ScalingRow {
 
 /// 1, 2 and 3 servers over one 3-member etcd, `TASKS` tasks per server on distinct locks
 /// (each server's tasks share a client that talks to that server only); and etcd's own
-/// write rate in the same run (measured first and last, the mean reported).
-pub async fn scaling(duration: Duration, server_args: &[String]) -> (Vec<ScalingRow>, f64) {
+/// write rate in the same run (measured first and last, the mean reported). The servers get
+/// `server_args`, their clients `api_key`.
+pub async fn scaling(
+    duration: Duration,
+    server_args: &[String],
+    api_key: &str,
+) -> (Vec<ScalingRow>, f64) {
     let cluster = EtcdCluster::start(3).await;
     let endpoints = cluster.endpoints().join(",");
     let client = Client::connect(cluster.endpoints(), None).await.unwrap();
@@ -138,7 +143,7 @@ pub async fn scaling(duration: Duration, server_args: &[String]) -> (Vec<Scaling
         let clients: Vec<DistributedLock> = spawned
             .iter()
             .map(|s| {
-                DistributedLock::builder("bench")
+                DistributedLock::builder(api_key)
                     .endpoint(&s.url)
                     .build()
                     .unwrap()
