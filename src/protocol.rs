@@ -153,6 +153,11 @@ pub struct AcquireRequest {
     /// Client-made id; repeating it resumes the same place in the queue or returns the same
     /// grant, so a retried acquire never creates a second holder.
     pub request_id: Id,
+    /// `true` on the first send of `request_id`, and on no later one (not on a re-poll, not
+    /// on a retry): the server may then skip looking for the request's place, which makes
+    /// acquires cheaper on some backends (etcd). Absent or `false` is always correct.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub first: bool,
     /// A label shown to others while this request holds the lock, such as `host-a/job-42`
     /// (same rules as names).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,14 +5,14 @@
 mod support;
 
 use etcd_client::GetOptions;
-use leasehold::server::store::etcd::{EtcdConfig, EtcdStore};
+use leasehold::server::store::etcd::EtcdStore;
 use leasehold::server::store::{
     AcquireOutcome, AcquireSpec, Ended, Grant, Id, LockStore, Mode, Observation, Proclaimed,
-    Project, Release, Renewal, StoreError,
+    Release, Renewal, StoreError,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::etcd::EtcdCluster;
+use support::etcd::{EtcdCluster, project, store};
 use support::{eventually, within};
 use tokio::time::Instant;
 
@@ -20,20 +20,6 @@ const BOUND: Duration = Duration::from_secs(30);
 
 /// Records the tasks of a test share.
 type Shared<T> = Arc<Mutex<Vec<T>>>;
-
-async fn store(etcd: &EtcdCluster) -> Arc<EtcdStore> {
-    let store = EtcdStore::connect(EtcdConfig::new(etcd.endpoints()))
-        .await
-        .expect("connects to etcd");
-    Arc::new(store)
-}
-
-fn project() -> Project {
-    Project {
-        id: 0,
-        name: "project".into(),
-    }
-}
 
 /// An acquire of `name` in `mode` that waits as long as it takes, in polls of 5 s.
 fn spec(name: &str, mode: Mode) -> AcquireSpec {
@@ -44,6 +30,7 @@ fn spec(name: &str, mode: Mode) -> AcquireSpec {
         wait: None,
         poll: Duration::from_secs(5),
         request_id: Id::random(),
+        first: false,
         label: None,
         quota: Default::default(),
         max_hold: None,

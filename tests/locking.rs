@@ -201,7 +201,8 @@ async fn a_grant_that_races_the_drop_is_released_at_once(backend: Backend) {
 }
 
 /// A retried acquire asks only for the wait that remains, so the server never keeps the
-/// caller in line past its timeout. The peer here is a bare socket that reads the first
+/// caller in line past its timeout, and does not say it is the first (protocol `first`: it
+/// may have a place already). The peer here is a bare socket that reads the first
 /// attempt, holds it unanswered, then drops the connection, and refuses the second
 /// (`409`, as a lock server does when the wait ends without a grant).
 #[tokio::test]
@@ -212,6 +213,7 @@ async fn a_retried_acquire_asks_for_the_remaining_wait() {
     let held = Duration::from_millis(400);
     let peer = tokio::spawn(async move {
         let mut waits = Vec::new();
+        let mut firsts = Vec::new();
         for attempt in 0..2 {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut request = Vec::new();
@@ -226,6 +228,7 @@ async fn a_retried_acquire_asks_for_the_remaining_wait() {
             let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
             let json: serde_json::Value = serde_json::from_str(body).unwrap();
             waits.push(json["wait_ms"].as_u64().unwrap());
+            firsts.push(json.get("first").cloned());
             if attempt == 0 {
                 tokio::time::sleep(held).await;
                 drop(socket);
@@ -238,7 +241,7 @@ async fn a_retried_acquire_asks_for_the_remaining_wait() {
                 socket.write_all(response.as_bytes()).await.unwrap();
             }
         }
-        waits
+        (waits, firsts)
     });
     // Plain requests: the bare peer speaks no sessions.
     let dl = leasehold::DistributedLock::builder("k")
@@ -254,7 +257,8 @@ async fn a_retried_acquire_asks_for_the_remaining_wait() {
     .await
     .unwrap_err();
     assert!(err.is_timeout(), "{err}");
-    let waits = within(Duration::from_secs(20), peer).await.unwrap();
+    let (waits, firsts) = within(Duration::from_secs(20), peer).await.unwrap();
+    assert_eq!(firsts, [Some(serde_json::Value::Bool(true)), None]);
     assert!(waits[0] <= 5000 && waits[0] > 4000, "{waits:?}");
     assert!(
         waits[1] + held.as_millis() as u64 <= waits[0],

@@ -30,6 +30,7 @@ fn spec(name: &str, request: u128, mode: Mode) -> AcquireSpec {
         wait: None,
         poll: Duration::from_millis(50),
         request_id: id(request),
+        first: false,
         label: None,
         quota: Quota::default(),
         max_hold: None,

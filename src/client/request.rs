@@ -306,6 +306,9 @@ impl LockRequest {
             request_id,
         };
         let lease_ms = self.expires_in.as_millis() as u64;
+        // Set until the request id's first send is made: every later attempt (a retry, a
+        // re-poll) may find a place the server already gave it.
+        let unsent = std::sync::atomic::AtomicBool::new(true);
         loop {
             let polled = Instant::now();
             // Each attempt asks for the wait that remains then, so that a retried request
@@ -318,6 +321,7 @@ impl LockRequest {
                         .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
                     poll_ms: Some(POLL.as_millis() as u64),
                     request_id,
+                    first: unsent.swap(false, std::sync::atomic::Ordering::Relaxed),
                     metadata: self.metadata.clone(),
                     max_hold_ms: self.max_hold.map(|hold| hold.as_millis() as u64),
                     lock_delay_ms: self.lock_delay.map(|delay| delay.as_millis() as u64),

@@ -582,6 +582,7 @@ impl App {
             wait: req.wait_ms.map(Duration::from_millis),
             poll,
             request_id: req.request_id,
+            first: req.first,
             label: req.metadata,
             quota: Quota {
                 max_locks: caller

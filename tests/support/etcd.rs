@@ -468,3 +468,22 @@ impl Drop for EtcdCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// An etcd store over `cluster`, standing for one server (two stand for two servers).
+pub async fn store(
+    cluster: &EtcdCluster,
+) -> std::sync::Arc<leasehold::server::store::etcd::EtcdStore> {
+    use leasehold::server::store::etcd::{EtcdConfig, EtcdStore};
+    let store = EtcdStore::connect(EtcdConfig::new(cluster.endpoints()))
+        .await
+        .expect("connects to etcd");
+    std::sync::Arc::new(store)
+}
+
+/// The project the store tests act in.
+pub fn project() -> leasehold::server::store::Project {
+    leasehold::server::store::Project {
+        id: 0,
+        name: "project".into(),
+    }
+}

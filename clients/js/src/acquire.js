@@ -40,6 +40,14 @@ export async function waitInLine(transport, { name, leaseMs, waitDeadline, start
   // One id for every poll and retry of this attempt (§2): a retry finds the same place in
   // line or the same grant, never a second one.
   const requestId = randomId();
+  // Set until the id's first send: any later body (a retry, a re-poll) may find a place the
+  // server already gave it, so only the first says `first` (§3.1; cheaper on etcd).
+  let unsent = true;
+  const firstSend = () => {
+    const first = unsent;
+    unsent = false;
+    return first;
+  };
   let answered = false;
   try {
     for (;;) {
@@ -47,6 +55,7 @@ export async function waitInLine(transport, { name, leaseMs, waitDeadline, start
       const reply = await transport.post(
         '/v1/acquire',
         () => ({
+          ...(firstSend() ? { first: true } : {}),
           name,
           lease_ms: leaseMs,
           // The server counts the wait from each request's arrival: ask for what remains

@@ -38,6 +38,8 @@ test('re-polls reuse the request id and ask for the wait that remains; a 409 nee
   assert.ok(polls.length >= 3, `${polls.length} polls`);
   assert.equal(new Set(polls.map((p) => p.body.request_id)).size, 1, 'one request id for the whole wait');
   assert.match(polls[0].body.request_id, /^[0-9a-f]{32}$/);
+  // Only the id's first send says it is the first (§3.1): re-polls may have a place.
+  assert.deepEqual(polls.map((p) => p.body.first), [true, ...polls.slice(1).map(() => undefined)]);
   const waits = polls.map((p) => p.body.wait_ms);
   assert.ok(waits[0] <= timeout);
   waits.slice(1).forEach((wait, i) => assert.ok(wait < waits[i], `wait_ms ${waits.join(', ')}`));
@@ -55,6 +57,8 @@ test('a retry after a lost answer reuses the request id and gets the same grant'
   assert.equal(first.lost, true);
   assert.equal(first.status, 200, 'the server granted the first attempt');
   assert.equal(retry.body.request_id, first.body.request_id);
+  assert.equal(first.body.first, true);
+  assert.equal(retry.body.first, undefined, 'a retry never says first');
   assert.equal(retry.answer.lease_id, first.answer.lease_id, 'the same grant, not a second one');
   assert.equal(lock.fencingToken, first.answer.fencing_token);
   const seen = await direct.inspect('retried');

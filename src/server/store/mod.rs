@@ -46,6 +46,9 @@ pub struct AcquireSpec {
     /// The caller's request id: repeating it resumes the same place in line or returns the
     /// same grant.
     pub request_id: Id,
+    /// The client says it never sent `request_id` before (protocol `first`): the request
+    /// can have no place yet, and a store may skip looking for one.
+    pub first: bool,
     /// A label the holder shows in inspection (already validated).
     pub label: Option<String>,
     /// The project's limits.

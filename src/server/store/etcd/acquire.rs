@@ -4,9 +4,10 @@
 use super::Inner;
 use super::batch;
 use super::call::{
-    EtcdError, absent, count, delete, empty, get, put, queue_newest, queue_oldest, under,
+    EtcdError, absent, count, delete, empty, first, get, kvs, put, queue_newest, queue_oldest,
+    under,
 };
-use super::keys::{Entry, LeaseId, LockKeys, Slot, project_queues, unix_ms};
+use super::keys::{Entry, LeaseId, LockKeys, Proof, Slot, project_queues, unix_ms};
 use super::leases::ttl_for;
 use super::rule;
 use super::wait::{Standing, standing_from};
@@ -25,15 +26,31 @@ pub(super) struct Place {
     pub entry: Entry,
     /// The queue key.
     pub key: Vec<u8>,
-    pub request_key: Vec<u8>,
+    /// Its request key, if it has one (a place queued by a repeated attempt).
+    pub request_key: Option<Vec<u8>>,
 }
 
 impl Place {
+    /// The place of `queued`, a queue key without a request key (a first attempt's).
+    fn without_request_key(queued: &KeyValue) -> Place {
+        Place {
+            lease: LeaseId {
+                proof: Proof::Revision(queued.create_revision()),
+                etcd: queued.lease(),
+            },
+            revision: queued.create_revision(),
+            entry: Entry::decode(queued.value()),
+            key: queued.key().to_vec(),
+            request_key: None,
+        }
+    }
+
     /// A transaction that deletes this place's keys if they are still this place's (same
     /// create revision: the key name is reused), followed by `more` in the same success
     /// branch.
     pub(super) fn leave(&self, more: Vec<TxnOp>) -> Txn {
-        let mut ops = vec![delete(self.key.clone()), delete(self.request_key.clone())];
+        let mut ops = vec![delete(self.key.clone())];
+        ops.extend(self.request_key.iter().map(|key| delete(key.clone())));
         ops.extend(more);
         Txn::new()
             .when(vec![Compare::create_revision(
@@ -62,6 +79,15 @@ enum Placed {
     Done(AcquireOutcome),
     /// In line; where it stands, if known already.
     Waiting(Place, Option<Standing>),
+}
+
+/// The earliest of `entries` queued for the request id `request`.
+fn earliest_of(entries: &[KeyValue], request: &str) -> Option<KeyValue> {
+    entries
+        .iter()
+        .filter(|kv| Entry::decode(kv.value()).request.as_deref() == Some(request))
+        .min_by_key(|kv| kv.create_revision())
+        .cloned()
 }
 
 /// Why `mode` may not queue behind the entries read (the head first, then the nearest
@@ -114,7 +140,15 @@ impl Inner {
             .quota
             .max_locks
             .map(|max| (max, project_queues(&self.prefix, &spec.project.name)));
+        let request = spec.request_id.to_string();
         for _ in 0..4 {
+            // A repeated attempt looks for the place its request id may have already (a first
+            // attempt cannot have one: it skips the look, and the request key).
+            if !spec.first
+                && let Some(place) = self.find_place(spec, keys, &request_key).await?
+            {
+                return Ok(Placed::Waiting(place, None));
+            }
             let lease = if spares_stale {
                 self.leases.fresh(ask).await?
             } else {
@@ -130,6 +164,7 @@ impl Inner {
                 max_hold_ms: spec.max_hold.map(|d| d.as_millis() as u64),
                 lock_delay_ms: spec.lock_delay.map(|d| d.as_millis() as u64),
                 value: spec.value.clone(),
+                request: Some(request.clone()),
                 ..Entry::default()
             };
             entry.set_mode(spec.mode);
@@ -141,7 +176,6 @@ impl Inner {
                 when.push(empty(keys.queue()));
             }
             let mut place_ops = vec![
-                put(request_key.clone(), spec.request_id.to_string(), lease.id),
                 put(key.clone(), entry.encode(), lease.id),
                 // The new key and the nearest ahead of it (what the rule needs first), the
                 // head (for conflicts) and the lock's delay keys.
@@ -151,6 +185,14 @@ impl Inner {
             ];
             if let Some((_, project)) = &quota {
                 place_ops.push(count(project));
+            }
+            // A repeat writes its request key (so that a first attempt still on its way
+            // finds this place), and reads the whole line (to find a first attempt placed
+            // since it looked, which it then leaves this place for).
+            let whole_line = place_ops.len() + 1;
+            if !spec.first {
+                place_ops.push(put(request_key.clone(), request.clone(), lease.id));
+                place_ops.push(under(keys.queue()));
             }
             let job = batch::Job {
                 tag: keys.queue().to_vec(),
@@ -192,6 +234,15 @@ impl Inner {
             let succeeded = answer.succeeded;
             let answer = answer.answers;
             if !succeeded {
+                // A first attempt finds its own key when an earlier try of this transaction
+                // was applied and its answer lost (a repeat finds its request key instead).
+                if let Some(own) = answer.first(2).filter(|kv| {
+                    kv.lease() == lease.id
+                        && Entry::decode(kv.value()).request.as_deref() == Some(request.as_str())
+                }) && spec.first
+                {
+                    return Ok(Placed::Waiting(Place::without_request_key(&own), None));
+                }
                 // A queue key under this etcd lease's name means the lease serves another
                 // acquire: never hand it out again.
                 let name_taken = answer.first(2).is_some();
@@ -215,15 +266,20 @@ impl Inner {
                 }
                 continue;
             }
+            let proof = if spec.first {
+                Proof::Revision(answer.revision)
+            } else {
+                Proof::Slot(slot)
+            };
             let mut place = Place {
                 lease: LeaseId {
-                    slot,
+                    proof,
                     etcd: lease.id,
                 },
                 revision: answer.revision,
                 entry,
                 key,
-                request_key: request_key.clone(),
+                request_key: (!spec.first).then(|| request_key.clone()),
             };
             match kept {
                 Ok(()) => {}
@@ -238,7 +294,17 @@ impl Inner {
                 // elsewhere was granted it.
                 Err(e) => return Err(e),
             }
-            let in_line = answer.count_of(2);
+            if !spec.first
+                && let Some(earlier) = earliest_of(&answer.kvs(whole_line), &request)
+                && earlier.create_revision() < place.revision
+            {
+                self.leave_refused(&place, ask, lease).await?;
+                match self.resume_entry(spec, &earlier).await? {
+                    Some(place) => return Ok(Placed::Waiting(place, None)),
+                    None => continue,
+                }
+            }
+            let in_line = answer.count_of(1);
             // A new lock (its queue holds only this key) within the project's lock quota,
             // counted at this very revision: of two new locks racing for the last one, the
             // later sees the earlier, so new locks of different names never overshoot it.
@@ -247,7 +313,7 @@ impl Inner {
             if let Some((max, project)) = &quota
                 && in_line <= 1
                 && !self
-                    .within_lock_quota(*max, project, answer.count_of(5))
+                    .within_lock_quota(*max, project, answer.count_of(4))
                     .await?
             {
                 self.leave_refused(&place, ask, lease).await?;
@@ -256,13 +322,13 @@ impl Inner {
                 )));
             }
             let nearest: Vec<KeyValue> = answer
-                .kvs(2)
+                .kvs(1)
                 .into_iter()
                 .filter(|kv| kv.create_revision() < place.revision)
                 .collect();
             let complete = nearest.len() < window;
             let head = answer
-                .first(3)
+                .first(2)
                 .filter(|kv| kv.create_revision() < place.revision);
             // A name is a read-write lock or a semaphore of `n` permits while anyone holds or
             // waits for it: an acquire of the other kind leaves at once, refused. Checked
@@ -280,7 +346,7 @@ impl Inner {
                 &own_delay,
                 &nearest,
                 complete,
-                &answer.kvs(4),
+                &answer.kvs(3),
                 place.revision,
             );
             let blocked = match standing {
@@ -397,14 +463,54 @@ impl Inner {
         };
         Ok(Some(Place {
             lease: LeaseId {
-                slot: Slot::of(spec.request_id),
+                proof: Proof::Slot(Slot::of(spec.request_id)),
                 etcd: lease,
             },
             revision: queued.create_revision(),
             entry: Entry::decode(queued.value()),
             key,
-            request_key: request.key().to_vec(),
+            request_key: Some(request.key().to_vec()),
         }))
+    }
+
+    /// For a repeated attempt: the place the request already has, by its request key or
+    /// else by its request id among the entries in line, refreshed with a keep-alive; `None`
+    /// if it has none (or its lease has run out).
+    async fn find_place(
+        &self,
+        spec: &AcquireSpec,
+        keys: &LockKeys,
+        request_key: &[u8],
+    ) -> Result<Option<Place>, EtcdError> {
+        let read = Txn::new().and_then(vec![get(request_key.to_vec()), under(keys.queue())]);
+        let answer = self.etcd.txn("find", read).await?;
+        if let Some(existing) = first(&answer, 0) {
+            return self.resume(spec, keys, &existing).await;
+        }
+        let request = spec.request_id.to_string();
+        match earliest_of(&kvs(&answer, 1), &request) {
+            Some(queued) => self.resume_entry(spec, &queued).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The place of `queued`, an entry without a request key, refreshed with a keep-alive;
+    /// `None` if its lease has run out.
+    async fn resume_entry(
+        &self,
+        spec: &AcquireSpec,
+        queued: &KeyValue,
+    ) -> Result<Option<Place>, EtcdError> {
+        match self
+            .etcd
+            .keep_alive(queued.lease(), ttl_for(spec.lease))
+            .await
+        {
+            Ok(()) => {}
+            Err(EtcdError::LeaseGone) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        Ok(Some(Place::without_request_key(queued)))
     }
 
     /// Leaves the line off the caller's path: deletes the place's keys if they are still

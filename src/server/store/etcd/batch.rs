@@ -363,8 +363,8 @@ mod tests {
     }
 
     /// A shared transaction whose conditions fail writes nothing, and each of its requests
-    /// then goes alone: here a retried acquire (its request key exists) shares one with new
-    /// acquires; the retry gets its first grant back, and each new one is granted once.
+    /// then goes alone: here a late first attempt of an acquire (whose repeat wrote its request
+    /// key) shares one with new acquires; the retry gets its first grant back, and each new one is granted once.
     #[tokio::test]
     async fn a_retry_in_a_shared_transaction_sends_everyone_alone_and_gets_its_grant_back() {
         let (_etcd, store) = store_for_tests().await;
@@ -391,11 +391,18 @@ mod tests {
         let new: Vec<AcquireSpec> = (0..6)
             .map(|i| AcquireSpec {
                 wait: Some(Duration::from_secs(5)),
+                first: true,
                 ..spec(&format!("new{i}"))
             })
             .collect();
-        // The retry last, so that it joins the others' shared transaction.
-        let specs: Vec<AcquireSpec> = new.into_iter().chain([first]).collect();
+        // The retry last, so that it joins the others' shared transaction. It comes as a first
+        // attempt that took its time on the way, after a repeat of it was placed (with its
+        // request key): it is the one attempt that writes in the shared transaction and fails.
+        let late_first = AcquireSpec {
+            first: true,
+            ..first
+        };
+        let specs: Vec<AcquireSpec> = new.into_iter().chain([late_first]).collect();
         let (batches, alone) = (calls("batch"), calls("queue"));
         let outcomes = join_all(specs.iter().map(|s| inner.acquire(s.clone()))).await;
         assert!(calls("batch") > batches, "no shared transaction");

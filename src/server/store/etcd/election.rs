@@ -16,11 +16,11 @@
 //!   the next queue event, or by looking every 100 ms while the queue is quiet. One watch per
 //!   waiting observe call; observers do not share.
 
+use super::Inner;
 use super::call::{EtcdError, first, first_since, get, kvs, queue_oldest, revision, under};
 use super::census::prefix_end;
 use super::keys::{DelayMark, Entry, LeaseId, LockKeys, from_unix_ms};
 use super::rule::PAGE;
-use super::{Inner, held_by};
 use crate::id::Id;
 use crate::server::store::{LeaderView, Mode, Observation, Proclaimed, Project};
 use etcd_client::{
@@ -151,19 +151,24 @@ impl Inner {
         let Some(lease) = LeaseId::from_id(id) else {
             return Ok(Proclaimed::Gone(None));
         };
-        let (key, request_key) = (keys.queue_key(lease.etcd), keys.request_key(lease.slot));
+        let key = keys.queue_key(lease.etcd);
+        let request_key = lease.request_key(&keys);
         let own_delay = keys.delay_key(lease.etcd);
         for _ in 0..PROCLAIM_ATTEMPTS {
-            let read = Txn::new().and_then(vec![
+            let mut reads = vec![
                 get(key.clone()),
-                get(request_key.clone()),
                 queue_oldest(keys.queue(), 1),
                 under(keys.delays()),
-            ]);
-            let answer = self.etcd.txn("proclaim", read).await?;
+            ];
+            reads.extend(request_key.clone().map(get));
+            let answer = self
+                .etcd
+                .txn("proclaim", Txn::new().and_then(reads))
+                .await?;
             let attached = |kv: &KeyValue| kv.lease() == lease.etcd;
-            let own = first(&answer, 0).filter(attached);
-            let (Some(own), Some(_)) = (own, first(&answer, 1).filter(attached)) else {
+            let own = first(&answer, 0).filter(|kv| lease.names(kv));
+            let proven = request_key.is_none() || first(&answer, 3).filter(attached).is_some();
+            let (Some(own), true) = (own, proven) else {
                 // Not held under this id: why, if its ended key says.
                 let why = self.ended_why(&[Some((lease, keys.clone()))]).await?;
                 return Ok(Proclaimed::Gone(why.first().copied().flatten()));
@@ -172,9 +177,9 @@ impl Inner {
             if entry.mode() != Mode::Exclusive {
                 return Err(EtcdError::Conflict(not_alone(name, entry.mode())));
             }
-            let first_in_line = first(&answer, 2)
+            let first_in_line = first(&answer, 1)
                 .is_some_and(|head| head.create_revision() == own.create_revision());
-            let held_back = kvs(&answer, 3)
+            let held_back = kvs(&answer, 2)
                 .iter()
                 .any(|kv| kv.key() != own_delay.as_slice());
             if !first_in_line || held_back {
@@ -184,27 +189,25 @@ impl Inner {
             entry.value = Some(value.clone());
             let mut past_own = own_delay.clone();
             past_own.push(0);
-            let txn = Txn::new()
-                .when(vec![
-                    Compare::create_revision(key.clone(), CompareOp::Equal, own.create_revision()),
-                    // Nothing wrote the entry since it was read (a grant's time being noted):
-                    // this write keeps all of it but the value.
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, own.mod_revision()),
-                    held_by(key.clone(), lease.etcd),
-                    held_by(request_key.clone(), lease.etcd),
-                    // Still first in line,
-                    first_since(keys.queue(), own.create_revision()),
-                    // and no delay key but its own: no earlier holder's lock-delay.
-                    Compare::create_revision(keys.delays(), CompareOp::Equal, 0)
-                        .with_range(own_delay.clone()),
-                    Compare::create_revision(past_own, CompareOp::Equal, 0)
-                        .with_range(prefix_end(keys.delays())),
-                ])
-                .and_then(vec![super::call::put(
-                    key.clone(),
-                    entry.encode(),
-                    lease.etcd,
-                )]);
+            let mut when = lease.holds(&keys);
+            when.extend([
+                Compare::create_revision(key.clone(), CompareOp::Equal, own.create_revision()),
+                // Nothing wrote the entry since it was read (a grant's time being noted):
+                // this write keeps all of it but the value.
+                Compare::mod_revision(key.clone(), CompareOp::Equal, own.mod_revision()),
+                // Still first in line,
+                first_since(keys.queue(), own.create_revision()),
+                // and no delay key but its own: no earlier holder's lock-delay.
+                Compare::create_revision(keys.delays(), CompareOp::Equal, 0)
+                    .with_range(own_delay.clone()),
+                Compare::create_revision(past_own, CompareOp::Equal, 0)
+                    .with_range(prefix_end(keys.delays())),
+            ]);
+            let txn = Txn::new().when(when).and_then(vec![super::call::put(
+                key.clone(),
+                entry.encode(),
+                lease.etcd,
+            )]);
             if self.etcd.txn("proclaim", txn).await?.succeeded() {
                 return Ok(Proclaimed::Done);
             }

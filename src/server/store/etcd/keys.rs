@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <prefix>/p/<hex project>/q/<hex lock name>/<hex etcd lease id>   the acquire's place in line
-//! <prefix>/r/<hex project>/<hex lock name>/<hex slot>              the acquire's request id
+//! <prefix>/r/<hex project>/<hex lock name>/<hex slot>              a repeated acquire's request id
 //! <prefix>/x/<hex project>/<hex lock name>/<hex etcd lease id>   a holder's lock-delay
 //! <prefix>/g/<hex project>/<hex lock name>/<hex etcd lease id>   why a lease ended early
 //! ```
@@ -14,33 +14,48 @@
 //! without a release, and while it exists nobody else is granted the lock. An *ended key*
 //! says `revoked` or `max_hold` to the holder's late renewals.
 //!
-//! An acquire writes both keys in one transaction, attached to its own etcd lease, and they
-//! go together (release, cancel, expiry). The *queue key* orders the lock's acquires by
-//! create revision and holds the entry: TTL, label, limits, and the mode (reader, semaphore
-//! of `n`; absent for exclusive) and election value. A delay key's value holds the ended
-//! holder's fencing token and mode, which the grant rule needs (`rule.rs`). It is named after the etcd lease, which serves one
+//! An acquire writes its queue key, attached to its own etcd lease. The *queue key* orders
+//! the lock's acquires by create revision and holds the entry: TTL, label, limits, the
+//! request id, and the mode (reader, semaphore of `n`; absent for exclusive) and election
+//! value. A delay key's value holds the ended holder's fencing token and mode, which the
+//! grant rule needs (`rule.rs`). It is named after the etcd lease, which serves one
 //! acquire at a time and is reused by later ones: a lock's queue keys come from a small set
 //! of names. That matters because etcd keeps a deleted key's name in its index until a
 //! compaction, and every range over the queue walks those names; with a name per acquire a
 //! busy lock's acquires got slower by about 25 µs per thousand acquires since the last
 //! compaction. Since a name is reused, the create revision, not the name, identifies a place.
 //!
-//! The *request key* makes acquires idempotent: its *slot* is the first 8 bytes of the
-//! SHA-256 of the request id, so a re-poll or a retried acquire, on any server, finds the
-//! same place (the full request id is its value, to tell the 2^-64 collision apart). It is
-//! only ever read by name, never ranged, so its deleted names cost nothing.
+//! Acquires are idempotent: a re-poll or a retried acquire, on any server, finds the place
+//! its request id already has. A *first attempt* (protocol `first: true`: the request id
+//! was never sent before) cannot have one, so it writes its queue key alone, on the
+//! condition that the request key below is absent. Any other attempt looks first: for its
+//! request key, then for its request id among the queue's entries; if it finds neither, it
+//! writes a *request key* with its queue key, in the same transaction, attached to the same
+//! etcd lease. Its *slot* is the first 8 bytes of the SHA-256 of the request id (the top bit
+//! cleared), and the full request id is its value, to tell the 2^-63 collision apart. Of two
+//! attempts placed at once, then, exactly one stays: a first attempt placed after a repeat
+//! finds the repeat's request key and resumes its place; a repeat placed after a first
+//! attempt reads the whole queue in its placing transaction, finds the earlier entry with its
+//! request id, and leaves. The request key is only ever read by name, never ranged, so its
+//! deleted names cost nothing; first attempts, nearly every acquire, never write one (it was
+//! a third of etcd's work per acquire and release, docs/performance.md).
+//!
+//! The lease id clients hold is 16 bytes: first the *proof* that the place is theirs, then
+//! the etcd lease id. For a place with a request key, the proof is the slot: renew and
+//! release check that the request key is attached to that etcd lease. For a place without
+//! one, it is the create revision of the queue key with the top bit set: renew and release
+//! check that the queue key under the etcd lease's name was created at that revision (the
+//! name is reused, the revision never). The etcd lease id is random (63 bits) and never shown
+//! to other clients (holders are shown by fencing token), so lease ids cannot be guessed, and
+//! a made-up, foreign or stale one names no key.
 //!
 //! Hex has no `/`, and every hex field is followed by a `/` (or ends the key), so no
 //! project, lock name or slot can alias another: project `a` (`61/`) is not a prefix of
 //! project `ab` (`6162/`), and lock names containing `/` stay one segment.
-//!
-//! The lease id clients hold is the slot followed by the etcd lease id: renew and release
-//! find both keys from it, and check that the request key is attached to that etcd lease.
-//! The etcd lease id is random (63 bits) and the slot is derived from the client's secret
-//! request id, so lease ids cannot be guessed, and a made-up or foreign one names no key.
 
 use crate::id::Id;
 use crate::server::store::Mode;
+use etcd_client::{Compare, CompareOp, KeyValue};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
@@ -126,21 +141,35 @@ fn named(prefix: &[u8], id: &[u8]) -> Vec<u8> {
     key
 }
 
-/// Where a request's key lives: the first 8 bytes of the SHA-256 of its request id.
+/// Where a request's key lives: the first 8 bytes of the SHA-256 of its request id, the top
+/// bit cleared (set, the same 8 bytes of a lease id are a [`Proof::Revision`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Slot(pub [u8; 8]);
 
 impl Slot {
     pub fn of(request_id: Id) -> Slot {
         let digest = Sha256::digest(request_id.0);
-        Slot(digest[..8].try_into().expect("8 bytes"))
+        let mut slot: [u8; 8] = digest[..8].try_into().expect("8 bytes");
+        slot[0] &= 0x7f;
+        Slot(slot)
     }
 }
 
-/// The lease id clients see: the slot of their key and its etcd lease.
+/// What shows that a lease id's place is the client's (see the module's description).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Proof {
+    /// The place has a request key, in this slot.
+    Slot(Slot),
+    /// The place has none: its queue key's create revision.
+    Revision(i64),
+}
+
+const REVISION_FLAG: u64 = 1 << 63;
+
+/// The lease id clients see: the proof that the place is theirs, and its etcd lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct LeaseId {
-    pub slot: Slot,
+    pub proof: Proof,
     /// The etcd lease (positive).
     pub etcd: i64,
 }
@@ -148,16 +177,63 @@ pub(super) struct LeaseId {
 impl LeaseId {
     pub fn to_id(self) -> Id {
         let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&self.slot.0);
+        match self.proof {
+            Proof::Slot(slot) => bytes[..8].copy_from_slice(&slot.0),
+            Proof::Revision(revision) => {
+                bytes[..8].copy_from_slice(&(revision as u64 | REVISION_FLAG).to_be_bytes())
+            }
+        }
         bytes[8..].copy_from_slice(&self.etcd.to_be_bytes());
         Id(bytes)
     }
 
     /// `None` for ids this backend never hands out.
     pub fn from_id(id: Id) -> Option<LeaseId> {
-        let slot = Slot(id.0[..8].try_into().expect("8 bytes"));
+        let first = u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"));
+        let proof = if first & REVISION_FLAG == 0 {
+            Proof::Slot(Slot(first.to_be_bytes()))
+        } else {
+            let revision = (first & !REVISION_FLAG) as i64;
+            if revision == 0 {
+                return None;
+            }
+            Proof::Revision(revision)
+        };
         let etcd = i64::from_be_bytes(id.0[8..].try_into().expect("8 bytes"));
-        (etcd > 0).then_some(LeaseId { slot, etcd })
+        (etcd > 0).then_some(LeaseId { proof, etcd })
+    }
+
+    /// The request key of the place, if it has one.
+    pub fn request_key(&self, keys: &LockKeys) -> Option<Vec<u8>> {
+        match self.proof {
+            Proof::Slot(slot) => Some(keys.request_key(slot)),
+            Proof::Revision(_) => None,
+        }
+    }
+
+    /// The conditions under which the queue key under this lease's name is this lease's
+    /// place: it is attached to the etcd lease and, for a slot, so is the request key; for a
+    /// revision, it was created at that revision.
+    pub fn holds(&self, keys: &LockKeys) -> Vec<Compare> {
+        let key = keys.queue_key(self.etcd);
+        let attached = |key: Vec<u8>| Compare::lease(key, CompareOp::Equal, self.etcd);
+        match self.proof {
+            Proof::Slot(slot) => vec![attached(keys.request_key(slot)), attached(key)],
+            Proof::Revision(revision) => vec![
+                attached(key.clone()),
+                Compare::create_revision(key, CompareOp::Equal, revision),
+            ],
+        }
+    }
+
+    /// Whether `queued` (the queue key under this lease's name, as read) is this lease's
+    /// place; for a slot, the request key must also be checked.
+    pub fn names(&self, queued: &KeyValue) -> bool {
+        queued.lease() == self.etcd
+            && match self.proof {
+                Proof::Slot(_) => true,
+                Proof::Revision(revision) => queued.create_revision() == revision,
+            }
     }
 }
 
@@ -200,6 +276,10 @@ pub(super) struct Entry {
     /// The election value (set at the acquire, changed by a proclaim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+    /// The acquire's request id, by which a repeated attempt finds the place (absent in
+    /// entries written before first attempts skipped the request key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -347,14 +427,35 @@ mod tests {
         let slot = Slot::of(Id([1; 16]));
         assert_ne!(slot, Slot::of(Id([2; 16])));
         let lease = LeaseId {
-            slot,
+            proof: Proof::Slot(slot),
             etcd: 0x1234_5678_9abc_def0,
         };
         assert_eq!(LeaseId::from_id(lease.to_id()), Some(lease));
         assert!(keys.request_key(slot).ends_with(hex(&slot.0).as_bytes()));
-        // Ids with a non-positive etcd lease are never ours.
+        // A slot never reads as a revision, whatever the request id's digest.
+        for i in 0..=255u8 {
+            assert_eq!(Slot::of(Id([i; 16])).0[0] & 0x80, 0);
+        }
+        let by_revision = LeaseId {
+            proof: Proof::Revision(0x7000_0000_0000_0001),
+            etcd: 7,
+        };
+        assert_eq!(LeaseId::from_id(by_revision.to_id()), Some(by_revision));
+        assert_ne!(
+            by_revision.to_id(),
+            LeaseId {
+                proof: Proof::Revision(1),
+                etcd: 7
+            }
+            .to_id()
+        );
+        // Ids with a non-positive etcd lease, or revision 0, are never ours.
         assert_eq!(LeaseId::from_id(Id([0; 16])), None);
         assert_eq!(LeaseId::from_id(Id([0xff; 16])), None);
+        let mut no_revision = [0u8; 16];
+        no_revision[0] = 0x80;
+        no_revision[15] = 1;
+        assert_eq!(LeaseId::from_id(Id(no_revision)), None);
     }
 
     #[test]

@@ -75,6 +75,7 @@ fn spec_for_tests(name: &str) -> super::AcquireSpec {
         wait: Some(Duration::ZERO),
         poll: Duration::from_secs(1),
         request_id: Id::random(),
+        first: false,
         label: None,
         quota: Default::default(),
         max_hold: None,
@@ -103,7 +104,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::id::Id;
-use call::{EtcdError, count, count_of, delete, get};
+use call::{EtcdError, count, count_of, delete, first, get, kvs};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, KeyValue, Txn};
 use keys::{Entry, LeaseId, LockKeys, from_unix_ms, unix_ms};
 use leases::Leases;
@@ -343,21 +344,19 @@ impl Inner {
         let Some(lease) = LeaseId::from_id(id) else {
             return self.not_held(&keys).await;
         };
-        let (key, request_key) = (keys.queue_key(lease.etcd), keys.request_key(lease.slot));
+        let key = keys.queue_key(lease.etcd);
+        // A release ends the lease cleanly: its delay key (if any) goes with it, in the same
+        // write, so that nobody waits for a lock-delay.
+        let mut ops = vec![
+            get(key.clone()),
+            delete(key),
+            delete(keys.delay_key(lease.etcd)),
+        ];
+        ops.extend(lease.request_key(&keys).map(delete));
         let job = batch::Job {
             tag: keys.queue().to_vec(),
-            when: vec![
-                held_by(request_key.clone(), lease.etcd),
-                held_by(key.clone(), lease.etcd),
-            ],
-            // A release ends the lease cleanly: its delay key (if any) goes with it, in the
-            // same write, so that nobody waits for a lock-delay.
-            ops: vec![
-                get(key.clone()),
-                delete(key),
-                delete(request_key),
-                delete(keys.delay_key(lease.etcd)),
-            ],
+            when: lease.holds(&keys),
+            ops,
             otherwise: vec![count(keys.queue()), get(keys.ended_key(lease.etcd))],
         };
         let outcome = self.batch.run(&self.etcd, "release", job).await?;
@@ -421,23 +420,38 @@ impl Inner {
     ) -> Result<bool, EtcdError> {
         let keys = self.keys(project, name);
         let request_key = keys.request_key(keys::Slot::of(request_id));
-        let found = self.etcd.get("cancel", &request_key, None).await?;
-        let Some(lease) = found.kvs().first().map(|kv| kv.lease()) else {
-            return Ok(false);
+        // The request's place: by its request key if it has one, else by its request id
+        // among the entries in line (a first attempt's place has no request key).
+        let read = Txn::new().and_then(vec![get(request_key.clone()), call::under(keys.queue())]);
+        let found = self.etcd.txn("cancel", read).await?;
+        let request = request_id.to_string();
+        let (lease, when, request_key) = match first(&found, 0) {
+            Some(kv) => (
+                kv.lease(),
+                held_by(request_key.clone(), kv.lease()),
+                Some(request_key),
+            ),
+            None => {
+                let Some(kv) = kvs(&found, 1).into_iter().find(|kv| {
+                    Entry::decode(kv.value()).request.as_deref() == Some(request.as_str())
+                }) else {
+                    return Ok(false);
+                };
+                let key = kv.key().to_vec();
+                let revision =
+                    Compare::create_revision(key, CompareOp::Equal, kv.create_revision());
+                (kv.lease(), revision, None)
+            }
         };
+        let mut ops = vec![
+            delete(keys.queue_key(lease)),
+            // A cancelled grant ends like a release: no lock-delay.
+            delete(keys.delay_key(lease)),
+        ];
+        ops.extend(request_key.map(delete));
         let answer = self
             .etcd
-            .txn(
-                "cancel",
-                Txn::new()
-                    .when(vec![held_by(request_key.clone(), lease)])
-                    .and_then(vec![
-                        delete(request_key),
-                        delete(keys.queue_key(lease)),
-                        // A cancelled grant ends like a release: no lock-delay.
-                        delete(keys.delay_key(lease)),
-                    ]),
-            )
+            .txn("cancel", Txn::new().when(vec![when]).and_then(ops))
             .await?;
         if !answer.succeeded() {
             // Released or cancelled meanwhile.

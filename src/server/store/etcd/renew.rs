@@ -3,7 +3,7 @@
 
 use super::Inner;
 use super::call::{EtcdError, first, get};
-use super::keys::{Entry, LeaseId, LockKeys, unix_ms};
+use super::keys::{Entry, LeaseId, LockKeys, Proof, unix_ms};
 use crate::id::Id;
 use crate::server::store::{Ended, Project, Renewal};
 use etcd_client::{KeyValue, Txn};
@@ -115,8 +115,7 @@ impl Inner {
     }
 
     /// Reads keys in a few transactions: (create revision, etcd lease, entry) of each
-    /// acquire whose request key and queue key are both attached to the etcd lease its lease
-    /// id names.
+    /// acquire whose queue key its lease id names (see `LeaseId::holds`).
     async fn read_keys(
         &self,
         targets: &[Option<(LeaseId, LockKeys)>],
@@ -127,28 +126,28 @@ impl Inner {
             .enumerate()
             .filter_map(|(i, t)| t.as_ref().map(|(lease, keys)| (i, *lease, keys)))
             .collect();
-        // etcd allows 128 operations per transaction by default; two reads per lease.
+        // etcd allows 128 operations per transaction by default; up to two reads per lease.
         for chunk in wanted.chunks(50) {
-            let ops: Vec<_> = chunk
-                .iter()
-                .flat_map(|(_, lease, keys)| {
-                    [
-                        get(keys.request_key(lease.slot)),
-                        get(keys.queue_key(lease.etcd)),
-                    ]
-                })
-                .collect();
+            let mut ops = Vec::new();
+            let mut at = Vec::with_capacity(chunk.len());
+            for (_, lease, keys) in chunk {
+                at.push(ops.len());
+                ops.push(get(keys.queue_key(lease.etcd)));
+                ops.extend(lease.request_key(keys).map(get));
+            }
             let answer = self
                 .etcd
                 .txn("read_leases", Txn::new().and_then(ops))
                 .await?;
-            for (j, (i, lease, _)) in chunk.iter().enumerate() {
+            for ((i, lease, _), at) in chunk.iter().zip(at) {
                 let attached = |kv: &KeyValue| kv.lease() == lease.etcd;
-                if first(&answer, 2 * j).filter(attached).is_none() {
+                if matches!(lease.proof, Proof::Slot(_))
+                    && first(&answer, at + 1).filter(attached).is_none()
+                {
                     continue;
                 }
-                out[*i] = first(&answer, 2 * j + 1)
-                    .filter(attached)
+                out[*i] = first(&answer, at)
+                    .filter(|kv| lease.names(kv))
                     .map(|kv| (kv.create_revision(), kv.lease(), Entry::decode(kv.value())));
             }
         }
