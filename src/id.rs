@@ -49,7 +49,7 @@ impl Id {
         Id(bytes)
     }
 
-    fn parse_hex(s: &str) -> Option<Id> {
+    pub(crate) fn parse_hex(s: &str) -> Option<Id> {
         let raw = s.as_bytes();
         if raw.len() != 32 {
             return None;

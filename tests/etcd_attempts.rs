@@ -78,6 +78,14 @@ async fn release(store: &EtcdStore, name: &str, lease_id: Id) -> Release {
         .expect("release")
 }
 
+/// Withdraws the request's place (by request id).
+async fn store_cancel(store: &EtcdStore, spec: &AcquireSpec) -> bool {
+    store
+        .cancel(&project(), &spec.name, spec.request_id)
+        .await
+        .expect("cancel")
+}
+
 /// Keys under `prefix` in etcd, by anyone.
 async fn keys_under(etcd: &EtcdCluster, prefix: &str) -> i64 {
     let mut client = etcd.client().await;
@@ -91,9 +99,12 @@ async fn a_first_attempt_writes_no_request_key_and_its_repeats_find_its_place() 
     let (a, b) = (store(&etcd).await, store(&etcd).await);
     let poll = Duration::from_millis(200);
     let holder = grant(a.acquire(first_attempt("lock", poll)).await.unwrap());
+    assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 0);
+    // A place still waiting when its poll ends gets its request key then (a mark), so that
+    // its re-polls find it by name.
     let waiter = first_attempt("lock", poll);
     still_waiting(&a, waiter.clone()).await;
-    assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 0);
+    assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 1);
 
     // Its re-polls, through either server, keep the one place: nothing more is queued.
     still_waiting(&b, repeat(&waiter)).await;
@@ -121,6 +132,44 @@ async fn a_first_attempt_writes_no_request_key_and_its_repeats_find_its_place() 
     assert!(matches!(renewed[..], [Renewal::Renewed(_)]), "{renewed:?}");
     assert_eq!(release(&b, "lock", got.lease_id).await, Release::Released);
     assert_eq!(keys_under(&etcd, "/leasehold/p/").await, 0);
+    assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 0);
+}
+
+/// A mark can outlive its place (released under a lease id that does not name it, by an
+/// attempt that found the place by its entry). A later attempt of the request is not turned
+/// back by it: the stale mark goes, and the attempt queues anew.
+#[tokio::test]
+async fn a_mark_left_behind_its_place_does_not_turn_later_attempts_back() {
+    let etcd = EtcdCluster::start(1).await;
+    let a = store(&etcd).await;
+    let poll = Duration::from_millis(200);
+    let holder = grant(a.acquire(first_attempt("lock", poll)).await.unwrap());
+    let waiter = first_attempt("lock", poll);
+    still_waiting(&a, waiter.clone()).await;
+    assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 1);
+    // The waiter's place goes without its mark, as a release by revision leaves it.
+    let mut client = etcd.client().await;
+    let options = GetOptions::new().with_prefix();
+    let queue = client.get("/leasehold/p/", Some(options)).await.unwrap();
+    let place = queue
+        .kvs()
+        .iter()
+        .max_by_key(|kv| kv.create_revision())
+        .expect("the waiter's place")
+        .key()
+        .to_vec();
+    client.delete(place, None).await.unwrap();
+
+    still_waiting(&a, repeat(&waiter)).await;
+    assert_eq!(keys_under(&etcd, "/leasehold/p/").await, 2, "queued anew");
+    assert_eq!(
+        release(&a, "lock", holder.lease_id).await,
+        Release::Released
+    );
+    let got = granted(&a, &repeat(&waiter)).await;
+    assert_eq!(release(&a, "lock", got.lease_id).await, Release::Released);
+    assert_eq!(keys_under(&etcd, "/leasehold/p/").await, 0);
+    assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 0);
 }
 
 /// A first attempt that took its time on the way and a retry of it, through two servers at
@@ -147,6 +196,7 @@ async fn a_first_attempt_and_its_retry_at_once_leave_one_place() {
             store_cancel(&b, &waiter).await,
             "the waiter's place is found by request id"
         );
+        // The place's mark went with it.
         assert_eq!(keys_under(&etcd, "/leasehold/p/").await, 1);
         assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 0);
     }
@@ -154,13 +204,6 @@ async fn a_first_attempt_and_its_retry_at_once_leave_one_place() {
         release(&a, "lock", holder.lease_id).await,
         Release::Released
     );
-}
-
-async fn store_cancel(store: &EtcdStore, spec: &AcquireSpec) -> bool {
-    store
-        .cancel(&project(), &spec.name, spec.request_id)
-        .await
-        .expect("cancel")
 }
 
 /// A lease id stays its own place's: etcd leases are reused by later acquires, and a late

@@ -7,7 +7,10 @@ use super::call::{
     EtcdError, absent, count, delete, empty, first, get, kvs, put, queue_newest, queue_oldest,
     under,
 };
-use super::keys::{Entry, LeaseId, LockKeys, Proof, Slot, project_queues, unix_ms};
+use super::keys::{
+    Entry, LeaseId, LockKeys, Proof, Slot, project_queues, read_request_value, request_value,
+    unix_ms,
+};
 use super::leases::ttl_for;
 use super::rule;
 use super::wait::{Standing, standing_from};
@@ -191,7 +194,11 @@ impl Inner {
             // since it looked, which it then leaves this place for).
             let whole_line = place_ops.len() + 1;
             if !spec.first {
-                place_ops.push(put(request_key.clone(), request.clone(), lease.id));
+                place_ops.push(put(
+                    request_key.clone(),
+                    request_value(&request, None),
+                    lease.id,
+                ));
                 place_ops.push(under(keys.queue()));
             }
             let job = batch::Job {
@@ -434,8 +441,9 @@ impl Inner {
         keys: &LockKeys,
         request: &KeyValue,
     ) -> Result<Option<Place>, EtcdError> {
-        if request.value() != spec.request_id.to_string().as_bytes() {
-            // Two request ids with the same 64-bit slot: astronomically rare.
+        let (id, marks) = read_request_value(request.value());
+        if id != spec.request_id.to_string().as_bytes() {
+            // Two request ids with the same 63-bit slot: astronomically rare.
             return Err(EtcdError::Unavailable(
                 "request id collision; retry with a new request id".into(),
             ));
@@ -452,13 +460,27 @@ impl Inner {
             Err(e) => return Err(e),
         }
         // Both keys of a place are written in one transaction, so they share a create
-        // revision. A queue key under the same name with another revision belongs to a later
-        // acquire that reuses the etcd lease (this request was released meanwhile).
+        // revision, unless the request key is a mark, which names it. A queue key under the
+        // same name with another revision belongs to a later acquire that reuses the etcd
+        // lease (this request was released meanwhile).
+        let revision = marks.unwrap_or(request.create_revision());
         let Some(queued) = queued?
             .take_kvs()
             .into_iter()
-            .find(|kv| kv.lease() == lease && kv.create_revision() == request.create_revision())
+            .find(|kv| kv.lease() == lease && kv.create_revision() == revision)
         else {
+            // The place is gone, and so should the request key be: it outlives its place
+            // when a mark's place was released under a lease id without the slot (granted to
+            // an attempt that found it by its entry), or while etcd ends the lease. Left,
+            // it would turn every later attempt of the request back.
+            let stale = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    request.key().to_vec(),
+                    CompareOp::Equal,
+                    request.mod_revision(),
+                )])
+                .and_then(vec![delete(request.key().to_vec())]);
+            self.etcd.txn("stale_request", stale).await?;
             return Ok(None);
         };
         Ok(Some(Place {
@@ -511,6 +533,33 @@ impl Inner {
             Err(e) => return Err(e),
         }
         Ok(Some(Place::without_request_key(queued)))
+    }
+
+    /// Gives a first attempt's place that is still waiting as its poll ends a request key (a
+    /// mark, attached to its etcd lease), so that its re-polls find it by name rather than by
+    /// reading the whole line. Best effort: without it, they still find it that way.
+    pub(super) async fn mark(&self, keys: &LockKeys, place: &Place) {
+        let (Proof::Revision(revision), Some(request)) = (place.lease.proof, &place.entry.request)
+        else {
+            return;
+        };
+        let Some(id) = crate::id::Id::parse_hex(request) else {
+            return;
+        };
+        let request_key = keys.request_key(Slot::of(id));
+        let txn = Txn::new()
+            .when(vec![
+                Compare::create_revision(place.key.clone(), CompareOp::Equal, revision),
+                absent(request_key.clone()),
+            ])
+            .and_then(vec![put(
+                request_key,
+                request_value(request, Some(revision)),
+                place.lease.etcd,
+            )]);
+        if let Err(e) = self.etcd.txn("mark", txn).await {
+            tracing::debug!(error = ?e, "marking a waiting place failed");
+        }
     }
 
     /// Leaves the line off the caller's path: deletes the place's keys if they are still

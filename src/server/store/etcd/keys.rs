@@ -37,8 +37,11 @@
 //! finds the repeat's request key and resumes its place; a repeat placed after a first
 //! attempt reads the whole queue in its placing transaction, finds the earlier entry with its
 //! request id, and leaves. The request key is only ever read by name, never ranged, so its
-//! deleted names cost nothing; first attempts, nearly every acquire, never write one (it was
-//! a third of etcd's work per acquire and release, docs/performance.md).
+//! deleted names cost nothing; first attempts, nearly every acquire, write none (it was a
+//! third of etcd's work per acquire and release, docs/performance.md). A first attempt's
+//! place that is still waiting when its poll ends gets a request key then, a *mark* whose
+//! value also names the place's create revision, so that its re-polls find it by name and
+//! not by reading the whole line.
 //!
 //! The lease id clients hold is 16 bytes: first the *proof* that the place is theirs, then
 //! the etcd lease id. For a place with a request key, the proof is the slot: renew and
@@ -152,6 +155,29 @@ impl Slot {
         let mut slot: [u8; 8] = digest[..8].try_into().expect("8 bytes");
         slot[0] &= 0x7f;
         Slot(slot)
+    }
+}
+
+/// The value of a request key: the request id, and for a *mark* (a request key written after
+/// its place, see the module's description) the place's create revision after an `@`.
+pub(super) fn request_value(request: &str, marks: Option<i64>) -> String {
+    match marks {
+        Some(revision) => format!("{request}@{revision}"),
+        None => request.to_string(),
+    }
+}
+
+/// The request id in a request key's value, and the create revision of the place it marks
+/// (`None`: the place written with it, in the same transaction, so of the same revision).
+pub(super) fn read_request_value(value: &[u8]) -> (&[u8], Option<i64>) {
+    match value.iter().position(|&b| b == b'@') {
+        Some(at) => {
+            let revision = std::str::from_utf8(&value[at + 1..])
+                .ok()
+                .and_then(|r| r.parse().ok());
+            (&value[..at], revision)
+        }
+        None => (value, None),
     }
 }
 

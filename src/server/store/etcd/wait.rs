@@ -372,9 +372,12 @@ impl Inner {
                 self.note_granted(&place);
                 Ok(AcquireOutcome::Granted(place.grant(waited)))
             }
-            Standing::Blocked(_) => Ok(AcquireOutcome::StillWaiting {
-                position: self.waiters_ahead(keys, &place).await?,
-            }),
+            Standing::Blocked(_) => {
+                self.mark(keys, &place).await;
+                Ok(AcquireOutcome::StillWaiting {
+                    position: self.waiters_ahead(keys, &place).await?,
+                })
+            }
         }
     }
 
