@@ -35,6 +35,16 @@ fn first_attempt(name: &str, poll: Duration) -> AcquireSpec {
     }
 }
 
+/// A holder of `name` whose lease (60 s, never renewed here) outlasts any test below, so that
+/// its waiters keep waiting however slow the machine.
+async fn holder(store: &EtcdStore, name: &str) -> Grant {
+    let spec = AcquireSpec {
+        lease: Duration::from_secs(60),
+        ..first_attempt(name, Duration::from_secs(1))
+    };
+    grant(store.acquire(spec).await.expect("acquire"))
+}
+
 /// A later attempt of the same request (a re-poll or a retry).
 fn repeat(spec: &AcquireSpec) -> AcquireSpec {
     AcquireSpec {
@@ -98,7 +108,7 @@ async fn a_first_attempt_writes_no_request_key_and_its_repeats_find_its_place() 
     let etcd = EtcdCluster::start(1).await;
     let (a, b) = (store(&etcd).await, store(&etcd).await);
     let poll = Duration::from_millis(200);
-    let holder = grant(a.acquire(first_attempt("lock", poll)).await.unwrap());
+    let holder = holder(&a, "lock").await;
     assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 0);
     // A place still waiting when its poll ends gets its request key then (a mark), so that
     // its re-polls find it by name.
@@ -143,7 +153,7 @@ async fn a_mark_left_behind_its_place_does_not_turn_later_attempts_back() {
     let etcd = EtcdCluster::start(1).await;
     let a = store(&etcd).await;
     let poll = Duration::from_millis(200);
-    let holder = grant(a.acquire(first_attempt("lock", poll)).await.unwrap());
+    let holder = holder(&a, "lock").await;
     let waiter = first_attempt("lock", poll);
     still_waiting(&a, waiter.clone()).await;
     assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 1);
@@ -179,7 +189,7 @@ async fn a_first_attempt_and_its_retry_at_once_leave_one_place() {
     let etcd = EtcdCluster::start(1).await;
     let (a, b) = (store(&etcd).await, store(&etcd).await);
     let poll = Duration::from_millis(200);
-    let holder = grant(a.acquire(first_attempt("lock", poll)).await.unwrap());
+    let holder = holder(&a, "lock").await;
     for _ in 0..20 {
         let waiter = first_attempt("lock", poll);
         let (first, retry) = tokio::join!(

@@ -243,10 +243,12 @@ impl Inner {
             if !succeeded {
                 // A first attempt finds its own key when an earlier try of this transaction
                 // was applied and its answer lost (a repeat finds its request key instead).
-                if let Some(own) = answer.first(2).filter(|kv| {
-                    kv.lease() == lease.id
-                        && Entry::decode(kv.value()).request.as_deref() == Some(request.as_str())
-                }) && spec.first
+                if spec.first
+                    && let Some(own) = answer.first(2).filter(|kv| {
+                        kv.lease() == lease.id
+                            && Entry::decode(kv.value()).request.as_deref()
+                                == Some(request.as_str())
+                    })
                 {
                     return Ok(Placed::Waiting(Place::without_request_key(&own), None));
                 }

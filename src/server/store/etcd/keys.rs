@@ -242,7 +242,7 @@ impl LeaseId {
     /// revision, it was created at that revision.
     pub fn holds(&self, keys: &LockKeys) -> Vec<Compare> {
         let key = keys.queue_key(self.etcd);
-        let attached = |key: Vec<u8>| Compare::lease(key, CompareOp::Equal, self.etcd);
+        let attached = |key: Vec<u8>| super::held_by(key, self.etcd);
         match self.proof {
             Proof::Slot(slot) => vec![attached(keys.request_key(slot)), attached(key)],
             Proof::Revision(revision) => vec![
