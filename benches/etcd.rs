@@ -38,7 +38,10 @@
 //! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
 //! `BENCH_ROUNDS` (default 3), `BENCH_ONLY_DISTINCT` (seconds: only the SDK on distinct
 //! locks, printing the process ids, for a profiler to attach to; v3lock instead with
-//! `BENCH_V3LOCK` set),
+//! `BENCH_V3LOCK` set), `BENCH_ONLY_PAIR` (only the interleaved uncontended pairs of one
+//! round, `BENCH_PAIRS` of each, with the context switches and CPU of the server, the hop
+//! and etcd, and the server's own account of its etcd calls: a few seconds per run, for
+//! comparing server builds),
 //! `BENCH_SECS` (seconds per hand-over round, default 3), `BENCH_SERVER_ARGS` (more
 //! arguments for the etcd-backed server, such as `--threads 1`), `BENCH_OPEN_MODE` (run the
 //! etcd-backed servers in open development mode instead of with a key file).
@@ -239,6 +242,18 @@ async fn measure(
         "etcd {} (one member, fsync on), server {} (--backend etcd); {pairs} samples per figure",
         endpoint, server.url
     );
+    if std::env::var_os("BENCH_ONLY_PAIR").is_some() {
+        only_pair(
+            &server.url,
+            &client,
+            &hop,
+            &dl,
+            pairs,
+            [server.child.id(), hop_process.child.id(), etcd_pid],
+        )
+        .await;
+        return figures;
+    }
     if let Some(secs) = std::env::var("BENCH_ONLY_DISTINCT")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -280,26 +295,8 @@ async fn measure(
         floor(&client, pairs).await;
         // Interleaved, one of each in turn, so that a drift of the machine's speed moves
         // all alike and the ratios hold.
-        let [two_writes, behind_hop, pair, own] = interleaved(
-            pairs,
-            [
-                &|| {
-                    let mut c = client.clone();
-                    Box::pin(async move {
-                        c.put("bench/floor", "v", None).await.unwrap();
-                        c.delete("bench/floor", None).await.unwrap();
-                    })
-                },
-                &|| Box::pin(hop.pair()),
-                &|| {
-                    Box::pin(async {
-                        dl.lock("solo").await.unwrap().release().await.unwrap();
-                    })
-                },
-                &|| Box::pin(etcd_lock_once(&client, session)),
-            ],
-        )
-        .await;
+        let [two_writes, behind_hop, pair, own] =
+            uncontended_pairs(&client, &hop, &dl, session, pairs).await;
         figure.pair = ms(pair.p50);
         figure.hop = ms(behind_hop.p50);
         figure.v3_pair = ms(own.p50);
@@ -748,6 +745,109 @@ async fn etcd_lock_once(client: &Client, session: i64) {
         .key()
         .to_vec();
     c.unlock(key).await.unwrap();
+}
+
+/// The uncontended pairs, interleaved: two etcd writes, the same behind the bare hop, the
+/// SDK's acquire+release, and v3lock's lock+unlock with the session lease `session`.
+async fn uncontended_pairs(
+    client: &Client,
+    hop: &etcd_hop::Hop,
+    dl: &DistributedLock,
+    session: i64,
+    pairs: usize,
+) -> [Stats; 4] {
+    interleaved(
+        pairs,
+        [
+            &|| {
+                let mut c = client.clone();
+                Box::pin(async move {
+                    c.put("bench/floor", "v", None).await.unwrap();
+                    c.delete("bench/floor", None).await.unwrap();
+                })
+            },
+            &|| Box::pin(hop.pair()),
+            &|| {
+                Box::pin(async {
+                    dl.lock("solo").await.unwrap().release().await.unwrap();
+                })
+            },
+            &|| Box::pin(etcd_lock_once(client, session)),
+        ],
+    )
+    .await
+}
+
+/// For experiments on the uncontended pair: the interleaved pairs alone, with the context
+/// switches and CPU per pair of the server, the hop and etcd (each process serves one or
+/// two of the four steps, so a figure per pair compares like with like only across runs).
+async fn only_pair(
+    url: &str,
+    client: &Client,
+    hop: &etcd_hop::Hop,
+    dl: &DistributedLock,
+    pairs: usize,
+    pids: [u32; 3],
+) {
+    let session = client.clone().lease_grant(600, None).await.unwrap().id();
+    let (switches_before, cpu_before) = (pids.map(switches), cpu(&pids));
+    // Before the first acquire the server has no such samples yet.
+    let before = server_calls(url).unwrap_or_default();
+    let [two_writes, behind_hop, pair, own] =
+        uncontended_pairs(client, hop, dl, session, pairs).await;
+    let n = (pairs + 20) as f64;
+    let cpu_used: Vec<f64> = cpu(&pids)
+        .iter()
+        .zip(&cpu_before)
+        .map(|(a, b)| (a - b) / n * 1e3)
+        .collect();
+    let switched: Vec<f64> = pids
+        .map(switches)
+        .iter()
+        .zip(&switches_before)
+        .map(|(a, b)| (a - b) as f64 / n)
+        .collect();
+    println!(
+        "p50 ms: two writes {:.2}, hop {:.2}, SDK pair {:.2}, v3lock {:.2}; SDK/v3lock {:.2}, hop/v3lock {:.2}",
+        ms(two_writes.p50),
+        ms(behind_hop.p50),
+        ms(pair.p50),
+        ms(own.p50),
+        pair.p50.as_secs_f64() / own.p50.as_secs_f64(),
+        behind_hop.p50.as_secs_f64() / own.p50.as_secs_f64()
+    );
+    println!(
+        "per round of the four: context switches server {:.1}, hop {:.1}, etcd {:.1}; CPU ms server {:.2}, hop {:.2}, etcd {:.2}",
+        switched[0], switched[1], switched[2], cpu_used[0], cpu_used[1], cpu_used[2]
+    );
+    if let Some(after) = server_calls(url) {
+        let mean = |i: usize| {
+            let (count, sum) = (after[i].0 - before[i].0, after[i].1 - before[i].1);
+            (count, sum / count.max(1.0) * 1e3)
+        };
+        let ((queues, queue), (keep_alives, _), (releases, release)) = (mean(0), mean(1), mean(2));
+        println!(
+            "seen by the server: {queues} acquire transactions of {queue:.2} ms on average, {releases} release transactions of {release:.2} ms, {keep_alives} keep-alives"
+        );
+    }
+}
+
+/// Context switches of every thread of process `pid` so far.
+fn switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|task| {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 /// Acquire and release latencies, measured apart.
