@@ -246,3 +246,42 @@ async fn a_stale_lease_id_names_no_later_place_on_the_same_etcd_lease() {
     assert_eq!(shown.holders[0].fencing_token, later.fencing_token);
     assert_eq!(release(&a, "lock", later.lease_id).await, Release::Released);
 }
+
+/// A first attempt held up on its way and two retries of it, through two servers at once
+/// (the client listens only to the last): whichever place etcd keeps, no attempt is told
+/// its wait is over while the request still has a place in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_attempts_at_once_are_all_still_waiting() {
+    let etcd = EtcdCluster::start(1).await;
+    let (a, b) = (store(&etcd).await, store(&etcd).await);
+    let poll = Duration::from_millis(300);
+    let holder = holder(&a, "lock").await;
+    for _ in 0..30 {
+        let waiter = first_attempt("lock", poll);
+        let (first, second, third) = tokio::join!(
+            a.acquire(waiter.clone()),
+            b.acquire(repeat(&waiter)),
+            a.acquire(repeat(&waiter)),
+        );
+        for outcome in [first, second, third] {
+            match outcome.expect("acquire") {
+                AcquireOutcome::StillWaiting { .. } => {}
+                other => panic!("the request still waits, but an attempt was told {other:?}"),
+            }
+        }
+        // Its next poll finds its one place.
+        still_waiting(&b, repeat(&waiter)).await;
+        assert_eq!(
+            keys_under(&etcd, "/leasehold/p/").await,
+            2,
+            "the holder and one place for the waiter"
+        );
+        assert!(store_cancel(&a, &waiter).await);
+        assert_eq!(keys_under(&etcd, "/leasehold/p/").await, 1);
+        assert_eq!(keys_under(&etcd, "/leasehold/r/").await, 0);
+    }
+    assert_eq!(
+        release(&a, "lock", holder.lease_id).await,
+        Release::Released
+    );
+}

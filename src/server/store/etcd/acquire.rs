@@ -307,8 +307,18 @@ impl Inner {
                 && let Some(earlier) = earliest_of(&answer.kvs(whole_line), &request)
                 && earlier.create_revision() < place.revision
             {
-                self.leave_refused(&place, ask, lease).await?;
-                match self.resume_entry(spec, &earlier).await? {
+                let moved = match self.move_to(&place, &earlier, &request).await? {
+                    true => {
+                        self.leases.put_back(ask, lease, &[]);
+                        self.resume_marked(spec, &earlier, &request_key).await?
+                    }
+                    // The earlier place, or this one, is gone already.
+                    false => {
+                        self.leave_refused(&place, ask, lease).await?;
+                        self.resume_entry(spec, &earlier).await?
+                    }
+                };
+                match moved {
                     Some(place) => return Ok(Placed::Waiting(place, None)),
                     None => continue,
                 }
@@ -433,6 +443,54 @@ impl Inner {
             self.leases.put_back(ask, lease, &[]);
         }
         Ok(())
+    }
+
+    /// Leaves a repeat's new place for `earlier`, the same request's place ahead of it, and
+    /// in the same transaction points the request key at `earlier` (a mark, attached to its
+    /// etcd lease). An attempt that resumed the new place by its request key meanwhile (a
+    /// third attempt of the request) then learns where the request went when its place goes
+    /// (`wait.rs`, `gone`), rather than being told its wait is over. False, and nothing
+    /// written, if either place has gone already.
+    async fn move_to(
+        &self,
+        place: &Place,
+        earlier: &KeyValue,
+        request: &str,
+    ) -> Result<bool, EtcdError> {
+        let (Some(request_key), revision) = (&place.request_key, earlier.create_revision()) else {
+            return Ok(false);
+        };
+        let txn = Txn::new()
+            .when(vec![
+                Compare::create_revision(place.key.clone(), CompareOp::Equal, place.revision),
+                Compare::create_revision(earlier.key().to_vec(), CompareOp::Equal, revision),
+            ])
+            .and_then(vec![
+                delete(place.key.clone()),
+                put(
+                    request_key.clone(),
+                    request_value(request, Some(revision)),
+                    earlier.lease(),
+                ),
+            ]);
+        Ok(self.etcd.txn("moved", txn).await?.succeeded())
+    }
+
+    /// The place of `queued`, which `request_key` now marks, refreshed with a keep-alive;
+    /// `None` if its lease has run out. Its lease id carries the request key's slot, so that
+    /// a release takes the mark with it.
+    async fn resume_marked(
+        &self,
+        spec: &AcquireSpec,
+        queued: &KeyValue,
+        request_key: &[u8],
+    ) -> Result<Option<Place>, EtcdError> {
+        let Some(mut place) = self.resume_entry(spec, queued).await? else {
+            return Ok(None);
+        };
+        place.lease.proof = Proof::Slot(Slot::of(spec.request_id));
+        place.request_key = Some(request_key.to_vec());
+        Ok(Some(place))
     }
 
     /// The place a request already has (`request` is its request key), refreshed with a

@@ -8,7 +8,7 @@ use super::call::{
     EtcdError, ahead_of, ahead_options, first, get, kvs, names_ahead_of, put, queue_oldest,
     revision, under,
 };
-use super::keys::{DelayMark, Entry, LockKeys, unix_ms};
+use super::keys::{DelayMark, Entry, LockKeys, read_request_value, unix_ms};
 use super::rule::{self, PAGE, Verdict, Witnesses};
 use crate::server::log_limit::LogLimit;
 use crate::server::store::{AcquireOutcome, Ended, Mode};
@@ -206,10 +206,10 @@ impl Inner {
                 },
             };
             let mut blocked = match standing {
-                Standing::Gone => return self.withdrawn(keys).await,
+                Standing::Gone => return self.gone(keys, &place).await,
                 Standing::Admitted { own_delay } => {
                     if !self.stamp(keys, &mut place, own_delay).await? {
-                        return self.withdrawn(keys).await;
+                        return self.gone(keys, &place).await;
                     }
                     self.note_granted(&place);
                     return Ok(AcquireOutcome::Granted(place.grant(refreshed - arrived)));
@@ -320,13 +320,13 @@ impl Inner {
     ) -> Result<AcquireOutcome, EtcdError> {
         if last_poll {
             let own_delay = match self.look(keys, &place).await? {
-                Standing::Gone => return self.withdrawn(keys).await,
+                Standing::Gone => return self.gone(keys, &place).await,
                 Standing::Admitted { own_delay } => Some(own_delay),
                 Standing::Blocked(_) => None,
             };
             if let Some(own_delay) = own_delay {
                 if !self.stamp(keys, &mut place, own_delay).await? {
-                    return self.withdrawn(keys).await;
+                    return self.gone(keys, &place).await;
                 }
                 self.note_granted(&place);
                 return Ok(AcquireOutcome::Granted(place.grant(waited)));
@@ -360,14 +360,14 @@ impl Inner {
         let standing = looked?;
         match kept {
             Ok(()) if !matches!(standing, Standing::Gone) => {}
-            Ok(()) | Err(EtcdError::LeaseGone) => return self.withdrawn(keys).await,
+            Ok(()) | Err(EtcdError::LeaseGone) => return self.gone(keys, &place).await,
             Err(e) => return Err(e),
         }
         match standing {
-            Standing::Gone => self.withdrawn(keys).await,
+            Standing::Gone => self.gone(keys, &place).await,
             Standing::Admitted { own_delay } => {
                 if !self.stamp(keys, &mut place, own_delay).await? {
-                    return self.withdrawn(keys).await;
+                    return self.gone(keys, &place).await;
                 }
                 self.note_granted(&place);
                 Ok(AcquireOutcome::Granted(place.grant(waited)))
@@ -375,7 +375,7 @@ impl Inner {
             Standing::Blocked(_) => {
                 self.mark(keys, &place).await;
                 Ok(AcquireOutcome::StillWaiting {
-                    position: self.waiters_ahead(keys, &place).await?,
+                    position: self.waiters_ahead(keys, place.revision).await?,
                 })
             }
         }
@@ -384,13 +384,13 @@ impl Inner {
     /// How many waiters are ahead of a waiter: the entries ahead less the holders among them
     /// (counted in the first [`POSITION_HEAD`] in line; lock-delays aside, which hold no
     /// entry back here: a waiter held back only by one is told 0).
-    async fn waiters_ahead(&self, keys: &LockKeys, place: &Place) -> Result<u64, EtcdError> {
+    async fn waiters_ahead(&self, keys: &LockKeys, revision: i64) -> Result<u64, EtcdError> {
         let answer = self
             .etcd
             .txn(
                 "end_poll",
                 Txn::new().and_then(vec![
-                    names_ahead_of(keys.queue(), place.revision),
+                    names_ahead_of(keys.queue(), revision),
                     queue_oldest(keys.queue(), POSITION_HEAD),
                 ]),
             )
@@ -398,11 +398,32 @@ impl Inner {
         let ahead = kvs(&answer, 0).len();
         let head: Vec<(i64, Mode)> = kvs(&answer, 1)
             .iter()
-            .filter(|kv| kv.create_revision() < place.revision)
+            .filter(|kv| kv.create_revision() < revision)
             .map(|kv| (kv.create_revision(), Entry::decode(kv.value()).mode()))
             .collect();
         let holders = rule::holding(&head, &[]);
         Ok(ahead.saturating_sub(holders) as u64)
+    }
+
+    /// The answer to a waiter whose place is gone. If the request moved to an earlier place
+    /// of its own (a repeat left the place for it, and its request key marks it now: see
+    /// `acquire.rs`, `move_to`), it still waits: its next poll resumes that place. Else it
+    /// was withdrawn meanwhile (cancelled, or out of time).
+    async fn gone(&self, keys: &LockKeys, place: &Place) -> Result<AcquireOutcome, EtcdError> {
+        if let Some(request_key) = &place.request_key {
+            let marked = self.etcd.get("gone", request_key, None).await?;
+            let moved_to = marked
+                .kvs()
+                .first()
+                .and_then(|kv| read_request_value(kv.value()).1)
+                .filter(|&revision| revision != place.revision);
+            if let Some(revision) = moved_to {
+                return Ok(AcquireOutcome::StillWaiting {
+                    position: self.waiters_ahead(keys, revision).await?,
+                });
+            }
+        }
+        self.withdrawn(keys).await
     }
 
     /// The answer to a waiter withdrawn meanwhile (cancelled, or out of time).
