@@ -257,6 +257,12 @@ async fn three_attempts_at_once_are_all_still_waiting() {
     let poll = Duration::from_millis(300);
     let holder = holder(&a, "lock").await;
     for _ in 0..30 {
+        // Renewed every round, so that it holds for 60 s more however slow the rounds.
+        let renewed = a
+            .renew(&project(), vec![("lock".into(), holder.lease_id)])
+            .await
+            .unwrap();
+        assert!(matches!(renewed[..], [Renewal::Renewed(_)]), "{renewed:?}");
         let waiter = first_attempt("lock", poll);
         let (first, second, third) = tokio::join!(
             a.acquire(waiter.clone()),
