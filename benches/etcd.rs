@@ -17,7 +17,7 @@
 //! * etcd's own lock service (`etcdctl lock`'s v3lock API) with a session lease per task:
 //!   the hand-over gap with 8 contending tasks;
 //! * 32 tasks on distinct locks, pairs/s: the SDK (one shared client) and v3lock (a
-//!   session lease per task), one after the other, the order alternating between rounds;
+//!   session lease per task), taking turns in three slices each per round;
 //! * the SDK's hand-over gap with 8 contending tasks (from the release being sent to the
 //!   next holder's grant arriving);
 //! * the mean time of etcd's WAL syncs meanwhile, as etcd reports it.
@@ -25,15 +25,17 @@
 //! Then the pair on one lock before and after `BENCH_MORE_PAIRS` (default 10,000) more
 //! pairs on it, without any compaction of etcd's history.
 //!
-//! Last, one round against an etcd on a slower disk: `strace` (if installed) adds
+//! One round against an etcd on a slower disk (after the scaling round below): `strace` (if installed) adds
 //! `BENCH_SLOW_SYNC_US` (default 600; 0 skips this) microseconds to each of etcd's fsync
 //! and fdatasync calls. A write's cost is mostly its sync on a typical server disk, and
-//! little of it on this machine's; the ratios to "two etcd writes" depend on which.
+//! little of it on this machine's; the ratios to "two etcd writes" depend on which. The
+//! summary shows that round's uncontended pair beside the targets, for context.
 //!
 //! Then, unless `BENCH_SCALING=0`: a 3-member etcd, and 1, 2 and 3 servers over it with 32
 //! tasks per server on distinct locks (aggregate pairs/s), beside etcd's own write rate
-//! (`BENCH_RAW_WRITERS`, default 64, concurrent puts) measured before and after. Last, a
-//! summary table of the ratios to v3lock, with PASS/FAIL against issue 15's targets.
+//! (`BENCH_RAW_WRITERS`, default 64, concurrent puts) measured before and after. Then the
+//! slower disk's round (above). Last, a summary table of the ratios to v3lock, with
+//! PASS/FAIL against issue 15's targets.
 //!
 //! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
 //! `BENCH_ROUNDS` (default 3), `BENCH_ONLY_DISTINCT` (seconds: only the SDK on distinct
@@ -97,6 +99,8 @@ fn main() {
 /// More arguments for the etcd-backed server under test, from `BENCH_SERVER_ARGS`
 /// (whitespace-separated), such as `--threads 1`.
 /// The bench's API key, made with `leasehold-server new-key --project bench`, and its line.
+/// Slices per round of the 32-task comparison, each system's taking turns.
+const DISTINCT_SLICES: u32 = 3;
 const KEY: &str = "dlk_7db92cf4_e840e7a18fe6a4d9418c40b0cf4b80336b85814a";
 const KEY_FILE: &str = "[[projects]]\nname = \"bench\"\nkeys = [{ id = \"7db92cf4\", sha256 = \"9cdb198ff06810227c966eaa280e8283c00ad65790f662c3dbec49d84d994ddc\" }]\n";
 
@@ -186,20 +190,26 @@ async fn run() {
         println!("etcd's own write rate (concurrent puts, same cluster): {raw:.0} puts/s");
         Some((rows, raw))
     };
-    summary(&figures, scaling.as_ref());
+    let slow = slow_disk(pairs, secs).await;
+    summary(&figures, scaling.as_ref(), slow.as_ref());
+}
+
+/// One round against an etcd whose every sync takes `BENCH_SLOW_SYNC_US` longer, with that
+/// delay; `None` if skipped.
+async fn slow_disk(pairs: usize, secs: u64) -> Option<(u64, Vec<Round>)> {
     let delay = env_num("BENCH_SLOW_SYNC_US", 600);
     if delay == 0 {
-        return;
+        return None;
     }
     println!(
         "\n== etcd on a slower disk: every fsync/fdatasync {delay} µs longer (BENCH_SLOW_SYNC_US) =="
     );
     if Command::new("strace").arg("-V").output().is_err() {
         println!("skipped: strace, which adds the delay, is not installed");
-        return;
+        return None;
     }
     let slow = etcd_support::EtcdCluster::start_slow_disk(1, Duration::from_micros(delay)).await;
-    measure(&slow, 1, pairs, secs, 0).await;
+    Some((delay, measure(&slow, 1, pairs, secs, 0).await))
 }
 
 /// The figures against one etcd, `rounds` times, then the pair on a lock worn by `more`
@@ -407,17 +417,23 @@ async fn measure(
             ms(gap.mean)
         );
         figure.v3_gap = ms(gap.mean);
-        // 32 tasks on distinct locks, ours and v3lock's in turn (the order alternating
-        // between rounds, so that neither always runs on a warmer machine).
+        // 32 tasks on distinct locks, ours and v3lock's in turn, in `DISTINCT_SLICES`
+        // slices each (ours first in odd slices): the machine's speed drifts by more than
+        // the ratio within a few seconds, and alternating slices cancel the drift out of it.
         let tasks = etcd_load::TASKS;
-        let span = Duration::from_secs(secs);
-        if round % 2 == 1 {
-            figure.distinct = etcd_load::ours_distinct(&dl, tasks, span).await;
-            figure.v3_distinct = etcd_load::v3lock_distinct(&client, tasks, span).await;
-        } else {
-            figure.v3_distinct = etcd_load::v3lock_distinct(&client, tasks, span).await;
-            figure.distinct = etcd_load::ours_distinct(&dl, tasks, span).await;
+        let slice = Duration::from_secs(secs) / DISTINCT_SLICES;
+        let (mut ours, mut theirs) = (0.0, 0.0);
+        for i in 0..DISTINCT_SLICES {
+            if (round + i as usize) % 2 == 1 {
+                ours += etcd_load::ours_distinct(&dl, tasks, slice).await;
+                theirs += etcd_load::v3lock_distinct(&client, tasks, slice).await;
+            } else {
+                theirs += etcd_load::v3lock_distinct(&client, tasks, slice).await;
+                ours += etcd_load::ours_distinct(&dl, tasks, slice).await;
+            }
         }
+        figure.distinct = ours / f64::from(DISTINCT_SLICES);
+        figure.v3_distinct = theirs / f64::from(DISTINCT_SLICES);
         println!(
             "{tasks} tasks on distinct locks: SDK {:.0} pairs/s, etcd lock service {:.0} pairs/s",
             figure.distinct, figure.v3_distinct
@@ -460,7 +476,14 @@ async fn measure(
 
 /// The targets against etcd's lock service, one ratio per round, PASS or FAIL on the
 /// median round.
-fn summary(rounds: &[Round], scaling: Option<&(Vec<etcd_load::ScalingRow>, f64)>) {
+/// The ratios to v3lock against issue 15's targets; beside them, for context, the
+/// uncontended pair on the slower disk (`slow`: the added delay per sync, its round), where
+/// etcd's writes weigh more against the fixed cost of the hop to the server.
+fn summary(
+    rounds: &[Round],
+    scaling: Option<&(Vec<etcd_load::ScalingRow>, f64)>,
+    slow: Option<&(u64, Vec<Round>)>,
+) {
     if rounds.is_empty() {
         return;
     }
@@ -506,6 +529,15 @@ fn summary(rounds: &[Round], scaling: Option<&(Vec<etcd_load::ScalingRow>, f64)>
         per_round(&floor),
         median(&floor)
     );
+    if let Some((delay, slow)) = slow {
+        for r in slow {
+            println!(
+                "| (context: the pair on the slower disk, +{delay} µs per sync; its bare hop) | {:.2}; {:.2} | | | |",
+                pair(r),
+                floor(r)
+            );
+        }
+    }
     let gap = |r: &Round| r.gap / r.v3_gap;
     let g = median(&gap);
     let repeats: usize = rounds.iter().map(|r| r.repeats).sum();
@@ -587,17 +619,19 @@ fn wal_syncs(endpoint: &str) -> Option<(f64, f64)> {
 }
 
 /// The server's own account of its etcd calls so far, from its `/metrics`: (count, total
-/// seconds) of the acquire's transaction, the keep-alive beside it, and the release's.
+/// seconds) of the acquire's transaction, the keep-alive beside it, and the release's; a
+/// call the server has not made yet counts as none (its series appears with the first).
+/// `None` only if the metrics cannot be read.
 fn server_calls(url: &str) -> Option<[(f64, f64); 3]> {
     let text = scrape(url)?;
     let call = |name: &str| {
         let metric = "leasehold_etcd_call_duration_seconds";
-        Some((
-            sample_value(&text, &format!("{metric}_count{{call=\"{name}\"}}"))?,
-            sample_value(&text, &format!("{metric}_sum{{call=\"{name}\"}}"))?,
-        ))
+        let value = |part: &str| {
+            sample_value(&text, &format!("{metric}_{part}{{call=\"{name}\"}}")).unwrap_or(0.0)
+        };
+        (value("count"), value("sum"))
     };
-    Some([call("queue")?, call("keep_alive")?, call("release")?])
+    Some([call("queue"), call("keep_alive"), call("release")])
 }
 
 /// Single etcd operations, as the backend uses them.
@@ -791,7 +825,6 @@ async fn only_pair(
 ) {
     let session = client.clone().lease_grant(600, None).await.unwrap().id();
     let (switches_before, cpu_before) = (pids.map(switches), cpu(&pids));
-    // Before the first acquire the server has no such samples yet.
     let before = server_calls(url).unwrap_or_default();
     let [two_writes, behind_hop, pair, own] =
         uncontended_pairs(client, hop, dl, session, pairs).await;
