@@ -25,11 +25,12 @@
 //! Then the pair on one lock before and after `BENCH_MORE_PAIRS` (default 10,000) more
 //! pairs on it, without any compaction of etcd's history.
 //!
-//! One round against an etcd on a slower disk (after the scaling round below): `strace` (if installed) adds
-//! `BENCH_SLOW_SYNC_US` (default 600; 0 skips this) microseconds to each of etcd's fsync
-//! and fdatasync calls. A write's cost is mostly its sync on a typical server disk, and
-//! little of it on this machine's; the ratios to "two etcd writes" depend on which. The
-//! summary shows that round's uncontended pair beside the targets, for context.
+//! One round against an etcd on a slower disk (after the scaling round below): `strace`
+//! (if installed) adds `BENCH_SLOW_SYNC_US` (default 600; 0 skips this) microseconds to
+//! each of etcd's fsync and fdatasync calls. A write's cost is mostly its sync on a
+//! typical server disk, and little of it on this machine's; the ratios to "two etcd
+//! writes" depend on which. The summary shows that round's uncontended pair beside the
+//! targets, for context.
 //!
 //! Then, unless `BENCH_SCALING=0`: a 3-member etcd, and 1, 2 and 3 servers over it with 32
 //! tasks per server on distinct locks (aggregate pairs/s), beside etcd's own write rate
@@ -96,11 +97,12 @@ fn main() {
     runtime.block_on(run());
 }
 
-/// More arguments for the etcd-backed server under test, from `BENCH_SERVER_ARGS`
-/// (whitespace-separated), such as `--threads 1`.
-/// The bench's API key, made with `leasehold-server new-key --project bench`, and its line.
-/// Slices per round of the 32-task comparison, each system's taking turns.
+/// Slices per round of the 32-task comparison: the SDK and v3lock take turns this many
+/// times each.
 const DISTINCT_SLICES: u32 = 3;
+
+/// The bench's API key, made with `leasehold-server new-key --project bench`, and its line
+/// in the key file.
 const KEY: &str = "dlk_7db92cf4_e840e7a18fe6a4d9418c40b0cf4b80336b85814a";
 const KEY_FILE: &str = "[[projects]]\nname = \"bench\"\nkeys = [{ id = \"7db92cf4\", sha256 = \"9cdb198ff06810227c966eaa280e8283c00ad65790f662c3dbec49d84d994ddc\" }]\n";
 
@@ -418,8 +420,9 @@ async fn measure(
         );
         figure.v3_gap = ms(gap.mean);
         // 32 tasks on distinct locks, ours and v3lock's in turn, in `DISTINCT_SLICES`
-        // slices each (ours first in odd slices): the machine's speed drifts by more than
-        // the ratio within a few seconds, and alternating slices cancel the drift out of it.
+        // slices each (which goes first alternates from slice to slice and round to round):
+        // the machine's speed drifts by more than the ratio within a few seconds, and
+        // alternating slices cancel the drift out of it.
         let tasks = etcd_load::TASKS;
         let slice = Duration::from_secs(secs) / DISTINCT_SLICES;
         let (mut ours, mut theirs) = (0.0, 0.0);
@@ -475,10 +478,9 @@ async fn measure(
 }
 
 /// The targets against etcd's lock service, one ratio per round, PASS or FAIL on the
-/// median round.
-/// The ratios to v3lock against issue 15's targets; beside them, for context, the
-/// uncontended pair on the slower disk (`slow`: the added delay per sync, its round), where
-/// etcd's writes weigh more against the fixed cost of the hop to the server.
+/// median round; beside them, for context, the uncontended pair on the slower disk
+/// (`slow`: the added delay per sync, and its round), where etcd's writes weigh more
+/// against the fixed cost of the hop to the server.
 fn summary(
     rounds: &[Round],
     scaling: Option<&(Vec<etcd_load::ScalingRow>, f64)>,
