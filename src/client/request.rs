@@ -6,7 +6,7 @@ use crate::client::lease::LockFn;
 use crate::client::lease_state::{LostReason, Published, StateReader};
 use crate::client::mailbox::Commands;
 use crate::client::renewer::{Command, TrackedLease, json};
-use crate::client::transport::{Attempts, Route};
+use crate::client::transport::{Attempts, Reply, Route};
 use crate::error::Error;
 use crate::protocol::{self, AcquireRequest, Granted, Id, LockMode};
 use http::StatusCode;
@@ -352,21 +352,7 @@ impl LockRequest {
                 StatusCode::ACCEPTED => continue,
                 StatusCode::CONFLICT => {
                     withdraw.disarm();
-                    let body = reply.json::<protocol::ErrorBody>().ok();
-                    if body
-                        .as_ref()
-                        .is_some_and(|b| b.error == protocol::codes::CONFLICT)
-                    {
-                        return Err(reply.into_error());
-                    }
-                    let holder = body
-                        .and_then(|body| body.holder)
-                        .map(|h| Box::new(h.into()));
-                    return Err(Error::Timeout {
-                        name: name.to_string(),
-                        waited: started.elapsed(),
-                        holder,
-                    });
+                    return Err(refusal(reply, name, started.elapsed()));
                 }
                 _ => {
                     withdraw.disarm();
@@ -374,6 +360,30 @@ impl LockRequest {
                 }
             }
         }
+    }
+}
+
+/// The error for an acquire's `409`, by its code (docs/protocol.md §4): `timeout` (the
+/// wait ended, with the holder if the server named one), `conflict` (the name is in use
+/// another way), or, for a code this client does not know or no error body, the server's
+/// answer as it came rather than a guess. A holder that does not decode is left out: the
+/// timeout stands without it.
+fn refusal(reply: Reply, name: &str, waited: Duration) -> Error {
+    #[derive(serde::Deserialize)]
+    struct Code {
+        error: String,
+    }
+    match reply.json::<Code>() {
+        Ok(code) if code.error == protocol::codes::TIMEOUT => Error::Timeout {
+            name: name.to_string(),
+            waited,
+            holder: reply
+                .json::<protocol::ErrorBody>()
+                .ok()
+                .and_then(|body| body.holder)
+                .map(|h| Box::new(h.into())),
+        },
+        _ => reply.into_error(),
     }
 }
 
@@ -434,7 +444,7 @@ impl crate::client::Inner {
             .lease_clock
             .base(sent + Duration::from_millis(granted.waited_ms).min(sent.elapsed()));
         let now = Instant::now();
-        let (state_tx, mut state_rx) = watch::channel(Published::Lost {
+        let (state_tx, state_rx) = watch::channel(Published::Lost {
             reason: LostReason::Expired,
             at: now,
         });
@@ -469,9 +479,9 @@ impl crate::client::Inner {
             lease.next_event(started)
         };
         let confirming = lease.confirming;
-        lease.publish();
-        // Seen: a grant to confirm waits for the renewer's next word, not for this one.
-        state_rx.borrow_and_update();
+        // Silent, so not pending as a change: a grant to confirm waits for the renewer's
+        // next word, not for this one.
+        lease.publish_first();
         let key = self.next_key();
         // The renewal task may have ended with its runtime while this acquire waited (a
         // client used from several runtimes): this acquire's runtime starts another.
@@ -568,5 +578,61 @@ impl Future for LockFuture {
 impl fmt::Debug for LockFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("LockFuture")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn reply_409(body: &'static str) -> Reply {
+        Reply {
+            status: StatusCode::CONFLICT,
+            body: Bytes::from_static(body.as_bytes()),
+            endpoint: Arc::from("/v1/acquire"),
+            attempts: 1,
+            retry_after: None,
+            sent: Instant::now(),
+        }
+    }
+
+    /// A `409` is a timeout only when its code says so: `conflict` says why nothing was
+    /// queued, and a code this client does not know (or no error body at all) is reported
+    /// as the server's answer, not passed off as a timeout.
+    #[test]
+    fn a_409_is_read_by_its_code() {
+        let waited = Duration::from_millis(5);
+        let timeout = reply_409(
+            r#"{"error":"timeout","message":"the wait ended without the lock","holder":{"fencing_token":7,"acquired_at_ms":1,"expires_at_ms":2,"expires_in_ms":1,"metadata":null}}"#,
+        );
+        match refusal(timeout, "a", waited) {
+            Error::Timeout {
+                name,
+                waited: w,
+                holder,
+            } => {
+                assert_eq!((name.as_str(), w), ("a", waited));
+                assert_eq!(holder.map(|h| h.fencing_token), Some(7));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A holder this client cannot read does not hide the timeout.
+        let odd_holder = reply_409(r#"{"error":"timeout","message":"m","holder":{"x":1}}"#);
+        assert!(matches!(
+            refusal(odd_holder, "a", waited),
+            Error::Timeout { holder: None, .. }
+        ));
+        let conflict = reply_409(r#"{"error":"conflict","message":"a semaphore"}"#);
+        assert!(matches!(
+            refusal(conflict, "a", waited),
+            Error::Conflict { .. }
+        ));
+        for body in [r#"{"error":"newer_code","message":"m"}"#, "not json"] {
+            match refusal(reply_409(body), "a", waited) {
+                Error::Server { status: 409, .. } => {}
+                other => panic!("{body}: {other:?}"),
+            }
+        }
     }
 }

@@ -92,8 +92,9 @@ export async function waitInLine(transport, { name, leaseMs, waitDeadline, start
           started: reply.sent + Math.min(body.waited_ms, now() - reply.sent),
         };
       }
-      // `409 conflict` (the name is a semaphore in use) is not a timeout: it says why below.
-      if (reply.status === 409 && reply.body?.error !== 'conflict') {
+      // Only `409 timeout` is a timeout (docs/protocol.md §4): `409 conflict` (the name is a
+      // semaphore in use), or a code this client does not know, says why below.
+      if (reply.status === 409 && reply.body?.error === 'timeout') {
         throw new TimeoutError({ lockName: name, waitedMs: now() - started, holder: reply.body?.holder });
       }
       throw errorFromReply(reply);

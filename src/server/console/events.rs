@@ -78,7 +78,14 @@ impl EventHub {
             ring.pop_front();
         }
         ring.push_back((seq, event));
-        self.latest.send_replace(seq);
+        // A notification wakes every shard of the channel's waiter list: only worth it
+        // with a poll to wake. A poll subscribes before it reads the ring, under the ring's
+        // lock (held here), so it either counts here or reads this event from the ring.
+        let polled = self.latest.receiver_count() > 0;
+        self.latest.send_if_modified(|latest| {
+            *latest = seq;
+            polled
+        });
     }
 
     /// The answer to a poll of `project` after `after` (the first poll has none); `None`
