@@ -78,7 +78,7 @@ impl EventHub {
             ring.pop_front();
         }
         ring.push_back((seq, event));
-        // A notification wakes every shard of the channel's waiter list: only worth it
+        // A notification locks every shard of the channel's waiter list: only worth it
         // with a poll to wake. A poll subscribes before it reads the ring, under the ring's
         // lock (held here), so it either counts here or reads this event from the ring.
         let polled = self.latest.receiver_count() > 0;
