@@ -53,6 +53,7 @@ fn main() {
                 lock_delay: None,
                 mode: Default::default(),
                 value: None,
+                client: None,
             };
             match store.acquire(spec).await.unwrap() {
                 AcquireOutcome::Granted(grant) => leases.push(grant.lease_id),

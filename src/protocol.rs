@@ -185,6 +185,15 @@ pub struct AcquireRequest {
     /// [`PATH_ELECTIONS_PREFIX`]); changed later with a proclaim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+    /// Who asks, for a successor reservation (docs/protocol.md §3.16): any id, the same for
+    /// every acquire of one client (the SDK draws one per [`DistributedLock`]). When this
+    /// acquire waits first in line behind an exclusive lease that an acquire with the same
+    /// `client_id` holds, the server reserves it the lock next and says so in a `202`
+    /// ([`StillWaiting::next`]). A client that sends it takes on §3.16's duties.
+    ///
+    /// [`DistributedLock`]: crate::DistributedLock
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<Id>,
 }
 
 /// How a lock is held: what an acquire asks for, and what inspection shows.
@@ -278,6 +287,25 @@ pub struct Granted {
 pub struct StillWaiting {
     /// Waiters ahead of this one when the poll ended.
     pub position: u64,
+    /// The lock is reserved to this request next (docs/protocol.md §3.16): it becomes its
+    /// holder, with this lease and token, the moment the lease `after` ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<NextGrant>,
+}
+
+/// A successor reservation (docs/protocol.md §3.16): the grant a waiter first in line is
+/// promised once the lease ahead of it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextGrant {
+    /// The lease this request will hold: renew and release accept it already.
+    pub lease_id: Id,
+    /// Its fencing token, issued at the reservation: above the lease ahead's, below any
+    /// later holder's.
+    pub fencing_token: u64,
+    /// Its length, counted from when the lease ahead ends.
+    pub lease_ms: u64,
+    /// The lease ahead: the lock's holder, acquired with the same `client_id`.
+    pub after: Id,
 }
 
 /// One lease in a renew or release.

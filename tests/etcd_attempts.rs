@@ -32,6 +32,7 @@ fn first_attempt(name: &str, poll: Duration) -> AcquireSpec {
         lock_delay: None,
         mode: Mode::Exclusive,
         value: None,
+        client: None,
     }
 }
 

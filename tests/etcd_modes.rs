@@ -37,6 +37,7 @@ fn spec(name: &str, mode: Mode) -> AcquireSpec {
         lock_delay: None,
         mode,
         value: None,
+        client: None,
     }
 }
 

@@ -13,7 +13,10 @@ const BOUND: Duration = Duration::from_secs(20);
 async fn a_project_at_its_acquires_in_flight_waits_no_more_and_others_go_on() {
     let server = TestServer::start_with(|b| b.max_acquires_per_project(20)).await;
     let greedy = server.client("greedy");
-    let _holder = greedy.lock("x").await.unwrap();
+    // Held by another client of the project: a waiter of the holder's own client would be
+    // reserved the lock next (docs/protocol.md §3.16) and wait out of flight, one more in
+    // line than the quota counts.
+    let _holder = server.client("greedy").lock("x").await.unwrap();
     let mut waiters = tokio::task::JoinSet::new();
     for _ in 0..30 {
         let dl = greedy.clone();
@@ -76,7 +79,11 @@ async fn a_crowd_of_waiters_from_one_key_is_bounded() {
     let rss_before = rss(server.pid());
 
     let attacker = support::client_for(&server.url, "anything");
-    let _holder = attacker.lock("x").await.unwrap();
+    // Held by another client of the project, as in the test above.
+    let _holder = support::client_for(&server.url, "anything")
+        .lock("x")
+        .await
+        .unwrap();
     let mut crowd = tokio::task::JoinSet::new();
     for _ in 0..3_000 {
         let dl = attacker.clone();

@@ -4,6 +4,7 @@ use crate::client::lease::{Lease, remaining};
 use crate::client::lease_state::{GuardState, LostReason, LostSignal, StateReader};
 use crate::client::mailbox::Commands;
 use crate::client::renewer::{Command, json};
+use crate::client::successors::Successors;
 use crate::client::transport::{Attempts, Route, Transport};
 use crate::error::Error;
 use crate::protocol::{Id, LeaseRef};
@@ -30,8 +31,10 @@ use tokio::time::Instant;
 /// # Drop behavior
 /// Dropping the guard stops renewal and releases the lock on the server in the background,
 /// through the runtime that runs the client's renewal task; the next waiter gets the lock
-/// about one round trip later. A lease presumed lost is released too, as long as the server
-/// could still hold it: never earlier than the drop, so the safety margin stays the
+/// about one round trip later, or at once if it waits in the same
+/// [`DistributedLock`](crate::DistributedLock) (or a clone) and the server has reserved the
+/// lock to it next (docs/protocol.md §3.16). A lease presumed lost is released too, as long
+/// as the server could still hold it: never earlier than the drop, so the safety margin stays the
 /// application's time to stop its work. Drop never blocks and never panics. If no runtime is left to
 /// send the release (for example after the runtime shut down), nothing is sent and the lease
 /// simply expires on the server after at most `expires_in`. Use
@@ -48,6 +51,11 @@ pub struct LockGuard {
     pub(crate) transport: Arc<Transport>,
     pub(crate) margin: Duration,
     pub(crate) released: bool,
+    /// Where a waiter of this client reserved to take the lock after this lease waits.
+    pub(crate) successors: Arc<Successors>,
+    /// A late grant not yet confirmed by a renewal: its deadline is the latest the server
+    /// could hold the lease, not the earliest, so it hands nothing over.
+    pub(crate) unconfirmed: bool,
 }
 
 impl LockGuard {
@@ -131,6 +139,9 @@ impl LockGuard {
 
     /// Releases the lock and waits for the server to confirm.
     ///
+    /// A waiter of the same client that the server reserved the lock to next gets it at
+    /// once, before the server hears of the release (docs/protocol.md §3.16).
+    ///
     /// Returns [`Error::LockLost`] if the lease was already lost (so the lock may have been
     /// someone else's for a while), or [`Error::Unavailable`] if no server answered before
     /// the lease would have expired anyway. A lost lease is still released in the
@@ -144,6 +155,7 @@ impl LockGuard {
     /// (say, a cancelled [`with_lock`](crate::DistributedLock::with_lock) call), the release
     /// goes on in the background, as for a dropped guard.
     pub async fn release(mut self) -> Result<(), Error> {
+        self.hand_over();
         let deadline = match self.state.state() {
             GuardState::Held | GuardState::Jeopardy => self.state.valid_until(),
             GuardState::Lost(_) => {
@@ -185,6 +197,16 @@ impl LockGuard {
         }
     }
 
+    /// Hands the lock to this client's waiter reserved next (docs/protocol.md §3.16), if
+    /// one waits and the lease is still held; called before the release is sent.
+    fn hand_over(&self) {
+        // A loss published between the two reads gives its moment, which is past: nothing
+        // is handed over then.
+        let held = !self.unconfirmed && self.state.is_held();
+        self.successors
+            .lease_ended(self.lease_id, held.then(|| self.state.valid_until()));
+    }
+
     fn lost_error(&self) -> Error {
         let reason = match self.state.state() {
             // (`Released` is this release's own doing, seen after the server said `gone`.)
@@ -202,6 +224,7 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if !self.released {
+            self.hand_over();
             // An unbounded send needs no runtime; if the renewal task is gone it fails and
             // the lease expires on its own.
             self.commands.send(Command::Release(self.key), None);

@@ -109,6 +109,26 @@ impl DistributedLock {
     }
 }
 
+impl crate::client::Inner {
+    /// Who holds `name` now, asked once with a short bound (a second): for a timeout the
+    /// client ends itself, which no server answer describes. `None` if nobody does or no
+    /// answer came in time.
+    pub(crate) async fn holder_now(&self, name: &str) -> Option<Box<HolderInfo>> {
+        let path = format!("{PATH_LOCKS_PREFIX}{}", percent_encode(name));
+        let attempts = Attempts {
+            deadline: Instant::now() + Duration::from_secs(1),
+            per_attempt: Duration::from_secs(1),
+            first_contact: false,
+        };
+        let reply = self.transport().get(&path, attempts).await.ok()?;
+        if !reply.status.is_success() {
+            return None;
+        }
+        let info: LockInfo = reply.json::<protocol::LockInfo>().ok()?.into();
+        info.holder.map(Box::new)
+    }
+}
+
 impl From<protocol::LockInfo> for LockInfo {
     fn from(info: protocol::LockInfo) -> LockInfo {
         let mode = match (info.mode, info.permits) {

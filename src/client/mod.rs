@@ -13,6 +13,7 @@ pub(crate) mod retry;
 pub(crate) mod revoke;
 pub(crate) mod session;
 pub(crate) mod stamped;
+pub(crate) mod successors;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;
 pub(crate) mod transport;
@@ -62,6 +63,11 @@ pub(crate) struct Inner {
     unavailable_after: Duration,
     safety_margin: Option<Duration>,
     lease_clock: renewer::LeaseClock,
+    /// This client's `client_id` (docs/protocol.md §3.16): the server reserves a lock to one
+    /// of its waiters behind a lease it holds.
+    client_id: crate::protocol::Id,
+    /// Its waiters with a reservation, by the lease ahead of each.
+    successors: Arc<successors::Successors>,
 }
 
 impl DistributedLock {
@@ -82,6 +88,8 @@ impl DistributedLock {
                 unavailable_after: settings.0,
                 safety_margin: settings.1,
                 lease_clock: renewer::LeaseClock::FromSend,
+                client_id: crate::protocol::Id::fresh(),
+                successors: Arc::default(),
             }),
         })
     }
@@ -216,6 +224,14 @@ impl DistributedLock {
     pub async fn try_lock(&self, name: impl Into<String>) -> Result<Option<LockGuard>, Error> {
         self.lock(name).try_lock().await
     }
+
+    /// How many of this client's waiters know the server reserved them a lock next
+    /// (docs/protocol.md §3.16): for tests that must wait until a hand-over can happen in
+    /// the client.
+    #[doc(hidden)]
+    pub fn reserved_waiters_for_tests(&self) -> usize {
+        self.inner.successors.len()
+    }
 }
 
 impl Inner {
@@ -239,7 +255,11 @@ impl Inner {
         match &*slot {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
-                let tx = renewer::spawn(self.transport().clone(), self.lease_clock);
+                let tx = renewer::spawn(
+                    self.transport().clone(),
+                    self.lease_clock,
+                    self.successors.clone(),
+                );
                 *slot = Some(tx.clone());
                 tx
             }
@@ -459,6 +479,8 @@ impl DistributedLockBuilder {
                 unavailable_after: self.unavailable_after,
                 safety_margin: self.safety_margin,
                 lease_clock: self.lease_clock,
+                client_id: crate::protocol::Id::fresh(),
+                successors: Arc::default(),
             }),
         })
     }

@@ -8,6 +8,7 @@
 use crate::client::lease_state::{LostReason, Published, StateSender};
 use crate::client::mailbox::{Commands, Inbox, mailbox};
 use crate::client::retry;
+use crate::client::successors::Successors;
 use crate::client::transport::{Attempts, Route, Transport};
 use crate::protocol::{
     CancelRequest, GoneReason, Id, LeaseRef, MAX_RENEW_BATCH, RenewRequest, RenewResponse,
@@ -195,10 +196,17 @@ pub(crate) struct Renewer {
     /// Longest renewal interval among tracked leases: how far ahead a tick looks to batch.
     longest_interval: Duration,
     failures: Box<dyn Iterator<Item = Duration> + Send>,
+    /// The client's reserved successors (docs/protocol.md §3.16): one waiting behind a
+    /// lease found lost goes back to polling the server for its grant.
+    successors: Arc<Successors>,
 }
 
 /// Starts the renewer on the current runtime.
-pub(crate) fn spawn(transport: Arc<Transport>, lease_clock: LeaseClock) -> Commands {
+pub(crate) fn spawn(
+    transport: Arc<Transport>,
+    lease_clock: LeaseClock,
+    successors: Arc<Successors>,
+) -> Commands {
     let (tx, rx) = mailbox();
     let renewer = Renewer {
         lease_clock,
@@ -209,6 +217,7 @@ pub(crate) fn spawn(transport: Arc<Transport>, lease_clock: LeaseClock) -> Comma
         in_flight: JoinSet::new(),
         longest_interval: Duration::ZERO,
         failures: Box::new(retry::delays()),
+        successors,
     };
     tokio::spawn(renewer.run(rx));
     tx
@@ -347,6 +356,7 @@ impl Renewer {
         if let Some(lease) = self.forget(key) {
             tracing::warn!(lock = %lease.name, %reason, "lease lost");
             lease.publish_lost(reason);
+            self.successors.lease_ended(lease.lease_id, None);
             if !gone {
                 self.lost.insert(key, lease);
             }

@@ -6,6 +6,7 @@ use crate::client::lease::LockFn;
 use crate::client::lease_state::{LostReason, Published, StateReader};
 use crate::client::mailbox::Commands;
 use crate::client::renewer::{Command, TrackedLease, json};
+use crate::client::successors::{Handover, Successors};
 use crate::client::transport::{Attempts, Reply, Route};
 use crate::error::Error;
 use crate::protocol::{self, AcquireRequest, Granted, Id, LockMode};
@@ -264,14 +265,14 @@ impl LockRequest {
         let wait_deadline = self.timeout.and_then(|t| started.checked_add(t));
         let name: Arc<str> = self.name.as_str().into();
         loop {
-            let (granted, sent, commands) = self
+            let (granted, sent, commands, cap) = self
                 .wait_in_line(&client, &name, started, wait_deadline)
                 .await?;
             let terms = Terms {
                 auto_renew: self.auto_renew,
                 max_hold: self.max_hold,
             };
-            let held = client.hold(name.clone(), granted, sent, &terms, commands);
+            let held = client.hold(name.clone(), granted, sent, cap, &terms, commands);
             if let Some(guard) = held.confirmed().await {
                 return Ok(guard);
             }
@@ -289,15 +290,19 @@ impl LockRequest {
         }
     }
 
-    /// Waits in the server's line (long polls under one request id) until granted. Returns
-    /// the grant, when the answered request left the client, and the renewer's mailbox.
+    /// Waits in the server's line (long polls under one request id) until granted, by the
+    /// server or, once it has reserved the lock to this request next, by this client's own
+    /// guard ahead of it (docs/protocol.md §3.16). Returns the grant, when its lease may
+    /// have started at the earliest (when the answered request left the client, or the
+    /// lease ahead ended here), the renewer's mailbox, and a bound on the lease's local
+    /// deadline until a renewal confirms it.
     async fn wait_in_line(
         &self,
         client: &Arc<crate::client::Inner>,
         name: &Arc<str>,
         started: Instant,
         wait_deadline: Option<Instant>,
-    ) -> Result<(Granted, Instant, Commands), Error> {
+    ) -> Result<(Granted, Instant, Commands, Option<Instant>), Error> {
         let request_id = Id::fresh();
         let commands = client.renewer();
         let mut withdraw = WithdrawOnDrop {
@@ -309,6 +314,10 @@ impl LockRequest {
         // Set until the request id's first send is made: every later attempt (a retry, a
         // re-poll) may find a place the server already gave it.
         let unsent = std::sync::atomic::AtomicBool::new(true);
+        // Exclusive acquires say who asks, so that the server may reserve the lock to one
+        // behind a lease of this client.
+        let client_id = (self.mode == LockMode::Exclusive).then_some(client.client_id);
+        let mut reserved: Option<Reserved> = None;
         loop {
             let polled = Instant::now();
             // Each attempt asks for the wait that remains then, so that a retried request
@@ -328,6 +337,7 @@ impl LockRequest {
                     mode: self.mode,
                     permits: self.permits,
                     value: self.value.clone(),
+                    client_id,
                 })
             };
             let attempts = Attempts {
@@ -339,23 +349,73 @@ impl LockRequest {
                 per_attempt: POLL + POLL_SLACK,
                 first_contact: wait_deadline.is_none(),
             };
-            let reply = client
-                .transport()
-                .post_each(Route::Acquire, Some(&self.name), body, attempts)
-                .await?;
+            let poll =
+                client
+                    .transport()
+                    .post_each(Route::Acquire, Some(&self.name), body, attempts);
+            let reply = match &mut reserved {
+                None => poll.await?,
+                Some(reservation) => match reservation.race(poll, wait_deadline).await {
+                    Raced::Answered(reply) => reply?,
+                    Raced::HandedOver(handover) => {
+                        // The poll in flight is dropped: the server keeps the reservation
+                        // (§3.16) and starts its lease when the release sent after the
+                        // hand-over arrives.
+                        withdraw.disarm();
+                        let next = reservation.next;
+                        let granted = Granted {
+                            lease_id: next.lease_id,
+                            fencing_token: next.fencing_token,
+                            lease_ms: next.lease_ms,
+                            waited_ms: 0,
+                        };
+                        return Ok((granted, handover.at, commands, Some(handover.valid_until)));
+                    }
+                    // Not handed over: withdrawn from the line by `withdraw`'s cancel (the
+                    // server no longer ends a reserved wait by itself, nor names the holder).
+                    Raced::TimedOut => {
+                        let waited = started.elapsed();
+                        return Err(Error::Timeout {
+                            name: name.to_string(),
+                            waited,
+                            holder: client.holder_now(name).await,
+                        });
+                    }
+                },
+            };
             match reply.status {
                 StatusCode::OK => {
                     let granted: Granted = reply.json()?;
                     withdraw.disarm();
-                    return Ok((granted, reply.sent, commands));
+                    return Ok((granted, reply.sent, commands, None));
                 }
-                StatusCode::ACCEPTED => continue,
+                StatusCode::ACCEPTED => {
+                    // A reservation (§3.16), told once: wait for the lease ahead to end
+                    // here too.
+                    if let Ok(protocol::StillWaiting {
+                        next: Some(next), ..
+                    }) = reply.json()
+                        && reserved.as_ref().is_none_or(|r| r.next != next)
+                    {
+                        // Any earlier registration goes first: its drop withdraws by the
+                        // same request id.
+                        drop(reserved.take());
+                        reserved = Some(Reserved::register(client, next, request_id));
+                    }
+                    continue;
+                }
+                // Not queued, so nothing to cancel; but a reserved request stays in line
+                // whatever a later poll is answered (§3.16): it is cancelled.
                 StatusCode::CONFLICT => {
-                    withdraw.disarm();
+                    if reserved.is_none() {
+                        withdraw.disarm();
+                    }
                     return Err(refusal(reply, name, started.elapsed()));
                 }
                 _ => {
-                    withdraw.disarm();
+                    if reserved.is_none() {
+                        withdraw.disarm();
+                    }
                     return Err(reply.into_error());
                 }
             }
@@ -404,7 +464,7 @@ impl Held {
     /// # Cancel safety
     /// Dropping the future drops the guard, which releases the lease.
     pub(crate) async fn confirmed(self) -> Option<LockGuard> {
-        let guard = match self {
+        let mut guard = match self {
             Held::Ready(guard) => return Some(guard),
             Held::Confirming(guard) => guard,
         };
@@ -418,6 +478,7 @@ impl Held {
             return None;
         }
         // Renewed, but the answer may itself have come late: held means held now.
+        guard.unconfirmed = false;
         guard.is_held().then_some(guard)
     }
 }
@@ -429,6 +490,7 @@ impl crate::client::Inner {
         name: Arc<str>,
         granted: Granted,
         sent: Instant,
+        cap: Option<Instant>,
         terms: &Terms,
         commands: Commands,
     ) -> Held {
@@ -465,6 +527,12 @@ impl crate::client::Inner {
             confirming: false,
         };
         lease.extend(started, length);
+        if let Some(cap) = cap {
+            // Handed over in this client: held no longer than the lease ahead, until a
+            // renewal confirms it (see `Handover::valid_until`).
+            lease.deadline = lease.deadline.min(cap);
+            lease.jeopardy_at = lease.jeopardy_at.min(cap);
+        }
         // What is left must last a third of the lease (or of `max_hold`, if shorter);
         // otherwise the grant is confirmed first.
         let span = terms.max_hold.map_or(length, |hold| hold.min(length));
@@ -482,6 +550,8 @@ impl crate::client::Inner {
         // Silent, so not pending as a change: a grant to confirm waits for the renewer's
         // next word, not for this one.
         lease.publish_first();
+        // A successor of this client may wait behind it from now on.
+        self.successors.held(granted.lease_id);
         let key = self.next_key();
         // The renewal task may have ended with its runtime while this acquire waited (a
         // client used from several runtimes): this acquire's runtime starts another.
@@ -501,11 +571,101 @@ impl crate::client::Inner {
             transport: self.transport().clone(),
             margin,
             released: false,
+            successors: self.successors.clone(),
+            unconfirmed: confirming,
         };
         if confirming {
             Held::Confirming(guard)
         } else {
             Held::Ready(guard)
+        }
+    }
+}
+
+/// A reservation this acquire was told of (docs/protocol.md §3.16), registered with the
+/// client under the lease ahead; withdrawn when dropped.
+struct Reserved {
+    next: protocol::NextGrant,
+    request_id: Id,
+    handover: tokio::sync::oneshot::Receiver<Handover>,
+    successors: Arc<Successors>,
+}
+
+/// How a poll raced with a reservation's hand-over.
+enum Raced {
+    Answered(Result<Reply, Error>),
+    HandedOver(Handover),
+    /// The caller's timeout passed first, and the lock was not handed over.
+    TimedOut,
+}
+
+impl Reserved {
+    fn register(
+        client: &crate::client::Inner,
+        next: protocol::NextGrant,
+        request_id: Id,
+    ) -> Reserved {
+        Reserved {
+            next,
+            request_id,
+            handover: client
+                .successors
+                .wait_for(next.after, request_id, next.lease_id),
+            successors: client.successors.clone(),
+        }
+    }
+
+    /// Waits for the lease ahead to end here (handed over, or ended unheld, after which
+    /// the server grants this request when it ends there), and meanwhile polls the server
+    /// only while no guard of this client holds that lease: while one does, only its own
+    /// release or loss can end it (or a revocation, which its next renewal finds). The
+    /// caller's timeout ends the wait (the server no longer ends a reserved wait: the
+    /// client does).
+    async fn race(
+        &mut self,
+        poll: impl Future<Output = Result<Reply, Error>>,
+        wait_deadline: Option<Instant>,
+    ) -> Raced {
+        let mut poll = std::pin::pin!(poll);
+        let timeout = async {
+            match wait_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut timeout = std::pin::pin!(timeout);
+        loop {
+            let open = !self.handover.is_terminated();
+            let polling = !open || !self.successors.is_held(self.next.after);
+            tokio::select! {
+                // Else it ended here unheld: the server's grant comes when it ends there.
+                handed = &mut self.handover, if open => if let Ok(handover) = handed {
+                    return Raced::HandedOver(handover);
+                },
+                reply = &mut poll, if polling => return Raced::Answered(reply),
+                () = &mut timeout => {
+                    if self.successors.withdraw(self.next.after, self.request_id) {
+                        return Raced::TimedOut;
+                    }
+                    // Taken just now: its outcome is in the receiver already.
+                    return match self.handover.try_recv() {
+                        Ok(handover) => Raced::HandedOver(handover),
+                        Err(_) => Raced::TimedOut,
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if !self.successors.withdraw(self.next.after, self.request_id)
+            && self.handover.try_recv().is_ok()
+        {
+            // Handed over, and dropped before it took the lock (its acquire was
+            // cancelled, which cancels the lease on the server too): it ends here unheld.
+            self.successors.lease_ended(self.next.lease_id, None);
         }
     }
 }

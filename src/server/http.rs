@@ -8,7 +8,7 @@ mod session;
 pub(crate) use session::UpgradeSlot;
 
 use crate::protocol::{
-    self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, LeaseRef,
+    self, AcquireRequest, CancelRequest, CancelResponse, ErrorBody, Granted, LeaseRef, NextGrant,
     ReleaseResponse, RenewRequest, RenewResponse, RenewResult, StillWaiting, WireHolder, codes,
 };
 use crate::server::auth::{Auth, Caller, Refusal};
@@ -595,6 +595,7 @@ impl App {
             lock_delay,
             mode,
             value: req.value,
+            client: req.client_id,
         };
         self.metrics.acquires.inc();
         let arrived = Instant::now();
@@ -627,9 +628,18 @@ impl App {
                     },
                 ))
             }
-            AcquireOutcome::StillWaiting { position } => {
-                Ok(json_reply(StatusCode::ACCEPTED, &StillWaiting { position }))
-            }
+            AcquireOutcome::StillWaiting { position, next } => Ok(json_reply(
+                StatusCode::ACCEPTED,
+                &StillWaiting {
+                    position,
+                    next: next.map(|next| NextGrant {
+                        lease_id: next.lease_id,
+                        fencing_token: next.fencing_token,
+                        lease_ms: next.lease.as_millis() as u64,
+                        after: next.after,
+                    }),
+                },
+            )),
             AcquireOutcome::Ended => Err(Failure::new(
                 StatusCode::CONFLICT,
                 codes::TIMEOUT,

@@ -66,6 +66,9 @@ pub struct AcquireSpec {
     /// An election value the holder shows as leader (already validated); changed later by
     /// [`LockStore::proclaim`].
     pub value: Option<String>,
+    /// The client asking (protocol `client_id`), for successor reservations; stores that
+    /// make none ignore it.
+    pub client: Option<Id>,
 }
 
 /// What an acquire asks to hold. A lock's holders always share one mode: one `Exclusive`
@@ -164,6 +167,20 @@ pub struct Grant {
     pub waited: Duration,
 }
 
+/// A successor reservation (docs/protocol.md §3.16): the lease a waiter first in line holds
+/// once the lease ahead of it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    /// The lease it will hold (renew and release accept it already).
+    pub lease_id: Id,
+    /// Its fencing token.
+    pub fencing_token: u64,
+    /// Its length, counted from when the lease ahead ends.
+    pub lease: Duration,
+    /// The lease ahead of it.
+    pub after: Id,
+}
+
 /// How an acquire call ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AcquireOutcome {
@@ -179,6 +196,8 @@ pub enum AcquireOutcome {
     StillWaiting {
         /// Waiters ahead of the caller.
         position: u64,
+        /// The lock is reserved to the caller next (docs/protocol.md §3.16).
+        next: Option<Reserved>,
     },
     /// This request id's acquire has already ended (cancelled, timed out, or granted and
     /// then released or expired): a late attempt of it creates nothing.

@@ -68,6 +68,11 @@ impl<T> WaitQueue<T> {
         self.slots.iter().flatten().next().map(|(_, v)| v)
     }
 
+    /// The first waiter in line, to change.
+    pub fn front_mut(&mut self) -> Option<&mut T> {
+        self.slots.iter_mut().flatten().next().map(|(_, v)| v)
+    }
+
     /// Leaves the line from its front.
     pub fn pop_front(&mut self) -> Option<T> {
         self.trim_front();

@@ -82,6 +82,7 @@ fn spec_for_tests(name: &str) -> super::AcquireSpec {
         lock_delay: None,
         mode: Default::default(),
         value: None,
+        client: None,
     }
 }
 

@@ -376,6 +376,7 @@ impl Inner {
                 self.mark(keys, &place).await;
                 Ok(AcquireOutcome::StillWaiting {
                     position: self.waiters_ahead(keys, place.revision).await?,
+                    next: None,
                 })
             }
         }
@@ -420,6 +421,7 @@ impl Inner {
             if let Some(revision) = moved_to {
                 return Ok(AcquireOutcome::StillWaiting {
                     position: self.waiters_ahead(keys, revision).await?,
+                    next: None,
                 });
             }
         }

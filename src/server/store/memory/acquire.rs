@@ -1,12 +1,12 @@
 //! An acquire: what must be durable first, the lock's answer under the shard lock, and the
 //! long poll for a grant.
 
-use super::lock_state::{Ask, Begun, LeaseLimits};
+use super::lock_state::{Ask, Begun, LeaseLimits, News};
 use super::shard::ShardState;
 use super::waiting::PendingWait;
 use super::{Shared, lock_key};
 use crate::server::state_file::Generation;
-use crate::server::store::{AcquireOutcome, AcquireSpec, Grant, StoreError};
+use crate::server::store::{AcquireOutcome, AcquireSpec, StoreError};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -15,7 +15,7 @@ use tokio::time::Instant;
 enum Step {
     Done(AcquireOutcome),
     /// Wait on the receiver; the lease clock of a grant is compared to the second field.
-    Wait(oneshot::Receiver<Grant>, u64),
+    Wait(oneshot::Receiver<News>, u64),
 }
 
 pub(super) async fn acquire(
@@ -52,7 +52,12 @@ pub(super) async fn acquire(
     let poll = spec.wait.map_or(spec.poll, |w| w.min(spec.poll));
     let timed_out = spec.wait.is_some_and(|w| w <= spec.poll);
     match tokio::time::timeout_at(arrived + poll, pending.wait()).await {
-        Ok(Some(grant)) => Ok(AcquireOutcome::Granted(grant)),
+        Ok(Some(News::Granted(grant))) => Ok(AcquireOutcome::Granted(grant)),
+        // Answered at once, so that the client knows before it releases the lease ahead.
+        Ok(Some(News::Next(next))) => Ok(AcquireOutcome::StillWaiting {
+            position: 0,
+            next: Some(next),
+        }),
         // Superseded by a newer poll of the same request: that one answers the grant.
         Ok(None) => Ok(pending.finish(false)),
         Err(_) => Ok(pending.finish(timed_out)),
@@ -102,6 +107,7 @@ impl Shared {
             mode: spec.mode,
             label: spec.label.as_deref(),
             value: spec.value.as_deref(),
+            client: spec.client.map_or(0, client_tag),
             listener: tx,
             no_wait: spec.wait == Some(Duration::ZERO),
             max_waiters,
@@ -138,4 +144,14 @@ impl Shared {
         }
         step
     }
+}
+
+/// A client's tag in the lock table: 8 bytes of its `client_id`, never 0 (which means none).
+/// Two clients of one project with the same tag (one chance in 2^64, or one copying
+/// another's id) only make the server reserve a lock to a waiter whose client cannot use
+/// the reservation: that client waits for its grant as any waiter does.
+fn client_tag(id: crate::id::Id) -> u64 {
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&id.0[..8]);
+    u64::from_be_bytes(bytes).max(1)
 }

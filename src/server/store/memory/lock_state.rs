@@ -25,7 +25,7 @@
 
 use crate::id::Id;
 use crate::server::store::wait_queue::WaitQueue;
-use crate::server::store::{Ended, Grant, HolderView, LeaderView, Mode, StoreError};
+use crate::server::store::{Ended, Grant, HolderView, LeaderView, Mode, Reserved, StoreError};
 use std::num::NonZeroU64;
 use std::time::{Duration, SystemTime};
 
@@ -40,10 +40,19 @@ pub(super) struct Tick {
     pub held_back_until: u64,
 }
 
+/// What a waiter's long poll is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum News {
+    /// Its grant.
+    Granted(Grant),
+    /// The lock is reserved to it next (docs/protocol.md §3.16).
+    Next(Reserved),
+}
+
 /// Where a waiter's grant goes while its poll is attached.
 pub(super) trait Listener {
-    /// Hands over the grant; false if nobody is listening any more.
-    fn deliver(self, grant: Grant) -> bool;
+    /// Hands over the grant (or a reservation); false if nobody is listening any more.
+    fn deliver(self, news: News) -> bool;
     /// Whether the poll behind it has gone.
     fn is_closed(&self) -> bool;
 }
@@ -136,6 +145,9 @@ pub(super) struct Ask<'a, L> {
     pub mode: Mode,
     pub label: Option<&'a str>,
     pub value: Option<&'a str>,
+    /// The asking client's tag (from its `client_id`; 0 for none), for successor
+    /// reservations.
+    pub client: u64,
     pub listener: L,
     /// The caller would not wait at all: no place in line.
     pub no_wait: bool,
@@ -159,8 +171,8 @@ pub(super) enum Begun {
 pub(super) enum PollEnd {
     /// A grant that raced with the end of the poll.
     Granted(Grant),
-    /// Still in line, this many waiters ahead.
-    StillWaiting(u64),
+    /// Still in line, this many waiters ahead (and its reservation, if it is next).
+    StillWaiting(u64, Option<Reserved>),
     /// Out of line: its wait ran out, or it was withdrawn meanwhile.
     TimedOut,
 }
@@ -201,6 +213,8 @@ struct Terms {
     limits: LeaseLimits,
     mode: Mode,
     texts: Option<Box<Texts>>,
+    /// The asking client's tag (0 for none).
+    client: u64,
 }
 
 /// One current holder of a lock.
@@ -224,6 +238,11 @@ pub(super) struct Holder {
     /// tombstone (a grant nobody collected may still be collected by a slow re-poll, or the
     /// re-poll may join the line again).
     answered: bool,
+    /// Granted from a successor reservation: its client may hold it without any answer,
+    /// so its lease runs whole, whether or not a poll collects it.
+    reserved: bool,
+    /// The acquiring client's tag (0 for none), for successor reservations.
+    client: u64,
     lease_id: Id,
     request_id: Id,
     texts: Option<Box<Texts>>,
@@ -249,6 +268,8 @@ impl Holder {
             permits,
             kind,
             answered: true,
+            reserved: false,
+            client: terms.client,
             lease_id,
             request_id: terms.request_id,
             texts: terms.texts,
@@ -448,6 +469,35 @@ struct Delay {
     mode: Mode,
 }
 
+/// The first waiter's successor reservation (docs/protocol.md §3.16), made when it waits
+/// first in line behind the single exclusive holder and both were asked for by one client.
+/// Its lease id and token are fixed from then on, and the client may take the lock the
+/// moment it releases the lease ahead, before the server hears of it: so the waiter leaves
+/// the line only by a cancel of its request or a release of its lease, never because its
+/// wait ran out, its poll went or the grace period passed.
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    request_id: Id,
+    lease_id: Id,
+    token: u64,
+    lease_ms: u32,
+    /// The lease ahead of it.
+    after: Id,
+    /// Whether a poll of it has been told.
+    told: bool,
+}
+
+impl Reservation {
+    fn next(&self) -> Reserved {
+        Reserved {
+            lease_id: self.lease_id,
+            fencing_token: self.token,
+            lease: Duration::from_millis(u64::from(self.lease_ms)),
+            after: self.after,
+        }
+    }
+}
+
 /// What a lock has only while someone waits for it, an ended holder's lock-delay runs, or
 /// its grants are held back after a restart: most held locks have none of these, and pay
 /// one pointer for it.
@@ -459,6 +509,15 @@ struct Queue<L> {
     /// No grant before this (µs since origin): a long lease from before a restart. 0 once
     /// over.
     held_back_until: u64,
+    /// The first waiter's successor reservation, if it has one.
+    reserved: Option<Reservation>,
+}
+
+impl<L> Queue<L> {
+    /// The reservation of `request_id`, if it is the reserved first waiter.
+    fn reservation_of(&self, request_id: &Id) -> Option<Reservation> {
+        self.reserved.filter(|r| r.request_id == *request_id)
+    }
 }
 
 impl<L> Default for Queue<L> {
@@ -467,6 +526,7 @@ impl<L> Default for Queue<L> {
             waiters: WaitQueue::default(),
             delays: Vec::new(),
             held_back_until: 0,
+            reserved: None,
         }
     }
 }
@@ -596,6 +656,7 @@ impl<L: Listener> LockState<L> {
         if !self.held_back(now, tick.held_back_until) {
             self.grant_admitted(tick, fx);
         }
+        self.reserve_next(tick, fx);
         if self
             .queue
             .as_ref()
@@ -619,26 +680,78 @@ impl<L: Listener> LockState<L> {
             if !first.terms.mode.admits(held, holders) {
                 break;
             }
+            let reserved = queue.reservation_of(&first.terms.request_id);
             // No token, no grant: the waiters keep their places until the state file takes
-            // the next reservation (a sweep tries again).
-            let Some(token) = fx.token() else {
+            // the next reservation (a sweep tries again). A reserved waiter has its own.
+            let Some((token, lease_id)) = reserved
+                .map(|r| (r.token, r.lease_id))
+                .or_else(|| Some((fx.token()?, fx.lease_id())))
+            else {
                 break;
             };
             let Some(waiter) = queue.waiters.pop_front() else {
                 break;
             };
-            let mut holder = Holder::new(token, fx.lease_id(), waiter.terms, tick.now);
+            let mut holder = Holder::new(token, lease_id, waiter.terms, tick.now);
             let grant = holder.grant(waiter.poll_started, tick.now);
-            let delivered = waiter.notify.is_some_and(|tx| tx.deliver(grant));
-            holder.answered = delivered;
-            if !delivered {
-                // Nobody is listening right now: keep the grant for a returning poll only
-                // briefly.
-                holder.deadline = holder.deadline.min(tick.now.saturating_add(tick.grace));
+            let delivered = waiter
+                .notify
+                .is_some_and(|tx| tx.deliver(News::Granted(grant)));
+            if reserved.is_some() {
+                // Its client may already hold it (it took it when it released the lease
+                // ahead): the lease runs whole.
+                queue.reserved = None;
+                holder.reserved = true;
+                holder.answered = true;
+            } else {
+                holder.answered = delivered;
+                if !delivered {
+                    // Nobody is listening right now: keep the grant for a returning poll
+                    // only briefly.
+                    holder.deadline = holder.deadline.min(tick.now.saturating_add(tick.grace));
+                }
             }
             fx.happened(Happened::Granted(&holder));
             self.holders.push(holder);
         }
+    }
+
+    /// Reserves the lock to the first waiter next (docs/protocol.md §3.16) when the single
+    /// holder is exclusive, the waiter asks to be, and one client asked for both; tells its
+    /// poll, if one is attached. Without a token now (the state file), a later settle tries
+    /// again.
+    fn reserve_next(&mut self, tick: Tick, fx: &mut impl Effects) {
+        let Holders::One(holder) = &self.holders else {
+            return;
+        };
+        let Some(queue) = &mut self.queue else {
+            return;
+        };
+        if queue.reserved.is_some() || holder.client == 0 || !holder.is_exclusive() {
+            return;
+        }
+        let Some(first) = queue.waiters.front_mut() else {
+            return;
+        };
+        if first.terms.client != holder.client || first.terms.mode != Mode::Exclusive {
+            return;
+        }
+        let Some(token) = fx.token() else {
+            return;
+        };
+        let mut reservation = Reservation {
+            request_id: first.terms.request_id,
+            lease_id: fx.lease_id(),
+            token,
+            lease_ms: first.terms.lease_ms,
+            after: holder.lease_id,
+            told: false,
+        };
+        if let Some(poll) = first.notify.take() {
+            reservation.told = poll.deliver(News::Next(reservation.next()));
+            first.detached_at = tick.now;
+        }
+        queue.reserved = Some(reservation);
     }
 
     /// Keeps the place and mode of `holder`, whose lease ended at `ended_at` without a
@@ -693,11 +806,19 @@ impl<L: Listener> LockState<L> {
             fx.happened(Happened::Deadline(holder));
             return Ok(Begun::Granted(holder.grant(now, now)));
         }
-        if let Some(waiter) = self
-            .queue
-            .as_mut()
-            .and_then(|q| q.waiters.get_mut(&ask.request_id))
+        if let Some(queue) = self.queue.as_deref_mut()
+            && let Some(waiter) = queue.waiters.get_mut(&ask.request_id)
         {
+            if let Some(reserved) = &mut queue.reserved
+                && reserved.request_id == ask.request_id
+                && !reserved.told
+            {
+                // Its earlier polls never heard of the reservation: this one does, now.
+                reserved.told = ask.listener.deliver(News::Next(reserved.next()));
+                waiter.notify = None;
+                waiter.detached_at = now;
+                return Ok(Begun::Waiting);
+            }
             waiter.notify = Some(ask.listener);
             waiter.poll_started = now;
             return Ok(Begun::Waiting);
@@ -714,6 +835,7 @@ impl<L: Listener> LockState<L> {
             limits: ask.limits,
             mode: ask.mode,
             texts: Texts::boxed(ask.label, ask.value),
+            client: ask.client,
         };
         let held_back = ask.held_back_until.filter(|&until| until > now);
         let (held, holders) = self.seats();
@@ -770,7 +892,13 @@ impl<L: Listener> LockState<L> {
     ) -> Option<Option<Duration>> {
         let now = tick.now;
         self.around(tick, fx, |lock, fx| {
-            let holder = lock.holders.find_mut(|h| h.lease_id == lease_id)?;
+            let Some(holder) = lock.holders.find_mut(|h| h.lease_id == lease_id) else {
+                // A reserved lease (§3.16) is renewed as it is: its clock starts when the
+                // lease ahead ends, which is no earlier than this renewal's send.
+                let reserved = lock.queue.as_ref()?.reserved?;
+                return (reserved.lease_id == lease_id)
+                    .then(|| Some(Duration::from_millis(u64::from(reserved.lease_ms))));
+            };
             holder.extend(now);
             if holder.deadline < now.saturating_add(1000) {
                 // No lease to report: it ends at the settle that follows, by its max_hold.
@@ -787,7 +915,18 @@ impl<L: Listener> LockState<L> {
     pub fn release(&mut self, lease_id: Id, tick: Tick, fx: &mut impl Effects) -> bool {
         self.around(tick, fx, |lock, fx| {
             let Some(holder) = lock.holders.take(|h| h.lease_id == lease_id) else {
-                return false;
+                // A reserved lease (§3.16) released before it began: its waiter leaves.
+                let Some(queue) = &mut lock.queue else {
+                    return false;
+                };
+                let Some(reserved) = queue.reserved.filter(|r| r.lease_id == lease_id) else {
+                    return false;
+                };
+                queue.reserved = None;
+                queue.waiters.remove(&reserved.request_id);
+                fx.request_ended(reserved.request_id);
+                fx.happened(Happened::CancelledWaiter(reserved.request_id));
+                return true;
             };
             fx.request_ended(holder.request_id);
             fx.happened(Happened::Released(&holder));
@@ -802,6 +941,9 @@ impl<L: Listener> LockState<L> {
             if let Some(queue) = &mut lock.queue
                 && queue.waiters.remove(&request_id).is_some()
             {
+                if queue.reservation_of(&request_id).is_some() {
+                    queue.reserved = None;
+                }
                 fx.happened(Happened::CancelledWaiter(request_id));
                 true
             } else if let Some(holder) = lock.holders.take(|h| h.request_id == request_id) {
@@ -820,12 +962,28 @@ impl<L: Listener> LockState<L> {
         self.around(tick, fx, |lock, fx| {
             let revoked = std::mem::take(&mut lock.holders).into_vec();
             let mut tokens = Vec::with_capacity(revoked.len());
+            let reserved_after = lock
+                .queue
+                .as_ref()
+                .and_then(|q| q.reserved)
+                .map(|r| r.after);
             for holder in &revoked {
                 // A late re-poll of its acquire must not find the grant again.
                 fx.request_ended(holder.request_id);
                 fx.lease_ended(holder, Ended::Revoked);
                 fx.happened(Happened::Revoked(holder));
                 lock.keep_delayed(holder, now, now);
+                if reserved_after == Some(holder.lease_id) && holder.deadline > now {
+                    // Its client, which does not know of the revocation yet, may hand the
+                    // lock to the reserved successor when it releases this lease, for as
+                    // long as it thinks this lease runs: the successor starts no earlier
+                    // than the lease would have ended.
+                    let queue = lock.queue.get_or_insert_with(Default::default);
+                    queue.delays.push(Delay {
+                        until: holder.deadline,
+                        mode: holder.mode(),
+                    });
+                }
                 tokens.push(holder.token.get());
             }
             tokens.sort_unstable();
@@ -888,7 +1046,8 @@ impl<L: Listener> LockState<L> {
                 // Withdrawn meanwhile (cancelled, or gone past its grace period).
                 return PollEnd::TimedOut;
             };
-            if timed_out {
+            let reserved = queue.reservation_of(&request_id).map(|r| r.next());
+            if timed_out && reserved.is_none() {
                 queue.waiters.remove(&request_id);
                 fx.request_ended(request_id);
                 fx.happened(Happened::WaiterLeft {
@@ -900,7 +1059,7 @@ impl<L: Listener> LockState<L> {
             if let Some(waiter) = queue.waiters.get_mut(&request_id) {
                 detach_if_gone(waiter, now);
             }
-            PollEnd::StillWaiting(position)
+            PollEnd::StillWaiting(position, reserved)
         })
     }
 
@@ -917,7 +1076,10 @@ impl<L: Listener> LockState<L> {
         let now = tick.now;
         self.around(tick, fx, |lock, fx| {
             if let Some(token) = delivered {
-                if let Some(holder) = lock.holders.find_mut(|h| h.token.get() == token) {
+                if let Some(holder) = lock
+                    .holders
+                    .find_mut(|h| h.token.get() == token && !h.reserved)
+                {
                     holder.deadline = holder.deadline.min(now.saturating_add(tick.grace));
                     holder.answered = false;
                     fx.happened(Happened::Deadline(holder));
@@ -935,9 +1097,11 @@ impl<L: Listener> LockState<L> {
     /// the line is walked only where someone waits.
     pub fn drop_abandoned(&mut self, tick: Tick, fx: &mut impl Effects) {
         if let Some(queue) = &mut self.queue {
+            let reserved = queue.reserved.map(|r| r.request_id);
             queue.waiters.retain(|w| {
-                let stays =
-                    w.notify.is_some() || tick.now < w.detached_at.saturating_add(tick.grace);
+                let stays = w.notify.is_some()
+                    || reserved == Some(w.terms.request_id)
+                    || tick.now < w.detached_at.saturating_add(tick.grace);
                 if !stays {
                     fx.happened(Happened::WaiterLeft {
                         request_id: w.terms.request_id,

@@ -34,7 +34,7 @@ mod waiting;
 pub use tombstones::TOMBSTONES_PER_SHARD;
 
 use super::{
-    AcquireOutcome, AcquireSpec, Ended, EventSink, Grant, ListPage, ListSpec, LockStore, LockView,
+    AcquireOutcome, AcquireSpec, Ended, EventSink, ListPage, ListSpec, LockStore, LockView,
     Observation, Proclaimed, Project, ProjectId, Quota, Release, Renewal, StoreError, StoreFuture,
     StoreStats,
 };
@@ -118,7 +118,7 @@ pub struct MemoryStore {
 }
 
 /// A lock as the store keeps it: its waiters' grants go through oneshot channels.
-type Lock = LockState<oneshot::Sender<Grant>>;
+type Lock = LockState<oneshot::Sender<lock_state::News>>;
 
 #[derive(Debug)]
 struct Shared {

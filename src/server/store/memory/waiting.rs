@@ -1,14 +1,14 @@
 //! The waiting half of an acquire, and what happens when its long poll goes away.
 
 use super::Shared;
-use super::lock_state::{Listener, PollEnd};
+use super::lock_state::{Listener, News, PollEnd};
 use crate::id::Id;
-use crate::server::store::{AcquireOutcome, Grant};
+use crate::server::store::AcquireOutcome;
 use tokio::sync::oneshot;
 
-impl Listener for oneshot::Sender<Grant> {
-    fn deliver(self, grant: Grant) -> bool {
-        self.send(grant).is_ok()
+impl Listener for oneshot::Sender<News> {
+    fn deliver(self, news: News) -> bool {
+        self.send(news).is_ok()
     }
 
     fn is_closed(&self) -> bool {
@@ -24,7 +24,7 @@ pub(super) struct PendingWait<'a> {
     fingerprint: u64,
     request_id: Id,
     /// `None` once the wait has an answer.
-    rx: Option<oneshot::Receiver<Grant>>,
+    rx: Option<oneshot::Receiver<News>>,
     /// When the store began this call (µs since origin).
     started: u64,
 }
@@ -35,7 +35,7 @@ impl<'a> PendingWait<'a> {
         key: Box<[u8]>,
         fingerprint: u64,
         request_id: Id,
-        rx: oneshot::Receiver<Grant>,
+        rx: oneshot::Receiver<News>,
         started: u64,
     ) -> PendingWait<'a> {
         PendingWait {
@@ -48,12 +48,12 @@ impl<'a> PendingWait<'a> {
         }
     }
 
-    /// The grant, once made; `None` if the waiter was handed to a newer poll of the same
-    /// request.
-    pub async fn wait(&mut self) -> Option<Grant> {
-        let grant = self.rx.as_mut()?.await.ok()?;
+    /// The grant (or a successor reservation), once made; `None` if the waiter was handed
+    /// to a newer poll of the same request.
+    pub async fn wait(&mut self) -> Option<News> {
+        let news = self.rx.as_mut()?.await.ok()?;
         self.rx = None;
-        Some(grant)
+        Some(news)
     }
 
     /// Ends the wait after its time ran out: a grant that raced wins, else the waiter leaves
@@ -65,7 +65,9 @@ impl<'a> PendingWait<'a> {
             .on_lock(&self.key, self.fingerprint, |lock, tick, fx| {
                 match lock.finish_poll(request_id, timed_out, started, tick, fx) {
                     PollEnd::Granted(grant) => AcquireOutcome::Granted(grant),
-                    PollEnd::StillWaiting(position) => AcquireOutcome::StillWaiting { position },
+                    PollEnd::StillWaiting(position, next) => {
+                        AcquireOutcome::StillWaiting { position, next }
+                    }
                     PollEnd::TimedOut => AcquireOutcome::TimedOut {
                         holder: lock
                             .holders()
@@ -83,7 +85,11 @@ impl Drop for PendingWait<'_> {
         let Some(mut rx) = self.rx.take() else {
             return;
         };
-        let delivered = rx.try_recv().ok().map(|grant| grant.fencing_token);
+        let delivered = match rx.try_recv() {
+            Ok(News::Granted(grant)) => Some(grant.fencing_token),
+            // A reservation told and never answered stays: the next poll hears of it.
+            Ok(News::Next(_)) | Err(_) => None,
+        };
         drop(rx);
         let request_id = self.request_id;
         self.shared

@@ -10,15 +10,19 @@ const GRACE: u64 = 3_000 * MS;
 #[derive(Debug)]
 struct Ear {
     got: Rc<Cell<Option<Grant>>>,
+    next: Rc<Cell<Option<Reserved>>>,
     closed: bool,
 }
 
 impl Listener for Ear {
-    fn deliver(self, grant: Grant) -> bool {
+    fn deliver(self, news: News) -> bool {
         if self.closed {
             return false;
         }
-        self.got.set(Some(grant));
+        match news {
+            News::Granted(grant) => self.got.set(Some(grant)),
+            News::Next(next) => self.next.set(Some(next)),
+        }
         true
     }
 
@@ -103,6 +107,7 @@ struct Lab {
     log: Log,
     now: u64,
     ears: HashMap<u128, Rc<Cell<Option<Grant>>>>,
+    nexts: HashMap<u128, Rc<Cell<Option<Reserved>>>>,
 }
 
 /// How a test's acquire differs from the default (10 s lease, waits, listening).
@@ -114,6 +119,8 @@ struct Opts {
     no_wait: bool,
     deaf: bool,
     value: Option<&'static str>,
+    /// The asking client's tag (0: none).
+    client: u64,
 }
 
 impl Default for Opts {
@@ -125,6 +132,7 @@ impl Default for Opts {
             no_wait: false,
             deaf: false,
             value: None,
+            client: 0,
         }
     }
 }
@@ -136,6 +144,7 @@ impl Lab {
             log: Log::default(),
             now: 1_000 * MS,
             ears: HashMap::new(),
+            nexts: HashMap::new(),
         }
     }
 
@@ -153,6 +162,7 @@ impl Lab {
 
     fn ask_with(&mut self, n: u128, mode: Mode, opts: Opts) -> Result<Begun, StoreError> {
         let got = Rc::new(Cell::new(None));
+        let next = Rc::new(Cell::new(None));
         let ask = Ask {
             name: "lk",
             request_id: id(n),
@@ -161,8 +171,10 @@ impl Lab {
             mode,
             label: None,
             value: opts.value,
+            client: opts.client,
             listener: Ear {
                 got: got.clone(),
+                next: next.clone(),
                 closed: opts.deaf,
             },
             no_wait: opts.no_wait,
@@ -175,6 +187,7 @@ impl Lab {
             got.set(Some(grant));
         }
         self.ears.insert(n, got);
+        self.nexts.insert(n, next);
         begun
     }
 
@@ -189,6 +202,11 @@ impl Lab {
 
     fn grant(&self, n: u128) -> Option<Grant> {
         self.ears.get(&n).and_then(|got| got.get())
+    }
+
+    /// The reservation request `n`'s polls were told of.
+    fn next(&self, n: u128) -> Option<Reserved> {
+        self.nexts.get(&n).and_then(|next| next.get())
     }
 
     fn lease(&self, n: u128) -> Id {
@@ -739,8 +757,10 @@ fn a_restart_hold_back_holds_back_every_grant() {
         mode: Mode::Shared,
         label: None,
         value: None,
+        client: 0,
         listener: Ear {
             got: Rc::default(),
+            next: Rc::default(),
             closed: false,
         },
         no_wait: false,
@@ -795,7 +815,7 @@ fn polls_end_detach_and_are_abandoned() {
     assert_eq!(
         lab.lock
             .finish_poll(id(2), false, tick.now, tick, &mut lab.log),
-        PollEnd::StillWaiting(0)
+        PollEnd::StillWaiting(0, None)
     );
     assert_eq!(
         lab.lock
@@ -851,8 +871,152 @@ fn a_renewal_runs_up_to_the_max_hold() {
 
 #[test]
 fn a_held_mutex_stays_small() {
-    // The per-lock budget (about 256 bytes per held lock at a million locks) allows the
-    // table's entry no more than before locks could have several holders.
-    assert!(std::mem::size_of::<LockState<Ear>>() <= 96);
-    assert!(std::mem::size_of::<Holder>() <= 88);
+    // The per-lock budget (about 256 bytes per held lock at a million locks): the table's
+    // entry grew by the client's tag (8 bytes) for successor reservations.
+    assert!(std::mem::size_of::<LockState<Ear>>() <= 104);
+    assert!(std::mem::size_of::<Holder>() <= 96);
+}
+
+/// Client 7's acquire.
+fn of_client(client: u64) -> Opts {
+    Opts {
+        client,
+        ..Opts::default()
+    }
+}
+
+#[test]
+fn a_waiter_behind_its_own_clients_holder_is_reserved_the_lock_next() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Exclusive, of_client(7)).unwrap();
+    lab.ask_with(2, Mode::Exclusive, of_client(7)).unwrap();
+    lab.ask_with(3, Mode::Exclusive, of_client(8)).unwrap();
+    let next = lab.next(2).expect("told at once");
+    assert_eq!(next.after, lab.lease(1));
+    assert!(next.fencing_token > lab.grant(1).unwrap().fencing_token);
+    assert_eq!(next.lease, Duration::from_secs(10));
+    assert!(lab.next(3).is_none(), "not first in line");
+    // The poll told of it has answered; the client polls again, for the grant.
+    lab.ask_with(2, Mode::Exclusive, of_client(7)).unwrap();
+    // Its lease and token are the reservation's, and it runs whole from the release.
+    lab.now += 5 * MS;
+    assert!(lab.release(1));
+    let granted = lab.grant(2).expect("granted");
+    assert_eq!(
+        (granted.lease_id, granted.fencing_token),
+        (next.lease_id, next.fencing_token)
+    );
+    assert_eq!(lab.lock.holders()[0].deadline(), lab.now + 10_000 * MS);
+    // Another client's waiter is first now: no reservation, and tokens still grow.
+    assert!(lab.next(3).is_none());
+    lab.advance(10_000 * MS);
+    assert!(lab.grant(3).unwrap().fencing_token > next.fencing_token);
+    lab.check_invariants();
+}
+
+#[test]
+fn only_exclusive_acquires_of_one_client_reserve() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Exclusive, of_client(7)).unwrap();
+    lab.ask_with(2, Mode::Shared, of_client(7)).unwrap();
+    assert!(lab.next(2).is_none(), "a reader");
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Permit(1), of_client(7)).unwrap();
+    lab.ask_with(2, Mode::Permit(1), of_client(7)).unwrap();
+    assert!(lab.next(2).is_none(), "a semaphore");
+    let mut lab = Lab::new();
+    lab.ask(1, Mode::Exclusive).unwrap();
+    lab.ask(2, Mode::Exclusive).unwrap();
+    assert!(lab.next(2).is_none(), "no client id");
+}
+
+#[test]
+fn a_reservation_outlasts_its_wait_its_polls_and_the_grace_period() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Exclusive, of_client(7)).unwrap();
+    lab.ask_with(2, Mode::Exclusive, of_client(7)).unwrap();
+    let next = lab.next(2).unwrap();
+    let tick = lab.tick();
+    assert_eq!(
+        lab.lock
+            .finish_poll(id(2), true, tick.now, tick, &mut lab.log),
+        PollEnd::StillWaiting(0, Some(next)),
+        "its wait ran out: it stays"
+    );
+    lab.now += 3 * GRACE;
+    let tick = lab.tick();
+    lab.lock.drop_abandoned(tick, &mut lab.log);
+    assert_eq!(lab.lock.waiters(), 1, "no poll for long: it stays");
+    // Granted with no poll attached: its client holds it already, so it runs whole.
+    assert!(lab.release(1));
+    assert!(lab.grant(2).is_none(), "nobody was listening");
+    assert_eq!(lab.holders(), [2]);
+    assert_eq!(lab.lock.holders()[0].deadline(), lab.now + 10_000 * MS);
+    let tick = lab.tick();
+    lab.lock
+        .poll_dropped(id(2), Some(next.fencing_token), tick, &mut lab.log);
+    assert_eq!(lab.lock.holders()[0].deadline(), lab.now + 10_000 * MS);
+}
+
+#[test]
+fn a_poll_that_missed_its_reservation_hears_of_it_when_it_comes_back() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Exclusive, of_client(7)).unwrap();
+    let deaf = Opts {
+        deaf: true,
+        ..of_client(7)
+    };
+    lab.ask_with(2, Mode::Exclusive, deaf).unwrap();
+    assert!(lab.next(2).is_none());
+    lab.ask_with(2, Mode::Exclusive, of_client(7)).unwrap();
+    let told = lab.next(2).expect("told on the re-poll");
+    assert_eq!(told.after, lab.lease(1));
+    // Told once: the next poll waits for the grant.
+    lab.ask_with(2, Mode::Exclusive, of_client(7)).unwrap();
+    assert!(lab.next(2).is_none());
+}
+
+#[test]
+fn a_reserved_lease_renews_and_releases_before_it_begins() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Exclusive, of_client(7)).unwrap();
+    lab.ask_with(2, Mode::Exclusive, of_client(7)).unwrap();
+    lab.ask_with(3, Mode::Exclusive, of_client(7)).unwrap();
+    let next = lab.next(2).unwrap();
+    let tick = lab.tick();
+    assert_eq!(
+        lab.lock.renew(next.lease_id, tick, &mut lab.log),
+        Some(Some(Duration::from_secs(10)))
+    );
+    assert!(lab.lock.release(next.lease_id, tick, &mut lab.log));
+    assert!(lab.log.ended_requests.contains(&2));
+    assert_eq!(lab.lock.waiters(), 1);
+    assert_eq!(lab.lock.renew(next.lease_id, tick, &mut lab.log), None);
+    // The next in line is reserved in its place.
+    let third = lab.next(3).expect("reserved next");
+    assert_eq!(third.after, lab.lease(1));
+    assert!(third.fencing_token > next.fencing_token);
+    // A cancel withdraws a reservation too.
+    assert!(lab.lock.withdraw(id(3), tick, &mut lab.log));
+    assert_eq!(lab.lock.waiters(), 0);
+    assert!(!lab.lock.release(third.lease_id, tick, &mut lab.log));
+    assert_eq!(lab.holders(), [1]);
+}
+
+#[test]
+fn a_revoked_holders_reserved_successor_starts_when_its_lease_would_have_ended() {
+    let mut lab = Lab::new();
+    lab.ask_with(1, Mode::Exclusive, of_client(7)).unwrap();
+    lab.ask_with(2, Mode::Exclusive, of_client(7)).unwrap();
+    let ends = lab.lock.holders()[0].deadline();
+    lab.now += 1_000 * MS;
+    let tick = lab.tick();
+    assert_eq!(lab.lock.revoke(tick, &mut lab.log).len(), 1);
+    assert!(lab.holders().is_empty());
+    assert_eq!(lab.lock.wake_at(), Some(ends));
+    lab.advance(ends - lab.now - 1);
+    assert!(lab.holders().is_empty());
+    lab.advance(1);
+    assert_eq!(lab.holders(), [2]);
+    lab.check_invariants();
 }
