@@ -83,13 +83,20 @@ impl DistributedLock {
     pub async fn inspect(&self, name: &str) -> Result<LockInfo, Error> {
         protocol::validate_name(name).map_err(Error::invalid)?;
         self.inner.usable()?;
-        let path = format!("{PATH_LOCKS_PREFIX}{}", percent_encode(name));
         let attempts = Attempts {
             deadline: crate::client::later(Instant::now(), self.inner.unavailable_after),
             per_attempt: Duration::from_secs(10),
             first_contact: true,
         };
-        let reply = self.inner.transport().get(&path, attempts).await?;
+        self.inner.inspect_within(name, attempts).await
+    }
+}
+
+impl crate::client::Inner {
+    /// Inspection of `name` (already validated), with the retries `attempts` allows.
+    async fn inspect_within(&self, name: &str, attempts: Attempts) -> Result<LockInfo, Error> {
+        let path = format!("{PATH_LOCKS_PREFIX}{}", percent_encode(name));
+        let reply = self.transport().get(&path, attempts).await?;
         if reply.status == StatusCode::NOT_FOUND {
             // Nobody holds or waits for it: the lock is free.
             return Ok(LockInfo {
@@ -107,24 +114,17 @@ impl DistributedLock {
         }
         Ok(reply.json::<protocol::LockInfo>()?.into())
     }
-}
 
-impl crate::client::Inner {
     /// Who holds `name` now, asked once with a short bound (a second): for a timeout the
     /// client ends itself, which no server answer describes. `None` if nobody does or no
     /// answer came in time.
     pub(crate) async fn holder_now(&self, name: &str) -> Option<Box<HolderInfo>> {
-        let path = format!("{PATH_LOCKS_PREFIX}{}", percent_encode(name));
         let attempts = Attempts {
             deadline: Instant::now() + Duration::from_secs(1),
             per_attempt: Duration::from_secs(1),
             first_contact: false,
         };
-        let reply = self.transport().get(&path, attempts).await.ok()?;
-        if !reply.status.is_success() {
-            return None;
-        }
-        let info: LockInfo = reply.json::<protocol::LockInfo>().ok()?.into();
+        let info = self.inspect_within(name, attempts).await.ok()?;
         info.holder.map(Box::new)
     }
 }

@@ -15,7 +15,6 @@
 use crate::protocol::Id;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -53,8 +52,6 @@ struct Entry {
 #[derive(Debug, Default)]
 pub(crate) struct Successors {
     leases: Mutex<HashMap<Id, Entry>>,
-    /// How many successors wait.
-    waiting: AtomicUsize,
 }
 
 impl Successors {
@@ -64,7 +61,7 @@ impl Successors {
 
     /// How many successors wait.
     pub fn len(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        self.table().values().filter(|e| e.behind.is_some()).count()
     }
 
     /// A guard of this client holds the lease `lease_id` now: a successor may wait behind
@@ -87,11 +84,7 @@ impl Successors {
     pub fn wait_for(&self, after: Id, request_id: Id, lease_id: Id) -> oneshot::Receiver<Handover> {
         let (tx, rx) = oneshot::channel();
         let mut leases = self.table();
-        let entry = leases.entry(after).or_default();
-        if entry.behind.is_none() {
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-        }
-        entry.behind = Some(Successor {
+        leases.entry(after).or_default().behind = Some(Successor {
             request_id,
             lease_id,
             handover: tx,
@@ -114,7 +107,6 @@ impl Successors {
             return false;
         }
         entry.behind = None;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
         if !entry.live {
             leases.remove(&after);
         }
@@ -134,7 +126,6 @@ impl Successors {
         else {
             return;
         };
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
         // Sent under the lock, so that a waiter whose registration is gone finds the
         // outcome in its receiver.
         if let Some(valid_until) = valid_until.filter(|&until| at < until)
