@@ -41,8 +41,8 @@
 //!
 //! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
 //! `BENCH_ROUNDS` (default 3), `BENCH_ONLY_DISTINCT` (seconds: only the SDK on distinct
-//! locks, printing the process ids, for a profiler to attach to; v3lock instead with
-//! `BENCH_V3LOCK` set), `BENCH_ONLY_PAIR` (only the interleaved uncontended pairs of one
+//! locks, printing the process ids, for a profiler to attach to, and the server's etcd
+//! calls with their mean durations; v3lock instead with `BENCH_V3LOCK` set), `BENCH_ONLY_PAIR` (only the interleaved uncontended pairs of one
 //! round, `BENCH_PAIRS` of each, with the context switches and CPU of the server, the hop
 //! and etcd, and the server's own account of its etcd calls: a few seconds per run, for
 //! comparing server builds),
@@ -300,12 +300,23 @@ async fn measure(
             "{} tasks on distinct locks: SDK {rate:.0} pairs/s",
             etcd_load::TASKS
         );
+        // The server's etcd calls: how many, and how long each took on average (a shared
+        // transaction's mean is what bounds the rate: see `batch.rs`).
         let text = scrape(&server.url).unwrap_or_default();
-        for line in text
-            .lines()
-            .filter(|l| l.starts_with("leasehold_etcd_call_duration_seconds_count"))
-        {
-            println!("  {line}");
+        let metric = "leasehold_etcd_call_duration_seconds_count{call=\"";
+        for (call, count) in text.lines().filter_map(|line| {
+            let (call, count) = line.strip_prefix(metric)?.split_once("\"} ")?;
+            Some((call, count.trim().parse::<f64>().ok()?))
+        }) {
+            let sum = sample_value(
+                &text,
+                &format!("leasehold_etcd_call_duration_seconds_sum{{call=\"{call}\"}}"),
+            )
+            .unwrap_or(0.0);
+            println!(
+                "  etcd call {call}: {count:.0} calls, mean {:.2} ms",
+                1000.0 * sum / count.max(1.0)
+            );
         }
         return figures;
     }

@@ -263,11 +263,13 @@ async fn lock_delay_holds_back_after_an_expiry_not_after_a_release(backend: Back
                 return false;
             }
             let Some(until) = info["held_back_until_ms"].as_u64() else {
-                // On the etcd backend inspection can show the lock free for a moment between
-                // the holder's end and its lock-delay record (seen under a loaded machine):
-                // look again, until the delay may have ended (a check starved for the whole
-                // delay has nothing left to see). The grants themselves are checked below.
-                return Instant::now() >= earliest;
+                // Nobody holds and no delay shows: only once the delay may have ended (a
+                // check starved for the whole delay has nothing left to see).
+                assert!(
+                    Instant::now() >= earliest,
+                    "the lock shows free while its delay runs: {info}"
+                );
+                return true;
             };
             assert!(
                 until + 1 >= sent_wall + lease_ms + delay.as_millis() as u64,

@@ -314,11 +314,14 @@ impl Inner {
         holder_view(&self.etcd, kv).await
     }
 
-    /// What inspection shows of each of these holders whose lease still runs, in order: a
-    /// lease read each, a few at a time.
-    async fn holder_views(&self, holders: &[KeyValue]) -> Result<Vec<HolderView>, EtcdError> {
+    /// What inspection shows of each of these holders, in order (`None` for one whose lease
+    /// has ended, its key not yet deleted): a lease read each, a few at a time.
+    async fn holder_views(
+        &self,
+        holders: &[KeyValue],
+    ) -> Result<Vec<Option<HolderView>>, EtcdError> {
         if let [one] = holders {
-            return Ok(self.holder_view(one).await?.into_iter().collect());
+            return Ok(vec![self.holder_view(one).await?]);
         }
         let limit = Arc::new(tokio::sync::Semaphore::new(HOLDER_READS));
         let mut reads = tokio::task::JoinSet::new();
@@ -335,7 +338,7 @@ impl Inner {
             let Ok((i, view)) = done else { continue };
             views[i] = view?;
         }
-        Ok(views.into_iter().flatten().collect())
+        Ok(views)
     }
 
     /// Deletes the holder's keys if this lease id names them (one write: the next waiter's
@@ -465,11 +468,22 @@ impl Inner {
     async fn inspect(&self, project: &Project, name: &str) -> Result<Option<LockView>, EtcdError> {
         let keys = self.keys(project, name);
         let state = self.lock_state("inspect", &keys).await?;
+        let views = self.holder_views(&state.holders).await?;
         // An ended lease's lock-delay is shown while nobody holds the lock, as on the memory
-        // store (protocol §3.5): with live holders, they are what keeps waiters out.
+        // store (protocol §3.5): with live holders, they are what keeps waiters out. A holder
+        // whose etcd lease has run out still has its key until etcd deletes it (moments later),
+        // and its delay key is no phantom yet: it counts as one here.
+        let ended = state
+            .holders
+            .iter()
+            .zip(&views)
+            .filter(|(_, view)| view.is_none())
+            .filter_map(|(kv, _)| state.delay_of(kv.create_revision()))
+            .collect::<Vec<_>>();
+        let holders: Vec<HolderView> = views.into_iter().flatten().collect();
         let mut held_back_until = None;
-        if state.holders.is_empty() {
-            for kv in &state.phantoms {
+        if holders.is_empty() {
+            for kv in state.phantoms.iter().chain(ended) {
                 if let Some(left) = self.etcd.time_to_live(kv.lease()).await? {
                     // Whole seconds, rounded down: say the latest it may end.
                     let until = SystemTime::now() + Duration::from_secs(left as u64 + 1);
@@ -485,7 +499,7 @@ impl Inner {
                 .as_ref()
                 .map(|kv| Duration::from_millis(now.saturating_sub(Entry::decode(kv.value()).at))),
             mode: state.mode(),
-            holders: self.holder_views(&state.holders).await?,
+            holders,
             held_back_until,
         };
         Ok(

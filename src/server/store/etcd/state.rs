@@ -20,9 +20,19 @@ pub(super) struct LockState {
     /// Delay keys of ended leases (phantoms) among or before the holders and the first
     /// waiter: while they exist, they hold grants back.
     pub phantoms: Vec<KeyValue>,
+    /// Every delay key of the lock, phantoms or not.
+    pub delays: Vec<KeyValue>,
 }
 
 impl LockState {
+    /// The delay key of the entry whose create revision (fencing token) is `token`, if it
+    /// asked for a lock-delay.
+    pub fn delay_of(&self, token: i64) -> Option<&KeyValue> {
+        self.delays
+            .iter()
+            .find(|kv| DelayMark::decode(kv.value()).token == token)
+    }
+
     /// The holders' mode, else the first waiter's.
     pub fn mode(&self) -> Mode {
         self.holders
@@ -115,6 +125,7 @@ impl Inner {
                 first_waiter,
                 in_line,
                 phantoms: phantoms.into_iter().map(|(_, _, kv)| kv).collect(),
+                delays,
             });
         }
         Ok(LockState {
@@ -123,6 +134,7 @@ impl Inner {
                 .into_iter()
                 .map(|(_, _, kv)| kv)
                 .collect(),
+            delays,
             ..LockState::default()
         })
     }
