@@ -471,8 +471,9 @@ impl Inner {
         let views = self.holder_views(&state.holders).await?;
         // An ended lease's lock-delay is shown while nobody holds the lock, as on the memory
         // store (protocol §3.5): with live holders, they are what keeps waiters out. A holder
-        // whose etcd lease has run out still has its key until etcd deletes it (moments later),
-        // and its delay key is no phantom yet: it counts as one here.
+        // whose lease etcd ended after the keys were read (its key read, its lease gone)
+        // shows as none, and its delay key was read as its entry's, not as a phantom: it
+        // counts as one here.
         let ended = state
             .holders
             .iter()
