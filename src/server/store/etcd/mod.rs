@@ -314,8 +314,8 @@ impl Inner {
         holder_view(&self.etcd, kv).await
     }
 
-    /// What inspection shows of each of these holders, in order (`None` for one whose lease
-    /// has ended, its key not yet deleted): a lease read each, a few at a time.
+    /// What inspection shows of each of these holders, in order (`None` for one whose etcd
+    /// lease is gone: it ended after its key was read): a lease read each, a few at a time.
     async fn holder_views(
         &self,
         holders: &[KeyValue],
