@@ -42,11 +42,11 @@
 //! Settings (environment): `BENCH_PAIRS` (samples per latency figure, default 500),
 //! `BENCH_ROUNDS` (default 3), `BENCH_ONLY_DISTINCT` (seconds: only the SDK on distinct
 //! locks, printing the process ids, for a profiler to attach to, and the server's etcd
-//! calls with their mean durations; v3lock instead with `BENCH_V3LOCK` set), `BENCH_ONLY_PAIR` (only the interleaved uncontended pairs of one
-//! round, `BENCH_PAIRS` of each, with the context switches and CPU of the server, the hop
-//! and etcd, and the server's own account of its etcd calls: a few seconds per run, for
-//! comparing server builds),
-//! `BENCH_SECS` (seconds per hand-over round, default 3), `BENCH_SERVER_ARGS` (more
+//! calls with their mean durations; v3lock instead with `BENCH_V3LOCK` set),
+//! `BENCH_ONLY_PAIR` (only the interleaved uncontended pairs of one round, `BENCH_PAIRS`
+//! of each, with the context switches and CPU of the server, the hop and etcd, and the
+//! server's own account of its etcd calls: a few seconds per run, for comparing server
+//! builds), `BENCH_SECS` (seconds per hand-over round, default 3), `BENCH_SERVER_ARGS` (more
 //! arguments for the etcd-backed server, such as `--threads 1`), `BENCH_OPEN_MODE` (run the
 //! etcd-backed servers in open development mode instead of with a key file).
 
