@@ -53,6 +53,12 @@ fn hex(n: u8) -> String {
     format!("{n:02x}").repeat(16)
 }
 
+/// Cancels the acquire `request` of the lock; the answer's status.
+async fn cancel(addr: SocketAddr, request: u8) -> u16 {
+    let body = json!({"name": "turns", "request_id": hex(request)});
+    post(addr, "/v1/cancel", body).await.0
+}
+
 fn acquire(request: u8, client: Option<u8>, extra: Value) -> Value {
     let mut body = json!({
         "name": "turns",
@@ -81,13 +87,7 @@ async fn the_server_reserves_the_lock_to_the_holders_own_clients_waiter() {
     let (status, answer) = within(EVENT, post(addr, "/v1/acquire", other)).await;
     assert_eq!(status, 202, "{answer}");
     assert!(answer.get("next").is_none(), "{answer}");
-    let (status, _) = post(
-        addr,
-        "/v1/cancel",
-        json!({"name": "turns", "request_id": hex(2)}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_eq!(cancel(addr, 2).await, 200);
 
     // The holder's own client's waiter is told at once, long before its poll ends.
     let (status, answer) = within(
@@ -160,13 +160,7 @@ async fn a_reservation_ends_only_by_its_clients_word() {
     assert!(second["fencing_token"].as_u64() > first["fencing_token"].as_u64());
 
     // A cancel withdraws it: the holder's release leaves the lock free.
-    let (status, _) = post(
-        addr,
-        "/v1/cancel",
-        json!({"name": "turns", "request_id": hex(3)}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_eq!(cancel(addr, 3).await, 200);
     let release = json!({"name": "turns", "lease_id": holder["lease_id"]});
     assert_eq!(post(addr, "/v1/release", release).await.0, 200);
     let free = acquire(4, None, json!({"wait_ms": 0}));

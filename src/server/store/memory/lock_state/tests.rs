@@ -877,7 +877,7 @@ fn a_held_mutex_stays_small() {
     assert!(std::mem::size_of::<Holder>() <= 96);
 }
 
-/// Client 7's acquire.
+/// An acquire by the client `client`, otherwise the defaults.
 fn of_client(client: u64) -> Opts {
     Opts {
         client,
